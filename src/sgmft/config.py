@@ -46,8 +46,8 @@ class ModelConfig:
     classifier_hidden: list[int] = field(default_factory=lambda: [512, 256, 128, 64])
     dropout: float = 0.1
     # -- speed
-    fast_rank1: bool = True         # exact rank-one attention when d == 1 (SPEC: not an approximation)
-    rank1_chunk: int = 128          # query rows per chunk in the rank-one kernel
+    attn_impl: str = "auto"         # "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive"
+    rank1_chunk: int = 262144       # logits per chunk in the rank-one kernel (memory bound)
     # -- extra options for registered variants (issue 4 heads put theirs here)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,9 +81,12 @@ class ModelConfig:
             ("ffn_mode", {"vector", "token"}),
             ("ffn_side", {"text", "image"}),
             ("norm_mode", {"auto", "token", "vector"}),
+            ("attn_impl", {"auto", "sdpa", "naive", "rank1"}),
         ]:
             if getattr(self, name) not in allowed:
                 bad(f"{name}={getattr(self, name)!r} not in {sorted(allowed)}")
+        if self.attn_impl == "rank1" and self.token_dim != 1:
+            bad("attn_impl='rank1' needs token width d = 1 (n_tokens == dim)")
         if len(self.classifier_hidden) < 1:
             bad("classifier_hidden needs at least one width")
         return self

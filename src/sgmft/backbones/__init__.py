@@ -1,0 +1,63 @@
+"""Frozen text/image encoders behind one interface (:class:`Backbone`).
+
+``load_backbone("chinese-clip:/path/or/hub-id")`` is the entry point; the registry
+``BACKBONES`` maps the part before the first ``:`` to a loader. Built in:
+
+* ``chinese-clip`` -- Hugging Face ``ChineseCLIPModel`` (default ``OFA-Sys/chinese-clip-vit-huge-patch14``);
+* ``hf-clip``      -- other transformers CLIP-family models (``CLIPModel``, ``SiglipModel``, ...);
+* ``cn-clip``      -- the official ``cn_clip`` package, if installed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sgmft.backbones.base import Backbone, BackboneUnavailableError
+from sgmft.registry import Registry
+
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
+
+
+@BACKBONES.register("chinese-clip")
+def _chinese_clip(ref: str, **kw) -> Backbone:
+    from sgmft.backbones.hf_clip import load_chinese_clip
+
+    return load_chinese_clip(ref, **kw)
+
+
+@BACKBONES.register("hf-clip")
+def _hf_clip(ref: str, **kw) -> Backbone:
+    from sgmft.backbones.hf_clip import load_hf_clip
+
+    return load_hf_clip(ref, **kw)
+
+
+@BACKBONES.register("cn-clip")
+def _cn_clip(ref: str, **kw) -> Backbone:
+    from sgmft.backbones.cn_clip import load_cn_clip
+
+    return load_cn_clip(ref, **kw)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"name:ref"`` -> ``(name, ref)``; a bare ``"name"`` gives ``ref = ""`` (its default)."""
+    name, sep, ref = spec.partition(":")
+    if name not in BACKBONES:
+        BACKBONES.get(name)  # raises KeyError listing the known names
+    return name, ref
+
+
+def load_backbone(spec: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                  **kwargs) -> Backbone:
+    """Load a backbone from ``"<name>:<hub-id-or-dir>"``, e.g. ``"chinese-clip:/models/cc-vit-h"``.
+
+    ``device="auto"`` picks this process's GPU, else CPU; ``dtype="auto"`` means bf16/fp16
+    autocast on CUDA, fp32 on CPU. Raises :class:`BackboneUnavailableError` (with download
+    instructions) when the weights are not available offline.
+    """
+    name, ref = parse_spec(spec)
+    bb = BACKBONES.get(name)(ref, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
+    return bb
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneUnavailableError", "load_backbone", "parse_spec"]

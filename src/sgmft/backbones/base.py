@@ -1,0 +1,157 @@
+"""The backbone interface: a frozen dual encoder that maps texts and images to D-vectors.
+
+Every backbone returns float32, L2-normalised ``(B, D)`` numpy arrays (Chinese-CLIP's
+README asks for normalised features; the feature store records ``normalization="l2"``).
+The work is split so a benchmark can time each stage: ``tokenize`` / ``preprocess_images``
+(CPU) and ``forward_text`` / ``forward_images`` (the bare model forward, under
+``torch.inference_mode()``, with fp16/bf16 autocast on CUDA when ``dtype="auto"``).
+``encode_text`` / ``encode_images`` chain them in chunks of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The backbone's weights or code are not available here; the message says how to fix it."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` = this process's GPU (``LOCAL_RANK`` under torchrun) if any, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_precision(dtype: str, device: torch.device) -> str:
+    """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in _PRECISIONS:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_PRECISIONS)}, got {dtype!r}")
+    return dtype
+
+
+def hash_state_dict(module: torch.nn.Module, *, full_limit_bytes: int = 256 << 20) -> str:
+    """A stable digest of a module's parameters and buffers.
+
+    Small models (<= ``full_limit_bytes``) are hashed in full. Larger ones hash names,
+    shapes, dtypes and an evenly strided sample of 65,536 values per tensor (plus its
+    float64 sum): any retraining or fine-tuning changes it, and a ViT-H is hashed in well
+    under a second instead of reading 4 GB.
+    """
+    sd = module.state_dict()
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        flat = t.reshape(-1)
+        if total > full_limit_bytes and flat.numel() > 65536:
+            flat = flat[:: flat.numel() // 65536][:65536].contiguous()
+            h.update(repr(float(t.double().sum())).encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of the canonical JSON form of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=True, default=str).encode()).hexdigest()
+
+
+class Backbone(abc.ABC):
+    """A frozen text/image encoder. Subclasses implement the five abstract methods."""
+
+    name: str = "abstract"     # registry name, e.g. "chinese-clip"
+    spec: str = ""             # what load_backbone was given, e.g. "chinese-clip:/models/vit-h"
+    dim: int = 0               # D
+    image_size: int = 0        # side of the square model input, in pixels
+    device: torch.device = torch.device("cpu")
+    precision: str = "float32"  # compute precision: float32, or the CUDA autocast dtype
+    batch_size: int = 32
+
+    # -- identity -------------------------------------------------------------------
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Hex digest identifying weights + tokenizer + image preprocessing + precision.
+
+        Stable across processes and runs; changes whenever any of those change. Used in
+        the extraction cache key.
+        """
+
+    # -- CPU-side preparation ---------------------------------------------------------
+    @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token tensors for ``texts`` (fixed padded length, so a text's tokens do not
+        depend on its batch-mates)."""
+
+    @abc.abstractmethod
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """RGB PIL images -> a float32 ``(B, 3, H, W)`` CPU tensor, ready for the model."""
+
+    # -- the bare forward ------------------------------------------------------------
+    @abc.abstractmethod
+    def _text_embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unnormalised ``(B, D)`` text embeddings; inputs are already on ``self.device``."""
+
+    @abc.abstractmethod
+    def _image_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unnormalised ``(B, D)`` image embeddings; input already on ``self.device``."""
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=_PRECISIONS[self.precision],
+            enabled=self.precision != "float32")
+
+    def forward_text(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
+        """One batch through the text tower -> float32 L2-normalised ``(B, D)``."""
+        with torch.inference_mode(), self._autocast():
+            x = self._text_embed({k: v.to(self.device, non_blocking=True) for k, v in tokens.items()})
+        return F.normalize(x.float(), dim=-1).cpu().numpy()
+
+    def forward_images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """One batch through the image tower -> float32 L2-normalised ``(B, D)``."""
+        with torch.inference_mode(), self._autocast():
+            x = self._image_embed(pixel_values.to(self.device, non_blocking=True))
+        return F.normalize(x.float(), dim=-1).cpu().numpy()
+
+    # -- convenience ------------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> ``(len(texts), D)`` float32, L2-normalised, in chunks of ``batch_size``."""
+        texts = list(texts)
+        out = [self.forward_text(self.tokenize(texts[i:i + self.batch_size]))
+               for i in range(0, len(texts), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        """RGB PIL images -> ``(len(images), D)`` float32, L2-normalised."""
+        images = list(images)
+        out = [self.forward_images(self.preprocess_images(images[i:i + self.batch_size]))
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for logs and store metadata."""
+        return {"spec": self.spec, "name": self.name, "dim": self.dim, "image_size": self.image_size,
+                "device": str(self.device), "precision": self.precision, "fingerprint": self.fingerprint()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device}, precision={self.precision})"

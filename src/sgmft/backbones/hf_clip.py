@@ -1,0 +1,201 @@
+"""CLIP-family backbones from Hugging Face transformers.
+
+* ``chinese-clip:<hub-id-or-dir>`` -- ``ChineseCLIPModel`` + ``BertTokenizer`` +
+  ``ChineseCLIPImageProcessorPil`` (the paper's backbone; default checkpoint
+  ``OFA-Sys/chinese-clip-vit-huge-patch14``, D = 1024).
+* ``hf-clip:<hub-id-or-dir>`` -- any other model with ``get_text_features`` /
+  ``get_image_features`` (``CLIPModel``, ``AltCLIPModel``, ``SiglipModel``, ...) via
+  ``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor(backend="pil")``.
+
+Weights are resolved without surprises: an existing directory is used as is; a hub id is
+looked up in the local Hugging Face cache first and downloaded only when the machine is
+online (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` unset). Anything missing raises
+:class:`BackboneUnavailableError` saying how to download the checkpoint on a connected
+machine and point sgmft at it. Nothing here imports torchvision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sgmft.backbones.base import (
+    Backbone, BackboneUnavailableError, digest_json, hash_state_dict, resolve_device, resolve_precision,
+)
+
+DEFAULT_CHINESE_CLIP = "OFA-Sys/chinese-clip-vit-huge-patch14"
+# Chinese-CLIP was pre-trained with 52-token texts (cn_clip's context_length).
+CHINESE_CLIP_MAX_LENGTH = 52
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]
+
+
+def is_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def download_help(ref: str, name: str) -> str:
+    """The how-to-fix text appended to every "weights unavailable" error."""
+    local = ref.rsplit("/", 1)[-1] if _HUB_ID.match(ref) else "chinese-clip-vit-huge-patch14"
+    repo = ref if _HUB_ID.match(ref) else DEFAULT_CHINESE_CLIP
+    return (
+        "To use it without network access:\n"
+        f"  1. on a machine with internet access run\n"
+        f"       hf download {repo} --local-dir {local}\n"
+        f"     (older huggingface_hub: huggingface-cli download {repo} --local-dir {local});\n"
+        f"  2. copy the directory '{local}' to this machine;\n"
+        f"  3. pass --backbone {name}:/path/to/{local} (or load_backbone('{name}:/path/to/{local}')).\n"
+        "Alternatively fill the Hugging Face cache (HF_HOME) on a connected machine and copy it.\n"
+        "For tests and demos only: sgmft.backbones.tiny.build_tiny_chinese_clip(dir) makes a tiny "
+        "RANDOM Chinese-CLIP (meaningless features). See docs/backbones.md.")
+
+
+def resolve_checkpoint(ref: str, name: str) -> Path:
+    """A local directory holding the checkpoint ``ref`` (a directory or a hub id)."""
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BackboneUnavailableError(
+                f"{name}: directory {p} has no config.json, so it is not a transformers checkpoint "
+                f"(expected config.json, weights, tokenizer and preprocessor files).\n" + download_help(ref, name))
+        return p
+    if not _HUB_ID.match(ref) or p.exists():
+        raise BackboneUnavailableError(
+            f"{name}: checkpoint directory {ref!r} does not exist (and is not a hub id like "
+            f"'{DEFAULT_CHINESE_CLIP}').\n" + download_help(ref, name))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True, allow_patterns=_WEIGHT_PATTERNS))
+    except Exception:
+        pass
+    if is_offline():
+        raise BackboneUnavailableError(
+            f"{name}: weights for '{ref}' are not in the local Hugging Face cache and this machine is "
+            "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set), so they cannot be downloaded.\n"
+            + download_help(ref, name))
+    try:
+        return Path(snapshot_download(ref, allow_patterns=_WEIGHT_PATTERNS))
+    except Exception as e:
+        raise BackboneUnavailableError(
+            f"{name}: could not download '{ref}' from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the machine is probably offline.\n"
+            + download_help(ref, name)) from None
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+class HFClipBackbone(Backbone):
+    """A transformers dual encoder (``get_text_features`` / ``get_image_features``)."""
+
+    def __init__(self, name: str, ref: str, *, model, tokenizer, processor, ckpt_dir: Path,
+                 device="auto", dtype="auto", batch_size: int = 32, max_length: int | None = None):
+        self.name, self.spec, self.ckpt_dir = name, f"{name}:{ref}", ckpt_dir
+        self.tokenizer, self.processor = tokenizer, processor
+        self.batch_size = int(batch_size)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(dtype, self.device)
+        model.eval().requires_grad_(False)
+        self._weights_digest = hash_state_dict(model)  # before any device move: stable identity
+        self.model = model.to(self.device)
+        cfg = model.config
+        self.dim = int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
+        self.image_size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 224))
+        if max_length is None:
+            tml = getattr(tokenizer, "model_max_length", 77)
+            max_length = tml if isinstance(tml, int) and tml < 10_000 else 77
+        self.max_length = int(max_length)
+        self._fp: str | None = None
+        # keep only the token tensors the model accepts (CLIP takes no token_type_ids)
+        self._text_args = set(inspect.signature(model.get_text_features).parameters)
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            cfg = self.model.config.to_dict()
+            for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+                cfg.pop(k, None)
+            proc = self.processor.to_dict()
+            proc.pop("processor_class", None)
+            vocab = "".join(_file_digest(self.ckpt_dir / f) for f in
+                            ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "spiece.model"))
+            self._fp = digest_json({
+                "backbone": self.name, "model_class": type(self.model).__name__, "config": cfg,
+                "weights": self._weights_digest, "vocab": vocab, "max_length": self.max_length,
+                "tokenizer_class": type(self.tokenizer).__name__,
+                "lower": getattr(self.tokenizer, "do_lower_case", None),
+                "processor": proc, "precision": self.precision})
+        return self._fp
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in self._text_args}
+
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"].float()
+
+    def _text_embed(self, tokens):
+        return self.model.get_text_features(**tokens).pooler_output
+
+    def _image_embed(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+def _load_pieces(name: str, ckpt: Path, loaders) -> tuple:
+    try:
+        return tuple(f(str(ckpt)) for f in loaders)
+    except BackboneUnavailableError:
+        raise
+    except (OSError, ValueError) as e:
+        raise BackboneUnavailableError(
+            f"{name}: failed to load the checkpoint in {ckpt}: {type(e).__name__}: {e}\n"
+            "The directory must hold config.json, the weights (model.safetensors or pytorch_model.bin), "
+            "the tokenizer files and preprocessor_config.json.\n" + download_help(str(ckpt), name)) from e
+
+
+def load_chinese_clip(ref: str = DEFAULT_CHINESE_CLIP, *, device="auto", dtype="auto",
+                      batch_size: int = 32, max_length: int = CHINESE_CLIP_MAX_LENGTH) -> HFClipBackbone:
+    """A Chinese-CLIP checkpoint (hub id or directory) as a :class:`Backbone`."""
+    from transformers import BertTokenizer, ChineseCLIPImageProcessorPil, ChineseCLIPModel
+
+    ref = ref or DEFAULT_CHINESE_CLIP
+    ckpt = resolve_checkpoint(ref, "chinese-clip")
+    model, tok, proc = _load_pieces("chinese-clip", ckpt, (
+        ChineseCLIPModel.from_pretrained, BertTokenizer.from_pretrained,
+        ChineseCLIPImageProcessorPil.from_pretrained))
+    return HFClipBackbone("chinese-clip", ref, model=model, tokenizer=tok, processor=proc, ckpt_dir=ckpt,
+                          device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
+
+
+def load_hf_clip(ref: str, *, device="auto", dtype="auto", batch_size: int = 32,
+                 max_length: int | None = None) -> HFClipBackbone:
+    """Any transformers CLIP-like model (``CLIPModel``, ``SiglipModel``, ...) as a :class:`Backbone`."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    if not ref:
+        raise ValueError("hf-clip needs a checkpoint: 'hf-clip:<hub-id-or-dir>'")
+    ckpt = resolve_checkpoint(ref, "hf-clip")
+    model, tok, proc = _load_pieces("hf-clip", ckpt, (
+        AutoModel.from_pretrained, AutoTokenizer.from_pretrained,
+        lambda d: AutoImageProcessor.from_pretrained(d, backend="pil")))
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise ValueError(f"hf-clip: {type(model).__name__} has no get_text_features/get_image_features")
+    return HFClipBackbone("hf-clip", ref, model=model, tokenizer=tok, processor=proc, ckpt_dir=ckpt,
+                          device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)

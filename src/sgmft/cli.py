@@ -1,0 +1,179 @@
+"""``sgmft`` command line: a thin layer over the Python API (every verb calls one function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """Split ``--set model.x=1 --set train.lr=1e-3`` into model and train override lists."""
+    model, train = [], []
+    for item in items or []:
+        section, _, rest = item.partition(".")
+        if section == "model" and rest:
+            model.append(rest)
+        elif section == "train" and rest:
+            train.append(rest)
+        else:
+            raise SystemExit(f"--set {item!r}: write model.<field>=<value> or train.<field>=<value>")
+    return model, train
+
+
+def _resolved_preset(args):
+    from sgmft.config import apply_overrides, load_preset
+
+    p = load_preset(args.preset)
+    mo, tr = _overrides(args.set)
+    p.model = apply_overrides(p.model, mo)
+    p.train = apply_overrides(p.train, tr)
+    for key in ("epochs", "seed", "devices", "strategy", "accelerator", "num_nodes", "batch_size", "lr"):
+        val = getattr(args, key, None)
+        if val is not None:
+            setattr(p.train, key, val)
+    if getattr(args, "no_progress", False):
+        p.train.progress = False
+    return p
+
+
+def cmd_presets(args) -> int:
+    from sgmft.config import list_presets, load_preset
+    from sgmft.models import list_models
+
+    for name in list_presets():
+        p = load_preset(name)
+        print(f"{name:12s} arch={p.model.arch:10s} {p.description.splitlines()[0] if p.description else ''}")
+    print("\nregistered architectures:", ", ".join(list_models()))
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from sgmft.config import apply_overrides
+    from sgmft.data.simfeat import SimFeatConfig, write_simfeat
+
+    cfg = SimFeatConfig()
+    changes = list(args.set or [])
+    for key in ("num_posts", "dim", "seed"):
+        if getattr(args, key) is not None:
+            changes.append(f"{key}={getattr(args, key)}")
+    cfg = apply_overrides(cfg, changes)
+    path = write_simfeat(args.out, cfg, overwrite=args.overwrite)
+    from sgmft.features import FeatureStore
+
+    fs = FeatureStore.open(path)
+    oracle = fs.meta.get("extra", {}).get("simfeat", {}).get("oracle", {})
+    print(json.dumps({"store": str(path), "num_posts": len(fs), "dim": fs.dim, "oracle": oracle}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from sgmft.train import train
+
+    p = _resolved_preset(args)
+    res = train(args.store, args.out, p)
+    if res.best_val_acc is not None:
+        print(f"best val_acc {res.best_val_acc:.4f}; model exported to {res.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sgmft.eval.run import evaluate
+
+    out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
+    m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
+    keep = {k: m[k] for k in ("accuracy", "macro_f1", "num_samples", "oracle_accuracy",
+                              "accuracy_over_oracle") if k in m}
+    print(json.dumps(keep, indent=2))
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sgmft.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("presets", help="list model presets and registered architectures")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("simulate", help="write the SimFeat synthetic feature store")
+    s.add_argument("out", help="output feature-store directory")
+    s.add_argument("--num-posts", type=int, dest="num_posts")
+    s.add_argument("--dim", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any SimFeatConfig field")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("train", help="train a preset on a feature store")
+    s.add_argument("store", help="feature-store directory")
+    s.add_argument("--out", required=True, help="run directory (created; an interrupted run resumes)")
+    s.add_argument("--preset", default="sgmft", help="preset name or YAML path (see `sgmft presets`)")
+    s.add_argument("--set", action="append", metavar="model.F=V|train.F=V", help="override a config field")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int, dest="batch_size")
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--accelerator")
+    s.add_argument("--devices", type=lambda v: v if v == "auto" else int(v))
+    s.add_argument("--strategy", help="e.g. ddp, ddp_spawn, fsdp (Lightning strategies)")
+    s.add_argument("--num-nodes", type=int, dest="num_nodes")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics, confusion matrix and t-SNE of a trained model")
+    s.add_argument("checkpoint", help="run directory or its model/ directory")
+    s.add_argument("store", help="feature-store directory")
+    s.add_argument("--out", help="report directory (default: <checkpoint>/eval-<split>)")
+    s.add_argument("--split", default="test", help="test, val, train or all")
+    s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="offline end-to-end demo on SimFeat (simulate, train 4 models, report)")
+    s.add_argument("--out", default="reports/demo")
+    s.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
+    s.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_demo)
+
+    for extra in _extra_verbs():
+        extra(sub)
+    return ap
+
+
+def _extra_verbs():
+    """Verbs contributed by optional modules (raw-post pipeline, experiments)."""
+    found = []
+    for mod_name in ("sgmft.cli_raw", "sgmft.cli_experiments"):
+        try:
+            mod = __import__(mod_name, fromlist=["add_parsers"])
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue
+        found.append(mod.add_parsers)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        from sgmft.features import FeatureStoreError  # noqa: F401
+
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"sgmft {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""SimFeat: a synthetic benchmark of post features with a known Bayes-optimal accuracy.
+
+The real Weibo data of the paper is private and no CLIP weights are available offline, so
+sgmft's embedded default dataset is drawn from an explicit generative model that mimics
+what SG-MFT is meant to handle (see docs/simfeat.md):
+
+* **Shared space with a modality gap.** Class content lives in a ``content_dim``-dimensional
+  subspace of R^D shared by both modalities. A class's image prototype is its text
+  prototype partly rotated towards an image-specific direction (cosine ``alignment``), and
+  the two modality clouds are offset by a constant vector of norm ``modality_gap``.
+* **Heterogeneity regimes.** Each post is ``both`` (text and image show its place),
+  ``text`` (only the text does), ``image`` or ``neither``. An uninformative modality shows
+  plausible but unrelated content: a random class's prototype (probability
+  ``distractor_class_prob``) or one of ``num_generic`` generic themes (selfies, memes, ...).
+* **Users.** ``num_users`` authors, each with their own class mix (Dirichlet), so
+  user-disjoint splits are meaningful. Features do not depend on the user given the class.
+* **Label noise.** A fraction ``label_noise`` of labels is redrawn uniformly at random.
+* **CLIP-like storage.** Stored features are the L2-normalised latent vectors, float32.
+
+Latent text vector: ``t = E @ (s_t * P_T[c_t] + nu_t * z) + (gap/2) * g + sigma * n_perp``,
+with ``E`` an orthonormal basis of the content subspace, ``c_t`` the post's text component
+(its class, a random class, or a generic theme), ``z`` standard normal in the content
+subspace, ``g`` the unit gap direction (orthogonal to the content) and ``n_perp`` isotropic
+noise orthogonal to the content, scaled so ``sigma^2 * D = nuisance``. The image is the same
+with its own prototypes and ``-(gap/2) * g``. All prototypes have the same norm, so only
+the content coordinates ``E^T t`` carry class information and the norm of ``t``
+concentrates (relative spread ~ 1/sqrt(2D)).
+
+**The oracle.** :func:`generate_simfeat` computes the exact posterior p(y | t, i) of this
+model (a mixture over regimes and components, in float64 with log-sum-exp), and reports
+its test accuracy against the observed noisy labels, the text-only p(y | t) and image-only
+p(y | i) counterparts, and their Monte-Carlo expectations. Stored features are a
+deterministic function of the latents, so by the data-processing inequality no model on the
+stored features can beat the oracle in expectation; the bound is tight because a plug-in
+posterior computed from the stored float32 features (``stored_feature_test_accuracy``)
+matches it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sgmft.labels import DEFAULT_LABELS
+
+__all__ = ["REGIMES", "SimFeatConfig", "SimFeatData", "generate_simfeat", "write_simfeat",
+           "oracle_posteriors", "proxy_report"]
+
+REGIMES: tuple[str, ...] = ("both", "text", "image", "neither")
+
+
+@dataclass(frozen=True)
+class SimFeatConfig:
+    """All knobs of the generator. Defaults: the paper's scale, tuned so the oracle is
+    ~88 %, each single-modality oracle is >= 10 points lower, and the oracle is learnable
+    from the 13,600 training posts (docs/simfeat.md has the measurements)."""
+
+    num_posts: int = 17000          # posts in total (paper: 17,000)
+    dim: int = 1024                 # feature width D (Chinese-CLIP ViT-H/14: 1024)
+    num_classes: int = 8            # places; named after sgmft.labels.DEFAULT_LABELS when 8
+    num_users: int = 103            # authors (paper: 103)
+    test_size: int = 3400           # stratified test posts (paper: 20 %); the rest is train
+    # heterogeneity regimes (must sum to 1)
+    p_both: float = 0.55            # text and image both show the place
+    p_text_only: float = 0.20       # only the text does
+    p_image_only: float = 0.20      # only the image does
+    p_neither: float = 0.05         # neither does
+    distractor_class_prob: float = 0.20  # uninformative modality shows a random class (else a generic theme)
+    num_generic: int = 8            # generic themes per modality (selfie, meme, food photo, ...)
+    label_noise: float = 0.05       # fraction of labels redrawn uniformly over the classes
+    # geometry of the latent space (units: prototype norm = signal)
+    content_dim: int = 32           # dimension of the shared content subspace
+    text_signal: float = 1.0        # norm of text prototypes
+    image_signal: float = 1.0       # norm of image prototypes
+    text_noise: float = 0.25        # within-class std per content dimension, text
+    image_noise: float = 0.25       # within-class std per content dimension, image
+    alignment: float = 0.8          # cosine between a class's text and image prototypes
+    modality_gap: float = 1.0       # distance between the text and image cloud centres
+    nuisance: float = 1.0           # energy sigma^2 * D of the isotropic class-free noise
+    # users
+    user_concentration: float = 1.0  # Dirichlet concentration of each user's class mix
+    user_activity: float = 1.0       # Dirichlet concentration of users' posting shares
+    # oracle
+    mc_samples: int = 200_000       # Monte-Carlo draws for the expected oracle accuracy
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        probs = (self.p_both, self.p_text_only, self.p_image_only, self.p_neither)
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"regime probabilities must be >= 0 and sum to 1, got {probs}")
+        if not 0 <= self.label_noise <= 1 or not 0 <= self.distractor_class_prob <= 1:
+            raise ValueError("label_noise and distractor_class_prob must be in [0, 1]")
+        if self.num_generic < 1 and self.distractor_class_prob < 1:
+            raise ValueError("num_generic must be >= 1 unless distractor_class_prob == 1")
+        if self.content_dim < 1 or self.content_dim + 1 >= self.dim:
+            raise ValueError("need 1 <= content_dim and content_dim + 1 < dim")
+        if not 0 < self.test_size < self.num_posts:
+            raise ValueError("need 0 < test_size < num_posts")
+        if self.num_classes < 2 or self.num_users < 1:
+            raise ValueError("need num_classes >= 2 and num_users >= 1")
+        if min(self.text_noise, self.image_noise) <= 0 or self.nuisance < 0:
+            raise ValueError("text_noise, image_noise must be > 0 and nuisance >= 0")
+        if not -1 <= self.alignment <= 1:
+            raise ValueError("alignment is a cosine, in [-1, 1]")
+
+
+@dataclass
+class SimFeatData:
+    """One generated dataset. Rows of every array describe the same post."""
+
+    ids: np.ndarray             # (N,) str
+    users: np.ndarray           # (N,) str
+    text: np.ndarray            # (N, D) float32, unit L2 norm
+    image: np.ndarray           # (N, D) float32, unit L2 norm
+    labels: np.ndarray          # (N,) int64, observed (noisy) labels
+    split: np.ndarray           # (N,) str, 'train' / 'test'
+    regime: np.ndarray          # (N,) str, one of REGIMES
+    label_names: list[str]
+    oracle: dict                # oracle accuracies, see generate_simfeat
+    clean_labels: np.ndarray    # (N,) int64, labels before label noise
+    oracle_posterior: np.ndarray  # (N, K) float32, exact p(y | latent text, latent image)
+    config: SimFeatConfig = field(default_factory=SimFeatConfig)
+
+
+# --------------------------------------------------------------------------- structure
+class _Model:
+    """The random but fixed parts of the distribution: prototypes, subspace, user mixes."""
+
+    def __init__(self, cfg: SimFeatConfig, rng: np.random.Generator):
+        K, G, r = cfg.num_classes, max(cfg.num_generic, 0), cfg.content_dim
+        unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+        text_cls = unit(rng.standard_normal((K, r)))
+        image_own = rng.standard_normal((K, r))
+        image_own -= np.sum(image_own * text_cls, 1, keepdims=True) * text_cls  # orthogonal part
+        a = cfg.alignment
+        image_cls = a * text_cls + math.sqrt(1 - a * a) * unit(image_own)
+        # component tables: rows 0..K-1 are classes, K..K+G-1 generic themes (all unit norm)
+        self.text_comp = np.vstack([text_cls, unit(rng.standard_normal((G, r)))]) if G else text_cls
+        self.image_comp = np.vstack([unit(image_cls), unit(rng.standard_normal((G, r)))]) if G \
+            else unit(image_cls)
+        # orthonormal basis: content subspace (r columns) then the gap direction
+        q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, r + 1)))
+        self.basis, self.gap_dir = q[:, :r], q[:, r]
+        self.user_share = rng.dirichlet(np.full(cfg.num_users, cfg.user_activity))
+        self.user_mix = rng.dirichlet(np.full(K, cfg.user_concentration), size=cfg.num_users)
+        self.prior = self.user_share @ self.user_mix              # marginal p(y)
+        # log weight of each component under an uninformative modality
+        q_cls = cfg.distractor_class_prob
+        with np.errstate(divide="ignore"):
+            self.log_uninf = np.log(np.concatenate([np.full(K, q_cls / K),
+                                                    np.full(G, (1 - q_cls) / G if G else 0.0)]))
+            self.log_regime = np.log(np.array([cfg.p_both, cfg.p_text_only,
+                                               cfg.p_image_only, cfg.p_neither]))
+
+
+def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Generator):
+    """Labels, users, regimes, components and content coordinates of n posts."""
+    K, G = cfg.num_classes, cfg.num_generic
+    users = rng.choice(cfg.num_users, size=n, p=model.user_share)
+    cum = np.cumsum(model.user_mix[users], axis=1)
+    y = np.minimum((rng.random(n)[:, None] > cum).sum(1), K - 1)
+    regime = rng.choice(4, size=n, p=np.exp(model.log_regime))
+    text_inf, image_inf = np.isin(regime, (0, 1)), np.isin(regime, (0, 2))
+
+    def component(informative):
+        as_class = rng.random(n) < cfg.distractor_class_prob
+        other = np.where(as_class, rng.integers(0, K, n), K + rng.integers(0, max(G, 1), n))
+        return np.where(informative, y, other)
+
+    c_t, c_i = component(text_inf), component(image_inf)
+    t = cfg.text_signal * model.text_comp[c_t] + cfg.text_noise * rng.standard_normal((n, cfg.content_dim))
+    i = cfg.image_signal * model.image_comp[c_i] + cfg.image_noise * rng.standard_normal((n, cfg.content_dim))
+    return users, y, regime, t, i
+
+
+# --------------------------------------------------------------------------- oracle
+def _lse(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+def _normalise(logp: np.ndarray) -> np.ndarray:
+    return np.exp(logp - _lse(logp, 1)[:, None])
+
+
+def oracle_posteriors(cfg: SimFeatConfig, model: _Model, t_content: np.ndarray,
+                      i_content: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact p(y|t,i), p(y|t), p(y|i) (float64, (n, K)) from content coordinates.
+
+    Per modality, log N(x; s P_c, nu^2 I) up to a term shared by all components is
+    s x.P_c / nu^2 (all prototypes have unit norm); shared terms cancel in the posterior.
+    """
+    K = cfg.num_classes
+    lt = cfg.text_signal * (t_content @ model.text_comp.T) / cfg.text_noise ** 2
+    li = cfg.image_signal * (i_content @ model.image_comp.T) / cfg.image_noise ** 2
+    t_cls, i_cls = lt[:, :K], li[:, :K]                       # modality shows class y
+    t_un = _lse(lt + model.log_uninf, 1)[:, None]             # modality is uninformative
+    i_un = _lse(li + model.log_uninf, 1)[:, None]
+    lb, ltx, lim, lne = model.log_regime
+    joint = _lse(np.stack(np.broadcast_arrays(lb + t_cls + i_cls, ltx + t_cls + i_un,
+                                              lim + t_un + i_cls, lne + t_un + i_un)), 0)
+    log_prior = np.log(model.prior)
+    with np.errstate(divide="ignore"):
+        text_only = np.logaddexp(np.log(cfg.p_both + cfg.p_text_only) + t_cls,
+                                 np.log(cfg.p_image_only + cfg.p_neither) + t_un)
+        image_only = np.logaddexp(np.log(cfg.p_both + cfg.p_image_only) + i_cls,
+                                  np.log(cfg.p_text_only + cfg.p_neither) + i_un)
+    return {name: _normalise(log_prior + lp) for name, lp in
+            (("joint", joint), ("text", text_only), ("image", image_only))}
+
+
+def _expected_accuracy(cfg: SimFeatConfig, model: _Model, rng: np.random.Generator) -> dict:
+    """Monte-Carlo E[max_y p(noisy y | x)] = (1-eta) E[max_y p(y|x)] + eta/K, per posterior.
+
+    Rao-Blackwellised (averages the max posterior, not 0/1 hits), so its standard error is
+    far below that of a test-set accuracy.
+    """
+    eta, K = cfg.label_noise, cfg.num_classes
+    sums = {k: [0.0, 0.0] for k in ("joint", "text", "image")}
+    n_done, chunk = 0, 50_000
+    while n_done < cfg.mc_samples:
+        n = min(chunk, cfg.mc_samples - n_done)
+        _, _, _, t, i = _draw_posts(cfg, model, n, rng)
+        for k, p in oracle_posteriors(cfg, model, t, i).items():
+            acc = (1 - eta) * p.max(1) + eta / K
+            sums[k][0] += acc.sum()
+            sums[k][1] += (acc ** 2).sum()
+        n_done += n
+    out = {}
+    for k, key in (("joint", "expected_accuracy"), ("text", "expected_text_only_accuracy"),
+                   ("image", "expected_image_only_accuracy")):
+        mean = sums[k][0] / n_done
+        out[key] = mean
+        if k == "joint":
+            out["expected_accuracy_se"] = math.sqrt(max(sums[k][1] / n_done - mean ** 2, 0) / n_done)
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+def _embed(content, basis, offset, sigma, rng, out):
+    """Write normalise(basis @ content + offset + sigma * noise orthogonal to the content)."""
+    b32, off32 = basis.astype(np.float32), offset.astype(np.float32)
+    for s in range(0, content.shape[0], 4096):
+        x = rng.standard_normal((min(4096, content.shape[0] - s), basis.shape[0]), dtype=np.float32)
+        x -= (x @ b32) @ b32.T                     # isotropic noise, orthogonal to the content
+        x *= np.float32(sigma)
+        x += (content[s:s + 4096] @ basis.T).astype(np.float32)
+        x += off32
+        x /= np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True).astype(np.float32)
+        out[s:s + x.shape[0]] = x
+
+
+def _stratified_test(labels: np.ndarray, test_size: int, K: int, rng) -> np.ndarray:
+    """'test' for exactly test_size rows, allocated to classes by largest remainder."""
+    counts = np.bincount(labels, minlength=K)
+    quota = counts * test_size / counts.sum()
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[: test_size - take.sum()]] += 1
+    split = np.full(labels.shape[0], "train", dtype="<U5")
+    for c in range(K):
+        rows = np.flatnonzero(labels == c)
+        split[rng.choice(rows, size=take[c], replace=False)] = "test"
+    return split
+
+
+def _stored_content(cfg, model, feats, noise_sigma, which_signal):
+    """Plug-in estimate of the latent content coordinates from stored unit vectors.
+
+    The norm of the latent is recovered from the energy outside the content and gap
+    directions, which is sigma^2 * (D - r - 1) up to a ~1/sqrt(2D) relative fluctuation.
+    """
+    f = feats.astype(np.float64)
+    coords = f @ model.basis
+    perp2 = 1.0 - np.sum(coords ** 2, 1) - (f @ model.gap_dir) ** 2
+    norm = noise_sigma * math.sqrt(cfg.dim - cfg.content_dim - 1) / np.sqrt(np.maximum(perp2, 1e-300))
+    return coords * norm[:, None]
+
+
+def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
+    """Draw a SimFeat dataset (deterministic given cfg, < 10 s at default scale).
+
+    ``oracle`` holds, for the test split and the observed (noisy) labels:
+    ``test_accuracy`` (argmax of the exact p(y|t,i)), ``text_only_test_accuracy``,
+    ``image_only_test_accuracy``, ``clean_test_accuracy`` (against the labels before noise),
+    ``test_accuracy_by_regime`` and ``test_regime_counts``, ``stored_feature_test_accuracy``
+    (the plug-in posterior from the stored float32 features: shows the bound is tight), and
+    the Monte-Carlo expectations ``expected_accuracy`` (+ ``expected_accuracy_se``),
+    ``expected_text_only_accuracy``, ``expected_image_only_accuracy``.
+    """
+    cfg = cfg or SimFeatConfig()
+    K, N = cfg.num_classes, cfg.num_posts
+    seeds = np.random.SeedSequence(cfg.seed).spawn(5)
+    r_model, r_posts, r_embed, r_split, r_mc = (np.random.default_rng(s) for s in seeds)
+    model = _Model(cfg, r_model)
+    users, clean, regime, t_c, i_c = _draw_posts(cfg, model, N, r_posts)
+    noisy = r_posts.random(N) < cfg.label_noise
+    labels = np.where(noisy, r_posts.integers(0, K, N), clean).astype(np.int64)
+
+    sigma = math.sqrt(cfg.nuisance / cfg.dim)
+    text = np.empty((N, cfg.dim), dtype=np.float32)
+    image = np.empty((N, cfg.dim), dtype=np.float32)
+    _embed(t_c, model.basis, 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, text)
+    _embed(i_c, model.basis, -0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, image)
+    split = _stratified_test(labels, cfg.test_size, K, r_split)
+
+    post = oracle_posteriors(cfg, model, t_c, i_c)
+    test = split == "test"
+    acc = lambda p, y=labels: float(np.mean(p[test].argmax(1) == y[test]))  # noqa: E731
+    regime_names = np.array(REGIMES)[regime]
+    oracle = {
+        "test_accuracy": acc(post["joint"]),
+        "text_only_test_accuracy": acc(post["text"]),
+        "image_only_test_accuracy": acc(post["image"]),
+        "clean_test_accuracy": acc(post["joint"], clean),
+        "test_accuracy_by_regime": {
+            r: float(np.mean(post["joint"][test & (regime_names == r)].argmax(1)
+                             == labels[test & (regime_names == r)]))
+            if np.any(test & (regime_names == r)) else None for r in REGIMES},
+        "test_regime_counts": {r: int(np.sum(test & (regime_names == r))) for r in REGIMES},
+    }
+    if cfg.nuisance > 0:
+        st = _stored_content(cfg, model, text, sigma, cfg.text_signal)
+        si = _stored_content(cfg, model, image, sigma, cfg.image_signal)
+        oracle["stored_feature_test_accuracy"] = acc(oracle_posteriors(cfg, model, st, si)["joint"])
+    else:
+        oracle["stored_feature_test_accuracy"] = None
+    oracle.update(_expected_accuracy(cfg, model, r_mc))
+
+    names = list(DEFAULT_LABELS) if K == len(DEFAULT_LABELS) else [f"class{k}" for k in range(K)]
+    width = max(len(str(N - 1)), 5)
+    return SimFeatData(
+        ids=np.array([f"sf{k:0{width}d}" for k in range(N)]),
+        users=np.array([f"u{u:03d}" for u in users]),
+        text=text, image=image, labels=labels, split=split, regime=regime_names,
+        label_names=names, oracle=oracle, clean_labels=clean.astype(np.int64),
+        oracle_posterior=post["joint"].astype(np.float32), config=cfg)
+
+
+def write_simfeat(path, cfg: SimFeatConfig | None = None, overwrite: bool = False) -> Path:
+    """Generate SimFeat and write it as a feature store (backbone ``"simfeat"``).
+
+    ``meta.extra["simfeat"]`` holds the config and the oracle figures; per-post regimes are
+    not part of the store format but ``generate_simfeat(SimFeatConfig(**config))``
+    reproduces them exactly.
+    """
+    from sgmft.features import write_feature_store
+
+    cfg = cfg or SimFeatConfig()
+    d = generate_simfeat(cfg)
+    return write_feature_store(
+        path, ids=d.ids, text=d.text, image=d.image, label_names=d.label_names,
+        labels=d.labels, users=d.users, split=d.split, backbone="simfeat",
+        normalization="l2", dtype="float32",
+        extra={"simfeat": {"config": asdict(cfg), "oracle": d.oracle}}, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- proxies
+def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, logreg: bool = True,
+                 seed: int = 0) -> dict:
+    """Check learnability: oracle figures vs. quick proxies trained on the stored features.
+
+    Proxies (train split -> test split, observed labels): sklearn LogisticRegression on
+    standardised features and a torch MLP (2 hidden layers of 512, Adam lr 1e-3, batch 128,
+    ``epochs`` epochs), each on text, image and concatenated text+image.
+    """
+    import time
+
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.perf_counter()
+    d = generate_simfeat(cfg)
+    gen_s = time.perf_counter() - t0
+    tr, te = d.split == "train", d.split == "test"
+    views = {"text": d.text, "image": d.image, "concat": np.hstack([d.text, d.image])}
+    report = {"config": asdict(d.config), "generate_seconds": round(gen_s, 2),
+              "oracle": d.oracle, "logreg": {}, "mlp": {}}
+
+    for name, x in views.items():
+        scaler = StandardScaler().fit(x[tr])
+        xtr, xte = scaler.transform(x[tr]), scaler.transform(x[te])
+        if logreg:
+            clf = LogisticRegression(C=0.05, max_iter=300).fit(xtr, d.labels[tr])
+            report["logreg"][name] = float(clf.score(xte, d.labels[te]))
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(),
+                                  torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                  torch.nn.Linear(512, d.config.num_classes))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        X, Y = torch.tensor(xtr, dtype=torch.float32), torch.tensor(d.labels[tr])
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(X), generator=gen).split(128):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(X[idx]), Y[idx]).backward()
+                opt.step()
+        with torch.no_grad():
+            pred = net(torch.tensor(xte, dtype=torch.float32)).argmax(1).numpy()
+        report["mlp"][name] = float(np.mean(pred == d.labels[te]))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def _main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="SimFeat: print the proxy report or write a store.")
+    p.add_argument("--write", metavar="PATH", help="write a feature store instead of the report")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--no-logreg", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override SimFeatConfig fields, e.g. --set seed=1 label_noise=0.1")
+    a = p.parse_args(argv)
+    fields = SimFeatConfig.__dataclass_fields__
+    over = {k: type(fields[k].default)(v) for k, v in (s.split("=", 1) for s in a.set)}
+    cfg = SimFeatConfig(**over)
+    if a.write:
+        print(write_simfeat(a.write, cfg, overwrite=a.overwrite))
+    else:
+        print(json.dumps(proxy_report(cfg, epochs=a.epochs, logreg=not a.no_logreg), indent=1))
+
+
+if __name__ == "__main__":
+    _main()

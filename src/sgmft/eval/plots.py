@@ -1,0 +1,334 @@
+"""Figures and the on-disk evaluation report: confusion matrix, t-SNE maps, predictions.
+
+Figures are drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, never
+through ``pyplot``: no display is needed and the caller's global backend is left untouched.
+Every file is written atomically (temp file in the same folder, then ``os.replace``), so a
+crash never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sgmft.eval.metrics import classification_metrics
+
+__all__ = [
+    "plot_confusion",
+    "tsne_embed",
+    "plot_tsne",
+    "plot_tsne_panels",
+    "write_eval_report",
+    "DPI",
+]
+
+DPI = 150
+_UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
+
+
+# --------------------------------------------------------------------------- helpers
+def _new_figure(figsize: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _save_png(fig, path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    return _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _palette(k: int) -> list[tuple[float, float, float, float]]:
+    """Colour-blind-friendly qualitative colours (tab10; tab20 beyond ten classes)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if k <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+# --------------------------------------------------------------------------- confusion
+def plot_confusion(cm: np.ndarray, label_names: Sequence[str], path, title: str = "",
+                   normalize: bool = True) -> Path:
+    """Save an annotated confusion-matrix heat map (rows = true, columns = predicted) as PNG.
+
+    With ``normalize`` each row is divided by its support (recall on the diagonal) and cells
+    show the rate with the raw count beneath; empty rows stay at zero.
+    """
+    cm = np.asarray(cm, dtype=float)
+    names = [str(n) for n in label_names]
+    k = len(names)
+    if cm.shape != (k, k):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {k} labels")
+    if normalize:
+        support = cm.sum(axis=1, keepdims=True)
+        shown = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+        vmax = 1.0
+    else:
+        shown = cm
+        vmax = max(float(cm.max()), 1.0)
+
+    side = max(4.5, 0.65 * k + 2.5)
+    fig = _new_figure((side + 1.0, side))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.ax.set_ylabel("fraction of true class" if normalize else "count", rotation=90)
+
+    font = 9 if k <= 8 else max(5, 9 - (k - 8) // 2)
+    for i in range(k):
+        for j in range(k):
+            v = shown[i, j]
+            text = f"{v:.2f}\n({int(cm[i, j])})" if normalize else f"{int(cm[i, j])}"
+            colour = "white" if v > 0.55 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=font,
+                    linespacing=1.1)
+
+    ax.set_xticks(range(k), names, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(np.arange(-0.5, k, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, k, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.0)
+    ax.tick_params(which="minor", length=0)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- t-SNE
+def _subsample(n: int, max_points: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+    """Indices of ``max_points`` rows, stratified by ``labels`` when that is possible."""
+    if n <= max_points:
+        return np.arange(n)
+    idx = np.arange(n)
+    if labels is not None:
+        from sklearn.model_selection import train_test_split
+
+        try:
+            keep, _ = train_test_split(idx, train_size=max_points, stratify=labels,
+                                       random_state=seed)
+            return np.sort(keep)
+        except ValueError:  # a class too small to stratify: plain random sample
+            pass
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_points, replace=False))
+
+
+def tsne_embed(x: np.ndarray, *, max_points: int = 2000, seed: int = 0,
+               perplexity: float = 30.0, labels: np.ndarray | None = None,
+               max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """2-D t-SNE of feature rows ``x`` for plotting; returns ``(coords, row_indices)``.
+
+    More than ``max_points`` rows are randomly subsampled first (stratified by ``labels``
+    when given) because t-SNE is quadratic-ish and dense plots are unreadable. Wide inputs
+    are reduced to 50 dimensions by PCA (the usual t-SNE preprocessing). ``perplexity`` is
+    lowered automatically for very small samples; ``max_iter`` (>= 250) trades quality for
+    speed. Deterministic by ``seed``.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (rows, features), got shape {x.shape}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x has no rows")
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1, got {max_points}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x contains NaN or infinite values")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have one entry per row: {labels.shape} vs ({n},)")
+    idx = _subsample(n, max_points, seed, labels)
+    xs = x[idx]
+    m = len(xs)
+    if m < 4:  # too few points for t-SNE: lay them on a line
+        return np.column_stack([np.arange(m, dtype=np.float32),
+                                np.zeros(m, dtype=np.float32)]), idx
+    if xs.shape[1] > 50:
+        xs = PCA(n_components=min(50, m), random_state=seed).fit_transform(xs)
+    perp = float(min(perplexity, max(1.0, (m - 1) / 3.0)))
+    coords = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto",
+                  max_iter=int(max_iter), random_state=seed).fit_transform(xs)
+    return coords.astype(np.float32), idx
+
+
+def _scatter_classes(ax, coords, labels, colours, seed: int = 0) -> None:
+    coords = np.asarray(coords, dtype=float)
+    labels = np.asarray(labels).astype(np.int64)
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(labels):
+        raise ValueError(f"coords must be (n, 2) matching labels; got {coords.shape} and "
+                         f"{labels.shape}")
+    if labels.size and labels.max() >= len(colours):
+        raise ValueError(f"label {labels.max()} outside the {len(colours)} named classes")
+    # One scatter in random order, so no class is systematically drawn on top of the others.
+    order = np.random.default_rng(seed).permutation(len(labels))
+    c = [colours[v] if v >= 0 else _UNLABELLED_COLOUR for v in labels[order]]
+    size = float(np.clip(4000.0 / max(len(labels), 1), 4.0, 30.0))
+    ax.scatter(coords[order, 0], coords[order, 1], c=c, s=size, alpha=0.8, linewidths=0,
+               rasterized=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    for spine in ax.spines.values():  # faint frame: separates panels, no axis clutter
+        spine.set_color("#d0d0d0")
+
+
+def _legend_handles(label_names, colours, include_unlabelled: bool):
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=7, color=col, label=name)
+               for name, col in zip(label_names, colours, strict=True)]
+    if include_unlabelled:
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=7,
+                              color=_UNLABELLED_COLOUR, label="unlabelled"))
+    return handles
+
+
+def plot_tsne(coords: np.ndarray, labels: np.ndarray, label_names: Sequence[str], path,
+              title: str = "") -> Path:
+    """Save a t-SNE scatter coloured by class with a named legend (paper Figs. 5, 7, 8).
+
+    Negative labels are drawn grey as "unlabelled".
+    """
+    names = [str(n) for n in label_names]
+    colours = _palette(len(names))
+    labels = np.asarray(labels).astype(np.int64)
+    fig = _new_figure((6.4, 5.2))
+    ax = fig.add_subplot(1, 1, 1)
+    _scatter_classes(ax, coords, labels, colours)
+    ax.legend(handles=_legend_handles(names, colours, bool(np.any(labels < 0))),
+              loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="class")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_tsne_panels(panels: list[tuple[str, np.ndarray, np.ndarray]],
+                     label_names: Sequence[str], path, ncols: int = 3,
+                     title: str = "") -> Path:
+    """Save several t-SNE maps (one ``(title, coords, labels)`` per model variant) side by side.
+
+    All panels share one colour mapping and one legend below the grid, so variants can be
+    compared at a glance.
+    """
+    if not panels:
+        raise ValueError("no panels to plot")
+    names = [str(n) for n in label_names]
+    colours = _palette(len(names))
+    ncols = max(1, min(int(ncols), len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig = _new_figure((4.0 * ncols, 4.0 * nrows + 0.9))
+    any_unlabelled = False
+    for i, (panel_title, coords, labels) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        labels = np.asarray(labels).astype(np.int64)
+        any_unlabelled |= bool(np.any(labels < 0))
+        _scatter_classes(ax, coords, labels, colours)
+        ax.set_title(str(panel_title))
+    if title:
+        fig.suptitle(title, fontsize=13)
+    fig.tight_layout(rect=(0, 0.9 / (4.0 * nrows + 0.9), 1, 1))
+    handles = _legend_handles(names, colours, any_unlabelled)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8),
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+def _plain(v):
+    """A numpy scalar / bytes id as a plain str or number for the CSV."""
+    v = v.item() if isinstance(v, np.generic) else v
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids=None,
+                      title: str = "", tsne_max_points: int = 2000, seed: int = 0,
+                      tsne_max_iter: int = 1000) -> dict:
+    """Write a complete evaluation report into ``out_dir`` and return its metrics.
+
+    Files: ``metrics.json`` (:func:`classification_metrics` plus ``title``),
+    ``confusion.png`` (row-normalised), ``tsne.png`` (t-SNE of the ``fused`` features coloured
+    by true class; skipped when ``fused`` is None) and ``predictions.csv`` with columns
+    ``id,true,pred,prob_<name>...`` (class names; prob columns omitted when ``probs`` is None).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [str(n) for n in label_names]
+    yt = np.asarray(y_true).astype(np.int64)
+    yp = np.asarray(y_pred).astype(np.int64)
+    n = len(yt)
+    metrics = classification_metrics(yt, yp, names)
+    metrics["title"] = title
+
+    if probs is not None:
+        probs = np.asarray(probs, dtype=float)
+        if probs.shape != (n, len(names)):
+            raise ValueError(f"probs must be (n, {len(names)}), got {probs.shape}")
+    ids = np.arange(n) if ids is None else np.asarray(ids)
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries for {n} samples")
+
+    plot_confusion(np.asarray(metrics["confusion_matrix"]), names, out / "confusion.png",
+                   title=f"{title} — confusion (row-normalised)" if title else
+                   "Confusion (row-normalised)")
+
+    if fused is not None:
+        fused = np.asarray(fused)
+        if len(fused) != n:
+            raise ValueError(f"fused has {len(fused)} rows for {n} samples")
+        coords, idx = tsne_embed(fused.reshape(n, -1), max_points=tsne_max_points, seed=seed,
+                                 labels=yt, max_iter=tsne_max_iter)
+        plot_tsne(coords, yt[idx], names, out / "tsne.png",
+                  title=f"{title} — t-SNE of fused features" if title else
+                  "t-SNE of fused features")
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["id", "true", "pred"]
+    if probs is not None:
+        header += [f"prob_{name}" for name in names]
+    writer.writerow(header)
+    for i in range(n):
+        row = [_plain(ids[i]), names[yt[i]], names[yp[i]]]
+        if probs is not None:
+            row += [f"{p:.6g}" for p in probs[i]]
+        writer.writerow(row)
+    _atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8"))
+
+    _atomic_write_bytes(out / "metrics.json",
+                        (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
+    return metrics

@@ -1,0 +1,62 @@
+"""``evaluate()``: a checkpoint + a feature store -> metrics.json, confusion.png, tsne.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sgmft.eval.plots import write_eval_report
+from sgmft.features import FeatureStore
+from sgmft.predictor import Predictor
+
+
+def select_rows(fs: FeatureStore, run_dir: Path | None, split: str) -> np.ndarray:
+    """Rows of ``split``: from the store's split.npy, else from the training run's saved split
+    (only if the run was trained on this very store), else every labelled row for ``all``."""
+    labelled = np.flatnonzero(np.asarray(fs.labels) >= 0)
+    if split == "all":
+        return labelled
+    if fs.split is not None:
+        rows = fs.indices(split)
+    else:
+        saved = None if run_dir is None else run_dir / "split.npy"
+        if saved is None or not saved.exists():
+            raise ValueError(f"{fs.path}: the store has no split.npy and no training-run split was "
+                             f"found next to the checkpoint; pass --split all or a run directory")
+        from sgmft.train.fit import ids_digest
+        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        if run.get("store_ids") != ids_digest(fs.ids):
+            raise ValueError(f"{fs.path}: not the store this model was trained on (post ids differ), "
+                             f"so its saved split does not apply; pass --split all")
+        rows = np.flatnonzero(np.load(saved) == split)
+    rows = np.intersect1d(rows, labelled)
+    if len(rows) == 0:
+        raise ValueError(f"{fs.path}: split {split!r} has no labelled posts")
+    return rows
+
+
+def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = "",
+             tsne_max_points: int = 2000, seed: int = 0, predictor: Predictor | None = None) -> dict:
+    ck = Path(checkpoint)
+    run_dir = ck if (ck / "model").is_dir() else (ck.parent if (ck.parent / "run.json").exists() else None)
+    pred = predictor or Predictor.load(ck)
+    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    if fs.labels is None:
+        raise ValueError(f"{fs.path}: has no labels.npy; evaluation needs labelled posts")
+    rows = select_rows(fs, run_dir, split)
+    p = pred.predict_store(fs, rows, return_fused=True)
+    metrics = write_eval_report(out_dir, y_true=np.asarray(fs.labels[rows]), y_pred=p.top, probs=p.probs,
+                                fused=p.fused, label_names=pred.label_names, ids=np.asarray(fs.ids[rows]),
+                                title=title or f"{pred.info.get('preset', '')} on {fs.path.name} ({split})",
+                                tsne_max_points=tsne_max_points, seed=seed)
+    oracle = (fs.meta.get("extra", {}).get("simfeat", {}) or {}).get("oracle")
+    if oracle and split == "test" and fs.split is not None:
+        metrics["oracle_accuracy"] = oracle.get("test_accuracy")
+        metrics["accuracy_over_oracle"] = metrics["accuracy"] / oracle["test_accuracy"]
+        tmp = Path(out_dir) / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        os.replace(tmp, Path(out_dir) / "metrics.json")
+    return metrics

@@ -1,0 +1,415 @@
+"""``sgmft extract``: raw posts (manifest + image files) -> a feature store.
+
+Pipeline per post: validate the manifest row, clean the text (:class:`TextCleaner`), load
+every image robustly (:func:`load_image`; a bad file becomes a reject with field
+``images`` and the post keeps its other images), encode text and images with a frozen
+:class:`Backbone`, choose one image vector (``image_choice``), and write the store with
+``text_mask`` / ``image_mask`` (False + a zero row when a modality is missing).
+
+Work is done in *batches aligned to post order* (batch b = posts ``[b*B, (b+1)*B)``), so
+every run, resumed or distributed, forms identical batches and hence bit-identical
+features. Each finished batch is written atomically to the cache as one ``.npz`` shard of
+per-post results keyed by a content hash (backbone fingerprint, cleaner fingerprint,
+image choice, raw text, image bytes digests): a re-run skips finished batches, a killed
+run loses at most the batches in flight. Under ``torch.distributed`` (``torchrun``, or
+``num_processes>1`` here) rank r encodes batches ``b % world == r``; rank 0 assembles
+the store after a barrier. See docs/extract.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sgmft.features import FeatureStoreWriter
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_bytes_digest, load_image
+from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
+from sgmft.ingest.text import CleanConfig, TextCleaner
+from sgmft.labels import DEFAULT_LABELS
+
+log = logging.getLogger("sgmft.extract")
+IMAGE_CHOICES = ("similar", "first", "mean")
+CACHE_VERSION = 1
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract_features` did. Counts are over the whole run (all ranks)."""
+
+    store_path: Path
+    num_posts: int            # rows in the store
+    num_rejects: int          # manifest-row rejects + image rejects
+    cached_hits: int          # posts taken from the cache (not encoded again)
+    encoded: int              # posts encoded in this run
+    text_missing: int         # posts with text_mask False (empty after cleaning)
+    image_missing: int        # posts with image_mask False (no usable image)
+    images_rejected: int      # image files that failed to load
+    seconds: float
+    world_size: int = 1
+    cache_dir: Path | None = None
+    rejects_path: Path | None = None
+    rejects: list[Reject] = field(default_factory=list, repr=False)
+
+
+# -- distributed helpers -----------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _maybe_init_dist() -> bool:
+    """Join a process group described by torchrun-style env vars; True if we created it."""
+    import torch.distributed as dist
+
+    if _dist() is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    # Only barriers and small Python objects cross ranks, so gloo is enough even on GPUs.
+    dist.init_process_group("gloo")
+    return True
+
+
+def _gather(obj: Any) -> list[Any]:
+    d = _dist()
+    if d is None:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+# -- cache -------------------------------------------------------------------------------------
+def _post_key(prefix: bytes, post: Post) -> str:
+    h = hashlib.sha256(prefix)
+    h.update(json.dumps(post.text, ensure_ascii=False).encode())
+    for p in post.images:
+        try:
+            h.update(image_bytes_digest(p).encode())
+        except ImageLoadError as e:
+            h.update(f"unreadable:{e.reason}".encode())
+    return h.hexdigest()
+
+
+class _Cache:
+    """One atomically written ``.npz`` shard per finished batch, under ``root/shards``.
+
+    A shard's name is the hash of its batch's post keys (and the backbone batch size), so
+    it is found again by content; a batch is either entirely cached or encoded again.
+    """
+
+    def __init__(self, root: Path, salt: str):
+        self.root = Path(root)
+        self.shards = self.root / "shards"
+        self.shards.mkdir(parents=True, exist_ok=True)
+        self.salt = salt
+
+    def path(self, keys: list[str]) -> Path:
+        return self.shards / (hashlib.sha256("\n".join([self.salt, *keys]).encode()).hexdigest()[:40] + ".npz")
+
+    def put(self, keys: list[str], text, image, text_mask, image_mask, rejects: list[list]) -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.shards)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, keys=np.asarray(keys), text=text, image=image, text_mask=text_mask,
+                         image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)))
+            os.replace(tmp, self.path(keys))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.path(keys)
+
+    def get(self, keys: list[str]) -> dict[str, Any]:
+        with np.load(self.path(keys)) as z:
+            out = {k: z[k] for k in z.files}
+        if out["keys"].tolist() != list(keys):
+            raise RuntimeError(f"cache shard {self.path(keys)} does not hold the expected posts; delete it")
+        out["rejects"] = json.loads(str(out["rejects"]))
+        return out
+
+
+# -- per-batch work ----------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    b: int
+    keys: list[str]
+    todo: list[int]                      # positions in the batch that need encoding
+    texts: list[str] = field(default_factory=list)     # cleaned, per todo item
+    images: list[list] = field(default_factory=list)   # per todo item: [(image_index, PIL)]
+    rejects: list[list] = field(default_factory=list)  # per todo item: [[image_index, reason]]
+    tokens: Any = None
+    pixels: list = field(default_factory=list)         # chunks of preprocessed images
+
+
+def _choose(choice: str, img: np.ndarray, txt: np.ndarray | None) -> np.ndarray:
+    if len(img) == 1 or choice == "first":
+        return img[0]
+    if choice == "mean":
+        m = img.astype(np.float64).mean(0)
+        n = np.linalg.norm(m)
+        return (m / n).astype(np.float32) if n > 0 else img[0]
+    if txt is None:  # 'similar' without usable text: fall back to the first usable image
+        return img[0]
+    return img[int(np.argmax(img.astype(np.float64) @ txt.astype(np.float64)))]
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        return str(p)
+
+
+def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, clean_cfg: CleanConfig | None = None,
+                     image_choice: str = "similar", batch_size: int = 32, cache_dir: str | Path | None = None,
+                     rejects_path: str | Path | None = None, on_error: str = "skip", progress: bool = True,
+                     label_names: Sequence[str] = DEFAULT_LABELS, device: str = "auto", dtype: str = "auto",
+                     num_workers: int | None = None, num_processes: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     overwrite: bool = False, keep_cache: bool = True,
+                     _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
+    """Extract features for every valid post of ``manifest`` into the store ``out_store``.
+
+    ``backbone``: a spec for :func:`sgmft.backbones.load_backbone` or a ``Backbone``.
+    ``image_choice``: ``"similar"`` (the image closest to the text, cosine; the paper's
+    manual choice, automated), ``"first"`` (first usable image; later ones are not even
+    loaded) or ``"mean"`` (L2-normalised mean of the usable images).
+    ``cache_dir``: default ``<out_store>.cache``; deleted at the end unless ``keep_cache``.
+    ``on_error="skip"`` records bad rows and images as rejects (also written to
+    ``rejects_path`` as JSONL); ``"raise"`` stops at the first problem.
+    ``num_processes>1`` spawns that many local worker processes (gloo); under an existing
+    ``torch.distributed`` group or ``torchrun`` env, every rank must call this function.
+    """
+    if image_choice not in IMAGE_CHOICES:
+        raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    out_store = Path(out_store)
+    cache_root = Path(cache_dir) if cache_dir is not None else out_store.with_name(out_store.name + ".cache")
+    kw = dict(clean_cfg=clean_cfg, image_choice=image_choice, batch_size=batch_size, cache_dir=cache_root,
+              rejects_path=rejects_path, on_error=on_error, progress=progress, label_names=tuple(label_names),
+              device=device, dtype=dtype, num_workers=num_workers, max_pixels=max_pixels,
+              overwrite=overwrite, keep_cache=keep_cache)
+    if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if not isinstance(backbone, str):
+            raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
+        return _spawn(num_processes, Path(manifest), out_store, backbone, kw)
+    return _extract(Path(manifest), out_store, backbone, _after_batch=_after_batch, **kw)
+
+
+def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choice, batch_size, cache_dir,
+             rejects_path, on_error, progress, label_names, device, dtype, num_workers, max_pixels,
+             overwrite, keep_cache, _after_batch=None) -> ExtractResult:
+    t0 = time.perf_counter()
+    own_group = _maybe_init_dist()
+    try:
+        d = _dist()
+        rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
+        if out_store.exists() and not overwrite:
+            raise FileExistsError(f"{out_store} already exists; pass overwrite=True to replace it")
+        from sgmft.backbones import Backbone, load_backbone
+
+        bb: Backbone = backbone if not isinstance(backbone, str) else load_backbone(
+            backbone, device=device, dtype=dtype, batch_size=batch_size)
+        cleaner = TextCleaner(clean_cfg)
+        base = manifest.resolve().parent
+        posts, row_rejects = read_manifest(manifest, label_names=label_names, check_images=True,
+                                           on_error="raise" if on_error == "raise" else "skip")
+        prefix = json.dumps({"v": CACHE_VERSION, "backbone": bb.fingerprint(), "clean": cleaner.fingerprint(),
+                             "choice": image_choice, "max_pixels": max_pixels}, sort_keys=True).encode()
+        cache = _Cache(cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
+        n_batches = (len(posts) + batch_size - 1) // batch_size
+        mine = [b for b in range(n_batches) if b % world == rank]
+        tok_lock = threading.Lock()
+
+        def prepare(b: int) -> _Prepared:
+            batch = posts[b * batch_size:(b + 1) * batch_size]
+            keys = [_post_key(prefix, p) for p in batch]
+            if cache.path(keys).is_file():
+                return _Prepared(b, keys, [])
+            pr = _Prepared(b, keys, list(range(len(batch))))
+            for p in batch:
+                pr.texts.append(cleaner.clean(p.text))
+                ims, rej = [], []
+                for j, path in enumerate(p.images):
+                    try:
+                        ims.append((j, load_image(path, max_pixels=max_pixels)))
+                    except ImageLoadError as e:
+                        if on_error == "raise":
+                            raise
+                        rej.append([j, f"{_rel(path, base)}: {e.reason}"])
+                        continue
+                    if image_choice == "first":
+                        break
+                pr.images.append(ims)
+                pr.rejects.append(rej)
+            nonempty = [t for t in pr.texts if t]
+            if nonempty:
+                with tok_lock:  # HF fast tokenizers are not safe to call from several threads
+                    pr.tokens = bb.tokenize(nonempty)
+            flat = [im for ims in pr.images for _, im in ims]
+            pr.pixels = [bb.preprocess_images(flat[s:s + bb.batch_size]) for s in range(0, len(flat), bb.batch_size)]
+            pr.images = [[j for j, _ in ims] for ims in pr.images]  # drop the decoded images
+            return pr
+
+        def encode(pr: _Prepared) -> None:
+            D = bb.dim
+            t_emb = bb.forward_text(pr.tokens) if pr.tokens is not None else np.zeros((0, D), np.float32)
+            i_emb = (np.concatenate([bb.forward_images(x) for x in pr.pixels]) if pr.pixels
+                     else np.zeros((0, D), np.float32))
+            n = len(pr.todo)
+            text, image = np.zeros((n, D), np.float32), np.zeros((n, D), np.float32)
+            tmask, imask = np.zeros(n, bool), np.zeros(n, bool)
+            ti = ii = 0
+            for r in range(n):
+                if pr.texts[r]:
+                    text[r], tmask[r] = t_emb[ti], True
+                    ti += 1
+                k = len(pr.images[r])
+                if k:
+                    image[r] = _choose(image_choice, i_emb[ii:ii + k], text[r] if tmask[r] else None)
+                    imask[r] = True
+                    ii += k
+            cache.put(pr.keys, text, image, tmask, imask, pr.rejects)
+
+        from tqdm.auto import tqdm
+
+        n_mine = sum(min(batch_size, len(posts) - b * batch_size) for b in mine)
+        bar = tqdm(total=n_mine, unit="post", desc=f"extract[{rank}/{world}]" if world > 1 else "extract",
+                   disable=not progress or (rank != 0), dynamic_ncols=True)
+        hits = encoded = 0
+        my_keys: dict[int, list[str]] = {}
+        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sgmft-load") as pool:
+            # Prepare (hash, clean, decode, preprocess) up to `workers + 1` batches ahead of the
+            # forward pass. Futures are consumed in order; results never depend on timing.
+            ahead = max(1, workers) + 1
+            futs = OrderedDict((b, pool.submit(prepare, b)) for b in mine[:ahead])
+            nxt = len(futs)
+            try:
+                while futs:
+                    b, fut = futs.popitem(last=False)
+                    pr = fut.result()
+                    if nxt < len(mine):
+                        futs[mine[nxt]] = pool.submit(prepare, mine[nxt])
+                        nxt += 1
+                    if pr.todo:
+                        encode(pr)
+                    my_keys[b] = pr.keys
+                    encoded += len(pr.todo)
+                    hits += len(pr.keys) - len(pr.todo)
+                    bar.update(len(pr.keys))
+                    if _after_batch is not None:
+                        _after_batch(b)
+            finally:
+                for f in futs.values():
+                    f.cancel()
+                bar.close()
+
+        stats = _gather((hits, encoded, my_keys))
+        hits, encoded = sum(x[0] for x in stats), sum(x[1] for x in stats)
+        batch_keys = {b: k for x in stats for b, k in x[2].items()}
+        if d is not None:
+            d.barrier()
+        result = None
+        if rank == 0:
+            result = _assemble(out_store, posts, [batch_keys[b] for b in range(n_batches)], row_rejects, cache,
+                               bb, cleaner, image_choice, label_names, manifest, rejects_path, overwrite,
+                               hits, encoded, world, t0)
+            if not keep_cache:
+                import shutil
+
+                shutil.rmtree(cache_dir, ignore_errors=True)
+        if d is not None:
+            result = _gather(result)[0]
+            d.barrier()
+        return result
+    finally:
+        if own_group and _dist() is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, image_choice, label_names,
+              manifest, rejects_path, overwrite, hits, encoded, world, t0) -> ExtractResult:
+    """Rank 0: stream every batch's shard (written by any rank) into the feature store."""
+    n = len(posts)
+    lab_idx = {name: i for i, name in enumerate(label_names)}
+    splits = [p.split for p in posts]
+    with_split = n > 0 and all(splits) and {"train", "test"} <= set(splits)
+    if any(splits) and not with_split:
+        log.warning("split field omitted from the store: only some posts have one, or train/test is empty")
+    width = max([1] + [len(p.id) for p in posts] + [len(p.user) for p in posts])
+    extra = {"clean_config": asdict(cleaner.cfg), "clean_fingerprint": cleaner.fingerprint(),
+             "image_choice": image_choice, "manifest": str(Path(manifest).resolve()),
+             "backbone_fingerprint": bb.fingerprint(), "backbone_precision": bb.precision}
+    img_rejects: list[Reject] = []
+    n_text_missing = n_image_missing = 0
+    with FeatureStoreWriter(out_store, num_posts=n, dim=bb.dim, label_names=label_names, backbone=bb.spec,
+                            normalization="l2", with_labels=True, with_users=True, with_split=with_split,
+                            with_masks=True, extra=extra, overwrite=overwrite, id_width=width) as w:
+        start = 0
+        for keys in batch_keys:
+            z = cache.get(keys)
+            part = posts[start:start + len(keys)]
+            n_text_missing += int((~z["text_mask"]).sum())
+            n_image_missing += int((~z["image_mask"]).sum())
+            for p, rej in zip(part, z["rejects"]):
+                img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract") for _, reason in rej)
+            w.write(start, ids=[p.id for p in part], users=[p.user for p in part], text=z["text"],
+                    image=z["image"], text_mask=z["text_mask"], image_mask=z["image_mask"],
+                    labels=np.array([lab_idx[p.label] if p.label is not None else -1 for p in part], np.int64),
+                    split=[p.split for p in part] if with_split else None)
+            start += len(keys)
+    rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
+    if rejects_path is not None:
+        write_rejects(rejects_path, rejects)
+    res = ExtractResult(Path(out_store), n, len(rejects), hits, encoded, n_text_missing, n_image_missing,
+                        len(img_rejects), time.perf_counter() - t0, world, cache.root,
+                        Path(rejects_path) if rejects_path is not None else None, rejects)
+    log.info("extracted %d posts (%d from cache, %d encoded), %d rejects, %.1fs", n, hits, encoded,
+             len(rejects), res.seconds)
+    return res
+
+
+# -- local multi-process launcher (torchrun does the same across nodes) -----------------------
+def _spawn_worker(rank: int, world: int, port: int, manifest: Path, out_store: Path, backbone: str,
+                  kw: dict, ret: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    if not torch.cuda.is_available():  # share the CPU cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    res = _extract(manifest, out_store, backbone, **kw)
+    if rank == 0:
+        import pickle
+
+        Path(ret).write_bytes(pickle.dumps(res))
+
+
+def _spawn(world: int, manifest: Path, out_store: Path, backbone: str, kw: dict) -> ExtractResult:
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="sgmft-extract-") as td:
+        ret = str(Path(td) / "result.pkl")
+        mp.start_processes(_spawn_worker, args=(world, port, manifest, out_store, backbone, kw, ret),
+                           nprocs=world, join=True, start_method="spawn")
+        return pickle.loads(Path(ret).read_bytes())

@@ -1,0 +1,264 @@
+"""The post manifest: the documented input format for raw posts (``docs/posts-manifest.md``).
+
+A manifest is JSONL (one JSON object per line; ``.jsonl``/``.ndjson``/``.json``) or CSV
+(``.csv``, UTF-8, header row) with the fields ``id`` (required, unique), ``user``, ``text``,
+``images`` (paths relative to the manifest's directory; CSV: ``|``-separated; ``image`` = one
+path), ``label`` and ``split``. :func:`read_manifest` checks every row up front and either
+raises one :class:`ManifestError` listing all problems or, with ``on_error="skip"``, drops
+the bad rows and returns them as :class:`Reject` records (also written as JSONL).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sgmft.labels import DEFAULT_LABELS
+
+__all__ = ["Post", "Reject", "ManifestError", "read_manifest", "write_rejects", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validation": "val", "dev": "val", "test": "test"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+_MAX_LISTED = 50
+
+
+@dataclass(frozen=True)
+class Post:
+    """One validated post. ``images`` are absolute resolved paths; ``line`` is 1-based."""
+
+    id: str
+    user: str
+    text: str
+    images: tuple[Path, ...]
+    label: str | None
+    split: str | None
+    line: int
+
+
+@dataclass
+class Reject:
+    """One problem with one manifest row (a row with several problems gives several)."""
+
+    line: int
+    id: str | None
+    field: str
+    reason: str
+    stage: str = "manifest"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ManifestError(ValueError):
+    """Raised by :func:`read_manifest` with ``on_error="raise"``; ``.rejects`` has them all."""
+
+    def __init__(self, path: str | Path, rejects: Sequence[Reject]) -> None:
+        self.path, self.rejects = Path(path), list(rejects)
+        lines = [f"{path}:{r.line}: field '{r.field}': {r.reason}" for r in self.rejects[:_MAX_LISTED]]
+        if len(self.rejects) > _MAX_LISTED:
+            lines.append(f"... and {len(self.rejects) - _MAX_LISTED} more problem(s)")
+        rows = len({r.line for r in self.rejects})
+        super().__init__(f"{len(self.rejects)} problem(s) in {rows} row(s) of manifest {path}:\n"
+                         + "\n".join(lines))
+
+
+def write_rejects(path: str | Path, rejects: Iterable[Reject | dict]) -> None:
+    """Write ``rejects`` as JSONL (one object per line), atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rejects:
+                d = r.to_dict() if isinstance(r, Reject) else dict(r)
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- reading ---------------------------------------------------------------------------------
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Reject | None]]:
+    """(line, object, None) per non-blank line, or (line, None, Reject) for a broken one."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, Reject(n, None, "json", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield n, None, Reject(n, None, "json", f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any, Reject | None]]:
+    """(line, dict, None) per record; ``line`` is where the record starts (header = line 1)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ManifestError(path, [Reject(line, None, "csv", f"not valid UTF-8 ({e.reason})")]) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise ManifestError(path, [Reject(1, None, "csv", f"unreadable header: {e}")]) from None
+    header = [h.strip() for h in header]
+    if "id" not in header:
+        raise ManifestError(path, [Reject(1, None, "id", f"the header has no 'id' column (columns: {header})")])
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, Reject(start, None, "csv", f"malformed CSV: {e}")
+            start = reader.line_num + 1
+            continue
+        if row and any(c.strip() for c in row):
+            if len(row) != len(header):
+                yield start, None, Reject(start, None, "csv",
+                                          f"row has {len(row)} fields, the header has {len(header)}")
+            else:
+                obj = dict(zip(header, row))
+                if "images" in obj:  # CSV: a "|"-separated list of paths
+                    obj["images"] = [p.strip() for p in obj["images"].split("|") if p.strip()]
+                yield start, obj, None
+        start = reader.line_num + 1
+
+
+def _opt_str(obj: dict, key: str, problems: list[tuple[str, str]]) -> str | None:
+    """A string field that may be absent/null; ints are accepted for id/user."""
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, int) and key not in ("id", "user")):
+        problems.append((key, f"must be a string, got {type(v).__name__}"))
+        return None
+    return str(v).strip()
+
+
+def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAULT_LABELS,
+                  require_labels: bool = False, check_images: bool = True,
+                  on_error: str = "raise", rejects_path: str | Path | None = None,
+                  ) -> tuple[list[Post], list[Reject]]:
+    """Read and validate a post manifest.
+
+    Every row is checked before anything is returned: JSON/CSV syntax, ``id`` present and
+    unique (a repeat is rejected and names the first line), field types, ``label`` among
+    ``label_names`` (case-insensitive; ``None`` = any label accepted), ``split`` in
+    train/val/test (aliases training/valid/validation/dev), ``images`` a list of strings,
+    and (``check_images``) every listed image file exists. A post with no images is valid.
+
+    ``on_error="raise"``: raise :class:`ManifestError` if there is any problem.
+    ``on_error="skip"``: drop bad rows; return ``(posts, rejects)``. In both modes the
+    rejects are written to ``rejects_path`` when given (an empty file if all is well).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = path.resolve().parent
+    label_map = None if label_names is None else {str(n).lower(): str(n) for n in label_names}
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+
+    posts: list[Post] = []
+    rejects: list[Reject] = []
+    first_line: dict[str, int] = {}
+    for line, obj, broken in rows:
+        if broken is not None:
+            rejects.append(broken)
+            continue
+        if not isinstance(obj, dict):
+            rejects.append(Reject(line, None, "json", f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        problems: list[tuple[str, str]] = []
+
+        pid = _opt_str(obj, "id", problems)
+        if not pid and not any(f == "id" for f, _ in problems):
+            problems.append(("id", "missing or empty"))
+        elif pid:
+            if pid in first_line:
+                problems.append(("id", f"duplicate id {pid!r}; first seen on line {first_line[pid]}"))
+            else:
+                first_line[pid] = line
+
+        user = _opt_str(obj, "user", problems) or ""
+        text = obj.get("text")
+        if text is None:
+            text = ""
+        elif not isinstance(text, str):
+            problems.append(("text", f"must be a string, got {type(text).__name__}"))
+
+        label = _opt_str(obj, "label", problems) or None
+        if label is not None and label_map is not None:
+            if label.lower() in label_map:
+                label = label_map[label.lower()]
+            else:
+                problems.append(("label", f"unknown label {label!r}; known: {', '.join(label_map.values())}"))
+        if label is None and require_labels and not any(f == "label" for f, _ in problems):
+            problems.append(("label", "missing (require_labels=True)"))
+
+        split = _opt_str(obj, "split", problems) or None
+        if split is not None:
+            if split.lower() in _SPLIT_ALIASES:
+                split = _SPLIT_ALIASES[split.lower()]
+            else:
+                problems.append(("split", f"unknown split {split!r}; use train, val or test"))
+
+        images = _images(obj, base, check_images, problems)
+        if problems:
+            rejects.extend(Reject(line, pid or None, f, r) for f, r in problems)
+        else:
+            posts.append(Post(pid, user, text, images, label, split, line))
+
+    if rejects_path is not None:
+        write_rejects(rejects_path, rejects)
+    if rejects and on_error == "raise":
+        raise ManifestError(path, rejects)
+    return posts, rejects
+
+
+def _images(obj: dict, base: Path, check: bool, problems: list[tuple[str, str]]) -> tuple[Path, ...]:
+    many, one = obj.get("images"), obj.get("image")
+    if many not in (None, []) and one not in (None, ""):
+        problems.append(("images", "give either 'images' (a list) or 'image' (one path), not both"))
+        return ()
+    if many in (None, []):
+        many = [] if one in (None, "") else [one]
+        key = "image"
+    else:
+        key = "images"
+    if not isinstance(many, list) or not all(isinstance(p, str) for p in many):
+        what = "a string" if key == "image" else "a list of strings"
+        problems.append((key, f"must be {what}, got {json.dumps(many, ensure_ascii=False)[:80]}"))
+        return ()
+    out: list[Path] = []
+    for rel in many:
+        if not rel.strip():
+            problems.append((key, "empty image path"))
+            continue
+        p = (base / rel.strip()).resolve()  # an absolute path stays absolute
+        if check and not p.is_file():
+            problems.append((key, f"image file not found: {rel}"))
+        out.append(p)
+    return tuple(out)

@@ -1,0 +1,69 @@
+"""Fusion modules for the SG-MFT fusion slot (section 3.2.2).
+
+``sfm`` is the paper's similarity-aware fusion module (eq 17).  ``concat`` and ``sum`` are
+what M_fuse becomes when SFM is switched off (ablation, Table 2): ``concat`` is the
+default there because it is exactly the "+ CLIP" baseline's fusion, so "+ CLIP + SIM"
+differs from "+ CLIP" by SIM alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sgmft.config import ModelConfig
+from sgmft.models.layers import QKV, multi_head_attention, resolve_attn_impl
+from sgmft.models.registry import FUSIONS
+
+
+class CrossAttention(nn.Module):
+    """One multi-head cross-attention in the form of eq 11, with its own projections."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.token_dim
+        self.proj_q, self.proj_kv = QKV(d, cfg.attn_dim), QKV(d, cfg.attn_dim)
+        self.out = nn.Linear(cfg.attn_dim, d)
+        self.heads, self.impl, self.chunk = cfg.heads, resolve_attn_impl(cfg), cfg.rank1_chunk
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        return multi_head_attention(x_q, x_kv, self.proj_q, self.proj_kv, self.out,
+                                    self.heads, self.impl, self.chunk)
+
+
+@FUSIONS.register("sfm")
+class SFM(nn.Module):
+    """Eq 17: M_fuse = CA(query F^S_text, kv F^S_image) + CA(query F^S_image, kv F^S_text)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ca_text = CrossAttention(cfg)
+        self.ca_image = CrossAttention(cfg)
+        self.out_dim = cfg.dim
+
+    def forward(self, xt: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        return (self.ca_text(xt, xi) + self.ca_image(xi, xt)).flatten(1)
+
+
+@FUSIONS.register("concat")
+class ConcatFusion(nn.Module):
+    """M_fuse = [F^S_text ; F^S_image] in R^{2D}."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = 2 * cfg.dim
+
+    def forward(self, xt, xi):
+        return torch.cat([xt.flatten(1), xi.flatten(1)], dim=1)
+
+
+@FUSIONS.register("sum")
+class SumFusion(nn.Module):
+    """M_fuse = F^S_text + F^S_image in R^D (eq 17 without its cross-attentions)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = cfg.dim
+
+    def forward(self, xt, xi):
+        return (xt + xi).flatten(1)

@@ -1,0 +1,153 @@
+"""Building blocks shared by SG-MFT and the baselines."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgmft.config import ModelConfig
+from sgmft.models.rank1 import rank1_softmax_mix
+
+
+class Classifier(nn.Module):
+    """Multimodal classifier MC (eq 18): len(hidden) + 1 linear layers (5 in the paper)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], num_classes: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ModalityInput(nn.Module):
+    """Scales a modality's features and substitutes a *learned* placeholder for absent ones.
+
+    A post without usable text (or image) carries ``mask = False`` in the feature store;
+    its stored row is ignored and replaced by a trained vector, so "absent" is a state the
+    model can recognise rather than a zero vector it cannot tell from a real feature.
+    """
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.missing = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x * self.scale
+        if mask is not None:
+            x = torch.where(mask.bool()[:, None], x, self.missing.to(x.dtype))
+        return x
+
+
+class TokenNorm(nn.Module):
+    """LayerNorm over the token width d ("token") or over the whole n x d block ("vector").
+
+    With d = 1 a per-token LayerNorm is identically zero, so the paper preset normalises
+    the whole D-vector (SPEC: "LayerNorm over a width-1 token is degenerate").
+    """
+
+    def __init__(self, n: int, d: int, mode: str):
+        super().__init__()
+        self.norm = nn.LayerNorm((n, d) if mode == "vector" else d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class QKV(nn.Module):
+    """One modality's projections W^Q, W^K, W^V (eqs 6-7), shared by its self- and cross-attention."""
+
+    def __init__(self, d: int, d_model: int):
+        super().__init__()
+        self.q = nn.Linear(d, d_model)
+        self.k = nn.Linear(d, d_model)
+        self.v = nn.Linear(d, d_model)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, dm = x.shape
+    return x.view(b, n, heads, dm // heads).transpose(1, 2)
+
+
+def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, proj_kv: QKV,
+                         out: nn.Linear, heads: int, impl: str = "sdpa", chunk: int = 262144) -> torch.Tensor:
+    """concat_h softmax(Q K^T / sqrt(d_h)) V  W^out  (eqs 8-11), tokens (B, n, d) -> (B, n, d).
+
+    Queries come from ``x_q`` through ``proj_q.q``; keys and values from ``x_kv`` through
+    ``proj_kv.k`` / ``proj_kv.v``.  ``impl``: "sdpa" (torch's fused kernel), "naive" (the
+    textbook per-head formula, kept as the benchmark's reference) or "rank1" (exact
+    closed form for d = 1, see :mod:`sgmft.models.rank1`).
+    """
+    if impl == "rank1":
+        return _rank1_attention(x_q, x_kv, proj_q, proj_kv, out, heads, chunk)
+    q = _split_heads(proj_q.q(x_q), heads)
+    k = _split_heads(proj_kv.k(x_kv), heads)
+    v = _split_heads(proj_kv.v(x_kv), heads)
+    if impl == "sdpa":
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        o = att @ v
+    b, h, n, dh = o.shape
+    return out(o.transpose(1, 2).reshape(b, n, h * dh))
+
+
+def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads: int, chunk: int):
+    """Same numbers as the "naive" path for d = 1, without forming any n x n or d_model tensor."""
+    dm = proj_q.q.out_features
+    dh = dm // heads
+    wq = proj_q.q.weight[:, 0].view(heads, dh)
+    bq = proj_q.q.bias.view(heads, dh)
+    wk = proj_kv.k.weight[:, 0].view(heads, dh)
+    wv = proj_kv.v.weight[:, 0].view(heads, dh)
+    bv = proj_kv.v.bias.view(heads, dh)
+    wo = out.weight.view(out.out_features, heads, dh)          # (d=1, H, dh)
+    alpha = (wq * wk).sum(-1) / math.sqrt(dh)                   # (H,)
+    beta = (bq * wk).sum(-1) / math.sqrt(dh)                    # (H,)
+    xq, xkv = x_q[..., 0], x_kv[..., 0]                         # (B, n)
+    c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]   # (B, H, n)
+    m = rank1_softmax_mix(c, xkv, xkv, chunk)                   # (B, H, n): sum_l p_jl x_l
+    a = (wv[None] * wo).sum(-1)                                 # (1, H): w_v^h . W_out^h
+    const = (bv[None] * wo).sum((-1, -2)) + out.bias            # (1,)
+    return (torch.einsum("bhn,oh->bno", m, a) + const)
+
+
+class FFN(nn.Module):
+    """Feed-forward block, token-wise (d -> d_h -> d) or on the whole D-vector (D -> d_h -> D).
+
+    With ``similarity=True`` it is eq 15: ReLU(X W1 + X_inter W3 + b1) W2 + b2.
+    """
+
+    def __init__(self, n: int, d: int, hidden: int, mode: str, similarity: bool, dropout: float):
+        super().__init__()
+        width = d if mode == "token" else n * d
+        self.mode, self.n, self.d = mode, n, d
+        self.w1 = nn.Linear(width, hidden)
+        self.w3 = nn.Linear(width, hidden, bias=False) if similarity else None
+        self.w2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, x_inter: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        if self.mode == "vector":
+            x = x.flatten(1)
+            x_inter = None if x_inter is None else x_inter.flatten(1)
+        h = self.w1(x)
+        if self.w3 is not None:
+            h = h + self.w3(x_inter)
+        return self.w2(self.drop(F.relu(h))).view(shape)
+
+
+def resolve_attn_impl(cfg: ModelConfig) -> str:
+    if cfg.attn_impl == "auto":
+        return "rank1" if cfg.token_dim == 1 else "sdpa"
+    return cfg.attn_impl

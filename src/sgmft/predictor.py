@@ -1,0 +1,108 @@
+"""The one inference object every front end shares (CLI, Python, and later the HTTP service).
+
+It holds a trained model with its label map and the feature contract (backbone, D,
+normalisation) and turns feature vectors into class probabilities.  Raw posts go through
+:mod:`sgmft.ingest` / :mod:`sgmft.backbones` first (``sgmft predict`` wires them up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sgmft.features import FeatureStore
+from sgmft.train.checkpoint import load_checkpoint
+from sgmft.train.module import forward_batch
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray              # (N, K) softmax probabilities
+    fused: np.ndarray | None       # (N, F) M_fuse, when asked for
+    label_names: list[str]
+
+    @property
+    def top(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+    def top_names(self) -> list[str]:
+        return [self.label_names[i] for i in self.top]
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, label_names: list[str], features: dict,
+                 device: str = "cpu", info: dict | None = None):
+        self.model = model.to(device).eval()
+        self.label_names = list(label_names)
+        self.features = features
+        self.device = device
+        self.info = info or {}
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> "Predictor":
+        model, info = load_checkpoint(path)
+        return cls(model, info["label_names"], info["features"], device, info)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features["dim"])
+
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse features that do not match what the model was trained on."""
+        if store.dim != self.dim:
+            raise ValueError(f"{store.path}: features have D={store.dim}, the model expects D={self.dim}")
+        want, got = self.features.get("backbone"), store.backbone
+        if want and got and want != got:
+            raise ValueError(f"{store.path}: features come from backbone {got!r}, the model was trained "
+                             f"on {want!r}; extract features with the same backbone")
+
+    @torch.inference_mode()
+    def predict_features(self, text, image, text_mask=None, image_mask=None, *,
+                         batch_size: int = 512, return_fused: bool = False) -> Predictions:
+        text, image = np.asarray(text), np.asarray(image)
+        if text.ndim != 2 or text.shape != image.shape or text.shape[1] != self.dim:
+            raise ValueError(f"expected text and image of shape (N, {self.dim}), got "
+                             f"{text.shape} and {image.shape}")
+        probs, fused = [], []
+        for s in range(0, len(text), batch_size):
+            sl = slice(s, s + batch_size)
+            batch = {"text": torch.as_tensor(text[sl], dtype=torch.float32, device=self.device),
+                     "image": torch.as_tensor(image[sl], dtype=torch.float32, device=self.device)}
+            if text_mask is not None:
+                batch["text_mask"] = torch.as_tensor(np.asarray(text_mask[sl]), device=self.device)
+            if image_mask is not None:
+                batch["image_mask"] = torch.as_tensor(np.asarray(image_mask[sl]), device=self.device)
+            out = forward_batch(self.model, batch)
+            probs.append(torch.softmax(out.logits.float(), -1).cpu().numpy())
+            if return_fused:
+                fused.append(out.fused.float().cpu().numpy())
+        k = len(self.label_names)
+        return Predictions(np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+                           np.concatenate(fused) if return_fused and fused else None, self.label_names)
+
+    def predict_store(self, store, indices=None, *, batch_size: int = 512,
+                      return_fused: bool = False) -> Predictions:
+        fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        self.check_store(fs)
+        idx = np.arange(len(fs)) if indices is None else np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")                    # memmap reads in row order
+        rows = idx[order]
+        parts = [self.predict_features(
+            fs.text[r], fs.image[r],
+            None if fs.text_mask is None else fs.text_mask[r],
+            None if fs.image_mask is None else fs.image_mask[r],
+            batch_size=batch_size, return_fused=return_fused)
+            for r in np.array_split(rows, max(1, -(-len(rows) // 8192)))]   # bounded memory
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        probs = np.concatenate([p.probs for p in parts])[inv]
+        fused = np.concatenate([p.fused for p in parts])[inv] if return_fused else None
+        return Predictions(probs, fused, self.label_names)
+
+
+def resolve_checkpoint(path) -> Path:
+    p = Path(path)
+    return p / "model" if (p / "model").is_dir() else p

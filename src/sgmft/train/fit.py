@@ -1,0 +1,133 @@
+"""``train()``: a feature store + a preset in, a trained, exported checkpoint out.
+
+Lightning runs the loop, so devices, strategy (ddp, ...) and num_nodes are configuration.
+Run folder:
+  model/          exported checkpoint (see :mod:`sgmft.train.checkpoint`) of the best epoch
+  split.npy       the train/val/test assignment used (evaluate reuses it)
+  run.json        store, preset, configs, best validation accuracy, timings
+  lightning/      Lightning's checkpoints (resumable) and per-epoch metrics.csv
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset
+from sgmft.data.splits import resolve_split
+from sgmft.features import FeatureStore
+from sgmft.train.checkpoint import save_checkpoint
+from sgmft.train.data import make_loader
+from sgmft.train.module import LitClassifier
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """A fingerprint of a store's post ids, so a saved split is only reused on the same posts."""
+    h = hashlib.sha256()
+    for start in range(0, len(ids), 65536):
+        h.update("\n".join(map(str, ids[start:start + 65536])).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    best_val_acc: float | None
+    seconds: float
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+
+
+def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig | None = None,
+          train_cfg: TrainConfig | None = None) -> TrainResult:
+    """Train ``preset`` (or explicit configs) on a feature store; return where the model went.
+
+    ``model_cfg.dim`` / ``num_classes`` are taken from the store.  The split is the store's
+    own if it has one, else a seeded stratified (or user-disjoint) 80/20 split, with a
+    validation part carved from train for model selection (best ``val_acc``).
+    """
+    _quiet_lightning()
+    t0 = time.time()
+    p = load_preset(preset) if isinstance(preset, (str, Path)) else preset
+    model_cfg = model_cfg or p.model
+    train_cfg = train_cfg or p.train
+    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    if fs.labels is None:
+        raise ValueError(f"{fs.path}: has no labels.npy; training needs labelled posts")
+    model_cfg = dataclasses.replace(model_cfg, dim=fs.dim, num_classes=len(fs.label_names)).validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    split = resolve_split(fs.split, np.asarray(fs.labels), fs.users, mode=train_cfg.split,
+                          test_fraction=train_cfg.test_fraction, val_fraction=train_cfg.val_fraction,
+                          seed=train_cfg.seed)
+    tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    if len(tr) == 0:
+        raise ValueError(f"{fs.path}: the split has no training posts")
+
+    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    lit = LitClassifier(model_cfg, train_cfg)
+    train_loader = make_loader(fs, tr, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                               num_workers=train_cfg.num_workers)
+    val_loader = (make_loader(fs, va, max(train_cfg.batch_size, 256), shuffle=False,
+                              num_workers=train_cfg.num_workers) if len(va) else None)
+    ckpt_cb = ModelCheckpoint(dirpath=out / "lightning" / "checkpoints", filename="best",
+                              monitor="val_acc" if val_loader else None, mode="max",
+                              save_last=True, save_top_k=1)
+    callbacks = [ckpt_cb]
+    if train_cfg.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 50)))
+    trainer = L.Trainer(
+        max_epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
+        accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=train_cfg.strategy,
+        num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
+        deterministic=train_cfg.deterministic, callbacks=callbacks,
+        logger=CSVLogger(out, name="lightning", version=""),
+        enable_progress_bar=train_cfg.progress, enable_model_summary=False,
+        limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=50,
+        num_sanity_val_steps=0,
+    )
+    resume = out / "lightning" / "checkpoints" / "last.ckpt"
+    # Our own run's Lightning checkpoint (trusted; written by this function) resumes an interrupted run.
+    trainer.fit(lit, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None,
+                weights_only=False)
+
+    best = ckpt_cb.best_model_path if val_loader else ""
+    best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+    if trainer.is_global_zero:
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            lit.load_state_dict(state)
+        ckpt = save_checkpoint(out / "model", lit.model.cpu(), model_cfg, fs.label_names, fs.meta,
+                               train_cfg, preset=p.name)
+        np.save(out / "split.npy", split)
+        run = {"store": str(fs.path), "store_ids": ids_digest(fs.ids), "preset": p.name,
+               "model": asdict(model_cfg), "train": asdict(train_cfg),
+               "num_train": int(len(tr)), "num_val": int(len(va)),
+               "num_test": int((split == "test").sum()),
+               "best_val_acc": best_score, "epochs_run": int(trainer.current_epoch),
+               "seconds": round(time.time() - t0, 2)}
+        tmp = out / ".run.json.tmp"
+        tmp.write_text(json.dumps(run, indent=2), encoding="utf-8")
+        os.replace(tmp, out / "run.json")
+    return TrainResult(out, out / "model", best_score, time.time() - t0)

@@ -1,0 +1,61 @@
+"""Lightning wrapper: cross-entropy (eq 19) + any auxiliary loss, Adam (section 4.2)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from sgmft.config import ModelConfig, TrainConfig
+from sgmft.models import build_model
+
+
+def forward_batch(model, batch):
+    return model(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask"))
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        super().__init__()
+        self.save_hyperparameters({"model": asdict(model_cfg), "train": asdict(train_cfg)})
+        self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        self.model = build_model(model_cfg)
+        k = model_cfg.num_classes
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=k)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=k)
+        self.val_f1 = torchmetrics.F1Score(task="multiclass", num_classes=k, average="macro")
+
+    def forward(self, batch):
+        return forward_batch(self.model, batch)
+
+    def _loss(self, out, y):
+        loss = F.cross_entropy(out.logits, y)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        return loss
+
+    def training_step(self, batch, _):
+        out = self(batch)
+        loss = self._loss(out, batch["label"])
+        self.train_acc(out.logits, batch["label"])
+        bs = len(batch["label"])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, _):
+        out = self(batch)
+        loss = self._loss(out, batch["label"])
+        self.val_acc(out.logits, batch["label"])
+        self.val_f1(out.logits, batch["label"])
+        bs = len(batch["label"])
+        self.log("val_loss", loss, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("val_macro_f1", self.val_f1, on_epoch=True, batch_size=bs)
+
+    def configure_optimizers(self):
+        t = self.train_cfg
+        return torch.optim.Adam(self.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

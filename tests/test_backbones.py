@@ -1,0 +1,128 @@
+"""Backbones: tiny random checkpoints loaded offline through the same path as real weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sgmft.backbones import BACKBONES, BackboneUnavailableError, load_backbone
+from sgmft.backbones.tiny import build_tiny_chinese_clip, build_tiny_clip
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_chinese_clip(tmp_path_factory.mktemp("tinycc") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_backbone(f"chinese-clip:{tiny_dir}", batch_size=4)
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_registry_names():
+    assert {"chinese-clip", "hf-clip", "cn-clip"} <= set(BACKBONES.names())
+    with pytest.raises(KeyError, match="known"):
+        load_backbone("no-such-backbone:x")
+
+
+def test_tiny_checkpoint_layout(tiny_dir):
+    for f in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (tiny_dir / f).is_file(), f
+    assert "RANDOM" in (tiny_dir / "README.md").read_text()
+
+
+def test_encode_shapes_and_normalisation(tiny):
+    assert (tiny.name, tiny.dim, tiny.image_size, tiny.precision) == ("chinese-clip", 32, 32, "float32")
+    t = tiny.encode_text(["今天 家里 吃饭", "健身房 跑步", "电影院", "学校 上课", "公司 加班"])
+    i = tiny.encode_images(_images(6))
+    assert t.shape == (5, 32) and i.shape == (6, 32)
+    assert t.dtype == np.float32 and i.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(i, axis=1), 1, atol=1e-5)
+    assert not np.allclose(t[0], t[1])
+    assert tiny.encode_text([]).shape == (0, 32)
+    # batched == one at a time (up to float rounding)
+    one = np.concatenate([tiny.encode_images([im]) for im in _images(6)])
+    np.testing.assert_allclose(one, i, atol=1e-5)
+
+
+def test_tokens_fixed_length_and_no_unk(tiny):
+    tok = tiny.tokenize(["我在家里吃饭", "去"])
+    assert tok["input_ids"].shape == (2, 52)
+    assert (tok["input_ids"] != tiny.tokenizer.unk_token_id).all()
+
+
+def test_preprocess_and_forward_split(tiny):
+    x = tiny.preprocess_images(_images(3))
+    assert tuple(x.shape) == (3, 3, 32, 32)
+    np.testing.assert_allclose(tiny.forward_images(x), tiny.encode_images(_images(3)), atol=1e-6)
+
+
+def test_fingerprint_stable_and_weight_sensitive(tiny, tiny_dir, tmp_path):
+    fp = tiny.fingerprint()
+    assert len(fp) == 64
+    moved = shutil.copytree(tiny_dir, tmp_path / "elsewhere")  # identity is content, not path
+    assert load_backbone(f"chinese-clip:{moved}").fingerprint() == fp
+    other = build_tiny_chinese_clip(tmp_path / "seed1", seed=1)
+    assert load_backbone(f"chinese-clip:{other}").fingerprint() != fp
+    assert load_backbone(f"chinese-clip:{tiny_dir}", dtype="bfloat16").fingerprint() != fp
+
+
+def test_bf16_autocast_on_cpu_close_to_fp32(tiny, tiny_dir):
+    bb = load_backbone(f"chinese-clip:{tiny_dir}", dtype="bfloat16")
+    a, b = bb.encode_images(_images(2)), tiny.encode_images(_images(2))
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert np.abs(a - b).max() < 0.1
+
+
+def test_missing_local_dir_explains_download(tmp_path):
+    with pytest.raises(BackboneUnavailableError) as ei:
+        load_backbone(f"chinese-clip:{tmp_path / 'nope' / 'cc-vit-h'}")
+    msg = str(ei.value)
+    assert "does not exist" in msg and "hf download" in msg and "--local-dir" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneUnavailableError, match="config.json"):
+        load_backbone(f"chinese-clip:{tmp_path / 'empty'}")
+
+
+def test_hub_id_offline_explains_download():
+    with pytest.raises(BackboneUnavailableError) as ei:
+        load_backbone("chinese-clip:OFA-Sys/chinese-clip-vit-huge-patch14-not-cached")
+    msg = str(ei.value)
+    assert "offline" in msg and "HF_HUB_OFFLINE" in msg
+    assert "hf download OFA-Sys/chinese-clip-vit-huge-patch14-not-cached --local-dir" in msg
+    assert "huggingface-cli download" in msg and "--backbone chinese-clip:/path/to/" in msg
+
+
+def test_cn_clip_missing_package_is_actionable():
+    pytest.importorskip("torch")
+    try:
+        import cn_clip  # noqa: F401
+        pytest.skip("cn_clip is installed")
+    except Exception:
+        pass
+    with pytest.raises(BackboneUnavailableError, match="pip install cn_clip"):
+        load_backbone("cn-clip:ViT-H-14")
+
+
+def test_hf_clip_path(tmp_path):
+    d = build_tiny_clip(tmp_path / "clip")
+    bb = load_backbone(f"hf-clip:{d}")
+    assert bb.dim == 16 and bb.max_length == 77
+    t, i = bb.encode_text(["a photo of a cat", "a dog"]), bb.encode_images(_images(2))
+    assert t.shape == (2, 16) and i.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
