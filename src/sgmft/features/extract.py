@@ -142,14 +142,16 @@ class _Cache:
 # -- per-batch work ----------------------------------------------------------------------------
 @dataclass
 class _Prepared:
+    """One batch, ready for the forward pass (or already in the cache)."""
+
     b: int
-    keys: list[str]
-    todo: list[int]                      # positions in the batch that need encoding
-    texts: list[str] = field(default_factory=list)     # cleaned, per todo item
-    images: list[list] = field(default_factory=list)   # per todo item: [(image_index, PIL)]
-    rejects: list[list] = field(default_factory=list)  # per todo item: [[image_index, reason]]
-    tokens: Any = None
-    pixels: list = field(default_factory=list)         # chunks of preprocessed images
+    keys: list[str]                      # per post: content key
+    cached: bool
+    texts: list[str] = field(default_factory=list)     # per post: cleaned text ("" = none)
+    images: list[list] = field(default_factory=list)   # per post: indices of its usable images
+    rejects: list[list] = field(default_factory=list)  # per post: [[image_index, reason], ...]
+    tokens: Any = None                                 # tokens of the non-empty texts
+    pixels: list = field(default_factory=list)         # preprocessed usable images, in chunks
 
 
 def _choose(choice: str, img: np.ndarray, txt: np.ndarray | None) -> np.ndarray:
@@ -176,7 +178,7 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
                      rejects_path: str | Path | None = None, on_error: str = "skip", progress: bool = True,
                      label_names: Sequence[str] = DEFAULT_LABELS, device: str = "auto", dtype: str = "auto",
                      num_workers: int | None = None, num_processes: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     overwrite: bool = False, keep_cache: bool = True,
+                     overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
                      _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
@@ -189,6 +191,9 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     ``rejects_path`` as JSONL); ``"raise"`` stops at the first problem.
     ``num_processes>1`` spawns that many local worker processes (gloo); under an existing
     ``torch.distributed`` group or ``torchrun`` env, every rank must call this function.
+    ``threads``: torch CPU threads per process (default: unchanged; spawned workers get
+    ``cpu_count // num_processes``). On CPU, float results depend on the thread count in
+    the last bits: runs compare bit for bit only with equal ``threads``.
     """
     if image_choice not in IMAGE_CHOICES:
         raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
@@ -199,7 +204,7 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     kw = dict(clean_cfg=clean_cfg, image_choice=image_choice, batch_size=batch_size, cache_dir=cache_root,
               rejects_path=rejects_path, on_error=on_error, progress=progress, label_names=tuple(label_names),
               device=device, dtype=dtype, num_workers=num_workers, max_pixels=max_pixels,
-              overwrite=overwrite, keep_cache=keep_cache)
+              overwrite=overwrite, keep_cache=keep_cache, threads=threads)
     if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
             raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
@@ -209,9 +214,14 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
 
 def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choice, batch_size, cache_dir,
              rejects_path, on_error, progress, label_names, device, dtype, num_workers, max_pixels,
-             overwrite, keep_cache, _after_batch=None) -> ExtractResult:
-    t0 = time.perf_counter()
+             overwrite, keep_cache, threads=None, _after_batch=None) -> ExtractResult:
+    import torch
+
+    t0, started = time.perf_counter(), time.time()
     own_group = _maybe_init_dist()
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     try:
         d = _dist()
         rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
@@ -236,8 +246,8 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             batch = posts[b * batch_size:(b + 1) * batch_size]
             keys = [_post_key(prefix, p) for p in batch]
             if cache.path(keys).is_file():
-                return _Prepared(b, keys, [])
-            pr = _Prepared(b, keys, list(range(len(batch))))
+                return _Prepared(b, keys, cached=True)
+            pr = _Prepared(b, keys, cached=False)
             for p in batch:
                 pr.texts.append(cleaner.clean(p.text))
                 ims, rej = [], []
@@ -251,7 +261,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
                         continue
                     if image_choice == "first":
                         break
-                pr.images.append(ims)
+                pr.images.append(ims)  # (index, PIL) for now
                 pr.rejects.append(rej)
             nonempty = [t for t in pr.texts if t]
             if nonempty:
@@ -267,7 +277,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             t_emb = bb.forward_text(pr.tokens) if pr.tokens is not None else np.zeros((0, D), np.float32)
             i_emb = (np.concatenate([bb.forward_images(x) for x in pr.pixels]) if pr.pixels
                      else np.zeros((0, D), np.float32))
-            n = len(pr.todo)
+            n = len(pr.keys)
             text, image = np.zeros((n, D), np.float32), np.zeros((n, D), np.float32)
             tmask, imask = np.zeros(n, bool), np.zeros(n, bool)
             ti = ii = 0
@@ -303,11 +313,11 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
                     if nxt < len(mine):
                         futs[mine[nxt]] = pool.submit(prepare, mine[nxt])
                         nxt += 1
-                    if pr.todo:
+                    if not pr.cached:
                         encode(pr)
                     my_keys[b] = pr.keys
-                    encoded += len(pr.todo)
-                    hits += len(pr.keys) - len(pr.todo)
+                    encoded += 0 if pr.cached else len(pr.keys)
+                    hits += len(pr.keys) if pr.cached else 0
                     bar.update(len(pr.keys))
                     if _after_batch is not None:
                         _after_batch(b)
@@ -323,6 +333,12 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             d.barrier()
         result = None
         if rank == 0:
+            for f in cache.shards.glob(".tmp-*"):  # partial writes of killed earlier runs
+                try:
+                    if f.stat().st_mtime < started:
+                        f.unlink()
+                except OSError:
+                    pass
             result = _assemble(out_store, posts, [batch_keys[b] for b in range(n_batches)], row_rejects, cache,
                                bb, cleaner, image_choice, label_names, manifest, rejects_path, overwrite,
                                hits, encoded, world, t0)
@@ -335,6 +351,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             d.barrier()
         return result
     finally:
+        torch.set_num_threads(old_threads)
         if own_group and _dist() is not None:
             import torch.distributed as dist
 
@@ -388,10 +405,8 @@ def _spawn_worker(rank: int, world: int, port: int, manifest: Path, out_store: P
                   kw: dict, ret: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
-    if not torch.cuda.is_available():  # share the CPU cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if not kw.get("threads"):  # share the CPU cores instead of oversubscribing them
+        kw = dict(kw, threads=max(1, (os.cpu_count() or 1) // world))
     res = _extract(manifest, out_store, backbone, **kw)
     if rank == 0:
         import pickle

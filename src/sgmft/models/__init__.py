@@ -4,6 +4,7 @@ Importing this package registers every built-in component.
 """
 
 from sgmft.models import baselines, fusion, sgmft  # noqa: F401  (registration)
+from sgmft.models import fusion_variants, heads  # noqa: F401  (registration: Table 1 and 3 variants)
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import FUSIONS, MODELS, build_model, list_models
 

@@ -97,9 +97,13 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
     callbacks = [ckpt_cb]
     if train_cfg.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 50)))
+    strategy = train_cfg.strategy
+    if strategy == "ddp":
+        # Placeholders for absent modalities get no gradient on stores without masks.
+        strategy = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(
         max_epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
-        accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=train_cfg.strategy,
+        accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=strategy,
         num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
         deterministic=train_cfg.deterministic, callbacks=callbacks,
         logger=CSVLogger(out, name="lightning", version=""),

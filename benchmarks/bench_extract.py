@@ -1,0 +1,133 @@
+"""Benchmark ``sgmft extract``: full-pipeline throughput vs the bare model forward.
+
+Prints one JSON object. The pipeline number is ``extract_features`` end to end on a fresh
+SimPosts corpus with an empty cache (manifest, image hashing, decoding, text cleaning,
+tokenising, preprocessing, forward, cache shards, store) and the backbone already loaded.
+The forward number is the same backbone's ``forward_text`` + ``forward_images`` on the
+same preprocessed batches, measured in the same process. ``ratio`` = pipeline / forward
+throughput (1.0 = the data pipeline costs nothing on top of the model).
+
+By default the backbone is a RANDOM tiny Chinese-CLIP (``--size tiny``), whose forward is
+nearly free, so its ratio mostly measures decoding cost; ``--size base`` builds a random
+model with ViT-B/16 shapes (a realistic forward cost, still no download), and
+``--backbone chinese-clip:/path`` uses real weights.
+
+    python benchmarks/bench_extract.py [--size tiny|base] [--backbone SPEC] [--num-posts 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default=None, help="backbone spec; default: a random model built here")
+    ap.add_argument("--size", default="tiny", choices=["tiny", "base"], help="random model size when no --backbone")
+    ap.add_argument("--num-posts", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=320, help="side of the SimPosts images (pixels)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=None, help="loader threads (default: extract's default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import numpy as np
+    import torch
+
+    from sgmft.backbones import load_backbone
+    from sgmft.backbones.tiny import build_tiny_chinese_clip
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+    from sgmft.features.extract import extract_features
+    from sgmft.ingest.images import load_image
+    from sgmft.ingest.manifest import read_manifest
+    from sgmft.ingest.text import TextCleaner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="sgmft-bench-") as td:
+        td = Path(td)
+        if args.backbone:
+            spec, note = args.backbone, "user-supplied backbone"
+        else:
+            spec = f"chinese-clip:{build_tiny_chinese_clip(td / 'model', size=args.size)}"
+            note = (f"RANDOM Chinese-CLIP ({args.size} shapes) built for the benchmark: timing only, "
+                    "features meaningless" + ("; its forward is nearly free, so the ratio mostly measures "
+                                              "image decoding cost" if args.size == "tiny" else ""))
+        bb = load_backbone(spec, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+        manifest = generate_simposts(td / "corpus", SimPostsConfig(num_posts=args.num_posts, image_size=args.image_size,
+                                                                   seed=1))
+        posts, _ = read_manifest(manifest)
+        cleaner = TextCleaner()
+        cleaner.clean("预热 jieba")  # load the jieba dictionary outside the timings
+
+        # the same batches the pipeline forms: posts in order, `batch_size` at a time
+        t = time.perf_counter()
+        batches = []
+        n_images = 0
+        for s in range(0, len(posts), args.batch_size):
+            part = posts[s:s + args.batch_size]
+            texts = [x for x in (cleaner.clean(p.text) for p in part) if x]
+            ims = [load_image(f) for p in part for f in p.images]
+            n_images += len(ims)
+            batches.append((bb.tokenize(texts) if texts else None,
+                            [bb.preprocess_images(ims[i:i + bb.batch_size]) for i in range(0, len(ims), bb.batch_size)]))
+        prep_s = time.perf_counter() - t
+
+        def forward_all():
+            for tok, pix in batches:
+                if tok is not None:
+                    bb.forward_text(tok)
+                for x in pix:
+                    bb.forward_images(x)
+
+        forward_all()  # warm-up (allocator, kernels)
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        forward_all()
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        fwd_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        res = extract_features(manifest, td / "store", backbone=bb, batch_size=args.batch_size, progress=False,
+                               cache_dir=td / "cache", num_workers=args.num_workers, threads=args.threads)
+        pipe_s = time.perf_counter() - t
+        assert res.cached_hits == 0 and res.encoded == len(posts)
+
+        n = len(posts)
+        out = {
+            "benchmark": "extract",
+            "backbone": spec if args.backbone else f"random-{args.size}-chinese-clip",
+            "backbone_note": note,
+            "dim": bb.dim, "model_image_size": bb.image_size, "device": str(bb.device), "precision": bb.precision,
+            "num_posts": n, "num_images": n_images, "source_image_px": args.image_size,
+            "batch_size": args.batch_size,
+            "pipeline_posts_per_s": round(n / pipe_s, 2),
+            "forward_posts_per_s": round(n / fwd_s, 2),
+            "ratio_pipeline_over_forward": round(fwd_s / pipe_s, 3),
+            "serial_prepare_posts_per_s": round(n / prep_s, 2),
+            "pipeline_s": round(pipe_s, 3), "forward_s": round(fwd_s, 3), "serial_prepare_s": round(prep_s, 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

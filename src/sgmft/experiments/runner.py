@@ -1,0 +1,112 @@
+"""Train and evaluate a list of model rows over several seeds, and aggregate the results.
+
+Shared by ``sgmft demo`` and ``sgmft experiments``.  Every (row, seed) run lives in
+``<out>/runs/<row>/seed<k>/``; a finished run (its ``eval-test/metrics.json`` exists) is
+skipped on re-run, so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sgmft.config import Preset, apply_overrides, load_preset
+
+
+@dataclass
+class Row:
+    """One line of a results table: a preset plus overrides."""
+
+    name: str
+    preset: str
+    model: list[str] = field(default_factory=list)   # ModelConfig overrides "field=value"
+    train: list[str] = field(default_factory=list)   # TrainConfig overrides
+    label: str = ""                                  # display name (default: name)
+
+    def resolve(self, seed: int, extra_train: list[str] | None = None) -> Preset:
+        p = load_preset(self.preset)
+        p.model = apply_overrides(p.model, self.model)
+        p.train = apply_overrides(p.train, list(self.train) + list(extra_train or []) + [f"seed={seed}"])
+        return p
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, progress: bool = False,
+            tsne_max_points: int = 1000) -> dict:
+    from sgmft.eval.run import evaluate
+    from sgmft.train import train
+
+    run_dir = out_dir / "runs" / _safe(row.name) / f"seed{seed}"
+    done = run_dir / "eval-test" / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    p = row.resolve(seed, extra_train)
+    p.train = dataclasses.replace(p.train, progress=progress)
+    t0 = time.time()
+    train(store, run_dir, p)
+    secs = time.time() - t0
+    m = evaluate(run_dir, store, run_dir / "eval-test", tsne_max_points=tsne_max_points, seed=seed,
+                 title=f"{row.label or row.name} (seed {seed})")
+    m["train_seconds"] = round(secs, 1)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(m, indent=2), encoding="utf-8")
+    os.replace(tmp, done)
+    return m
+
+
+def aggregate(results: dict[str, list[dict]]) -> list[dict]:
+    """Mean and standard deviation (over seeds) of accuracy, macro-F1 and accuracy / oracle."""
+    table = []
+    for name, runs in results.items():
+        row = {"row": name, "seeds": len(runs)}
+        for key in ("accuracy", "macro_f1", "accuracy_over_oracle", "train_seconds"):
+            vals = [r[key] for r in runs if r.get(key) is not None]
+            if vals:
+                row[f"{key}_mean"] = float(np.mean(vals))
+                row[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        oracle = [r["oracle_accuracy"] for r in runs if r.get("oracle_accuracy") is not None]
+        if oracle:
+            row["oracle_accuracy"] = float(np.mean(oracle))
+        table.append(row)
+    return table
+
+
+def run_rows(rows: list[Row], store, out_dir, seeds=(0,), *, extra_train=None, progress: bool = False,
+             tsne_max_points: int = 1000, on_result=None) -> tuple[list[dict], dict[str, list[dict]]]:
+    out = Path(out_dir)
+    results: dict[str, list[dict]] = {}
+    for row in rows:
+        for seed in seeds:
+            m = run_one(row, seed, store, out, extra_train=extra_train, progress=progress,
+                        tsne_max_points=tsne_max_points)
+            results.setdefault(row.name, []).append(m)
+            if on_result:
+                on_result(row, seed, m)
+    return aggregate(results), results
+
+
+def format_table(table: list[dict], labels: dict[str, str] | None = None) -> str:
+    """Markdown table: accuracy, macro-F1 (mean ± std, in %) and accuracy / oracle."""
+    labels = labels or {}
+    has_oracle = any("accuracy_over_oracle_mean" in r for r in table)
+    head = "| model | seeds | accuracy (%) | macro-F1 (%) |" + (" acc / oracle |" if has_oracle else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in table:
+        def pm(key):
+            if f"{key}_mean" not in r:
+                return "n/a"
+            return f"{100 * r[f'{key}_mean']:.2f} ± {100 * r[f'{key}_std']:.2f}"
+        line = f"| {labels.get(r['row'], r['row'])} | {r['seeds']} | {pm('accuracy')} | {pm('macro_f1')} |"
+        if has_oracle:
+            line += (f" {r['accuracy_over_oracle_mean']:.3f} |" if "accuracy_over_oracle_mean" in r else " n/a |")
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""The paper's comparison tables as experiment suites: configuration and table layout.
+
+A *table config* (``sgmft/configs/experiments/table<k>.yaml``, or a user YAML file) names
+the table and lists its rows; a row is a preset plus overrides (a
+:class:`~sgmft.experiments.runner.Row`), the data it runs on and the paper's number::
+
+    name: table3
+    title: "Table 3. Fusion module swapped (SIM on)"
+    caption: >
+      ...
+    seeds: {quick: 1, default: 3, full: 5}     # seeds per scale (``--seeds`` overrides)
+    rows:
+      - name: sgmft__fusion_coattn             # run folder name; same name = same run
+        preset: sgmft
+        model: [fusion=coattn]
+        label: Co-attention
+        paper: 86.47                           # the paper's accuracy (%), or omitted
+        data: simfeat                          # simfeat (default) or simposts-cnn
+        scales: {default: {train: [epochs=4]}} # per-scale overrides, optional
+
+A *suite config* (``suite.yaml``) lists tables and the scales: which data, how many
+epochs, seeds and t-SNE points each scale uses.  Rows of the same name in several tables
+are one run (so the full SG-MFT is trained once for all four tables); they must then
+resolve to the same configuration, which :func:`collect_rows` checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sgmft.experiments.runner import Row
+
+__all__ = ["SCALES", "DATA_KINDS", "SuiteRow", "TableSpec", "Suite", "load_table", "load_suite",
+           "list_tables", "collect_rows", "table_rows", "format_paper_table", "table_csv"]
+
+SCALES = ("quick", "default", "full")
+DATA_KINDS = ("simfeat", "simposts-cnn")
+
+
+def _config_dir():
+    return resources.files("sgmft") / "configs" / "experiments"
+
+
+def list_tables() -> list[str]:
+    return sorted(p.name[:-5] for p in _config_dir().iterdir()
+                  if p.name.endswith(".yaml") and p.name.startswith("table"))
+
+
+def _read_yaml(name_or_path: str | Path) -> tuple[str, dict]:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p.stem, yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    res = _config_dir() / f"{name_or_path}.yaml"
+    if not res.is_file():
+        raise KeyError(f"unknown experiment config {str(name_or_path)!r}; known tables: "
+                       f"{', '.join(list_tables())} (or give a path to a .yaml file)")
+    return str(name_or_path), yaml.safe_load(res.read_text(encoding="utf-8")) or {}
+
+
+def _strs(v, where: str) -> list[str]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{where}: expected a list of 'field=value' strings, got {v!r}")
+    return list(v)
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(allowed)}")
+
+
+@dataclass
+class SuiteRow:
+    """One table line: what to train (preset + overrides), on which data, and the paper's figure."""
+
+    name: str
+    preset: str
+    model: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)
+    label: str = ""
+    paper: float | None = None
+    paper_label: str = ""
+    data: str = "simfeat"
+    scales: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def row(self, scale: str) -> Row:
+        """The runner's :class:`Row` at ``scale`` (row-level scale overrides appended)."""
+        s = self.scales.get(scale, {})
+        return Row(self.name, self.preset, model=self.model + s.get("model", []),
+                   train=self.train + s.get("train", []), label=self.label or self.name)
+
+    def signature(self, scale: str) -> tuple:
+        r = self.row(scale)
+        return (r.preset, tuple(r.model), tuple(r.train), self.data)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "SuiteRow":
+        _check_keys(d, {"name", "preset", "model", "train", "label", "paper", "paper_label", "data", "scales"}, where)
+        for key in ("name", "preset"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise ValueError(f"{where}: '{key}' must be a non-empty string")
+        data = d.get("data", "simfeat")
+        if data not in DATA_KINDS:
+            raise ValueError(f"{where}: data must be one of {DATA_KINDS}, got {data!r}")
+        scales = {}
+        for sc, ov in (d.get("scales") or {}).items():
+            if sc not in SCALES:
+                raise ValueError(f"{where}: unknown scale {sc!r} in scales; known: {SCALES}")
+            _check_keys(ov, {"model", "train"}, f"{where}.scales.{sc}")
+            scales[sc] = {k: _strs(ov.get(k), f"{where}.scales.{sc}.{k}") for k in ("model", "train")}
+        paper = d.get("paper")
+        return cls(name=d["name"], preset=d["preset"], model=_strs(d.get("model"), f"{where}.model"),
+                   train=_strs(d.get("train"), f"{where}.train"), label=str(d.get("label", "")),
+                   paper=None if paper is None else float(paper), paper_label=str(d.get("paper_label", "")),
+                   data=data, scales=scales)
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    caption: str
+    rows: list[SuiteRow]
+    seeds: dict[str, int] = field(default_factory=dict)
+
+    def num_seeds(self, scale: str, default: int) -> int:
+        return int(self.seeds.get(scale, default))
+
+
+def load_table(name_or_path: str | Path) -> TableSpec:
+    name, d = _read_yaml(name_or_path)
+    where = f"experiment table {name}"
+    _check_keys(d, {"name", "title", "caption", "seeds", "rows"}, where)
+    rows = [SuiteRow.from_dict(r, f"{where}: rows[{k}]") for k, r in enumerate(d.get("rows") or [])]
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: row names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    seeds = d.get("seeds") or {}
+    _check_keys(seeds, set(SCALES), f"{where}.seeds")
+    return TableSpec(name=str(d.get("name", name)), title=str(d.get("title", name)),
+                     caption=str(d.get("caption", "")).strip(), rows=rows,
+                     seeds={k: int(v) for k, v in seeds.items()})
+
+
+@dataclass
+class Suite:
+    """Tables to run plus the per-scale settings (data sizes, epochs, seeds, t-SNE points)."""
+
+    tables: list[TableSpec]
+    scales: dict[str, dict[str, Any]]
+
+    def scale(self, name: str) -> dict[str, Any]:
+        if name not in self.scales:
+            raise KeyError(f"scale {name!r} not configured; known: {sorted(self.scales)}")
+        s = dict(self.scales[name])
+        s.setdefault("simfeat", {})
+        s.setdefault("simposts", {})
+        s["train"] = _strs(s.get("train"), f"suite scale {name}.train")
+        s.setdefault("seeds", 1)
+        s.setdefault("tsne_points", 1000)
+        s.setdefault("description", "")
+        return s
+
+
+def load_suite(tables: list[str] | None = None, config: str | Path | None = None) -> Suite:
+    """The packaged suite (``suite.yaml``) restricted to ``tables``, or a user config.
+
+    ``config`` may be a suite file (with ``tables:`` and optionally ``scales:``; missing
+    scales come from the packaged suite) or a single table file.
+    """
+    _, base = _read_yaml("suite")
+    scales = dict(base.get("scales") or {})
+    names = list(base.get("tables") or [])
+    specs: list[TableSpec] | None = None
+    if config is not None:
+        cname, d = _read_yaml(config)
+        if "rows" in d:
+            specs = [load_table(config)]
+        else:
+            _check_keys(d, {"tables", "scales"}, f"suite config {cname}")
+            scales.update(d.get("scales") or {})
+            base_dir = Path(config).parent if Path(config).exists() else None
+            names = []
+            for t in d.get("tables") or []:
+                cand = base_dir / t if base_dir is not None else None
+                names.append(str(cand) if cand is not None and cand.exists() else t)
+    if specs is None:
+        if tables:
+            names = list(tables)
+        specs = [load_table(t) for t in names]
+    for sc, s in scales.items():
+        if sc not in SCALES:
+            raise ValueError(f"suite: unknown scale {sc!r}; known: {SCALES}")
+        _check_keys(s, {"description", "simfeat", "simposts", "train", "seeds", "tsne_points",
+                        "posts_epochs_note"}, f"suite scale {sc}")
+    return Suite(tables=specs, scales=scales)
+
+
+def collect_rows(tables: list[TableSpec], scale: str) -> dict[str, SuiteRow]:
+    """Every distinct row of ``tables`` by name; the same name must mean the same run."""
+    out: dict[str, SuiteRow] = {}
+    where: dict[str, str] = {}
+    for t in tables:
+        for r in t.rows:
+            if r.name in out and out[r.name].signature(scale) != r.signature(scale):
+                raise ValueError(f"row {r.name!r} is defined differently in {where[r.name]} and {t.name} "
+                                 f"({out[r.name].signature(scale)} vs {r.signature(scale)}); rows with the "
+                                 f"same name share one run folder, so give one of them another name")
+            out.setdefault(r.name, r)
+            where.setdefault(r.name, t.name)
+    return out
+
+
+# --------------------------------------------------------------------------- layout
+def table_rows(spec: TableSpec, aggregated: dict[str, dict]) -> list[dict]:
+    """One flat record per table line: label, paper figure, data and the aggregated metrics."""
+    out = []
+    for r in spec.rows:
+        agg = aggregated.get(r.name, {})
+        out.append({"table": spec.name, "row": r.name, "label": r.label or r.name,
+                    "paper_label": r.paper_label, "paper_accuracy": r.paper, "data": r.data,
+                    "seeds": agg.get("seeds", 0), **{k: v for k, v in agg.items() if k not in ("row", "seeds")}})
+    return out
+
+
+def _pm(rec: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
+    if rec.get(f"{key}_mean") is None:
+        return "n/a"
+    return f"{scale * rec[f'{key}_mean']:.{digits}f} ± {scale * rec[f'{key}_std']:.{digits}f}"
+
+
+def format_paper_table(spec: TableSpec, records: list[dict]) -> str:
+    """Markdown laid out like the paper's table, with our mean ± std beside its number."""
+    lines = ["| Method | paper (%) | accuracy (%) | macro-F1 (%) | acc / oracle | seeds | data | train s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        paper = f"{rec['paper_accuracy']:.2f}" if rec.get("paper_accuracy") is not None else "–"
+        secs = f"{rec['train_seconds_mean']:.0f}" if rec.get("train_seconds_mean") is not None else "n/a"
+        label = rec["label"] + (f" (paper: {rec['paper_label']})" if rec.get("paper_label") else "")
+        lines.append(f"| {label} | {paper} | {_pm(rec, 'accuracy')} | {_pm(rec, 'macro_f1')} | "
+                     f"{_pm(rec, 'accuracy_over_oracle', 1.0, 3)} | {rec['seeds']} | {rec['data']} | {secs} |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("table", "row", "label", "paper_label", "paper_accuracy", "data", "seeds",
+              "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
+              "accuracy_over_oracle_mean", "accuracy_over_oracle_std", "oracle_accuracy",
+              "train_seconds_mean", "train_seconds_std")
+
+
+def table_csv(records: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for rec in records:
+        w.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()

@@ -1,0 +1,121 @@
+"""Training learns, checkpoints round-trip exactly, evaluation writes its report, DDP runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sgmft.config import load_preset
+from sgmft.eval.run import evaluate
+from sgmft.features import FeatureStore
+from sgmft.predictor import Predictor
+from sgmft.train import load_checkpoint, train
+
+from conftest import make_store
+
+
+def quick_preset(arch="sgmft", **train):
+    p = load_preset("sgmft" if arch == "sgmft" else arch)
+    p.model.n_tokens, p.model.attn_dim, p.model.ffn_hidden = 4, 16, 32
+    p.model.classifier_hidden = [32, 32, 32, 32]
+    p.train.epochs, p.train.lr, p.train.batch_size, p.train.progress = 8, 1e-3, 32, False
+    for k, v in train.items():
+        setattr(p.train, k, v)
+    return p
+
+
+def test_training_learns_and_checkpoint_round_trips(tmp_path, small_store):
+    res = train(small_store, tmp_path / "run", quick_preset())
+    assert res.best_val_acc is not None and res.best_val_acc > 0.6          # chance is 0.25
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["num_test"] == 80 and run["num_train"] + run["num_val"] == 320
+    # exported weights load back to identical predictions
+    model, info = load_checkpoint(res.checkpoint)
+    fs = FeatureStore.open(small_store)
+    x = torch.from_numpy(np.array(fs.text[:16])), torch.from_numpy(np.array(fs.image[:16]))
+    p1 = Predictor.load(tmp_path / "run").predict_features(*x).probs
+    p2 = Predictor.load(res.checkpoint).predict_features(*x).probs
+    np.testing.assert_array_equal(p1, p2)
+    with torch.inference_mode():
+        direct = torch.softmax(model(*x).logits, -1).numpy()
+    np.testing.assert_array_equal(p1, direct)
+    assert info["label_names"] == ["c0", "c1", "c2", "c3"]
+    # evaluation on the run's held-out split
+    m = evaluate(tmp_path / "run", small_store, tmp_path / "ev", tsne_max_points=60)
+    assert m["num_samples"] == 80 and m["accuracy"] > 0.6
+    for f in ("metrics.json", "confusion.png", "tsne.png", "predictions.csv"):
+        assert (tmp_path / "ev" / f).stat().st_size > 0
+
+
+def test_training_is_seeded_and_reproducible(tmp_path, small_store):
+    a = train(small_store, tmp_path / "a", quick_preset("concat", epochs=2))
+    b = train(small_store, tmp_path / "b", quick_preset("concat", epochs=2))
+    wa = open(a.checkpoint / "model.safetensors", "rb").read()
+    wb = open(b.checkpoint / "model.safetensors", "rb").read()
+    assert wa == wb
+
+
+def test_user_disjoint_split(tmp_path, small_store):
+    train(small_store, tmp_path / "u", quick_preset("concat", epochs=1, split="user"))
+    split = np.load(tmp_path / "u" / "split.npy")
+    users = FeatureStore.open(small_store).users
+    for s1, s2 in [("train", "test"), ("train", "val"), ("val", "test")]:
+        assert not set(users[split == s1]) & set(users[split == s2])
+
+
+def test_masks_are_used_in_training(tmp_path):
+    store = make_store(tmp_path / "m", masks=True, with_split=True)
+    res = train(store, tmp_path / "r", quick_preset(epochs=2))
+    m = evaluate(res.run_dir, store, tmp_path / "ev", tsne_max_points=50)
+    assert m["num_samples"] == 80
+
+
+def test_evaluate_refuses_a_foreign_store(tmp_path, small_store):
+    train(small_store, tmp_path / "r", quick_preset("text_only", epochs=1))
+    other = make_store(tmp_path / "other", seed=1, n=120)
+    other_ids = FeatureStore.open(other).ids
+    assert not np.array_equal(other_ids[:5], ["x"] * 5)
+    # same ids would be accepted; different ones are not
+    import shutil
+    shutil.rmtree(other)
+    other = make_store(tmp_path / "other", seed=1, n=100)
+    with pytest.raises(ValueError, match="not the store this model was trained on"):
+        evaluate(tmp_path / "r", other, tmp_path / "ev")
+
+
+def test_cli_train_evaluate_and_clear_errors(tmp_path, small_store):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cli = [sys.executable, "-m", "sgmft.cli"]
+    r = subprocess.run(cli + ["train", str(small_store), "--out", str(tmp_path / "r"), "--preset", "concat",
+                              "--epochs", "1", "--no-progress"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cli + ["evaluate", str(tmp_path / "r"), str(small_store), "--tsne-points", "50"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and '"accuracy"' in r.stdout, r.stderr
+    r = subprocess.run(cli + ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "nope" in r.stderr
+    r = subprocess.run(cli + ["train", str(small_store), "--out", str(tmp_path / "x"), "--preset", "bogus"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown preset 'bogus'" in r.stderr
+    r = subprocess.run(cli + ["train", str(small_store), "--out", str(tmp_path / "x"),
+                              "--set", "model.n_tokens=7"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "n_tokens" in r.stderr
+
+
+def test_distributed_training_two_cpu_processes(tmp_path, small_store):
+    """Lightning DDP over 2 CPU processes (gloo): the same code path as multi-GPU / multi-node."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "sgmft.cli", "train", str(small_store), "--out", str(tmp_path / "ddp"),
+                        "--preset", "concat", "--epochs", "2", "--accelerator", "cpu", "--devices", "2",
+                        "--strategy", "ddp", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["train"]["devices"] == 2 and run["train"]["strategy"] == "ddp"
+    m = evaluate(tmp_path / "ddp", small_store, tmp_path / "ev", tsne_max_points=50)
+    assert m["accuracy"] > 0.4
