@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
             texts = [x for x in (cleaner.clean(p.text) for p in part) if x]
             ims = [load_image(f) for p in part for f in p.images]
             n_images += len(ims)
-            batches.append((bb.tokenize(texts) if texts else None,
-                            [bb.preprocess_images(ims[i:i + bb.batch_size]) for i in range(0, len(ims), bb.batch_size)]))
+            pix = [bb.preprocess_images(ims[i:i + bb.batch_size]) for i in range(0, len(ims), bb.batch_size)]
+            batches.append((bb.tokenize(texts) if texts else None, pix))
         prep_s = time.perf_counter() - t
 
         def forward_all():
@@ -125,6 +125,10 @@ def main(argv=None) -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
         }
+        if os.getloadavg()[0] > (os.cpu_count() or 1):
+            out["warning"] = ("machine busy (load average above the core count): timings are noisy, and "
+                              "multi-threaded torch on oversubscribed cores can be far slower than 1 thread "
+                              "(try --threads 1)")
     print(json.dumps(out, indent=1))
     return out
 

@@ -107,6 +107,7 @@ def test_cli_train_evaluate_and_clear_errors(tmp_path, small_store):
     assert r.returncode == 2 and "n_tokens" in r.stderr
 
 
+@pytest.mark.slow
 def test_distributed_training_two_cpu_processes(tmp_path, small_store):
     """Lightning DDP over 2 CPU processes (gloo): the same code path as multi-GPU / multi-node."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

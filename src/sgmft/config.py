@@ -42,6 +42,8 @@ class ModelConfig:
     norm_mode: str = "auto"         # LayerNorm over "token" width d, the whole "vector", or "auto"
     # -- fusion (section 3.2.2); "sfm" is eq 17, others come from the fusion registry
     fusion: str = "sfm"
+    sfm_residual: bool = False      # eq 17 literal (False) or each cross-attention "layer" with its
+                                    # query's residual: CA(t,i) + F^S_text + CA(i,t) + F^S_image
     # -- classifier (eq 18): 5 linear layers = 4 hidden widths + the output layer
     classifier_hidden: list[int] = field(default_factory=lambda: [512, 256, 128, 64])
     dropout: float = 0.1
@@ -193,10 +195,24 @@ def apply_overrides(obj, overrides: list[str] | None):
         key = key.strip()
         if key not in known:
             raise ValueError(f"override {item!r}: unknown field {key!r} of {type(obj).__name__}")
-        changes[key] = yaml.safe_load(value)
+        changes[key] = _coerce(getattr(obj, key), yaml.safe_load(value), item)
     if "betas" in changes:
         changes["betas"] = tuple(changes["betas"])
     return dataclasses.replace(obj, **changes)
+
+
+def _coerce(current, new, item: str):
+    """Match the field's type: YAML reads ``1e-3`` as a string and ``3`` as an int."""
+    try:
+        if isinstance(current, bool) or current is None:
+            return new
+        if isinstance(current, float) and isinstance(new, (int, str)):
+            return float(new)
+        if isinstance(current, int) and isinstance(new, str):
+            return int(new)
+    except ValueError:
+        raise ValueError(f"override {item!r}: expected a {type(current).__name__}") from None
+    return new
 
 
 def to_json(obj) -> str:

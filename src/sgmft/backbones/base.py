@@ -154,4 +154,5 @@ class Backbone(abc.ABC):
                 "device": str(self.device), "precision": self.precision, "fingerprint": self.fingerprint()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device}, precision={self.precision})"
+        return (f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device}, "
+                f"precision={self.precision})")

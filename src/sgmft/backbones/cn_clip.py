@@ -49,7 +49,8 @@ class CnClipBackbone(Backbone):
         except Exception as e:
             raise BackboneUnavailableError(
                 f"cn-clip: could not load {ref!r} from {root} ({type(e).__name__}: {e}). On a connected "
-                f"machine run `python -c \"import cn_clip.clip as c; c.load_from_name('{ref}', download_root='ckpt')\"` "
+                "machine run\n  python -c \"import cn_clip.clip as c; "
+                f"c.load_from_name('{ref}', download_root='ckpt')\"\n"
                 "and copy ckpt/ here (set CN_CLIP_HOME to it).") from None
         model = model.float().eval().requires_grad_(False)
         self._weights_digest = hash_state_dict(model)

@@ -315,6 +315,9 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
         plot_tsne(coords, yt[idx], names, out / "tsne.png",
                   title=f"{title} — t-SNE of fused features" if title else
                   "t-SNE of fused features")
+        buf = io.BytesIO()                       # kept so suites can redraw panels without re-running t-SNE
+        np.savez(buf, coords=coords, labels=yt[idx], rows=idx)
+        _atomic_write_bytes(out / "tsne_coords.npz", buf.getvalue())
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

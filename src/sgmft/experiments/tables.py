@@ -16,7 +16,8 @@ the table and lists its rows; a row is a preset plus overrides (a
         label: Co-attention
         paper: 86.47                           # the paper's accuracy (%), or omitted
         data: simfeat                          # simfeat (default) or simposts-cnn
-        scales: {default: {train: [epochs=4]}} # per-scale overrides, optional
+        scales:                                # per-scale overrides, optional:
+          default: {train: [epochs=4], seeds: 1, note: "CPU budget"}  # seeds caps, note labels
 
 A *suite config* (``suite.yaml``) lists tables and the scales: which data, how many
 epochs, seeds and t-SNE points each scale uses.  Rows of the same name in several tables
@@ -27,6 +28,7 @@ resolve to the same configuration, which :func:`collect_rows` checks.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from importlib import resources
@@ -41,7 +43,7 @@ __all__ = ["SCALES", "DATA_KINDS", "SuiteRow", "TableSpec", "Suite", "load_table
            "list_tables", "collect_rows", "table_rows", "format_paper_table", "table_csv"]
 
 SCALES = ("quick", "default", "full")
-DATA_KINDS = ("simfeat", "simposts-cnn")
+DATA_KINDS = ("simfeat", "simfeat-small", "simposts-cnn")
 
 
 def _config_dir():
@@ -92,17 +94,36 @@ class SuiteRow:
     paper: float | None = None
     paper_label: str = ""
     data: str = "simfeat"
-    scales: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def row(self, scale: str) -> Row:
-        """The runner's :class:`Row` at ``scale`` (row-level scale overrides appended)."""
+    def max_seeds(self, scale: str) -> int | None:
+        """A per-row cap on the seeds at ``scale`` (e.g. a row too slow for the CPU scale)."""
+        v = self.scales.get(scale, {}).get("seeds")
+        return None if v is None else int(v)
+
+    def skipped(self, scale: str) -> bool:
+        return bool(self.scales.get(scale, {}).get("skip", False))
+
+    def at(self, scale: str) -> "SuiteRow":
+        """This row with its data resolved for ``scale`` (a scale may move a row to other data)."""
+        return dataclasses.replace(self, data=self.scales.get(scale, {}).get("data", self.data))
+
+    def display_label(self, scale: str) -> str:
+        note = self.scales.get(scale, {}).get("note")
+        return (self.label or self.name) + (f" [{note}]" if note else "")
+
+    def row(self, scale: str, scale_train: list[str] | None = None) -> Row:
+        """The runner's :class:`Row` at ``scale``.  Train overrides apply in the order: the
+        scale's (``scale_train``, e.g. fewer epochs), the row's, the row's for this scale --
+        so a row can override what its scale sets for every row."""
         s = self.scales.get(scale, {})
         return Row(self.name, self.preset, model=self.model + s.get("model", []),
-                   train=self.train + s.get("train", []), label=self.label or self.name)
+                   train=list(scale_train or []) + self.train + s.get("train", []),
+                   label=self.label or self.name)
 
     def signature(self, scale: str) -> tuple:
         r = self.row(scale)
-        return (r.preset, tuple(r.model), tuple(r.train), self.data)
+        return (r.preset, tuple(r.model), tuple(r.train), self.at(scale).data)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "SuiteRow":
@@ -117,8 +138,18 @@ class SuiteRow:
         for sc, ov in (d.get("scales") or {}).items():
             if sc not in SCALES:
                 raise ValueError(f"{where}: unknown scale {sc!r} in scales; known: {SCALES}")
-            _check_keys(ov, {"model", "train"}, f"{where}.scales.{sc}")
+            _check_keys(ov, {"model", "train", "seeds", "note", "data", "skip"}, f"{where}.scales.{sc}")
             scales[sc] = {k: _strs(ov.get(k), f"{where}.scales.{sc}.{k}") for k in ("model", "train")}
+            if ov.get("seeds") is not None:
+                scales[sc]["seeds"] = int(ov["seeds"])
+            if ov.get("note"):
+                scales[sc]["note"] = str(ov["note"])
+            if ov.get("skip"):
+                scales[sc]["skip"] = True
+            if "data" in ov:
+                if ov["data"] not in DATA_KINDS:
+                    raise ValueError(f"{where}.scales.{sc}: data must be one of {DATA_KINDS}, got {ov['data']!r}")
+                scales[sc]["data"] = ov["data"]
         paper = d.get("paper")
         return cls(name=d["name"], preset=d["preset"], model=_strs(d.get("model"), f"{where}.model"),
                    train=_strs(d.get("train"), f"{where}.train"), label=str(d.get("label", "")),
@@ -136,6 +167,10 @@ class TableSpec:
 
     def num_seeds(self, scale: str, default: int) -> int:
         return int(self.seeds.get(scale, default))
+
+    def rows_at(self, scale: str) -> list[SuiteRow]:
+        """The rows run at ``scale`` (skipped ones left out), their data resolved."""
+        return [r.at(scale) for r in self.rows if not r.skipped(scale)]
 
 
 def load_table(name_or_path: str | Path) -> TableSpec:
@@ -168,6 +203,7 @@ class Suite:
         s = dict(self.scales[name])
         s.setdefault("simfeat", {})
         s.setdefault("simposts", {})
+        s.setdefault("simfeat_small", {})
         s["train"] = _strs(s.get("train"), f"suite scale {name}.train")
         s.setdefault("seeds", 1)
         s.setdefault("tsne_points", 1000)
@@ -205,7 +241,7 @@ def load_suite(tables: list[str] | None = None, config: str | Path | None = None
         if sc not in SCALES:
             raise ValueError(f"suite: unknown scale {sc!r}; known: {SCALES}")
         _check_keys(s, {"description", "simfeat", "simposts", "train", "seeds", "tsne_points",
-                        "posts_epochs_note"}, f"suite scale {sc}")
+                        "simfeat_small"}, f"suite scale {sc}")
     return Suite(tables=specs, scales=scales)
 
 
@@ -214,7 +250,7 @@ def collect_rows(tables: list[TableSpec], scale: str) -> dict[str, SuiteRow]:
     out: dict[str, SuiteRow] = {}
     where: dict[str, str] = {}
     for t in tables:
-        for r in t.rows:
+        for r in t.rows_at(scale):
             if r.name in out and out[r.name].signature(scale) != r.signature(scale):
                 raise ValueError(f"row {r.name!r} is defined differently in {where[r.name]} and {t.name} "
                                  f"({out[r.name].signature(scale)} vs {r.signature(scale)}); rows with the "
@@ -225,12 +261,12 @@ def collect_rows(tables: list[TableSpec], scale: str) -> dict[str, SuiteRow]:
 
 
 # --------------------------------------------------------------------------- layout
-def table_rows(spec: TableSpec, aggregated: dict[str, dict]) -> list[dict]:
+def table_rows(spec: TableSpec, aggregated: dict[str, dict], scale: str = "default") -> list[dict]:
     """One flat record per table line: label, paper figure, data and the aggregated metrics."""
     out = []
-    for r in spec.rows:
+    for r in spec.rows_at(scale):
         agg = aggregated.get(r.name, {})
-        out.append({"table": spec.name, "row": r.name, "label": r.label or r.name,
+        out.append({"table": spec.name, "row": r.name, "label": r.display_label(scale),
                     "paper_label": r.paper_label, "paper_accuracy": r.paper, "data": r.data,
                     "seeds": agg.get("seeds", 0), **{k: v for k, v in agg.items() if k not in ("row", "seeds")}})
     return out

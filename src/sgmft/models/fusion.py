@@ -33,16 +33,26 @@ class CrossAttention(nn.Module):
 
 @FUSIONS.register("sfm")
 class SFM(nn.Module):
-    """Eq 17: M_fuse = CA(query F^S_text, kv F^S_image) + CA(query F^S_image, kv F^S_text)."""
+    """Eq 17: M_fuse = CA(query F^S_text, kv F^S_image) + CA(query F^S_image, kv F^S_text).
+
+    Literally, each CA output is a mixture of the *other* modality's value tokens, so the
+    query's own content survives only through the attention weights.  ``sfm_residual``
+    reads "a layer of cross-attention" as a transformer layer, adding the query back:
+    M_fuse = (CA(t, i) + F^S_text) + (CA(i, t) + F^S_image).  See docs/design.md.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ca_text = CrossAttention(cfg)
         self.ca_image = CrossAttention(cfg)
+        self.residual = cfg.sfm_residual
         self.out_dim = cfg.dim
 
     def forward(self, xt: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        return (self.ca_text(xt, xi) + self.ca_image(xi, xt)).flatten(1)
+        fused = self.ca_text(xt, xi) + self.ca_image(xi, xt)
+        if self.residual:
+            fused = fused + xt + xi
+        return fused.flatten(1)
 
 
 @FUSIONS.register("concat")

@@ -108,7 +108,7 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
         deterministic=train_cfg.deterministic, callbacks=callbacks,
         logger=CSVLogger(out, name="lightning", version=""),
         enable_progress_bar=train_cfg.progress, enable_model_summary=False,
-        limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=50,
+        limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=max(1, min(50, len(train_loader))),
         num_sanity_val_steps=0,
     )
     resume = out / "lightning" / "checkpoints" / "last.ckpt"

@@ -1,0 +1,227 @@
+"""Raw-post verbs of the ``sgmft`` command line (loaded by :mod:`sgmft.cli`):
+
+* ``sgmft extract MANIFEST --out STORE --backbone SPEC``   raw posts -> a feature store;
+* ``sgmft predict RUN_DIR --text ... --image ...``          one raw post -> place probabilities;
+* ``sgmft predict RUN_DIR --manifest FILE --out preds.jsonl|.csv``  many posts;
+* ``sgmft demo-raw``                                        the raw-post demo, offline.
+
+Errors a user can fix (missing files, a backbone that is unavailable offline or differs
+from the training one, an existing output) end with ``sgmft <verb>: error: ...`` and exit
+status 2, like the other verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from sgmft.ingest.text import CleanConfig
+
+# every on/off switch of CleanConfig gets a --no-<step> flag
+CLEAN_STEPS = tuple(f.name for f in dataclasses.fields(CleanConfig) if f.type in (bool, "bool"))
+
+
+class _UserError(ValueError):
+    pass
+
+
+def _as_user_error(e: BaseException) -> _UserError:
+    return _UserError(str(e))
+
+
+def _fixable():
+    """Exceptions that mean bad input or environment (reported, not a traceback)."""
+    from sgmft.backbones import BackboneUnavailableError
+    from sgmft.ingest.images import ImageLoadError
+
+    return (BackboneUnavailableError, FileExistsError, ImageLoadError, NotADirectoryError, PermissionError)
+
+
+def clean_config_from_args(args) -> CleanConfig:
+    off = {step: False for step in CLEAN_STEPS if getattr(args, f"no_{step}", False)}
+    if args.user_dict and not Path(args.user_dict).is_file():
+        raise FileNotFoundError(f"--user-dict: file not found: {args.user_dict}")
+    return CleanConfig(**off, user_dict=str(Path(args.user_dict).resolve()) if args.user_dict else None)
+
+
+# -- extract -------------------------------------------------------------------------------------
+def cmd_extract(args) -> int:
+    from sgmft.features.extract import extract_features
+
+    cfg = clean_config_from_args(args)
+    out = Path(args.out)
+    rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
+    try:
+        res = extract_features(
+            args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
+            batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
+            on_error="raise" if args.strict else "skip", progress=not args.no_progress,
+            device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
+            overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
+    except _fixable() as e:
+        if isinstance(e, FileExistsError):
+            raise _UserError(f"{out} already exists; pass --overwrite to replace it") from None
+        raise _as_user_error(e) from None
+    from sgmft.features import FeatureStore
+
+    fs = FeatureStore.open(res.store_path)
+    n_rows = len({r.line for r in res.rejects if r.stage == "manifest"})
+    print(f"extracted {res.num_posts} posts -> {res.store_path}  (backbone {fs.backbone}, D={fs.dim}, "
+          f"image choice {args.image_choice})")
+    print(f"  encoded {res.encoded}, from cache {res.cached_hits}  ({res.seconds:.1f} s, "
+          f"{res.world_size} process{'es' if res.world_size > 1 else ''})")
+    print(f"  masks: {res.text_missing} post(s) without usable text (text_mask False), "
+          f"{res.image_missing} without a usable image (image_mask False)")
+    print(f"  rejects: {res.num_rejects} ({n_rows} manifest row(s) dropped, {res.images_rejected} image "
+          f"file(s) unusable) -> {rejects}")
+    for r in res.rejects[:args.show_rejects]:
+        print(f"    line {r.line} [{r.id or '-'}] {r.field}: {r.reason}")
+    if res.num_rejects > args.show_rejects:
+        print(f"    ... {res.num_rejects - args.show_rejects} more in {rejects}")
+    return 0
+
+
+# -- predict -------------------------------------------------------------------------------------
+def _load_predictor(args):
+    from sgmft.post_predictor import PostPredictor
+
+    try:
+        pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
+                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
+    except _fixable() as e:
+        raise _as_user_error(e) from None
+    for note in pp.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return pp
+
+
+def format_prediction(res: dict, width: int = 30) -> str:
+    """A small table: the top place, then every place with its probability and a bar."""
+    lines = [f"top place: {res['label']}  (p = {res['prob']:.3f})", "", f"{'place':<12s} {'prob':>6s}"]
+    for name, p in sorted(res["probs"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<12s} {p:6.3f}  {'#' * int(round(p * width))}")
+    img = res["image_used"]
+    img = ", ".join(img) if isinstance(img, list) else img
+    lines += ["", f"text used : {res['text_used'] or '(none)'}", f"image used: {img or '(none)'}"]
+    lines += [f"warning: {w}" for w in res["warnings"]]
+    return "\n".join(lines)
+
+
+def cmd_predict(args) -> int:
+    single = args.text is not None or bool(args.image)
+    if args.manifest and single:
+        raise _UserError("give either --manifest or --text/--image, not both")
+    if not args.manifest and not single:
+        raise _UserError("give a post (--text and/or --image) or --manifest FILE --out FILE")
+    if args.manifest and not args.out:
+        raise _UserError("--manifest needs --out FILE (.jsonl or .csv)")
+    if not Path(args.run_dir).exists():
+        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
+    if args.manifest and not Path(args.manifest).is_file():
+        raise FileNotFoundError(f"manifest not found: {args.manifest}")
+    pp = _load_predictor(args)
+    if not args.manifest:
+        res = pp.predict_post(args.text or "", args.image or [])
+        print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else format_prediction(res))
+        return 0
+    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(s, ensure_ascii=False, indent=2))
+        return 0
+    print(f"predicted {s['posts']} posts -> {s['out']}  ({s['seconds']:.1f} s)")
+    if s["predicted"]:
+        print("  top places: " + ", ".join(f"{k} {v}" for k, v in sorted(s["predicted"].items(), key=lambda kv: -kv[1])))
+    if "accuracy" in s:
+        print(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
+    print(f"  masks: {s['text_missing']} post(s) without usable text, {s['image_missing']} without a usable image")
+    print(f"  rejects: {s['rejects']} ({s['rows_rejected']} manifest row(s) skipped, {s['images_rejected']} "
+          f"image file(s) unusable) -> {s['rejects_path']}")
+    return 0
+
+
+# -- demo-raw ------------------------------------------------------------------------------------
+def cmd_demo_raw(args) -> int:
+    from sgmft.raw_demo import run_raw_demo
+
+    try:
+        run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
+                     progress=not args.no_progress)
+    except _fixable() as e:
+        raise _as_user_error(e) from None
+    return 0
+
+
+# -- parsers -------------------------------------------------------------------------------------
+def add_parsers(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser(
+        "extract", help="raw posts (manifest + images) -> feature store, with a frozen backbone",
+        description="Clean texts, load images robustly, encode both with a frozen backbone and write a "
+                    "feature store with text/image masks. Bad rows and image files are skipped and listed "
+                    "in a rejects file; finished batches are cached, so an interrupted run resumes. "
+                    "See docs/extract.md.", formatter_class=fmt)
+    s.add_argument("manifest", help="post manifest (.jsonl or .csv; docs/posts-manifest.md)")
+    s.add_argument("--out", required=True, help="feature-store directory to write")
+    s.add_argument("--backbone", required=True,
+                   help="e.g. chinese-clip:/models/chinese-clip-vit-huge-patch14 (docs/backbones.md)")
+    s.add_argument("--image-choice", dest="image_choice", default="similar", choices=["similar", "first", "mean"],
+                   help="which image vector a multi-image post gets")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="posts per batch")
+    s.add_argument("--cache-dir", dest="cache_dir", help="batch cache (default: <out>.cache)")
+    s.add_argument("--no-cache-keep", dest="no_cache_keep", action="store_true",
+                   help="delete the cache after a successful run")
+    s.add_argument("--rejects", help="rejects JSONL (default: <out>.rejects.jsonl)")
+    s.add_argument("--strict", action="store_true", help="stop at the first bad row or image instead of skipping")
+    s.add_argument("--num-processes", dest="num_processes", type=int, default=1,
+                   help="local worker processes (GPUs: one per device)")
+    s.add_argument("--threads", type=int, help="torch CPU threads per process")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, ...")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument("--show-rejects", dest="show_rejects", type=int, default=10, help="rejects to print")
+    g = s.add_argument_group("text cleaning (docs/text-cleaning.md; every step is on by default)")
+    for step in CLEAN_STEPS:
+        g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")
+    g.add_argument("--user-dict", dest="user_dict", help="jieba user dictionary file")
+    s.add_argument("--no-progress", dest="no_progress", action="store_true")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser(
+        "predict", help="predict the place of a raw post (--text/--image) or of every post of a manifest",
+        description="Uses the backbone, text cleaning and image choice the run's features were extracted "
+                    "with. Single post: prints the top place and every probability (--json for JSON). "
+                    "Manifest: writes one row per post (.jsonl or .csv) and a rejects file. "
+                    "See docs/predict.md.", formatter_class=fmt)
+    s.add_argument("run_dir", help="training run directory (or its model/ directory)")
+    s.add_argument("--text", help="the post's raw text")
+    s.add_argument("--image", action="append", metavar="PATH", help="an image of the post (repeatable)")
+    s.add_argument("--manifest", help="predict every post of this manifest instead")
+    s.add_argument("--out", help="manifest mode: output file, .jsonl or .csv")
+    s.add_argument("--rejects", help="manifest mode: rejects JSONL (default: <out stem>.rejects.jsonl)")
+    s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
+    s.add_argument("--ignore-backbone-mismatch", dest="ignore_backbone_mismatch", action="store_true",
+                   help="allow a backbone whose fingerprint differs from the training one (a warning instead)")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--no-progress", dest="no_progress", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser(
+        "demo-raw", help="offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict",
+        description="Generates SimPosts (Weibo-like posts with image files), builds a tiny RANDOM "
+                    "Chinese-CLIP unless --backbone names real weights, extracts features, trains the "
+                    "recommended SG-MFT preset, evaluates it, shows the rejects of a small dirty corpus "
+                    "and predicts 5 new posts. With the random backbone the numbers show that the "
+                    "pipeline works, not the accuracy of a real model.", formatter_class=fmt)
+    s.add_argument("--out", default="reports/demo-raw")
+    s.add_argument("--backbone", help="a real backbone spec instead of the tiny random Chinese-CLIP")
+    s.add_argument("--posts", type=int, default=600, help="SimPosts posts for training and evaluation")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--no-progress", dest="no_progress", action="store_true")
+    s.set_defaults(func=cmd_demo_raw)
+

@@ -1,0 +1,362 @@
+"""``run_experiments()``: run the paper's comparison tables and write a report folder.
+
+Layout of ``out`` (default ``reports/experiments``)::
+
+    README.md              the report: scale, data, one section per table, figures, notes
+    table<k>.md / .csv     each table laid out like the paper's (mean ± std over seeds)
+    table<k>_tsne.png      t-SNE of M_fuse on the test split, one panel per row (one seed)
+    results.json           every run's metrics, the aggregated tables, timings, settings
+    suite.json             the scale and data settings this folder was made with
+    data/                  the generated SimFeat store, SimPosts corpus and its CNN store
+    runs/<row>/seed<k>/    one training run each (checkpoint, split, evaluation); a finished
+                           run is skipped on re-run, so an interrupted suite resumes
+    tsne/<row>.npz         cached t-SNE coordinates of each row's panel
+
+Runs go seed by seed (every row at seed 0, then every row at seed 1, ...), and the tables
+are rewritten after each round, so an interrupted suite still leaves complete tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import textwrap
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sgmft.experiments.runner import _safe, aggregate, run_rows
+from sgmft.experiments.tables import (Suite, SuiteRow, collect_rows, format_paper_table, load_suite,
+                                      table_csv, table_rows)
+
+__all__ = ["run_experiments", "prepare_data", "write_tables", "tsne_figures"]
+
+_IGNORED_TRAIN = {"progress", "seed"}
+_IGNORED_MODEL = {"dim", "num_classes"}
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- data
+def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat") -> Path:
+    from sgmft.data.simfeat import SimFeatConfig, write_simfeat
+    from sgmft.features import FeatureStore
+
+    path = out / "data" / name
+    want = asdict(SimFeatConfig(**overrides))
+    if path.exists():
+        have = FeatureStore.open(path, validate=False).meta.get("extra", {}).get("simfeat", {}).get("config")
+        if have != want:
+            raise ValueError(f"{path}: holds a SimFeat store made with other settings than this scale's "
+                             f"({overrides or 'defaults'}); use another --out")
+        return path
+    log(f"generating SimFeat {overrides or '(defaults)'} -> {path}")
+    return write_simfeat(path, SimFeatConfig(**overrides))
+
+
+def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress: bool, log) -> tuple[Path | None, str]:
+    from sgmft.models.cnn_baseline import build_cnn_wordemb_store, cnn_available
+
+    ok, why = cnn_available()
+    if not ok:
+        return None, f"the CNN baseline could not run: {why}"
+    store = out / "data" / "simposts-cnn"
+    if store.exists():
+        return store, ""
+    if manifest is None:
+        from sgmft.data.simposts import SimPostsConfig, generate_simposts
+
+        corpus = out / "data" / "simposts"
+        manifest = corpus / "manifest.jsonl"
+        if not manifest.exists():
+            log(f"generating SimPosts {overrides or '(defaults)'} -> {corpus}")
+            generate_simposts(corpus, SimPostsConfig(**overrides), overwrite=True)
+    log(f"extracting EfficientNet-Lite0 + word-embedding features of {manifest} -> {store}")
+    t0 = time.time()
+    build_cnn_wordemb_store(manifest, store, progress=progress)
+    log(f"  done in {time.time() - t0:.0f} s")
+    return store, ""
+
+
+def prepare_data(out: Path, kinds: set[str], scale: dict, *, store=None, posts_manifest=None,
+                 progress: bool = False, log=print) -> tuple[dict[str, Path], dict[str, str]]:
+    """Feature stores per data kind (generated under ``out/data`` unless given), and why any is missing."""
+    stores: dict[str, Path] = {}
+    missing: dict[str, str] = {}
+    if "simfeat" in kinds:
+        stores["simfeat"] = Path(store) if store is not None else _simfeat_store(out, scale["simfeat"], log)
+    if "simfeat-small" in kinds:
+        stores["simfeat-small"] = _simfeat_store(out, scale["simfeat_small"], log, "simfeat-small")
+    if "simposts-cnn" in kinds:
+        path, why = _cnn_store(out, scale["simposts"], posts_manifest, progress, log)
+        if path is None:
+            missing["simposts-cnn"] = why
+            log(f"WARNING: {why}; rows on simposts-cnn are skipped")
+        else:
+            stores["simposts-cnn"] = path
+    return stores, missing
+
+
+def _check_marker(out: Path, marker: dict) -> None:
+    p = out / "suite.json"
+    if p.exists():
+        have = json.loads(p.read_text(encoding="utf-8"))
+        keys = ("scale", "simfeat", "simfeat_small", "simposts", "train", "store", "posts_manifest")
+        if any(have.get(k) != marker.get(k) for k in keys):
+            raise ValueError(f"{out} holds runs made at another scale or on other data "
+                             f"({ {k: have.get(k) for k in keys} }); use another --out")
+    _atomic_text(p, json.dumps(marker, indent=2))
+
+
+def _check_existing(row, seed: int, out: Path) -> None:
+    """A finished run of the same name must have been trained with the same configuration."""
+    run = out / "runs" / _safe(row.name) / f"seed{seed}" / "run.json"
+    if not run.exists():
+        return
+    have = json.loads(run.read_text(encoding="utf-8"))
+    p = row.resolve(seed)
+    want_m = {k: v for k, v in json.loads(json.dumps(asdict(p.model))).items() if k not in _IGNORED_MODEL}
+    want_t = {k: v for k, v in json.loads(json.dumps(asdict(p.train))).items() if k not in _IGNORED_TRAIN}
+    have_m = {k: v for k, v in have.get("model", {}).items() if k not in _IGNORED_MODEL}
+    have_t = {k: v for k, v in have.get("train", {}).items() if k not in _IGNORED_TRAIN}
+    if have_m != want_m or have_t != want_t:
+        diff = sorted({k for k in set(want_m) | set(have_m) if want_m.get(k) != have_m.get(k)}
+                      | {k for k in set(want_t) | set(have_t) if want_t.get(k) != have_t.get(k)})
+        raise ValueError(f"{run.parent}: an earlier run of row {row.name!r} used another configuration "
+                         f"(differs in {diff}); use another --out or delete that run folder")
+
+
+# --------------------------------------------------------------------------- tables
+def write_tables(out: Path, suite: Suite, scale: str, results: dict[str, list[dict]],
+                 seeds_of: dict[tuple[str, str], int]) -> dict[str, list[dict]]:
+    """Aggregate each table over its own number of seeds; write table<k>.md / .csv."""
+    tables: dict[str, list[dict]] = {}
+    for spec in suite.tables:
+        agg = {}
+        for r in spec.rows_at(scale):
+            runs = results.get(r.name, [])[: seeds_of[(spec.name, r.name)]]
+            if runs:
+                agg[r.name] = aggregate({r.name: runs})[0]
+        recs = table_rows(spec, agg, scale)
+        tables[spec.name] = recs
+        _atomic_text(out / f"{spec.name}.md", f"## {spec.title}\n\n{format_paper_table(spec, recs)}\n")
+        _atomic_text(out / f"{spec.name}.csv", table_csv(recs))
+    return tables
+
+
+# --------------------------------------------------------------------------- t-SNE
+def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log) -> tuple | None:
+    from sgmft.eval.plots import tsne_embed
+    from sgmft.eval.run import select_rows
+    from sgmft.features import FeatureStore
+    from sgmft.predictor import Predictor
+
+    run_dir = out / "runs" / _safe(row.name) / f"seed{seed}"
+    cache = out / "tsne" / f"{_safe(row.name)}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if int(z["seed"]) == seed and int(z["points"]) == points:
+            return z["coords"], z["labels"], [str(n) for n in z["label_names"]]
+    if not (run_dir / "model").is_dir():
+        return None
+    fs = FeatureStore.open(store, validate=False)
+    idx = select_rows(fs, run_dir, "test")
+    pred = Predictor.load(run_dir)
+    fused = pred.predict_store(fs, idx, return_fused=True).fused
+    labels = np.asarray(fs.labels[idx])
+    t0 = time.time()
+    coords, keep = tsne_embed(fused.reshape(len(idx), -1), max_points=points, seed=seed, labels=labels)
+    log(f"  t-SNE of {row.name}: {len(keep)} points, {time.time() - t0:.0f} s")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, coords=coords, labels=labels[keep], label_names=np.array(pred.label_names),
+             seed=seed, points=points)
+    return coords, labels[keep], pred.label_names
+
+
+def tsne_figures(out: Path, suite: Suite, stores: dict[str, Path], points: int, seed: int = 0,
+                 log=print, scale: str = "default") -> dict[str, str]:
+    """One figure per table: t-SNE of M_fuse on the test split, a panel per row (seed ``seed``)."""
+    from sgmft.eval.plots import plot_tsne_panels
+
+    figures = {}
+    for spec in suite.tables:
+        panels, names = [], None
+        for r in spec.rows_at(scale):
+            if r.data not in stores:
+                continue
+            got = _row_tsne(out, r, stores[r.data], seed, points, log)
+            if got is None:
+                continue
+            coords, labels, label_names = got
+            names = names or label_names
+            if label_names != names:
+                continue  # another label set: cannot share a legend
+            title = textwrap.fill(r.display_label(scale), 36)
+            if r.data != "simfeat":
+                title += f"\n[{r.data}]"
+            panels.append((title, coords, labels))
+        if panels:
+            path = out / f"{spec.name}_tsne.png"
+            plot_tsne_panels(panels, names, path, ncols=min(3, len(panels)),
+                             title=f"{spec.title.split('. ', 1)[0]}: t-SNE of M_fuse (test split, seed {seed})")
+            figures[spec.name] = path.name
+    return figures
+
+
+# --------------------------------------------------------------------------- report
+def _describe_data(stores: dict[str, Path], missing: dict[str, str]) -> list[str]:
+    from sgmft.features import FeatureStore
+
+    lines = []
+    for kind in ("simfeat", "simfeat-small"):
+        if kind not in stores:
+            continue
+        fs = FeatureStore.open(stores[kind], validate=False)
+        sim = fs.meta.get("extra", {}).get("simfeat")
+        n_test = int((np.asarray(fs.split) == "test").sum()) if fs.split is not None else 0
+        name = "SimFeat" if kind == "simfeat" else "SimFeat-small (data `simfeat-small`)"
+        if sim:
+            o = sim["oracle"]
+            lines.append(f"- **{name}** (`{fs.path}`): {len(fs)} posts, D = {fs.dim}, {n_test} test posts. "
+                         f"Bayes-optimal (oracle) test accuracy {100 * o['test_accuracy']:.2f} %; text-only "
+                         f"oracle {100 * o['text_only_test_accuracy']:.2f} %, image-only "
+                         f"{100 * o['image_only_test_accuracy']:.2f} % (docs/simfeat.md).")
+        else:
+            lines.append(f"- **Feature store** `{fs.path}` (backbone {fs.backbone}): {len(fs)} posts, "
+                         f"D = {fs.dim}, {n_test} test posts.")
+    if "simposts-cnn" in stores:
+        fs = FeatureStore.open(stores["simposts-cnn"], validate=False)
+        n_test = int((np.asarray(fs.split) == "test").sum()) if fs.split is not None else 0
+        lines.append(f"- **SimPosts** raw posts (`{fs.meta.get('extra', {}).get('manifest', '')}`): {len(fs)} "
+                     f"posts, {n_test} test; features: frozen EfficientNet-Lite0 (ImageNet) image vector + mean "
+                     f"hashed word embeddings of the cleaned jieba tokens, D = {fs.dim} "
+                     f"(sgmft.models.cnn_baseline).")
+    for kind, why in missing.items():
+        lines.append(f"- **{kind}: not run** -- {why}.")
+    return lines
+
+
+def _row_settings(suite: Suite, scale: str, scale_train: list[str], rows: dict[str, SuiteRow]) -> list[str]:
+    lines = ["| row | preset | model overrides | train overrides | epochs | data |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        row = r.row(scale, scale_train)
+        p = row.resolve(0)
+        train = [t for t in row.train]
+        lines.append(f"| {name} | {r.preset} | {', '.join(row.model) or '–'} | {', '.join(train) or '–'} | "
+                     f"{p.train.epochs} | {r.data} |")
+    return lines
+
+
+def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[str, list[dict]],
+                  figures: dict[str, str], data_lines: list[str], settings: list[str],
+                  seeds_per_table: dict[str, int], timing: dict) -> Path:
+    import torch
+
+    parts = ["# SG-MFT: the paper's comparisons, reproduced in kind", "",
+             f"Made by `sgmft experiments` (scale **{scale}**). {sc['description'].strip()}", "",
+             "## Scale and data", "", *data_lines, "",
+             f"- Seeds per table: {', '.join(f'{k}: {v}' for k, v in seeds_per_table.items())}. "
+             f"Every row trains with its preset's optimiser; this scale's train overrides: "
+             f"{', '.join(sc['train']) or 'none (each preset as it is)'}; per-row settings below.",
+             f"- Machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+             f"{', CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}. "
+             f"Wall time of this invocation: {timing['wall_seconds'] / 60:.1f} min "
+             f"(training {timing['train_seconds'] / 60:.1f} min over {timing['runs_trained']} new runs).",
+             "",
+             "The paper's figures are single runs on its private Weibo dataset; ours are mean ± standard "
+             "deviation over seeds on synthetic data (SimFeat: CLIP-like features with a known Bayes-optimal "
+             "accuracy). Compare orderings and gaps against the spread, not absolute values. "
+             "*acc / oracle* is accuracy divided by the oracle's accuracy on the same test posts.", ""]
+    for spec in suite.tables:
+        parts += [f"## {spec.title}", "", spec.caption, "", format_paper_table(spec, tables[spec.name]), "",
+                  f"CSV: [{spec.name}.csv]({spec.name}.csv)", ""]
+        if spec.name in figures:
+            parts += [f"![t-SNE of M_fuse, {spec.name}]({figures[spec.name]})", ""]
+    parts += ["## Row settings", "", *settings, "",
+              "Rows with the same name in several tables are the same runs (e.g. `sgmft`).", ""]
+    return _atomic_text(out / "README.md", "\n".join(parts))
+
+
+# --------------------------------------------------------------------------- main
+def run_experiments(out="reports/experiments", *, tables: list[str] | None = None, config=None,
+                    scale: str = "default", seeds: int | None = None, store=None, posts_manifest=None,
+                    progress: bool = False, tsne_points: int | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Run the tables (all four by default) at ``scale`` and write the report to ``out``.
+
+    ``seeds`` overrides every table's number of seeds.  ``store``: a feature store to use
+    instead of generating SimFeat (e.g. real Chinese-CLIP features of your posts);
+    ``posts_manifest``: raw posts for the CNN baseline instead of generating SimPosts.
+    Returns ``{"tables": ..., "results": ..., "report": path}``.
+    """
+    t_start = time.time()
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    suite = load_suite(tables, config)
+    sc = suite.scale(scale)
+    rows = collect_rows(suite.tables, scale)
+    seeds_per_table = {t.name: int(seeds) if seeds else t.num_seeds(scale, sc["seeds"]) for t in suite.tables}
+    seeds_of = {(t.name, r.name): min(seeds_per_table[t.name], r.max_seeds(scale) or seeds_per_table[t.name])
+                for t in suite.tables for r in t.rows_at(scale)}
+    need = {name: max(n for (t, rn), n in seeds_of.items() if rn == name) for name in rows}
+    _check_marker(out, {"scale": scale, "simfeat": sc["simfeat"], "simfeat_small": sc["simfeat_small"],
+                        "simposts": sc["simposts"],
+                        "train": sc["train"], "store": None if store is None else str(store),
+                        "posts_manifest": None if posts_manifest is None else str(posts_manifest)})
+    stores, missing = prepare_data(out, {r.data for r in rows.values()}, sc, store=store,
+                                   posts_manifest=posts_manifest, progress=progress, log=log)
+    run_row = {name: r.row(scale, sc["train"]) for name, r in rows.items()}
+    for name, row in run_row.items():
+        for s in range(need[name]):
+            _check_existing(row, s, out)
+
+    results: dict[str, list[dict]] = {}
+    timing = {"train_seconds": 0.0, "runs_trained": 0}
+
+    def on_result(row, seed, m):
+        log(f"[{row.name} seed {seed}] accuracy {100 * m['accuracy']:.2f} %"
+            + (f", acc/oracle {m['accuracy_over_oracle']:.3f}" if m.get("accuracy_over_oracle") else "")
+            + (f", trained in {m['train_seconds']:.0f} s" if m.get("train_seconds") is not None else ""))
+
+    for seed in range(max(need.values())):
+        for kind, store_path in stores.items():
+            todo = [run_row[n] for n, r in rows.items() if r.data == kind and need[n] > seed]
+            if not todo:
+                continue
+            for row in todo:
+                done = out / "runs" / _safe(row.name) / f"seed{seed}" / "eval-test" / "metrics.json"
+                fresh = not done.exists()
+                _, res = run_rows([row], store_path, out, seeds=[seed], progress=progress,
+                                  tsne_max_points=min(300, tsne_points or sc["tsne_points"]),
+                                  on_result=on_result)
+                m = res[row.name][0]
+                results.setdefault(row.name, []).append(m)
+                if fresh:
+                    timing["train_seconds"] += float(m.get("train_seconds") or 0.0)
+                    timing["runs_trained"] += 1
+        write_tables(out, suite, scale, results, seeds_of)
+
+    table_recs = write_tables(out, suite, scale, results, seeds_of)
+    figures = tsne_figures(out, suite, stores, tsne_points or sc["tsne_points"], seed=0, log=log, scale=scale)
+    timing["wall_seconds"] = time.time() - t_start
+    _write_readme(out, suite, scale, sc, table_recs, figures, _describe_data(stores, missing),
+                  _row_settings(suite, scale, sc["train"], rows), seeds_per_table, timing)
+    summary = {"scale": scale, "scale_settings": sc, "seeds_per_table": seeds_per_table,
+               "stores": {k: str(v) for k, v in stores.items()}, "missing": missing, "timing": timing,
+               "tables": table_recs, "results": results, "figures": figures}
+    _atomic_text(out / "results.json", json.dumps(summary, indent=2, default=str))
+    log(f"report written to {out / 'README.md'}")
+    return {"tables": table_recs, "results": results, "report": out / "README.md", "figures": figures,
+            "timing": timing}

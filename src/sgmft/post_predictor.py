@@ -1,0 +1,381 @@
+"""Predict the semantic place of *raw* posts (text + image files) with a trained run.
+
+:class:`PostPredictor` = a :class:`~sgmft.predictor.Predictor` (the trained model) + the
+frozen backbone the training features came from + the text-cleaning settings and image
+choice used at extraction. Every post goes through the same steps as ``sgmft extract``
+(:mod:`sgmft.features.extract`): clean the text (:class:`TextCleaner`), load each image
+robustly (:func:`load_image`; a bad file is reported and skipped), encode with the
+backbone, pick one image vector (:func:`sgmft.features.extract._choose`) and set
+``text_mask`` / ``image_mask`` False for a missing modality. So a post predicted here gets
+the probabilities it would get by extracting it into a store and predicting the store.
+
+Where the settings come from (``PostPredictor.load(run_dir)``):
+
+* backbone: the spec in the checkpoint's ``features.json`` (override with ``backbone=``;
+  the override must have the same D and, when the training store recorded it, the same
+  backbone fingerprint, i.e. the same weights, tokenizer and preprocessing);
+* cleaning and image choice: ``extra.clean_config`` / ``extra.image_choice`` of the
+  training store named in the run's ``run.json``; if that store is gone or was not made
+  by ``sgmft extract``, the defaults (every cleaning step on, ``"similar"``) and a note.
+
+See docs/predict.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sgmft.features.extract import IMAGE_CHOICES, _choose, _rel
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
+from sgmft.ingest.text import CleanConfig, TextCleaner
+from sgmft.predictor import Predictor
+
+__all__ = ["BackboneMismatchError", "EncodedPosts", "PostPredictor", "encode_posts", "training_extract_info"]
+
+
+class BackboneMismatchError(ValueError):
+    """The backbone given for prediction is not the one the model's features came from."""
+
+
+# -- the per-post feature path (mirrors the batch code of sgmft.features.extract) -------------
+@dataclass
+class EncodedPosts:
+    """Features of a list of posts, exactly as ``extract_features`` would store them."""
+
+    text: np.ndarray                  # (N, D) float32, zero row where text_mask is False
+    image: np.ndarray                 # (N, D) float32, zero row where image_mask is False
+    text_mask: np.ndarray             # (N,) bool
+    image_mask: np.ndarray            # (N,) bool
+    texts_used: list[str]             # cleaned text per post ("" = none)
+    images_used: list[list[int]]      # per post: indices (into post.images) the image vector came from
+    rejects: list[list[tuple[int, str]]]  # per post: (image index, reason) of images that failed
+
+
+def encode_posts(bb, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, base: Path | None = None,
+                 on_error: str = "skip") -> EncodedPosts:
+    """Clean, load, encode and choose for one batch of posts (one forward per modality).
+
+    The same steps, in the same order and with the same batching rules, as one batch of
+    :func:`sgmft.features.extract.extract_features` (the texts of the batch in one
+    tokenizer call and one forward, the images in chunks of ``bb.batch_size``), so results
+    match the store to float rounding. ``base``: image paths in reject reasons are shown
+    relative to it.
+    """
+    if image_choice not in IMAGE_CHOICES:
+        raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+    texts: list[str] = []
+    loaded: list[list[tuple[int, Any]]] = []
+    rejects: list[list[tuple[int, str]]] = []
+    for p in posts:
+        texts.append(cleaner.clean(p.text))
+        ims, rej = [], []
+        for j, path in enumerate(p.images):
+            try:
+                ims.append((j, load_image(path, max_pixels=max_pixels)))
+            except ImageLoadError as e:
+                if on_error == "raise":
+                    raise
+                rej.append((j, f"{_rel(Path(path), base) if base is not None else path}: {e.reason}"))
+                continue
+            if image_choice == "first":
+                break
+        loaded.append(ims)
+        rejects.append(rej)
+
+    D, n = bb.dim, len(posts)
+    nonempty = [t for t in texts if t]
+    t_emb = bb.forward_text(bb.tokenize(nonempty)) if nonempty else np.zeros((0, D), np.float32)
+    flat = [im for ims in loaded for _, im in ims]
+    chunks = [bb.forward_images(bb.preprocess_images(flat[s:s + bb.batch_size]))
+              for s in range(0, len(flat), bb.batch_size)]
+    i_emb = np.concatenate(chunks) if chunks else np.zeros((0, D), np.float32)
+
+    text, image = np.zeros((n, D), np.float32), np.zeros((n, D), np.float32)
+    tmask, imask = np.zeros(n, bool), np.zeros(n, bool)
+    used: list[list[int]] = []
+    ti = ii = 0
+    for r in range(n):
+        if texts[r]:
+            text[r], tmask[r] = t_emb[ti], True
+            ti += 1
+        k = len(loaded[r])
+        idx = [j for j, _ in loaded[r]]
+        if k:
+            cand = i_emb[ii:ii + k]
+            image[r] = _choose(image_choice, cand, text[r] if tmask[r] else None)
+            imask[r] = True
+            ii += k
+            if image_choice == "mean" and k > 1:
+                used.append(idx)
+            else:  # which candidate _choose returned
+                used.append([idx[next(c for c in range(k) if np.array_equal(cand[c], image[r]))]])
+        else:
+            used.append([])
+    return EncodedPosts(text, image, tmask, imask, texts, used, rejects)
+
+
+# -- what the training features were made with -------------------------------------------------
+def training_extract_info(model_dir: Path) -> tuple[dict | None, str | None]:
+    """``(store meta or None, store path or None)`` of the store the run was trained on."""
+    for run_json in (model_dir / "run.json", model_dir.parent / "run.json"):
+        if run_json.is_file():
+            try:
+                store = json.loads(run_json.read_text(encoding="utf-8")).get("store")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return None, None
+            if not store:
+                return None, None
+            meta_path = Path(store) / "meta.json"
+            try:
+                return json.loads(meta_path.read_text(encoding="utf-8")), str(store)
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                return None, str(store)
+    return None, None
+
+
+def _clean_cfg_from(d: dict) -> CleanConfig:
+    names = {f.name for f in dataclasses.fields(CleanConfig)}
+    return CleanConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+class PostPredictor:
+    """Raw posts in, place probabilities out. Build with :meth:`load`."""
+
+    def __init__(self, predictor: Predictor, backbone, clean_cfg: CleanConfig | None = None,
+                 image_choice: str = "similar", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 batch_size: int = 32, notes: Sequence[str] = ()):
+        if image_choice not in IMAGE_CHOICES:
+            raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+        if backbone.dim != predictor.dim:
+            raise BackboneMismatchError(
+                f"backbone {backbone.spec!r} gives D={backbone.dim} features, the model expects "
+                f"D={predictor.dim} (it was trained on {predictor.features.get('backbone')!r})")
+        self.predictor, self.backbone = predictor, backbone
+        self.cleaner = TextCleaner(clean_cfg)
+        self.image_choice, self.max_pixels, self.batch_size = image_choice, max_pixels, int(batch_size)
+        self.notes = list(notes)   # load-time caveats (settings that could not be verified)
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.predictor.label_names
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, run_dir, backbone=None, *, device: str = "auto", batch_size: int = 32,
+             clean_cfg: CleanConfig | None = None, image_choice: str | None = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS, check_backbone: bool = True) -> "PostPredictor":
+        """Load a run (or its ``model/`` directory) and the backbone its features came from.
+
+        ``backbone``: a spec (``"chinese-clip:/models/cc-vit-h"``) or a loaded ``Backbone``;
+        default: the spec recorded in the checkpoint. Raises ``FileNotFoundError`` for a
+        missing run, :class:`BackboneMismatchError` for a backbone that differs from the
+        training one (``check_backbone=False`` turns a fingerprint difference into a note)
+        and ``BackboneUnavailableError`` when the weights are not available offline.
+        """
+        from sgmft.backbones import Backbone, BackboneUnavailableError, load_backbone
+        from sgmft.backbones.base import resolve_device
+
+        rd = Path(run_dir)
+        if not rd.exists():
+            raise FileNotFoundError(f"run directory not found: {rd}")
+        dev = resolve_device(device)
+        pred = Predictor.load(rd, device=str(dev))
+        model_dir = Path(pred.info.get("path", rd))
+        meta, store_path = training_extract_info(model_dir)
+        extra = (meta or {}).get("extra", {}) if isinstance(meta, dict) else {}
+        notes: list[str] = []
+        trained_spec = pred.features.get("backbone")
+        if meta is None:
+            notes.append(f"training store {store_path or '(not recorded)'} not readable: using the default "
+                         "text cleaning and image choice 'similar'; the backbone weights are not verified")
+        elif "clean_config" not in extra:
+            notes.append(f"training store {store_path} was not made by `sgmft extract` (no cleaning "
+                         "settings recorded): using the default text cleaning and image choice 'similar'")
+
+        # text cleaning + image choice of the training features
+        if clean_cfg is None and isinstance(extra.get("clean_config"), dict):
+            clean_cfg = _clean_cfg_from(extra["clean_config"])
+            if clean_cfg.user_dict and not Path(clean_cfg.user_dict).is_file():
+                raise FileNotFoundError(
+                    f"the training features were cleaned with the jieba user dictionary {clean_cfg.user_dict}, "
+                    "which is missing here; restore it or pass clean_cfg= explicitly")
+        if image_choice is None:
+            image_choice = extra.get("image_choice") if extra.get("image_choice") in IMAGE_CHOICES else "similar"
+
+        # the backbone
+        if backbone is None:
+            if not trained_spec or trained_spec == "unknown":
+                raise ValueError(f"{model_dir}: the checkpoint does not record the backbone its features "
+                                 "came from; pass backbone= (--backbone SPEC)")
+            spec = trained_spec
+        else:
+            spec = backbone if isinstance(backbone, str) else None
+        precision = extra.get("backbone_precision") or "auto"
+        if isinstance(backbone, Backbone):
+            bb = backbone
+        else:
+            try:
+                bb = load_backbone(spec, device=str(dev), dtype=precision, batch_size=batch_size)
+            except BackboneUnavailableError as e:
+                hint = ("" if backbone is not None else
+                        f"\nThe model {model_dir} was trained on features from backbone {trained_spec!r}. "
+                        "If its weights live elsewhere on this machine, pass --backbone (backbone=) "
+                        "with their location.")
+                raise BackboneUnavailableError(f"{e}{hint}") from None
+        if bb.dim != pred.dim:
+            raise BackboneMismatchError(
+                f"backbone {bb.spec!r} gives D={bb.dim} features, but the model {model_dir} was trained on "
+                f"D={pred.dim} features from {trained_spec!r}; use that backbone")
+        want_fp = extra.get("backbone_fingerprint")
+        if want_fp and bb.fingerprint() != want_fp:
+            msg = (f"backbone {bb.spec!r} is not the one the model {model_dir} was trained on "
+                   f"({trained_spec!r}): its fingerprint (weights, tokenizer, preprocessing, precision) "
+                   "differs, so its features would not match")
+            if check_backbone:
+                raise BackboneMismatchError(msg + "; pass the training backbone (or check_backbone=False)")
+            notes.append(msg)
+        elif not want_fp and trained_spec and bb.spec != trained_spec:
+            notes.append(f"backbone {bb.spec!r} differs from the training spec {trained_spec!r} and cannot be "
+                         "verified (no fingerprint recorded); make sure it is the same model")
+        if clean_cfg is not None and extra.get("clean_fingerprint"):
+            fp = TextCleaner(clean_cfg).fingerprint()
+            if fp != extra["clean_fingerprint"]:
+                notes.append("text cleaning differs from training (settings, jieba version or stop-word "
+                             "lists changed): cleaned texts may not match the training features")
+        return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes)
+
+    # -- single posts ------------------------------------------------------------------------
+    def predict_post(self, text: str | None, images: Sequence[str | os.PathLike] = ()) -> dict:
+        """One post -> ``{label, prob, probs, text_used, image_used, text_mask, image_mask, warnings}``.
+
+        ``label`` is the most probable place, ``probs`` maps every place to its probability,
+        ``text_used`` is the cleaned text the model saw (``""`` = none), ``image_used`` the
+        image the image vector came from (a list of paths with ``image_choice="mean"``;
+        ``None`` = none). Unusable images and missing modalities are reported in
+        ``warnings``; nothing raises for bad input files.
+        """
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        given = [str(p) for p in images]
+        post = Post("post", "", text or "", tuple(Path(p) for p in given), None, None, 0)
+        enc = encode_posts(self.backbone, self.cleaner, [post], self.image_choice, max_pixels=self.max_pixels)
+        pr = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask)
+        warnings = [f"image {given[j]} not used: {reason.split(': ', 1)[-1]}" for j, reason in enc.rejects[0]]
+        tm, im = bool(enc.text_mask[0]), bool(enc.image_mask[0])
+        if not tm and not im:
+            warnings.append("no usable text or image: the prediction is the model's answer for an empty post")
+        elif not tm:
+            warnings.append("no text left after cleaning: predicted from the image only")
+        elif not im:
+            warnings.append("no usable image: predicted from the text only")
+        used = [given[j] for j in enc.images_used[0]]
+        image_used: Any = (used if self.image_choice == "mean" and len(used) > 1 else used[0]) if used else None
+        probs = pr.probs[0]
+        top = int(probs.argmax())
+        return {"label": self.label_names[top], "prob": float(probs[top]),
+                "probs": {n: float(p) for n, p in zip(self.label_names, probs)},
+                "text_used": enc.texts_used[0], "image_used": image_used,
+                "text_mask": tm, "image_mask": im, "warnings": warnings}
+
+    # -- manifests ---------------------------------------------------------------------------
+    def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False) -> dict:
+        """Predict every valid post of a manifest; write one row per post to ``out_path``.
+
+        ``out_path`` ending in ``.csv``: columns ``id, label, prob, p_<place>..., text_mask,
+        image_mask, true_label``; otherwise JSONL, one object per post with ``id, label, prob,
+        probs, text_mask, image_mask`` (+ ``true_label`` when the manifest has a label). Bad
+        rows (same checks as ``sgmft extract``; labels must be places the model knows) and
+        unusable images are written to ``rejects_path`` (default ``<out>.rejects.jsonl``)
+        and counted, never raised. Returns a summary dict.
+        """
+        t0 = time.perf_counter()
+        manifest, out_path = Path(manifest), Path(out_path)
+        rejects_path = Path(rejects_path) if rejects_path is not None else out_path.with_name(
+            out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
+        if rejects_path.resolve() == out_path.resolve():
+            raise ValueError(f"the rejects file must differ from the output file ({out_path})")
+        posts, row_rejects = read_manifest(manifest, label_names=self.label_names, check_images=True,
+                                           on_error="skip")
+        base = manifest.resolve().parent
+        is_csv = out_path.suffix.lower() == ".csv"
+        names = self.label_names
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+        img_rejects: list[Reject] = []
+        counts: Counter = Counter()
+        n_text_missing = n_image_missing = n_labelled = n_correct = 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(posts), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                writer = None
+                if is_csv:
+                    writer = csv.writer(f)
+                    writer.writerow(["id", "label", "prob", *[f"p_{n}" for n in names],
+                                     "text_mask", "image_mask", "true_label"])
+                for s in range(0, len(posts), self.batch_size):
+                    batch = posts[s:s + self.batch_size]
+                    enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice,
+                                       max_pixels=self.max_pixels, base=base)
+                    probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask,
+                                                            enc.image_mask).probs
+                    for r, p in enumerate(batch):
+                        img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
+                                           for _, reason in enc.rejects[r])
+                        top = int(probs[r].argmax())
+                        counts[names[top]] += 1
+                        tm, im = bool(enc.text_mask[r]), bool(enc.image_mask[r])
+                        n_text_missing += not tm
+                        n_image_missing += not im
+                        if p.label is not None:
+                            n_labelled += 1
+                            n_correct += p.label == names[top]
+                        if is_csv:
+                            writer.writerow([p.id, names[top], repr(float(probs[r, top])),
+                                             *[repr(float(x)) for x in probs[r]], int(tm), int(im), p.label or ""])
+                        else:
+                            row = {"id": p.id, "label": names[top], "prob": float(probs[r, top]),
+                                   "probs": {n: float(x) for n, x in zip(names, probs[r])},
+                                   "text_mask": tm, "image_mask": im}
+                            if p.label is not None:
+                                row["true_label"] = p.label
+                            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    bar.update(len(batch))
+            os.replace(tmp, out_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
+        rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
+        write_rejects(rejects_path, rejects)
+        summary = {"posts": len(posts), "out": str(out_path), "rejects_path": str(rejects_path),
+                   "rejects": len(rejects), "rows_rejected": len({r.line for r in row_rejects}),
+                   "images_rejected": len(img_rejects), "text_missing": n_text_missing,
+                   "image_missing": n_image_missing, "predicted": {n: counts[n] for n in names if counts[n]},
+                   "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
+        if n_labelled:
+            summary["accuracy"] = n_correct / n_labelled
+        return summary
+
+    def describe(self) -> dict:
+        return {"model": str(self.predictor.info.get("path", "")), "preset": self.predictor.info.get("preset", ""),
+                "backbone": self.backbone.spec, "dim": self.backbone.dim, "image_choice": self.image_choice,
+                "clean_config": dataclasses.asdict(self.cleaner.cfg), "labels": self.label_names,
+                "notes": self.notes}
