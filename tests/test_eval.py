@@ -158,7 +158,9 @@ def test_write_eval_report(tmp_path):
                           tsne_max_iter=250)
     out = tmp_path / "rep"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "tsne.png",
-                                              "predictions.csv"}
+                                              "tsne_coords.npz", "predictions.csv"}
+    z = np.load(out / "tsne_coords.npz")
+    assert z["coords"].shape == (50, 2) and np.array_equal(z["labels"], y[z["rows"]])
     loaded = json.loads((out / "metrics.json").read_text())
     assert loaded == m
     assert loaded["title"] == "unit"

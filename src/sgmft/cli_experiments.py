@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def cmd_experiments(args) -> int:
     from sgmft.experiments.report import run_experiments
@@ -26,17 +24,16 @@ def add_parsers(sub) -> None:
         description="Train and evaluate every row of the paper's Tables 1-4 over several seeds and "
                     "write a report (markdown + CSV tables like the paper's, mean ± std, accuracy / "
                     "oracle, t-SNE panels of M_fuse). Interrupted runs resume. Default: the CPU scale "
-                    "(about an hour on 2 cores); --full: paper scale (GPU); --quick: a smoke run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(about an hour on 2 cores); --full: paper scale (GPU); --quick: a smoke run.")
     s.add_argument("--suite", default="all", choices=["all", "table1", "table2", "table3", "table4"],
-                   help="which table to run")
+                   help="which table to run (default: all four)")
     s.add_argument("--config", help="a suite or table YAML file (see sgmft/configs/experiments/)")
     s.add_argument("--seeds", type=int, help="seeds per table (default: the scale's setting, see the report)")
-    s.add_argument("--out", default="reports/experiments", help="report folder (runs, data and figures inside)")
+    s.add_argument("--out", default="reports/experiments", help="report folder, with runs, data and figures inside (default: reports/experiments)")
     s.add_argument("--full", action="store_true", help="paper scale: every preset's own epochs, 5 seeds (GPU)")
     s.add_argument("--quick", action="store_true", help="smoke run: tiny data, 2 epochs, 1 seed")
     s.add_argument("--store", help="feature store to use instead of generating SimFeat")
     s.add_argument("--posts", help="post manifest for the CNN baseline instead of generating SimPosts")
-    s.add_argument("--tsne-points", type=int, dest="tsne_points", help="points per t-SNE panel")
+    s.add_argument("--tsne-points", type=int, dest="tsne_points", help="points per t-SNE panel (default: the scale's setting)")
     s.add_argument("--progress", action="store_true", help="show training progress bars")
     s.set_defaults(func=cmd_experiments)

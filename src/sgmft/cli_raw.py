@@ -13,6 +13,7 @@ status 2, like the other verbs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -40,6 +41,19 @@ def _fixable():
     return (BackboneUnavailableError, FileExistsError, ImageLoadError, NotADirectoryError, PermissionError)
 
 
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """Switch transformers' progress bars ("Loading weights") on or off for a block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def clean_config_from_args(args) -> CleanConfig:
     off = {step: False for step in CLEAN_STEPS if getattr(args, f"no_{step}", False)}
     if args.user_dict and not Path(args.user_dict).is_file():
@@ -55,12 +69,13 @@ def cmd_extract(args) -> int:
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
     try:
-        res = extract_features(
-            args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
-            batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
-            on_error="raise" if args.strict else "skip", progress=not args.no_progress,
-            device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
-            overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
+        with hf_progress_bars(not args.no_progress):
+            res = extract_features(
+                args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
+                batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
+                on_error="raise" if args.strict else "skip", progress=not args.no_progress,
+                device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
+                overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
     except _fixable() as e:
         if isinstance(e, FileExistsError):
             raise _UserError(f"{out} already exists; pass --overwrite to replace it") from None
@@ -88,9 +103,11 @@ def cmd_extract(args) -> int:
 def _load_predictor(args):
     from sgmft.post_predictor import PostPredictor
 
+    # no "Loading weights" bar around a one-post answer
     try:
-        pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
-                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
+        with hf_progress_bars(bool(args.manifest) and not args.no_progress):
+            pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
+                                    batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
     except _fixable() as e:
         raise _as_user_error(e) from None
     for note in pp.notes:
@@ -122,6 +139,10 @@ def cmd_predict(args) -> int:
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     if args.manifest and not Path(args.manifest).is_file():
         raise FileNotFoundError(f"manifest not found: {args.manifest}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pp = _load_predictor(args)
     if not args.manifest:
         res = pp.predict_post(args.text or "", args.image or [])
@@ -133,7 +154,8 @@ def cmd_predict(args) -> int:
         return 0
     print(f"predicted {s['posts']} posts -> {s['out']}  ({s['seconds']:.1f} s)")
     if s["predicted"]:
-        print("  top places: " + ", ".join(f"{k} {v}" for k, v in sorted(s["predicted"].items(), key=lambda kv: -kv[1])))
+        top = sorted(s["predicted"].items(), key=lambda kv: -kv[1])
+        print("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
     if "accuracy" in s:
         print(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
     print(f"  masks: {s['text_missing']} post(s) without usable text, {s['image_missing']} without a usable image")
@@ -148,7 +170,7 @@ def cmd_demo_raw(args) -> int:
 
     try:
         run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
-                     progress=not args.no_progress)
+                     threads=args.threads, progress=not args.no_progress)
     except _fixable() as e:
         raise _as_user_error(e) from None
     return 0
@@ -207,6 +229,7 @@ def add_parsers(sub) -> None:
                    help="allow a backbone whose fingerprint differs from the training one (a warning instead)")
     s.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--no-progress", dest="no_progress", action="store_true")
     s.set_defaults(func=cmd_predict)
@@ -221,7 +244,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--out", default="reports/demo-raw")
     s.add_argument("--backbone", help="a real backbone spec instead of the tiny random Chinese-CLIP")
     s.add_argument("--posts", type=int, default=600, help="SimPosts posts for training and evaluation")
-    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--threads", type=int, help="torch threads (default: half the CPU cores)")
     s.add_argument("--no-progress", dest="no_progress", action="store_true")
     s.set_defaults(func=cmd_demo_raw)
 

@@ -39,9 +39,32 @@ def pick_n_tokens(dim: int, preferred: int = 16) -> int:
 
 
 def run_raw_demo(out_dir="reports/demo-raw", *, backbone: str | None = None, num_posts: int = 600,
-                 epochs: int = 10, new_posts: int = 5, dirty_posts: int = 40, seed: int = 0,
-                 progress: bool = True) -> dict:
-    """Run the raw demo into ``out_dir``; return a summary (also written to ``results.json``)."""
+                 epochs: int = 30, new_posts: int = 5, dirty_posts: int = 40, seed: int = 0,
+                 progress: bool = True, threads: int | None = None) -> dict:
+    """Run the raw demo into ``out_dir``; return a summary (also written to ``results.json``).
+
+    ``threads``: torch / BLAS threads while the demo runs (default: half the CPU cores, at
+    least 1). The models are small, and on a 2-core machine two torch threads next to the
+    image-loading threads (or other jobs) run many times slower than one.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // 2)
+    from sgmft.cli_raw import hf_progress_bars
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads), hf_progress_bars(progress):
+            return _run(out_dir, backbone=backbone, num_posts=num_posts, epochs=epochs, new_posts=new_posts,
+                        dirty_posts=dirty_posts, seed=seed, progress=progress)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run(out_dir, *, backbone, num_posts, epochs, new_posts, dirty_posts, seed, progress) -> dict:
     import dataclasses
 
     from sgmft.config import load_preset

@@ -275,6 +275,8 @@ def table_rows(spec: TableSpec, aggregated: dict[str, dict], scale: str = "defau
 def _pm(rec: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
     if rec.get(f"{key}_mean") is None:
         return "n/a"
+    if rec.get("seeds", 0) < 2:                     # one run: no spread to show
+        return f"{scale * rec[f'{key}_mean']:.{digits}f}"
     return f"{scale * rec[f'{key}_mean']:.{digits}f} ± {scale * rec[f'{key}_std']:.{digits}f}"
 
 
