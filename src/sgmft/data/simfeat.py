@@ -17,12 +17,13 @@ what SG-MFT is meant to handle (see docs/simfeat.md):
 * **Label noise.** A fraction ``label_noise`` of labels is redrawn uniformly at random.
 * **CLIP-like storage.** Stored features are the L2-normalised latent vectors, float32.
 
-Latent text vector: ``t = E @ (s_t * P_T[c_t] + nu_t * z) + (gap/2) * g + sigma * n_perp``,
+Latent text vector: ``t = E @ (s_t * P_T[c_t] + nu_t * z) + m + (gap/2) * g + sigma * n``,
 with ``E`` an orthonormal basis of the content subspace, ``c_t`` the post's text component
 (its class, a random class, or a generic theme), ``z`` standard normal in the content
-subspace, ``g`` the unit gap direction (orthogonal to the content) and ``n_perp`` isotropic
-noise orthogonal to the content, scaled so ``sigma^2 * D = nuisance``. The image is the same
-with its own prototypes and ``-(gap/2) * g``. All prototypes have the same norm, so only
+subspace, ``m`` a mean shared by both modalities (norm ``common_offset``), ``g`` the unit
+gap direction (``m`` and ``g`` orthogonal to the content) and ``n`` isotropic noise
+orthogonal to the content, scaled so ``sigma^2 * D = nuisance``. The image is the same with
+its own prototypes and ``-(gap/2) * g``. All prototypes have the same norm, so only
 the content coordinates ``E^T t`` carry class information and the norm of ``t``
 concentrates (relative spread ~ 1/sqrt(2D)).
 
@@ -73,14 +74,15 @@ class SimFeatConfig:
     num_generic: int = 8            # generic themes per modality (selfie, meme, food photo, ...)
     label_noise: float = 0.05       # fraction of labels redrawn uniformly over the classes
     # geometry of the latent space (units: prototype norm = signal)
-    content_dim: int = 32           # dimension of the shared content subspace
+    content_dim: int = 16           # dimension of the shared content subspace
     text_signal: float = 1.0        # norm of text prototypes
     image_signal: float = 1.0       # norm of image prototypes
-    text_noise: float = 0.25        # within-class std per content dimension, text
-    image_noise: float = 0.25       # within-class std per content dimension, image
+    text_noise: float = 0.15        # within-class std per content dimension, text
+    image_noise: float = 0.15       # within-class std per content dimension, image
     alignment: float = 0.8          # cosine between a class's text and image prototypes
     modality_gap: float = 1.0       # distance between the text and image cloud centres
-    nuisance: float = 1.0           # energy sigma^2 * D of the isotropic class-free noise
+    common_offset: float = 0.7      # norm of a mean vector shared by both modalities (CLIP's cone)
+    nuisance: float = 0.5           # energy sigma^2 * D of the isotropic class-free noise
     # users
     user_concentration: float = 1.0  # Dirichlet concentration of each user's class mix
     user_activity: float = 1.0       # Dirichlet concentration of users' posting shares
@@ -96,8 +98,8 @@ class SimFeatConfig:
             raise ValueError("label_noise and distractor_class_prob must be in [0, 1]")
         if self.num_generic < 1 and self.distractor_class_prob < 1:
             raise ValueError("num_generic must be >= 1 unless distractor_class_prob == 1")
-        if self.content_dim < 1 or self.content_dim + 1 >= self.dim:
-            raise ValueError("need 1 <= content_dim and content_dim + 1 < dim")
+        if self.content_dim < 1 or self.content_dim + 2 >= self.dim:
+            raise ValueError("need 1 <= content_dim and content_dim + 2 < dim")
         if not 0 < self.test_size < self.num_posts:
             raise ValueError("need 0 < test_size < num_posts")
         if self.num_classes < 2 or self.num_users < 1:
@@ -142,9 +144,9 @@ class _Model:
         self.text_comp = np.vstack([text_cls, unit(rng.standard_normal((G, r)))]) if G else text_cls
         self.image_comp = np.vstack([unit(image_cls), unit(rng.standard_normal((G, r)))]) if G \
             else unit(image_cls)
-        # orthonormal basis: content subspace (r columns) then the gap direction
-        q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, r + 1)))
-        self.basis, self.gap_dir = q[:, :r], q[:, r]
+        # orthonormal basis: content subspace (r columns), gap direction, common direction
+        q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, r + 2)))
+        self.basis, self.gap_dir, self.common_dir = q[:, :r], q[:, r], q[:, r + 1]
         self.user_share = rng.dirichlet(np.full(cfg.num_users, cfg.user_activity))
         self.user_mix = rng.dirichlet(np.full(K, cfg.user_concentration), size=cfg.num_users)
         self.prior = self.user_share @ self.user_mix              # marginal p(y)
@@ -269,16 +271,16 @@ def _stratified_test(labels: np.ndarray, test_size: int, K: int, rng) -> np.ndar
     return split
 
 
-def _stored_content(cfg, model, feats, noise_sigma, which_signal):
+def _stored_content(cfg, model, feats, noise_sigma):
     """Plug-in estimate of the latent content coordinates from stored unit vectors.
 
-    The norm of the latent is recovered from the energy outside the content and gap
-    directions, which is sigma^2 * (D - r - 1) up to a ~1/sqrt(2D) relative fluctuation.
+    The norm of the latent is recovered from the energy outside the content, gap and
+    common directions, sigma^2 * (D - r - 2) up to a ~1/sqrt(2D) relative fluctuation.
     """
     f = feats.astype(np.float64)
     coords = f @ model.basis
-    perp2 = 1.0 - np.sum(coords ** 2, 1) - (f @ model.gap_dir) ** 2
-    norm = noise_sigma * math.sqrt(cfg.dim - cfg.content_dim - 1) / np.sqrt(np.maximum(perp2, 1e-300))
+    perp2 = 1.0 - np.sum(coords ** 2, 1) - (f @ model.gap_dir) ** 2 - (f @ model.common_dir) ** 2
+    norm = noise_sigma * math.sqrt(cfg.dim - cfg.content_dim - 2) / np.sqrt(np.maximum(perp2, 1e-300))
     return coords * norm[:, None]
 
 
@@ -305,8 +307,9 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
     sigma = math.sqrt(cfg.nuisance / cfg.dim)
     text = np.empty((N, cfg.dim), dtype=np.float32)
     image = np.empty((N, cfg.dim), dtype=np.float32)
-    _embed(t_c, model.basis, 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, text)
-    _embed(i_c, model.basis, -0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, image)
+    common = cfg.common_offset * model.common_dir
+    _embed(t_c, model.basis, common + 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, text)
+    _embed(i_c, model.basis, common - 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, image)
     split = _stratified_test(labels, cfg.test_size, K, r_split)
 
     post = oracle_posteriors(cfg, model, t_c, i_c)
@@ -325,8 +328,8 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
         "test_regime_counts": {r: int(np.sum(test & (regime_names == r))) for r in REGIMES},
     }
     if cfg.nuisance > 0:
-        st = _stored_content(cfg, model, text, sigma, cfg.text_signal)
-        si = _stored_content(cfg, model, image, sigma, cfg.image_signal)
+        st = _stored_content(cfg, model, text, sigma)
+        si = _stored_content(cfg, model, image, sigma)
         oracle["stored_feature_test_accuracy"] = acc(oracle_posteriors(cfg, model, st, si)["joint"])
     else:
         oracle["stored_feature_test_accuracy"] = None
@@ -361,13 +364,14 @@ def write_simfeat(path, cfg: SimFeatConfig | None = None, overwrite: bool = Fals
 
 
 # --------------------------------------------------------------------------- proxies
-def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, logreg: bool = True,
-                 seed: int = 0) -> dict:
+def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, dropout: float = 0.3,
+                 logreg: bool = True, seed: int = 0) -> dict:
     """Check learnability: oracle figures vs. quick proxies trained on the stored features.
 
     Proxies (train split -> test split, observed labels): sklearn LogisticRegression on
-    standardised features and a torch MLP (2 hidden layers of 512, Adam lr 1e-3, batch 128,
-    ``epochs`` epochs), each on text, image and concatenated text+image.
+    standardised features (C=0.05) and a torch MLP (2 hidden layers of 512 with ReLU and
+    ``dropout``, Adam lr 1e-3, batch 128, ``epochs`` epochs, last epoch scored), each on
+    text, image and concatenated text+image. Takes minutes on CPU.
     """
     import time
 
@@ -381,6 +385,7 @@ def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, logreg: 
     tr, te = d.split == "train", d.split == "test"
     views = {"text": d.text, "image": d.image, "concat": np.hstack([d.text, d.image])}
     report = {"config": asdict(d.config), "generate_seconds": round(gen_s, 2),
+              "mlp_settings": {"epochs": epochs, "dropout": dropout, "seed": seed},
               "oracle": d.oracle, "logreg": {}, "mlp": {}}
 
     for name, x in views.items():
@@ -391,7 +396,8 @@ def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, logreg: 
             report["logreg"][name] = float(clf.score(xte, d.labels[te]))
         torch.manual_seed(seed)
         net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(),
-                                  torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                  torch.nn.Dropout(dropout), torch.nn.Linear(512, 512),
+                                  torch.nn.ReLU(), torch.nn.Dropout(dropout),
                                   torch.nn.Linear(512, d.config.num_classes))
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         X, Y = torch.tensor(xtr, dtype=torch.float32), torch.tensor(d.labels[tr])
@@ -401,6 +407,7 @@ def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, logreg: 
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(net(X[idx]), Y[idx]).backward()
                 opt.step()
+        net.eval()
         with torch.no_grad():
             pred = net(torch.tensor(xte, dtype=torch.float32)).argmax(1).numpy()
         report["mlp"][name] = float(np.mean(pred == d.labels[te]))
@@ -415,6 +422,7 @@ def _main(argv=None) -> None:
     p.add_argument("--write", metavar="PATH", help="write a feature store instead of the report")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--no-logreg", action="store_true")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override SimFeatConfig fields, e.g. --set seed=1 label_noise=0.1")
@@ -425,7 +433,8 @@ def _main(argv=None) -> None:
     if a.write:
         print(write_simfeat(a.write, cfg, overwrite=a.overwrite))
     else:
-        print(json.dumps(proxy_report(cfg, epochs=a.epochs, logreg=not a.no_logreg), indent=1))
+        print(json.dumps(proxy_report(cfg, epochs=a.epochs, dropout=a.dropout,
+                                            logreg=not a.no_logreg), indent=1))
 
 
 if __name__ == "__main__":

@@ -182,13 +182,15 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
     from sgmft.predictor import Predictor
 
     run_dir = out / "runs" / _safe(row.name) / f"seed{seed}"
+    weights = run_dir / "model" / "model.safetensors"
+    if not weights.exists():
+        return None
+    stamp = weights.stat().st_mtime_ns                     # a retrained run invalidates the cache
     cache = out / "tsne" / f"{_safe(row.name)}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
-        if int(z["seed"]) == seed and int(z["points"]) == points:
+        if int(z["seed"]) == seed and int(z["points"]) == points and int(z["stamp"]) == stamp:
             return z["coords"], z["labels"], [str(n) for n in z["label_names"]]
-    if not (run_dir / "model").is_dir():
-        return None
     fs = FeatureStore.open(store, validate=False)
     idx = select_rows(fs, run_dir, "test")
     import torch
@@ -201,7 +203,7 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
     log(f"  t-SNE of {row.name}: {len(keep)} points, {time.time() - t0:.0f} s")
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, coords=coords, labels=labels[keep], label_names=np.array(pred.label_names),
-             seed=seed, points=points)
+             seed=seed, points=points, stamp=stamp)
     return coords, labels[keep], pred.label_names
 
 

@@ -32,9 +32,14 @@ class LitClassifier(L.LightningModule):
         return forward_batch(self.model, batch)
 
     def _loss(self, out, y):
+        """CE (eq 19) + a label-free ``out.aux_loss`` + the model's ``aux_loss_fn(out, y)`` if any
+        (unimodal / contrastive terms of the UniS-MMC- and BalanceMLA-style heads)."""
         loss = F.cross_entropy(out.logits, y)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
+        aux_fn = getattr(self.model, "aux_loss_fn", None)
+        if aux_fn is not None:
+            loss = loss + aux_fn(out, y)
         return loss
 
     def training_step(self, batch, _):
