@@ -1,5 +1,18 @@
 """Datasets: the SimFeat synthetic benchmark, splits."""
 
-from sgmft.data.simfeat import SimFeatConfig, SimFeatData, generate_simfeat, write_simfeat
+from importlib import import_module
 
-__all__ = ["SimFeatConfig", "SimFeatData", "generate_simfeat", "write_simfeat"]
+_LAZY = {  # name -> module; imported on first use so `python -m sgmft.data.simfeat` runs cleanly
+    "SimFeatConfig": "sgmft.data.simfeat",
+    "SimFeatData": "sgmft.data.simfeat",
+    "generate_simfeat": "sgmft.data.simfeat",
+    "write_simfeat": "sgmft.data.simfeat",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 Layout of ``out`` (default ``reports/experiments``)::
 
-    README.md              the report: scale, data, one section per table, figures, notes
+    README.md              the report: scale, data, one section per table, figures, row settings
     table<k>.md / .csv     each table laid out like the paper's (mean ± std over seeds)
     table<k>_tsne.png      t-SNE of M_fuse on the test split, one panel per row (one seed)
     results.json           every run's metrics, the aggregated tables, timings, settings
@@ -137,25 +137,6 @@ def _check_existing(row, seed: int, out: Path) -> None:
                          f"(differs in {diff}); use another --out or delete that run folder")
 
 
-def aux_losses_trained() -> bool:
-    """Whether the trainer adds a model's ``aux_loss_fn(out, labels)`` to the loss (the
-    UniS-MMC and BalanceMLA heads need it for their unimodal / contrastive terms)."""
-    import torch
-
-    from sgmft.config import ModelConfig, TrainConfig
-    from sgmft.train.module import LitClassifier
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="balance_mla", dim=8, n_tokens=8, num_classes=2, classifier_hidden=[4, 4], dropout=0.0,
-                      extra={"hidden": 4})
-    lit = LitClassifier(cfg, TrainConfig())
-    x, y = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
-    with torch.no_grad():
-        out = lit({"text": x, "image": x})
-        ce = torch.nn.functional.cross_entropy(out.logits, y)
-        return not torch.allclose(lit._loss(out, y), ce)
-
-
 # --------------------------------------------------------------------------- tables
 def write_tables(out: Path, suite: Suite, scale: str, results: dict[str, list[dict]],
                  seeds_of: dict[tuple[str, str], int]) -> dict[str, list[dict]]:
@@ -283,7 +264,7 @@ def _row_settings(suite: Suite, scale: str, scale_train: list[str], rows: dict[s
 
 def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[str, list[dict]],
                   figures: dict[str, str], data_lines: list[str], settings: list[str],
-                  seeds_per_table: dict[str, int], timing: dict, notes: list[str] = ()) -> Path:
+                  seeds_per_table: dict[str, int], timing: dict) -> Path:
     import torch
 
     parts = ["# SG-MFT: the paper's comparisons, reproduced in kind", "",
@@ -300,8 +281,7 @@ def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[st
              "The paper's figures are single runs on its private Weibo dataset; ours are mean ± standard "
              "deviation over seeds on synthetic data (SimFeat: CLIP-like features with a known Bayes-optimal "
              "accuracy). Compare orderings and gaps against the spread, not absolute values. "
-             "*acc / oracle* is accuracy divided by the oracle's accuracy on the same test posts.", "",
-             *[f"**Note.** {n}\n" for n in notes]]
+             "*acc / oracle* is accuracy divided by the oracle's accuracy on the same test posts.", ""]
     for spec in suite.tables:
         parts += [f"## {spec.title}", "", spec.caption, "", format_paper_table(spec, tables[spec.name]), "",
                   f"CSV: [{spec.name}.csv]({spec.name}.csv)", ""]
@@ -313,12 +293,6 @@ def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[st
 
 
 # --------------------------------------------------------------------------- main
-def load_preset_arch(preset: str) -> str:
-    from sgmft.config import load_preset
-
-    return load_preset(preset).model.arch
-
-
 def run_experiments(out="reports/experiments", *, tables: list[str] | None = None, config=None,
                     scale: str = "default", seeds: int | None = None, store=None, posts_manifest=None,
                     progress: bool = False, tsne_points: int | None = None,
@@ -354,13 +328,6 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
 
     results: dict[str, list[dict]] = {}
     timing = {"train_seconds": 0.0, "runs_trained": 0}
-    notes = []
-    if any(load_preset_arch(r.preset) in ("unis_mmc", "balance_mla") for r in rows.values()) \
-            and not aux_losses_trained():
-        notes.append("The trainer of this sgmft version does not add `aux_loss_fn` losses: the UniS-MMC-style "
-                     "and BalanceMLA-style rows were trained without their unimodal / contrastive terms.")
-        log(f"WARNING: {notes[-1]}")
-
     def on_result(row, seed, m):
         log(f"[{row.name} seed {seed}] accuracy {100 * m['accuracy']:.2f} %"
             + (f", acc/oracle {m['accuracy_over_oracle']:.3f}" if m.get("accuracy_over_oracle") else "")
@@ -388,8 +355,8 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
     figures = tsne_figures(out, suite, stores, tsne_points or sc["tsne_points"], seed=0, log=log, scale=scale)
     timing["wall_seconds"] = time.time() - t_start
     _write_readme(out, suite, scale, sc, table_recs, figures, _describe_data(stores, missing),
-                  _row_settings(suite, scale, sc["train"], rows), seeds_per_table, timing, notes)
-    summary = {"scale": scale, "scale_settings": sc, "notes": notes, "seeds_per_table": seeds_per_table,
+                  _row_settings(suite, scale, sc["train"], rows), seeds_per_table, timing)
+    summary = {"scale": scale, "scale_settings": sc, "seeds_per_table": seeds_per_table,
                "stores": {k: str(v) for k, v in stores.items()}, "missing": missing, "timing": timing,
                "tables": table_recs, "results": results, "figures": figures}
     _atomic_text(out / "results.json", json.dumps(summary, indent=2, default=str))
