@@ -44,12 +44,13 @@ class ModelConfig:
     fusion: str = "sfm"
     sfm_residual: bool = False      # eq 17 literal (False) or each cross-attention "layer" with its
                                     # query's residual: CA(t,i) + F^S_text + CA(i,t) + F^S_image
+    sfm_merge: str = "sum"          # eq 17's (+): element-wise "sum" (paper) or "concat" (R^{2D})
     # -- classifier (eq 18): 5 linear layers = 4 hidden widths + the output layer
     classifier_hidden: list[int] = field(default_factory=lambda: [512, 256, 128, 64])
     dropout: float = 0.1
     # -- speed
     attn_impl: str = "auto"         # "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive"
-    rank1_chunk: int = 262144       # logits per chunk in the rank-one kernel (memory bound)
+    rank1_chunk: int = 262144       # unused since the rank-one kernel runs on fused SDPA; kept so configs load
     # -- extra options for registered variants (issue 4 heads put theirs here)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +85,7 @@ class ModelConfig:
             ("ffn_side", {"text", "image"}),
             ("norm_mode", {"auto", "token", "vector"}),
             ("attn_impl", {"auto", "sdpa", "naive", "rank1"}),
+            ("sfm_merge", {"sum", "concat"}),
         ]:
             if getattr(self, name) not in allowed:
                 bad(f"{name}={getattr(self, name)!r} not in {sorted(allowed)}")

@@ -38,21 +38,25 @@ class SFM(nn.Module):
     Literally, each CA output is a mixture of the *other* modality's value tokens, so the
     query's own content survives only through the attention weights.  ``sfm_residual``
     reads "a layer of cross-attention" as a transformer layer, adding the query back:
-    M_fuse = (CA(t, i) + F^S_text) + (CA(i, t) + F^S_image).  See docs/design.md.
+    M_fuse = (CA(t, i) + F^S_text) + (CA(i, t) + F^S_image).  ``sfm_merge: concat`` keeps the
+    two cross-attention layers' outputs side by side (R^{2D}) instead of adding them.
+    See docs/design.md.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ca_text = CrossAttention(cfg)
         self.ca_image = CrossAttention(cfg)
-        self.residual = cfg.sfm_residual
-        self.out_dim = cfg.dim
+        self.residual, self.merge = cfg.sfm_residual, cfg.sfm_merge
+        self.out_dim = cfg.dim * (2 if self.merge == "concat" else 1)
 
     def forward(self, xt: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        fused = self.ca_text(xt, xi) + self.ca_image(xi, xt)
+        a, b = self.ca_text(xt, xi), self.ca_image(xi, xt)
         if self.residual:
-            fused = fused + xt + xi
-        return fused.flatten(1)
+            a, b = a + xt, b + xi
+        if self.merge == "concat":
+            return torch.cat([a.flatten(1), b.flatten(1)], dim=1)
+        return (a + b).flatten(1)
 
 
 @FUSIONS.register("concat")
