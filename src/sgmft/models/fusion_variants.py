@@ -29,25 +29,15 @@ import torch
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.layers import FFN, QKV, TokenNorm, multi_head_attention, resolve_attn_impl
+from sgmft.models.fusion import CrossAttention
+from sgmft.models.layers import FFN, TokenNorm
 from sgmft.models.registry import FUSIONS
 
 __all__ = ["Attention", "TransformerSublayers", "AsymmetricCoAttention", "MergeAttention", "CoAttention"]
 
 
-class Attention(nn.Module):
-    """Multi-head attention with its own W^Q, W^K, W^V and W^out (self- or cross-)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d = cfg.token_dim
-        self.proj_q, self.proj_kv = QKV(d, cfg.attn_dim), QKV(d, cfg.attn_dim)
-        self.out = nn.Linear(cfg.attn_dim, d)
-        self.heads, self.impl, self.chunk = cfg.heads, resolve_attn_impl(cfg), cfg.rank1_chunk
-
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
-        return multi_head_attention(x_q, x_kv, self.proj_q, self.proj_kv, self.out,
-                                    self.heads, self.impl, self.chunk)
+# Multi-head attention with its own W^Q, W^K, W^V and W^out (self- or cross-): the SFM's block.
+Attention = CrossAttention
 
 
 class TransformerSublayers(nn.Module):
