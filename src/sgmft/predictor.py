@@ -8,7 +8,6 @@ normalisation) and turns feature vectors into class probabilities.  Raw posts go
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,8 +100,3 @@ class Predictor:
         probs = np.concatenate([p.probs for p in parts])[inv]
         fused = np.concatenate([p.fused for p in parts])[inv] if return_fused else None
         return Predictions(probs, fused, self.label_names)
-
-
-def resolve_checkpoint(path) -> Path:
-    p = Path(path)
-    return p / "model" if (p / "model").is_dir() else p
