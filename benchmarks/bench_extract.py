@@ -45,8 +45,8 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from sgmft.backbones import load_backbone
-    from sgmft.backbones.tiny import build_tiny_chinese_clip
+    from sgmft.features.backbones import load_backbone
+    from sgmft.features.backbones.tiny import build_tiny_chinese_clip
     from sgmft.data.simposts import SimPostsConfig, generate_simposts
     from sgmft.features.extract import extract_features
     from sgmft.ingest.images import load_image

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgmft.backbones import BACKBONES, BackboneUnavailableError, load_backbone
-from sgmft.backbones.tiny import build_tiny_chinese_clip, build_tiny_clip
+from sgmft.features.backbones import BACKBONES, BackboneUnavailableError, load_backbone
+from sgmft.features.backbones.tiny import build_tiny_chinese_clip, build_tiny_clip
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ import shutil
 import numpy as np
 import pytest
 
-from sgmft.backbones.tiny import build_tiny_chinese_clip, build_tiny_clip
+from sgmft.features.backbones.tiny import build_tiny_chinese_clip, build_tiny_clip
 from sgmft.cli import build_parser, main
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features import FeatureStore
 from sgmft.ingest.manifest import read_manifest
-from sgmft.predictor import Predictor
+from sgmft.predict.features import Predictor
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pp(env):
-    from sgmft.post_predictor import PostPredictor
+    from sgmft.predict.posts import PostPredictor
 
     return PostPredictor.load(env["run"])
 
@@ -99,7 +99,7 @@ def test_extract_cli_writes_store_summary_and_rejects(env, capsys, tmp_path):
 
 
 def test_clean_switches_parse():
-    from sgmft.cli_raw import CLEAN_STEPS, clean_config_from_args
+    from sgmft.cli.raw import CLEAN_STEPS, clean_config_from_args
 
     args = build_parser().parse_args(["extract", "m.jsonl", "--out", "s", "--backbone", "x",
                                       *[f"--no-{s}" for s in CLEAN_STEPS]])
@@ -262,7 +262,7 @@ def test_predict_errors(env, capsys, tmp_path):
 
 def test_post_predictor_settings_come_from_training_store(env, pp, tmp_path):
     from sgmft.ingest.text import CleanConfig
-    from sgmft.post_predictor import PostPredictor
+    from sgmft.predict.posts import PostPredictor
 
     assert pp.backbone.spec == env["spec"] and pp.image_choice == "similar" and pp.notes == []
     assert pp.cleaner.cfg == CleanConfig()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sgmft.demo import run_demo
+from sgmft.experiments.demo import run_demo
 
 
 @pytest.mark.slow

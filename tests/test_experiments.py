@@ -89,7 +89,7 @@ def test_table_layout_and_csv():
 
 def test_quick_suite_end_to_end_resumes_and_refuses_other_scale(tmp_path, monkeypatch):
     from sgmft.cli import main
-    from sgmft.models.cnn_baseline import cnn_available
+    from sgmft.features.backbones.cnn_wordemb import cnn_available
 
     with_cnn = cnn_available()[0]
     cfg = _write_suite(tmp_path, with_cnn=with_cnn)
@@ -132,7 +132,7 @@ def test_quick_suite_end_to_end_resumes_and_refuses_other_scale(tmp_path, monkey
 
 
 def test_changed_row_config_in_existing_folder_is_refused(tmp_path):
-    from sgmft.experiments.report import run_experiments
+    from sgmft.experiments.suite import run_experiments
 
     cfg = _write_suite(tmp_path, with_cnn=False)
     out = tmp_path / "r"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgmft.backbones import load_backbone
-from sgmft.backbones.tiny import build_tiny_chinese_clip
+from sgmft.features.backbones import load_backbone
+from sgmft.features.backbones.tiny import build_tiny_chinese_clip
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features import FeatureStore
 from sgmft.features.extract import extract_features

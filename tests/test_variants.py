@@ -292,7 +292,7 @@ def test_absent_modality_uses_learned_placeholder_in_heads():
 def test_cnn_wordemb_backbone_offline():
     from PIL import Image
 
-    from sgmft.models.cnn_baseline import CNNWordEmbBackbone, cnn_available
+    from sgmft.features.backbones.cnn_wordemb import CNNWordEmbBackbone, cnn_available
 
     ok, why = cnn_available()
     if not ok:

@@ -1,11 +1,24 @@
-"""``sgmft`` command line: a thin layer over the Python API (every verb calls one function)."""
+"""``sgmft`` command line: a thin layer over the Python API.
+
+:data:`VERBS` is the one verb table: each verb maps to a command function that calls one
+API function, and to the function that declares its options. The feature verbs live here,
+the raw-post verbs in :mod:`sgmft.cli.raw` and the experiment suite in
+:mod:`sgmft.cli.experiments`. Every exception in :data:`sgmft.errors.USER_ERRORS` ends
+as ``sgmft VERB: error: <message>`` with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from sgmft.cli import experiments as _experiments
+from sgmft.cli import raw as _raw
+from sgmft.errors import USER_ERRORS
 
 
 def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
@@ -91,29 +104,27 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sgmft.demo import run_demo
+    from sgmft.experiments.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
+# -- options of each verb ------------------------------------------------------------------------
+def _presets_args(s: argparse.ArgumentParser) -> None:
+    pass
 
-    s = sub.add_parser("presets", help="list model presets and registered architectures")
-    s.set_defaults(func=cmd_presets)
 
-    s = sub.add_parser("simulate", help="write the SimFeat synthetic feature store")
+def _simulate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("out", help="output feature-store directory")
     s.add_argument("--num-posts", type=int, dest="num_posts")
     s.add_argument("--dim", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any SimFeatConfig field")
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("train", help="train a preset on a feature store")
+
+def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("store", help="feature-store directory")
     s.add_argument("--out", required=True, help="run directory (created; an interrupted run resumes)")
     s.add_argument("--preset", default="sgmft", help="preset name or YAML path (see `sgmft presets`)")
@@ -127,53 +138,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", help="e.g. ddp, ddp_spawn, fsdp (Lightning strategies)")
     s.add_argument("--num-nodes", type=int, dest="num_nodes")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("evaluate", help="metrics, confusion matrix and t-SNE of a trained model")
+
+def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("checkpoint", help="run directory or its model/ directory")
     s.add_argument("store", help="feature-store directory")
     s.add_argument("--out", help="report directory (default: <checkpoint>/eval-<split>)")
     s.add_argument("--split", default="test", help="test, val, train or all")
     s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points")
-    s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("demo", help="offline end-to-end demo on SimFeat (simulate, train 4 models, report)")
+
+def _demo_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="reports/demo")
     s.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
     s.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_demo)
 
-    for extra in _extra_verbs():
-        extra(sub)
+
+# -- the verb table ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verb:
+    run: Callable[[argparse.Namespace], int]          # the command: one API call
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
+    description: str | None = None
+    show_defaults: bool = False                        # ArgumentDefaultsHelpFormatter
+
+
+VERBS: dict[str, Verb] = {
+    "presets": Verb(cmd_presets, _presets_args, "list model presets and registered architectures"),
+    "simulate": Verb(cmd_simulate, _simulate_args, "write the SimFeat synthetic feature store"),
+    "extract": Verb(_raw.cmd_extract, _raw.extract_args, _raw.EXTRACT_HELP, _raw.EXTRACT_DESCRIPTION, True),
+    "train": Verb(cmd_train, _train_args, "train a preset on a feature store"),
+    "evaluate": Verb(cmd_evaluate, _evaluate_args, "metrics, confusion matrix and t-SNE of a trained model"),
+    "predict": Verb(_raw.cmd_predict, _raw.predict_args, _raw.PREDICT_HELP, _raw.PREDICT_DESCRIPTION, True),
+    "demo": Verb(cmd_demo, _demo_args, "offline end-to-end demo on SimFeat (simulate, train 4 models, report)"),
+    "demo-raw": Verb(_raw.cmd_demo_raw, _raw.demo_raw_args, _raw.DEMO_RAW_HELP, _raw.DEMO_RAW_DESCRIPTION, True),
+    "experiments": Verb(_experiments.cmd_experiments, _experiments.experiments_args, _experiments.HELP,
+                        _experiments.DESCRIPTION),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="verb", required=True)
+    for name, verb in VERBS.items():
+        s = sub.add_parser(name, help=verb.help, description=verb.description,
+                           formatter_class=(argparse.ArgumentDefaultsHelpFormatter if verb.show_defaults
+                                            else argparse.HelpFormatter))
+        verb.add_arguments(s)
+        s.set_defaults(func=verb.run)
     return ap
-
-
-def _extra_verbs():
-    """Verbs contributed by optional modules (raw-post pipeline, experiments)."""
-    found = []
-    for mod_name in ("sgmft.cli_raw", "sgmft.cli_experiments"):
-        try:
-            mod = __import__(mod_name, fromlist=["add_parsers"])
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:
-                raise
-            continue
-        found.append(mod.add_parsers)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        from sgmft.features import FeatureStoreError  # noqa: F401
-
+    except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"sgmft {args.verb}: error: {msg}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

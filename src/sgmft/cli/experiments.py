@@ -1,30 +1,33 @@
-"""``sgmft experiments``: the paper's comparison tables (loaded by ``sgmft.cli``)."""
+"""``sgmft experiments``: the paper's comparison tables (listed in ``sgmft.cli.VERBS``)."""
 
 from __future__ import annotations
 
+from sgmft.errors import UserError
+
 
 def cmd_experiments(args) -> int:
-    from sgmft.experiments.report import run_experiments
+    from sgmft.experiments.suite import run_experiments
 
     if args.full and args.quick:
-        raise ValueError("--full and --quick exclude each other")
+        raise UserError("--full and --quick exclude each other")
     scale = "full" if args.full else "quick" if args.quick else "default"
     tables = None if args.suite == "all" else [args.suite]
     if args.config and args.suite != "all":
-        raise ValueError("give --suite or --config, not both")
+        raise UserError("give --suite or --config, not both")
     run_experiments(args.out, tables=tables, config=args.config, scale=scale, seeds=args.seeds,
                     store=args.store, posts_manifest=args.posts, progress=args.progress,
                     tsne_points=args.tsne_points)
     return 0
 
 
-def add_parsers(sub) -> None:
-    s = sub.add_parser(
-        "experiments", help="reproduce the paper's comparison tables (1-4) on SimFeat / SimPosts",
-        description="Train and evaluate every row of the paper's Tables 1-4 over several seeds and "
-                    "write a report (markdown + CSV tables like the paper's, mean ± std, accuracy / "
-                    "oracle, t-SNE panels of M_fuse). Interrupted runs resume. Default: the CPU scale "
-                    "(about an hour on 2 cores); --full: paper scale (GPU); --quick: a smoke run.")
+HELP = "reproduce the paper's comparison tables (1-4) on SimFeat / SimPosts"
+DESCRIPTION = ("Train and evaluate every row of the paper's Tables 1-4 over several seeds and "
+               "write a report (markdown + CSV tables like the paper's, mean ± std, accuracy / "
+               "oracle, t-SNE panels of M_fuse). Interrupted runs resume. Default: the CPU scale "
+               "(about an hour on 2 cores); --full: paper scale (GPU); --quick: a smoke run.")
+
+
+def experiments_args(s) -> None:
     s.add_argument("--suite", default="all", choices=["all", "table1", "table2", "table3", "table4"],
                    help="which table to run (default: all four)")
     s.add_argument("--config", help="a suite or table YAML file (see sgmft/configs/experiments/)")
@@ -36,4 +39,3 @@ def add_parsers(sub) -> None:
     s.add_argument("--posts", help="post manifest for the CNN baseline instead of generating SimPosts")
     s.add_argument("--tsne-points", type=int, dest="tsne_points", help="points per t-SNE panel (default: the scale's setting)")
     s.add_argument("--progress", action="store_true", help="show training progress bars")
-    s.set_defaults(func=cmd_experiments)

@@ -13,45 +13,22 @@ status 2, like the other verbs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from sgmft.errors import UserError
 from sgmft.ingest.text import CleanConfig
 
 # every on/off switch of CleanConfig gets a --no-<step> flag
 CLEAN_STEPS = tuple(f.name for f in dataclasses.fields(CleanConfig) if f.type in (bool, "bool"))
 
 
-class _UserError(ValueError):
-    pass
+def _hf_progress_bars(enabled: bool):
+    from sgmft.features.backbones.hf_clip import hf_progress_bars
 
-
-def _as_user_error(e: BaseException) -> _UserError:
-    return _UserError(str(e))
-
-
-def _fixable():
-    """Exceptions that mean bad input or environment (reported, not a traceback)."""
-    from sgmft.backbones import BackboneUnavailableError
-    from sgmft.ingest.images import ImageLoadError
-
-    return (BackboneUnavailableError, FileExistsError, ImageLoadError, NotADirectoryError, PermissionError)
-
-
-@contextlib.contextmanager
-def hf_progress_bars(enabled: bool):
-    """Switch transformers' progress bars ("Loading weights") on or off for a block."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    return hf_progress_bars(enabled)
 
 
 def clean_config_from_args(args) -> CleanConfig:
@@ -68,18 +45,13 @@ def cmd_extract(args) -> int:
     cfg = clean_config_from_args(args)
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
-    try:
-        with hf_progress_bars(not args.no_progress):
-            res = extract_features(
-                args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
-                batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
-                on_error="raise" if args.strict else "skip", progress=not args.no_progress,
-                device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
-                overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
-    except _fixable() as e:
-        if isinstance(e, FileExistsError):
-            raise _UserError(f"{out} already exists; pass --overwrite to replace it") from None
-        raise _as_user_error(e) from None
+    with _hf_progress_bars(not args.no_progress):
+        res = extract_features(
+            args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
+            batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
+            on_error="raise" if args.strict else "skip", progress=not args.no_progress,
+            device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
+            overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)
@@ -101,15 +73,12 @@ def cmd_extract(args) -> int:
 
 # -- predict -------------------------------------------------------------------------------------
 def _load_predictor(args):
-    from sgmft.post_predictor import PostPredictor
+    from sgmft.predict import PostPredictor
 
     # no "Loading weights" bar around a one-post answer
-    try:
-        with hf_progress_bars(bool(args.manifest) and not args.no_progress):
-            pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
-                                    batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
-    except _fixable() as e:
-        raise _as_user_error(e) from None
+    with _hf_progress_bars(bool(args.manifest) and not args.no_progress):
+        pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
+                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
     for note in pp.notes:
         print(f"note: {note}", file=sys.stderr)
     return pp
@@ -130,11 +99,11 @@ def format_prediction(res: dict, width: int = 30) -> str:
 def cmd_predict(args) -> int:
     single = args.text is not None or bool(args.image)
     if args.manifest and single:
-        raise _UserError("give either --manifest or --text/--image, not both")
+        raise UserError("give either --manifest or --text/--image, not both")
     if not args.manifest and not single:
-        raise _UserError("give a post (--text and/or --image) or --manifest FILE --out FILE")
+        raise UserError("give a post (--text and/or --image) or --manifest FILE --out FILE")
     if args.manifest and not args.out:
-        raise _UserError("--manifest needs --out FILE (.jsonl or .csv)")
+        raise UserError("--manifest needs --out FILE (.jsonl or .csv)")
     if not Path(args.run_dir).exists():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     if args.manifest and not Path(args.manifest).is_file():
@@ -166,26 +135,22 @@ def cmd_predict(args) -> int:
 
 # -- demo-raw ------------------------------------------------------------------------------------
 def cmd_demo_raw(args) -> int:
-    from sgmft.raw_demo import run_raw_demo
+    from sgmft.experiments.raw_demo import run_raw_demo
 
-    try:
-        run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
-                     threads=args.threads, progress=not args.no_progress)
-    except _fixable() as e:
-        raise _as_user_error(e) from None
+    run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
+                 threads=args.threads, progress=not args.no_progress)
     return 0
 
 
-# -- parsers -------------------------------------------------------------------------------------
-def add_parsers(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+# -- options of each verb (the verb table is sgmft.cli.VERBS) -------------------------------
+EXTRACT_HELP = "raw posts (manifest + images) -> feature store, with a frozen backbone"
+EXTRACT_DESCRIPTION = ("Clean texts, load images robustly, encode both with a frozen backbone and write a "
+    "feature store with text/image masks. Bad rows and image files are skipped and listed "
+    "in a rejects file; finished batches are cached, so an interrupted run resumes. "
+    "See docs/extract.md.")
 
-    s = sub.add_parser(
-        "extract", help="raw posts (manifest + images) -> feature store, with a frozen backbone",
-        description="Clean texts, load images robustly, encode both with a frozen backbone and write a "
-                    "feature store with text/image masks. Bad rows and image files are skipped and listed "
-                    "in a rejects file; finished batches are cached, so an interrupted run resumes. "
-                    "See docs/extract.md.", formatter_class=fmt)
+
+def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("manifest", help="post manifest (.jsonl or .csv; docs/posts-manifest.md)")
     s.add_argument("--out", required=True, help="feature-store directory to write")
     s.add_argument("--backbone", required=True,
@@ -210,14 +175,16 @@ def add_parsers(sub) -> None:
         g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")
     g.add_argument("--user-dict", dest="user_dict", help="jieba user dictionary file")
     s.add_argument("--no-progress", dest="no_progress", action="store_true")
-    s.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser(
-        "predict", help="predict the place of a raw post (--text/--image) or of every post of a manifest",
-        description="Uses the backbone, text cleaning and image choice the run's features were extracted "
-                    "with. Single post: prints the top place and every probability (--json for JSON). "
-                    "Manifest: writes one row per post (.jsonl or .csv) and a rejects file. "
-                    "See docs/predict.md.", formatter_class=fmt)
+
+PREDICT_HELP = "predict the place of a raw post (--text/--image) or of every post of a manifest"
+PREDICT_DESCRIPTION = ("Uses the backbone, text cleaning and image choice the run's features were extracted "
+    "with. Single post: prints the top place and every probability (--json for JSON). "
+    "Manifest: writes one row per post (.jsonl or .csv) and a rejects file. "
+    "See docs/predict.md.")
+
+
+def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("run_dir", help="training run directory (or its model/ directory)")
     s.add_argument("--text", help="the post's raw text")
     s.add_argument("--image", action="append", metavar="PATH", help="an image of the post (repeatable)")
@@ -232,20 +199,20 @@ def add_parsers(sub) -> None:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--no-progress", dest="no_progress", action="store_true")
-    s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser(
-        "demo-raw", help="offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict",
-        description="Generates SimPosts (Weibo-like posts with image files), builds a tiny RANDOM "
-                    "Chinese-CLIP unless --backbone names real weights, extracts features, trains the "
-                    "recommended SG-MFT preset, evaluates it, shows the rejects of a small dirty corpus "
-                    "and predicts 5 new posts. With the random backbone the numbers show that the "
-                    "pipeline works, not the accuracy of a real model.", formatter_class=fmt)
+
+DEMO_RAW_HELP = "offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict"
+DEMO_RAW_DESCRIPTION = ("Generates SimPosts (Weibo-like posts with image files), builds a tiny RANDOM "
+    "Chinese-CLIP unless --backbone names real weights, extracts features, trains the "
+    "recommended SG-MFT preset, evaluates it, shows the rejects of a small dirty corpus "
+    "and predicts 5 new posts. With the random backbone the numbers show that the "
+    "pipeline works, not the accuracy of a real model.")
+
+
+def demo_raw_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="reports/demo-raw")
     s.add_argument("--backbone", help="a real backbone spec instead of the tiny random Chinese-CLIP")
     s.add_argument("--posts", type=int, default=600, help="SimPosts posts for training and evaluation")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--threads", type=int, help="torch threads (default: half the CPU cores)")
     s.add_argument("--no-progress", dest="no_progress", action="store_true")
-    s.set_defaults(func=cmd_demo_raw)
-

@@ -6,8 +6,8 @@ from sgmft.eval.plots import (
     plot_tsne,
     plot_tsne_panels,
     tsne_embed,
-    write_eval_report,
 )
+from sgmft.eval.report import write_eval_report
 
 __all__ = [
     "classification_metrics",

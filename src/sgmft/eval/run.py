@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sgmft.eval.plots import write_eval_report
+from sgmft.eval.report import write_eval_report
 from sgmft.features import FeatureStore
-from sgmft.predictor import Predictor
+from sgmft.predict import Predictor
 
 
 def select_rows(fs: FeatureStore, run_dir: Path | None, split: str) -> np.ndarray:

@@ -52,7 +52,7 @@ def run_raw_demo(out_dir="reports/demo-raw", *, backbone: str | None = None, num
 
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // 2)
-    from sgmft.cli_raw import hf_progress_bars
+    from sgmft.features.backbones.hf_clip import hf_progress_bars
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -72,7 +72,7 @@ def _run(out_dir, *, backbone, num_posts, epochs, new_posts, dirty_posts, seed, 
     from sgmft.eval.run import evaluate
     from sgmft.features.extract import extract_features
     from sgmft.ingest.manifest import read_manifest
-    from sgmft.post_predictor import PostPredictor
+    from sgmft.predict.posts import PostPredictor
     from sgmft.train import train
 
     if num_posts < 40:
@@ -94,13 +94,13 @@ def _run(out_dir, *, backbone, num_posts, epochs, new_posts, dirty_posts, seed, 
     # 2. backbone
     random_bb = backbone is None
     if random_bb:
-        from sgmft.backbones.tiny import build_tiny_chinese_clip
+        from sgmft.features.backbones.tiny import build_tiny_chinese_clip
 
         ckpt = build_tiny_chinese_clip(out / "tiny-chinese-clip", seed=seed)
         backbone = f"chinese-clip:{ckpt.resolve()}"
         _say(f"built a tiny random Chinese-CLIP -> {ckpt}")
         print(RANDOM_BACKBONE_NOTE, flush=True)
-    from sgmft.backbones import load_backbone
+    from sgmft.features.backbones import load_backbone
 
     bb = load_backbone(backbone)
     _say(f"backbone {bb.spec} (D={bb.dim}, {bb.device}, {bb.precision})")

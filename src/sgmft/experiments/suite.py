@@ -66,7 +66,7 @@ def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat") -> Pa
 
 
 def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress: bool, log) -> tuple[Path | None, str]:
-    from sgmft.models.cnn_baseline import build_cnn_wordemb_store, cnn_available
+    from sgmft.features.backbones.cnn_wordemb import build_cnn_wordemb_store, cnn_available
 
     ok, why = cnn_available()
     if not ok:
@@ -160,7 +160,7 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
     from sgmft.eval.plots import tsne_embed
     from sgmft.eval.run import select_rows
     from sgmft.features import FeatureStore
-    from sgmft.predictor import Predictor
+    from sgmft.predict.features import Predictor
 
     run_dir = out / "runs" / _safe(row.name) / f"seed{seed}"
     weights = run_dir / "model" / "model.safetensors"
@@ -245,7 +245,7 @@ def _describe_data(stores: dict[str, Path], missing: dict[str, str]) -> list[str
         lines.append(f"- **SimPosts** raw posts (`{fs.meta.get('extra', {}).get('manifest', '')}`): {len(fs)} "
                      f"posts, {n_test} test; features: frozen EfficientNet-Lite0 (ImageNet) image vector + mean "
                      f"hashed word embeddings of the cleaned jieba tokens, D = {fs.dim} "
-                     f"(sgmft.models.cnn_baseline).")
+                     f"(sgmft.features.backbones.cnn_wordemb).")
     for kind, why in missing.items():
         lines.append(f"- **{kind}: not run** -- {why}.")
     return lines

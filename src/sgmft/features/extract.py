@@ -182,7 +182,7 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
                      _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
-    ``backbone``: a spec for :func:`sgmft.backbones.load_backbone` or a ``Backbone``.
+    ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``.
     ``image_choice``: ``"similar"`` (the image closest to the text, cosine; the paper's
     manual choice, automated), ``"first"`` (first usable image; later ones are not even
     loaded) or ``"mean"`` (L2-normalised mean of the usable images).
@@ -226,8 +226,8 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
         d = _dist()
         rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
         if out_store.exists() and not overwrite:
-            raise FileExistsError(f"{out_store} already exists; pass overwrite=True to replace it")
-        from sgmft.backbones import Backbone, load_backbone
+            raise FileExistsError(f"{out_store} already exists; pass overwrite=True (--overwrite) to replace it")
+        from sgmft.features.backbones import Backbone, load_backbone
 
         bb: Backbone = backbone if not isinstance(backbone, str) else load_backbone(
             backbone, device=device, dtype=dtype, batch_size=batch_size)

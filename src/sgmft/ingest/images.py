@@ -25,18 +25,11 @@ from struct import error as struct_error  # raised by some PIL plugins on bad he
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sgmft.errors import ImageLoadError
+
 # 64 Mpx: far above any real Weibo photo (<= ~40 Mpx from phones), far below what would
 # exhaust memory (an RGB 64 Mpx image is 192 MiB).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-
-
-class ImageLoadError(Exception):
-    """An image file that cannot be used. ``reason`` is short and human-readable."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def image_bytes_digest(path: str | Path, *, chunk: int = 1 << 20) -> str:

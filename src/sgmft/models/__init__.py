@@ -1,11 +1,16 @@
-"""Models: SG-MFT, baselines and fusion modules, all listed by registries.
+"""Models: SG-MFT, its fusion modules and the baselines, all listed by registries.
+
+``blocks``       building blocks (attention, FFN, norms, classifier)
+``fusions``      every module for SG-MFT's fusion slot (SFM, concat, sum, co-attention, ...)
+``sgmft``        SG-MFT itself (SIM + fusion + classifier)
+``baselines``    Table 2's feature baselines (text only, image only, concatenation)
+``comparisons``  Table 1's other methods, re-created as heads on the same features
 
 Importing this package registers every built-in component.
 """
 
-from sgmft.models import baselines, fusion, sgmft  # noqa: F401  (registration)
-from sgmft.models import fusion_variants, heads  # noqa: F401  (registration: Table 1 and 3 variants)
+from sgmft.models import baselines, comparisons, fusions, sgmft  # noqa: F401  (registration)
 from sgmft.models.output import ModelOutput
-from sgmft.models.registry import FUSIONS, MODELS, build_model, list_models
+from sgmft.models.registry import FUSIONS, MODELS, build_model, forward_batch, list_models
 
-__all__ = ["FUSIONS", "MODELS", "ModelOutput", "build_model", "list_models"]
+__all__ = ["FUSIONS", "MODELS", "ModelOutput", "build_model", "forward_batch", "list_models"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.layers import Classifier, ModalityInput
+from sgmft.models.blocks import Classifier, ModalityInput
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import MODELS
 

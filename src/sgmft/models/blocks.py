@@ -1,4 +1,6 @@
-"""Building blocks shared by SG-MFT and the baselines."""
+"""Building blocks shared by SG-MFT, its fusions and the baselines: input scaling with learned
+placeholders, token norms, Q/K/V projections, multi-head attention (eqs 6-11), FFN (eq 15),
+the multimodal classifier (eq 18) and one post-LN transformer stream for the fusion variants."""
 
 from __future__ import annotations
 
@@ -151,3 +153,50 @@ def resolve_attn_impl(cfg: ModelConfig) -> str:
     if cfg.attn_impl == "auto":
         return "rank1" if cfg.token_dim == 1 else "sdpa"
     return cfg.attn_impl
+
+
+class Attention(nn.Module):
+    """Multi-head attention in the form of eq 11 with its own W^Q, W^K, W^V and W^out:
+    cross-attention when ``x_q`` and ``x_kv`` differ, self-attention when they are the same."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.token_dim
+        self.proj_q, self.proj_kv = QKV(d, cfg.attn_dim), QKV(d, cfg.attn_dim)
+        self.out = nn.Linear(cfg.attn_dim, d)
+        self.heads, self.impl, self.chunk = cfg.heads, resolve_attn_impl(cfg), cfg.rank1_chunk
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        return multi_head_attention(x_q, x_kv, self.proj_q, self.proj_kv, self.out,
+                                    self.heads, self.impl, self.chunk)
+
+
+class TransformerSublayers(nn.Module):
+    """One stream of a fusion layer: [self-attention] -> [cross-attention] -> FFN, each
+    wrapped as x = LN(x + dropout(sublayer(x)))."""
+
+    def __init__(self, cfg: ModelConfig, n: int, self_attn: bool = True, cross_attn: bool = True):
+        super().__init__()
+        d, norm = cfg.token_dim, cfg.resolved_norm_mode()
+        self.sa = Attention(cfg) if self_attn else None
+        self.ca = Attention(cfg) if cross_attn else None
+        self.norm_sa = TokenNorm(n, d, norm) if self_attn else None
+        self.norm_ca = TokenNorm(n, d, norm) if cross_attn else None
+        self.ffn = FFN(n, d, cfg.ffn_hidden, cfg.ffn_mode, similarity=False, dropout=cfg.dropout)
+        self.norm_ffn = TokenNorm(n, d, norm)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def self_part(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.sa is None else self.norm_sa(x + self.drop(self.sa(x, x)))
+
+    def cross_part(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return x if self.ca is None else self.norm_ca(x + self.drop(self.ca(x, other)))
+
+    def ffn_part(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_ffn(x + self.drop(self.ffn(x)))
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.self_part(x)
+        if other is not None:
+            x = self.cross_part(x, other)
+        return self.ffn_part(x)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.fusion_variants import Attention, TransformerSublayers
-from sgmft.models.layers import Classifier, ModalityInput, TokenNorm
+from sgmft.models.blocks import Attention, TransformerSublayers
+from sgmft.models.blocks import Classifier, ModalityInput, TokenNorm
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import MODELS
 

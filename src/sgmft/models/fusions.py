@@ -1,9 +1,14 @@
-"""Alternative fusion modules for the SG-MFT fusion slot (paper Table 3, Fig. 6).
+"""Fusion modules for the SG-MFT fusion slot (section 3.2.2, paper Table 3, Fig. 6).
 
 Each module maps the two token sequences (B, n, d) that leave SIM (F^S_text, F^S_image)
-to M_fuse (B, out_dim), like :class:`sgmft.models.fusion.SFM`, so switching the model
-config's ``fusion`` swaps *only* the fusion while SIM and the classifier stay the same:
+to M_fuse (B, out_dim), so switching the model config's ``fusion`` swaps *only* the fusion
+while SIM and the classifier stay the same:
 
+``sfm``          the paper's similarity-aware fusion module, eq 17: CA(t -> i) + CA(i -> t), R^D.
+``concat``       [F^S_text ; F^S_image] in R^{2D}: what M_fuse becomes when SFM is switched off
+                 (ablation, Table 2); the default there because it is exactly the "+ CLIP"
+                 baseline's fusion, so "+ CLIP + SIM" differs from "+ CLIP" by SIM alone.
+``sum``          F^S_text + F^S_image in R^D (eq 17 without its cross-attentions).
 ``asym_coattn``  asymmetric co-attention (mPLUG's cross-modal skip-connected layer, here
                  one layer): only the text stream is updated (self-attention, then
                  cross-attention to the image tokens, then an FFN); the image tokens
@@ -15,12 +20,11 @@ config's ``fusion`` swaps *only* the fusion while SIM and the classifier stay th
 ``coattn``       co-attention (symmetric, METER/ViLBERT-style): two streams, each a
                  self-attention, then a cross-attention to the other stream, then an FFN.
                  M_fuse = [text stream ; image stream] in R^{2D}.
-``sfm``          (in :mod:`sgmft.models.fusion`) eq 17: CA(t -> i) + CA(i -> t), R^D.
 
-Blocks are post-LayerNorm transformer blocks (x = LN(x + sublayer(x))), with the same
-normalisation (``norm_mode``), attention width, heads, attention kernel and FFN
-(``ffn_mode``, ``ffn_hidden``) as SIM, so they run at both the recommended (n = 16) and
-the paper-literal (n = D, d = 1) token views.
+The transformer blocks (:class:`sgmft.models.blocks.TransformerSublayers`) are post-LayerNorm
+(x = LN(x + sublayer(x))), with the same normalisation (``norm_mode``), attention width,
+heads, attention kernel and FFN (``ffn_mode``, ``ffn_hidden``) as SIM, so they run at both
+the recommended (n = 16) and the paper-literal (n = D, d = 1) token views.
 """
 
 from __future__ import annotations
@@ -29,46 +33,62 @@ import torch
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.fusion import CrossAttention
-from sgmft.models.layers import FFN, TokenNorm
+from sgmft.models.blocks import Attention, TransformerSublayers
 from sgmft.models.registry import FUSIONS
 
-__all__ = ["Attention", "TransformerSublayers", "AsymmetricCoAttention", "MergeAttention", "CoAttention"]
+__all__ = ["SFM", "ConcatFusion", "SumFusion", "AsymmetricCoAttention", "MergeAttention", "CoAttention"]
 
 
-# Multi-head attention with its own W^Q, W^K, W^V and W^out (self- or cross-): the SFM's block.
-Attention = CrossAttention
+@FUSIONS.register("sfm")
+class SFM(nn.Module):
+    """Eq 17: M_fuse = CA(query F^S_text, kv F^S_image) + CA(query F^S_image, kv F^S_text).
 
+    Literally, each CA output is a mixture of the *other* modality's value tokens, so the
+    query's own content survives only through the attention weights.  ``sfm_residual``
+    reads "a layer of cross-attention" as a transformer layer, adding the query back:
+    M_fuse = (CA(t, i) + F^S_text) + (CA(i, t) + F^S_image).  ``sfm_merge: concat`` keeps the
+    two cross-attention layers' outputs side by side (R^{2D}) instead of adding them.
+    See docs/design.md.
+    """
 
-class TransformerSublayers(nn.Module):
-    """One stream of a fusion layer: [self-attention] -> [cross-attention] -> FFN, each
-    wrapped as x = LN(x + dropout(sublayer(x)))."""
-
-    def __init__(self, cfg: ModelConfig, n: int, self_attn: bool = True, cross_attn: bool = True):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, norm = cfg.token_dim, cfg.resolved_norm_mode()
-        self.sa = Attention(cfg) if self_attn else None
-        self.ca = Attention(cfg) if cross_attn else None
-        self.norm_sa = TokenNorm(n, d, norm) if self_attn else None
-        self.norm_ca = TokenNorm(n, d, norm) if cross_attn else None
-        self.ffn = FFN(n, d, cfg.ffn_hidden, cfg.ffn_mode, similarity=False, dropout=cfg.dropout)
-        self.norm_ffn = TokenNorm(n, d, norm)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ca_text = Attention(cfg)
+        self.ca_image = Attention(cfg)
+        self.residual, self.merge = cfg.sfm_residual, cfg.sfm_merge
+        self.out_dim = cfg.dim * (2 if self.merge == "concat" else 1)
 
-    def self_part(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.sa is None else self.norm_sa(x + self.drop(self.sa(x, x)))
+    def forward(self, xt: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        a, b = self.ca_text(xt, xi), self.ca_image(xi, xt)
+        if self.residual:
+            a, b = a + xt, b + xi
+        if self.merge == "concat":
+            return torch.cat([a.flatten(1), b.flatten(1)], dim=1)
+        return (a + b).flatten(1)
 
-    def cross_part(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return x if self.ca is None else self.norm_ca(x + self.drop(self.ca(x, other)))
 
-    def ffn_part(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_ffn(x + self.drop(self.ffn(x)))
+@FUSIONS.register("concat")
+class ConcatFusion(nn.Module):
+    """M_fuse = [F^S_text ; F^S_image] in R^{2D}."""
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.self_part(x)
-        if other is not None:
-            x = self.cross_part(x, other)
-        return self.ffn_part(x)
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = 2 * cfg.dim
+
+    def forward(self, xt, xi):
+        return torch.cat([xt.flatten(1), xi.flatten(1)], dim=1)
+
+
+@FUSIONS.register("sum")
+class SumFusion(nn.Module):
+    """M_fuse = F^S_text + F^S_image in R^D (eq 17 without its cross-attentions)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = cfg.dim
+
+    def forward(self, xt, xi):
+        return (xt + xi).flatten(1)
 
 
 @FUSIONS.register("asym_coattn")

@@ -20,3 +20,8 @@ def build_model(cfg):
 
 def list_models() -> list[str]:
     return MODELS.names()
+
+
+def forward_batch(model, batch: dict):
+    """Run a registered model on a batch dict (``text``, ``image``, optional ``*_mask``)."""
+    return model(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask"))

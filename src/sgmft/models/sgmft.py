@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.layers import (FFN, QKV, Classifier, ModalityInput, TokenNorm,
+from sgmft.models.blocks import (FFN, QKV, Classifier, ModalityInput, TokenNorm,
                                  multi_head_attention, resolve_attn_impl)
 from sgmft.models.output import ModelOutput
 from sgmft.models.rank1 import rank1_softmax_mix

@@ -2,7 +2,7 @@
 
 It holds a trained model with its label map and the feature contract (backbone, D,
 normalisation) and turns feature vectors into class probabilities.  Raw posts go through
-:mod:`sgmft.ingest` / :mod:`sgmft.backbones` first (``sgmft predict`` wires them up).
+:mod:`sgmft.ingest` / :mod:`sgmft.features.backbones` first (``sgmft predict`` wires them up).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sgmft.checkpoint import load_checkpoint
 from sgmft.features import FeatureStore
-from sgmft.train.checkpoint import load_checkpoint
-from sgmft.train.module import forward_batch
+from sgmft.models import forward_batch
 
 
 @dataclass

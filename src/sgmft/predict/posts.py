@@ -1,6 +1,6 @@
 """Predict the semantic place of *raw* posts (text + image files) with a trained run.
 
-:class:`PostPredictor` = a :class:`~sgmft.predictor.Predictor` (the trained model) + the
+:class:`PostPredictor` = a :class:`~sgmft.predict.features.Predictor` (the trained model) + the
 frozen backbone the training features came from + the text-cleaning settings and image
 choice used at extraction. Every post goes through the same steps as ``sgmft extract``
 (:mod:`sgmft.features.extract`): clean the text (:class:`TextCleaner`), load each image
@@ -40,7 +40,7 @@ from sgmft.features.extract import IMAGE_CHOICES, _choose, _rel
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
-from sgmft.predictor import Predictor
+from sgmft.predict.features import Predictor
 
 __all__ = ["BackboneMismatchError", "EncodedPosts", "PostPredictor", "encode_posts", "training_extract_info"]
 
@@ -185,8 +185,8 @@ class PostPredictor:
         training one (``check_backbone=False`` turns a fingerprint difference into a note)
         and ``BackboneUnavailableError`` when the weights are not available offline.
         """
-        from sgmft.backbones import Backbone, BackboneUnavailableError, load_backbone
-        from sgmft.backbones.base import resolve_device
+        from sgmft.features.backbones import Backbone, BackboneUnavailableError, load_backbone
+        from sgmft.features.backbones.base import resolve_device
 
         rd = Path(run_dir)
         if not rd.exists():

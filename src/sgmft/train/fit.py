@@ -2,7 +2,7 @@
 
 Lightning runs the loop, so devices, strategy (ddp, ...) and num_nodes are configuration.
 Run folder:
-  model/          exported checkpoint (see :mod:`sgmft.train.checkpoint`) of the best epoch
+  model/          exported checkpoint (see :mod:`sgmft.checkpoint`) of the best epoch
   split.npy       the train/val/test assignment used (evaluate reuses it)
   run.json        store, preset, configs, best validation accuracy, timings
   lightning/      Lightning's checkpoints (resumable) and per-epoch metrics.csv
@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset
 from sgmft.data.splits import resolve_split
 from sgmft.features import FeatureStore
-from sgmft.train.checkpoint import save_checkpoint
+from sgmft.checkpoint import save_checkpoint
 from sgmft.train.data import make_loader
 from sgmft.train.module import LitClassifier
 

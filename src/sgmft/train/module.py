@@ -10,11 +10,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from sgmft.config import ModelConfig, TrainConfig
-from sgmft.models import build_model
-
-
-def forward_batch(model, batch):
-    return model(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask"))
+from sgmft.models import build_model, forward_batch
 
 
 class LitClassifier(L.LightningModule):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sgmft.backbones.base import Backbone, BackboneUnavailableError
+from sgmft.features.backbones.base import Backbone, BackboneUnavailableError
 from sgmft.registry import Registry
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
@@ -20,21 +20,21 @@ BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 
 @BACKBONES.register("chinese-clip")
 def _chinese_clip(ref: str, **kw) -> Backbone:
-    from sgmft.backbones.hf_clip import load_chinese_clip
+    from sgmft.features.backbones.hf_clip import load_chinese_clip
 
     return load_chinese_clip(ref, **kw)
 
 
 @BACKBONES.register("hf-clip")
 def _hf_clip(ref: str, **kw) -> Backbone:
-    from sgmft.backbones.hf_clip import load_hf_clip
+    from sgmft.features.backbones.hf_clip import load_hf_clip
 
     return load_hf_clip(ref, **kw)
 
 
 @BACKBONES.register("cn-clip")
 def _cn_clip(ref: str, **kw) -> Backbone:
-    from sgmft.backbones.cn_clip import load_cn_clip
+    from sgmft.features.backbones.cn_clip import load_cn_clip
 
     return load_cn_clip(ref, **kw)
 

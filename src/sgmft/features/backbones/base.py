@@ -19,11 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sgmft.errors import BackboneUnavailableError
+
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class BackboneUnavailableError(RuntimeError):
-    """The backbone's weights or code are not available here; the message says how to fix it."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from sgmft.backbones.base import Backbone, BackboneUnavailableError, digest_json, hash_state_dict
-from sgmft.backbones.base import resolve_device, resolve_precision
+from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, hash_state_dict
+from sgmft.features.backbones.base import resolve_device, resolve_precision
 
 _DIMS = {"RN50": 1024, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024}
 

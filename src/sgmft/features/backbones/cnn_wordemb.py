@@ -17,7 +17,7 @@ encoder".  It needs raw posts, so it runs on SimPosts (or any post manifest):
   random E is injective on the vocabulary and this is exactly a learned (mean-pooled)
   word-embedding layer; above it, a random-projection approximation of one.
 
-:class:`CNNWordEmbBackbone` implements the :class:`~sgmft.backbones.base.Backbone`
+:class:`CNNWordEmbBackbone` implements the :class:`~sgmft.features.backbones.base.Backbone`
 interface, so :func:`build_cnn_wordemb_store` is plain ``sgmft.features.extract_features``
 and the result is an ordinary feature store: the same trainer and evaluator run the
 baseline (preset ``baseline_cnn``: the ``concat`` arch = the shared 5-layer classifier on
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sgmft.backbones.base import Backbone, BackboneUnavailableError, digest_json, resolve_device
+from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, resolve_device
 
 __all__ = ["CNNWordEmbBackbone", "load_cnn_wordemb", "build_cnn_wordemb_store", "cnn_available",
            "CNN_NAME", "CNN_DIM"]

@@ -16,6 +16,7 @@ machine and point sgmft at it. Nothing here imports torchvision.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sgmft.backbones.base import (
+from sgmft.features.backbones.base import (
     Backbone, BackboneUnavailableError, digest_json, hash_state_dict, resolve_device, resolve_precision,
 )
 
@@ -34,6 +35,19 @@ DEFAULT_CHINESE_CLIP = "OFA-Sys/chinese-clip-vit-huge-patch14"
 CHINESE_CLIP_MAX_LENGTH = 52
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """Switch transformers' progress bars ("Loading weights") on or off for a block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def is_offline() -> bool:
@@ -61,7 +75,7 @@ def download_help(ref: str, name: str) -> str:
         f"  2. copy the directory '{local}' to this machine;\n"
         f"  3. pass --backbone {name}:/path/to/{local} (or load_backbone('{name}:/path/to/{local}')).\n"
         "Alternatively fill the Hugging Face cache (HF_HOME) on a connected machine and copy it.\n"
-        "For tests and demos only: sgmft.backbones.tiny.build_tiny_chinese_clip(dir) makes a tiny "
+        "For tests and demos only: sgmft.features.backbones.tiny.build_tiny_chinese_clip(dir) makes a tiny "
         "RANDOM Chinese-CLIP (meaningless features). See docs/backbones.md.")
 
 

@@ -84,7 +84,7 @@ def build_tiny_chinese_clip(out_dir: str | Path, seed: int = 0, *, size: str = "
                                         crop_size={"height": side, "width": side})
     proc.save_pretrained(str(out))
     (out / "README.md").write_text(
-        f"Tiny RANDOM Chinese-CLIP ({size}, seed {seed}) built by sgmft.backbones.tiny for tests and\n"
+        f"Tiny RANDOM Chinese-CLIP ({size}, seed {seed}) built by sgmft.features.backbones.tiny for tests and\n"
         "the offline demo. Its features are meaningless: not a real Chinese-CLIP checkpoint.\n",
         encoding="utf-8")
     return out
