@@ -59,3 +59,154 @@ def test_default_generator_is_unchanged(name):
     assert d.oracle["test_accuracy"] == pin["test_accuracy"]
     assert d.oracle["test_regime_counts"] == pin["regimes"]
     assert d.oracle["expected_accuracy"] == pytest.approx(pin["expected"], abs=1e-9)
+
+
+# --------------------------------------------------------------------------- profile API
+from dataclasses import asdict, replace  # noqa: E402
+import itertools  # noqa: E402
+
+from sgmft.data.simfeat import (FINE_REGIMES, PROFILES, REGIMES, _draw_posts, _Model,  # noqa: E402
+                                oracle_posteriors, parse_overrides, profile_config, write_simfeat)
+
+HETERO_SMALL = dict(num_posts=4000, dim=128, content_dim=48, test_size=1000, num_users=30, mc_samples=20_000)
+
+
+@pytest.fixture(scope="module")
+def hetero():
+    return generate_simfeat(profile_config("hetero", **HETERO_SMALL))
+
+
+def test_default_profile_is_the_plain_config():
+    assert PROFILES["default"] == {}
+    assert profile_config() == SimFeatConfig()
+    assert profile_config("default", seed=3) == SimFeatConfig(seed=3)
+    cfg = profile_config("hetero", seed=2)
+    assert cfg.profile == "hetero" and cfg.seed == 2 and cfg.fine_regimes
+    assert all(getattr(cfg, k) == v for k, v in PROFILES["hetero"].items())
+
+
+def test_unknown_profile_or_field_is_a_clear_error():
+    with pytest.raises(ValueError, match="known profiles: default, hetero"):
+        profile_config("nope")
+    with pytest.raises(ValueError, match="no_such_field"):
+        profile_config("hetero", no_such_field=1)
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_overrides(["bogus=1"])
+    with pytest.raises(ValueError, match="true or false"):
+        parse_overrides(["fine_regimes=maybe"])
+    assert parse_overrides(["fine_regimes=false", "seed=4", "image_noise=0.3"]) == \
+        {"fine_regimes": False, "seed": 4, "image_noise": 0.3}
+    with pytest.raises(ValueError, match="image_distractor_prob"):
+        SimFeatConfig(image_distractor_prob=1.5)
+
+
+def test_profile_lands_in_the_store_meta(tmp_path):
+    from sgmft.features import FeatureStore
+
+    cfg = profile_config("hetero", **{**HETERO_SMALL, "num_posts": 600, "test_size": 100, "mc_samples": 2000})
+    fs = FeatureStore.open(write_simfeat(tmp_path / "s", cfg))
+    meta = fs.meta["extra"]["simfeat"]
+    assert meta["config"]["profile"] == "hetero"
+    assert SimFeatConfig(**meta["config"]) == cfg
+    assert set(meta["oracle"]["test_regime_counts"]) == set(FINE_REGIMES)
+
+
+# --------------------------------------------------------------------------- hetero
+def test_hetero_regimes_are_fine_and_match_the_components(hetero):
+    cfg = hetero.config
+    assert set(hetero.regime) <= set(FINE_REGIMES) and cfg.regimes == FINE_REGIMES
+    n = len(hetero.regime)
+    expect = {"both": cfg.p_both, "neither": cfg.p_neither,
+              "image_other_place": cfg.p_text_only * cfg.image_distractor_prob,
+              "image_generic": cfg.p_text_only * (1 - cfg.image_distractor_prob),
+              "text_other_place": cfg.p_image_only * cfg.text_distractor_prob,
+              "text_generic": cfg.p_image_only * (1 - cfg.text_distractor_prob)}
+    for r, p in expect.items():
+        assert abs(np.mean(hetero.regime == r) - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-9, r
+    assert sum(hetero.oracle["test_regime_counts"].values()) == cfg.test_size
+
+
+def test_other_place_is_never_the_posts_place():
+    cfg = profile_config("hetero", **HETERO_SMALL)
+    model = _Model(cfg, np.random.default_rng(0))
+    _, y, regime, _, _, c_t, c_i = _draw_posts(cfg, model, 20_000, np.random.default_rng(1), components=True)
+    K = cfg.num_classes
+    image_place = (regime == 1) & (c_i < K)      # the image is uninformative but shows a place
+    text_place = (regime == 2) & (c_t < K)
+    assert image_place.sum() > 1000 and text_place.sum() > 10
+    assert not np.any(c_i[image_place] == y[image_place])
+    assert not np.any(c_t[text_place] == y[text_place])
+
+
+def test_hetero_oracle_beats_each_modality_and_resolves_contradictions(hetero):
+    o = hetero.oracle
+    assert o["test_accuracy"] > max(o["text_only_test_accuracy"], o["image_only_test_accuracy"]) + 0.12
+    by = o["test_accuracy_by_regime"]
+    # the image shows another place than the text: the oracle trusts the text
+    assert by["image_other_place"] > 0.8
+    # a generic modality is discounted: the other one decides
+    assert by["text_generic"] > 0.85 and by["image_generic"] > 0.85
+    assert abs(o["stored_feature_test_accuracy"] - o["test_accuracy"]) <= 0.01
+    # on contradicting posts the image-only posterior is mostly wrong, the joint one mostly right
+    mask = hetero.regime == "image_other_place"
+    post = hetero.oracle_posterior[mask].argmax(1)
+    assert np.mean(post == hetero.clean_labels[mask]) > 0.8
+
+
+def _brute_force(cfg, model, t, i):
+    """p(y | t, i) by enumerating (y, regime, text component, image component), full Gaussians,
+    with each modality's own distractor probability and 'another place' excluding y."""
+    K, G = cfg.num_classes, cfg.num_generic
+    comps = range(K + G)
+    p_reg = dict(zip(REGIMES, (cfg.p_both, cfg.p_text_only, cfg.p_image_only, cfg.p_neither)))
+    k_other = K - 1 if cfg.distractor_excludes_label else K
+
+    def w_un(c, y, q):
+        if c < K:
+            return 0.0 if (cfg.distractor_excludes_label and c == y) else q / k_other
+        return (1 - q) / G
+
+    def logpdf(x, mean, sd):
+        return -0.5 * np.sum((x - mean) ** 2) / sd ** 2 - x.size * np.log(sd * np.sqrt(2 * np.pi))
+
+    out = np.zeros(K)
+    for y in range(K):
+        total = 0.0
+        for r, pr in p_reg.items():
+            t_inf, i_inf = r in ("both", "text"), r in ("both", "image")
+            for ct, ci in itertools.product(comps, comps):
+                wt = float(ct == y) if t_inf else w_un(ct, y, cfg.distractor_prob("text"))
+                wi = float(ci == y) if i_inf else w_un(ci, y, cfg.distractor_prob("image"))
+                if wt == 0 or wi == 0:
+                    continue
+                total += pr * wt * wi * np.exp(
+                    logpdf(t, cfg.text_signal * model.text_comp[ct], cfg.text_noise)
+                    + logpdf(i, cfg.image_signal * model.image_comp[ci], cfg.image_noise) + 40)
+        out[y] = model.prior[y] * total
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("excl", [True, False])
+def test_hetero_oracle_matches_brute_force(excl):
+    cfg = profile_config("hetero", **{**HETERO_SMALL, "content_dim": 6, "num_generic": 3,
+                                      "text_noise": 0.5, "image_noise": 0.5,
+                                      "distractor_excludes_label": excl})
+    model = _Model(cfg, np.random.default_rng(3))
+    _, _, _, t, i = _draw_posts(cfg, model, 20, np.random.default_rng(4))
+    fast = oracle_posteriors(cfg, model, t, i)["joint"]
+    slow = np.array([_brute_force(cfg, model, t[k], i[k]) for k in range(len(t))])
+    np.testing.assert_allclose(fast, slow, rtol=1e-8, atol=1e-12)
+
+
+def test_hetero_oracle_is_calibrated():
+    cfg = profile_config("hetero", **{**HETERO_SMALL, "num_posts": 20_000, "test_size": 4000,
+                                      "dim": 64, "content_dim": 24})
+    d = generate_simfeat(cfg)
+    hits = d.oracle_posterior.argmax(1) == d.clean_labels
+    assert abs(hits.mean() - d.oracle_posterior.max(1).mean()) < 0.01
+    assert abs(np.mean(d.oracle_posterior.argmax(1) == d.labels) - d.oracle["expected_accuracy"]) < 0.012
+
+
+def test_asdict_round_trip_keeps_profile():
+    cfg = profile_config("hetero")
+    assert SimFeatConfig(**asdict(cfg)) == cfg and replace(cfg, seed=1).profile == "hetero"

@@ -48,10 +48,17 @@ import numpy as np
 
 from sgmft.labels import DEFAULT_LABELS
 
-__all__ = ["REGIMES", "SimFeatConfig", "SimFeatData", "generate_simfeat", "write_simfeat",
-           "oracle_posteriors", "proxy_report"]
+__all__ = ["REGIMES", "FINE_REGIMES", "PROFILES", "SimFeatConfig", "SimFeatData", "generate_simfeat",
+           "write_simfeat", "oracle_posteriors", "profile_config", "regime_names", "proxy_report"]
 
+# Coarse regimes (which modalities show the post's place); the ``default`` profile uses these.
 REGIMES: tuple[str, ...] = ("both", "text", "image", "neither")
+# Fine regimes (``fine_regimes=True``): an uninformative modality is named by what it shows,
+# a generic theme or another place than the post's.  ``text_generic``: the text is generic
+# and only the image shows the place; ``image_other_place``: the image shows another place
+# than the (informative) text; ``neither``: no modality shows the post's place.
+FINE_REGIMES: tuple[str, ...] = ("both", "text_generic", "text_other_place", "image_generic",
+                                 "image_other_place", "neither")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,23 @@ class SimFeatConfig:
     # oracle
     mc_samples: int = 200_000       # Monte-Carlo draws for the expected oracle accuracy
     seed: int = 0
+    # -- added with profiles (the defaults keep the original generator, bit for bit)
+    text_distractor_prob: float = -1.0   # P(uninformative text shows a place); < 0: distractor_class_prob
+    image_distractor_prob: float = -1.0  # P(uninformative image shows a place); < 0: distractor_class_prob
+    distractor_excludes_label: bool = False  # a distractor place is *another* place than the post's
+                                             # (uniform over the K - 1 others); False: any place
+    fine_regimes: bool = False      # name regimes by what each uninformative modality shows (FINE_REGIMES)
+    profile: str = "default"        # the PROFILES entry this config was built from (a record only)
+
+    def distractor_prob(self, modality: str) -> float:
+        """P(an uninformative ``modality`` shows a place rather than a generic theme)."""
+        q = self.text_distractor_prob if modality == "text" else self.image_distractor_prob
+        return self.distractor_class_prob if q < 0 else q
+
+    @property
+    def regimes(self) -> tuple[str, ...]:
+        """The regime names this config's posts can carry (REGIMES or FINE_REGIMES)."""
+        return FINE_REGIMES if self.fine_regimes else REGIMES
 
     def __post_init__(self) -> None:
         probs = (self.p_both, self.p_text_only, self.p_image_only, self.p_neither)
@@ -96,8 +120,11 @@ class SimFeatConfig:
             raise ValueError(f"regime probabilities must be >= 0 and sum to 1, got {probs}")
         if not 0 <= self.label_noise <= 1 or not 0 <= self.distractor_class_prob <= 1:
             raise ValueError("label_noise and distractor_class_prob must be in [0, 1]")
-        if self.num_generic < 1 and self.distractor_class_prob < 1:
-            raise ValueError("num_generic must be >= 1 unless distractor_class_prob == 1")
+        for m in ("text", "image"):
+            if self.distractor_prob(m) > 1:
+                raise ValueError(f"{m}_distractor_prob must be <= 1 (or < 0 for distractor_class_prob)")
+            if self.num_generic < 1 and self.distractor_prob(m) < 1:
+                raise ValueError("num_generic must be >= 1 unless every distractor probability is 1")
         if self.content_dim < 1 or self.content_dim + 2 >= self.dim:
             raise ValueError("need 1 <= content_dim and content_dim + 2 < dim")
         if not 0 < self.test_size < self.num_posts:
@@ -108,6 +135,33 @@ class SimFeatConfig:
             raise ValueError("text_noise, image_noise must be > 0 and nuisance >= 0")
         if not -1 <= self.alignment <= 1:
             raise ValueError("alignment is a cosine, in [-1, 1]")
+
+
+# Named profiles: SimFeatConfig field overrides (docs/simfeat.md, "Profiles").
+PROFILES: dict[str, dict] = {
+    # The original SimFeat, unchanged bit for bit: a 16-dim class subspace, symmetric regimes,
+    # an uninformative modality shows a random place or a generic theme.
+    "default": {},
+    # Heterogeneity is the hard part: generic and contradicting modalities are common, the
+    # image shows another place than the text far more often than the text does (a home
+    # photo on an "at the cinema" post), class content is spread over a wide subspace and
+    # noisier. Tuned so that at the paper's scale the oracle beats concatenation by > 6 points.
+    "hetero": dict(
+        p_both=0.45, p_text_only=0.28, p_image_only=0.22, p_neither=0.05,
+        text_distractor_prob=0.03, image_distractor_prob=0.55, distractor_excludes_label=True,
+        fine_regimes=True, num_generic=16, content_dim=256, text_noise=0.2, image_noise=0.2),
+}
+
+
+def profile_config(name: str = "default", **overrides) -> SimFeatConfig:
+    """The SimFeatConfig of profile ``name`` (a PROFILES key), with ``overrides`` on top."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown SimFeat profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
+    fields_ = SimFeatConfig.__dataclass_fields__
+    unknown = set(overrides) - set(fields_)
+    if unknown:
+        raise ValueError(f"unknown SimFeatConfig field(s) {sorted(unknown)} for profile {name!r}")
+    return SimFeatConfig(**{**PROFILES[name], **overrides, "profile": name})
 
 
 @dataclass
@@ -150,17 +204,29 @@ class _Model:
         self.user_share = rng.dirichlet(np.full(cfg.num_users, cfg.user_activity))
         self.user_mix = rng.dirichlet(np.full(K, cfg.user_concentration), size=cfg.num_users)
         self.prior = self.user_share @ self.user_mix              # marginal p(y)
-        # log weight of each component under an uninformative modality
-        q_cls = cfg.distractor_class_prob
+        # log weight of each component under an uninformative modality: a place (uniform over
+        # all K, or over the K - 1 places other than the label) or a generic theme
+        k_other = K - 1 if cfg.distractor_excludes_label else K
+
+        def log_weights(q_cls):
+            with np.errstate(divide="ignore"):
+                return np.log(np.concatenate([np.full(K, q_cls / k_other),
+                                              np.full(G, (1 - q_cls) / G if G else 0.0)]))
+
+        self.log_uninf_text = log_weights(cfg.distractor_prob("text"))
+        self.log_uninf_image = log_weights(cfg.distractor_prob("image"))
+        self.log_uninf = self.log_uninf_text  # the original single table (text == image by default)
         with np.errstate(divide="ignore"):
-            self.log_uninf = np.log(np.concatenate([np.full(K, q_cls / K),
-                                                    np.full(G, (1 - q_cls) / G if G else 0.0)]))
             self.log_regime = np.log(np.array([cfg.p_both, cfg.p_text_only,
                                                cfg.p_image_only, cfg.p_neither]))
 
 
-def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Generator):
-    """Labels, users, regimes, components and content coordinates of n posts."""
+def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Generator,
+                components: bool = False):
+    """Labels, users, regimes, components and content coordinates of n posts.
+
+    Returns (users, y, regime, t, i) with ``regime`` the coarse regime index into REGIMES,
+    plus the text and image component indices (c_t, c_i) if ``components``."""
     K, G = cfg.num_classes, cfg.num_generic
     users = rng.choice(cfg.num_users, size=n, p=model.user_share)
     cum = np.cumsum(model.user_mix[users], axis=1)
@@ -168,15 +234,35 @@ def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Genera
     regime = rng.choice(4, size=n, p=np.exp(model.log_regime))
     text_inf, image_inf = np.isin(regime, (0, 1)), np.isin(regime, (0, 2))
 
-    def component(informative):
-        as_class = rng.random(n) < cfg.distractor_class_prob
-        other = np.where(as_class, rng.integers(0, K, n), K + rng.integers(0, max(G, 1), n))
+    def component(informative, q_cls):
+        as_class = rng.random(n) < q_cls
+        if cfg.distractor_excludes_label:       # another place: uniform over the K - 1 others
+            place = (y + 1 + rng.integers(0, K - 1, n)) % K
+        else:                                   # any place, independent of the label
+            place = rng.integers(0, K, n)
+        other = np.where(as_class, place, K + rng.integers(0, max(G, 1), n))
         return np.where(informative, y, other)
 
-    c_t, c_i = component(text_inf), component(image_inf)
+    c_t = component(text_inf, cfg.distractor_prob("text"))
+    c_i = component(image_inf, cfg.distractor_prob("image"))
     t = cfg.text_signal * model.text_comp[c_t] + cfg.text_noise * rng.standard_normal((n, cfg.content_dim))
     i = cfg.image_signal * model.image_comp[c_i] + cfg.image_noise * rng.standard_normal((n, cfg.content_dim))
+    if components:
+        return users, y, regime, t, i, c_t, c_i
     return users, y, regime, t, i
+
+
+def regime_names(cfg: SimFeatConfig, regime: np.ndarray, c_t: np.ndarray, c_i: np.ndarray) -> np.ndarray:
+    """(n,) str regime names: REGIMES[regime], or the FINE_REGIMES name when ``cfg.fine_regimes``
+    (an uninformative modality whose component is a place is ``*_other_place``, else ``*_generic``)."""
+    if not cfg.fine_regimes:
+        return np.array(REGIMES)[regime]
+    K = cfg.num_classes
+    out = np.full(regime.shape[0], "neither", dtype="<U17")
+    out[regime == 0] = "both"
+    out[regime == 1] = np.where(c_i[regime == 1] < K, "image_other_place", "image_generic")
+    out[regime == 2] = np.where(c_t[regime == 2] < K, "text_other_place", "text_generic")
+    return out
 
 
 # --------------------------------------------------------------------------- oracle
@@ -197,13 +283,23 @@ def oracle_posteriors(cfg: SimFeatConfig, model: _Model, t_content: np.ndarray,
 
     Per modality, log N(x; s P_c, nu^2 I) up to a term shared by all components is
     s x.P_c / nu^2 (all prototypes have unit norm); shared terms cancel in the posterior.
+    An uninformative modality's likelihood u(y) = sum_c w_c N(x; s P_c) mixes the generic
+    themes and the places; it depends on y only when a distractor place excludes the label.
     """
     K = cfg.num_classes
     lt = cfg.text_signal * (t_content @ model.text_comp.T) / cfg.text_noise ** 2
     li = cfg.image_signal * (i_content @ model.image_comp.T) / cfg.image_noise ** 2
     t_cls, i_cls = lt[:, :K], li[:, :K]                       # modality shows class y
-    t_un = _lse(lt + model.log_uninf, 1)[:, None]             # modality is uninformative
-    i_un = _lse(li + model.log_uninf, 1)[:, None]
+    if cfg.distractor_excludes_label:
+        # u(y) = log sum_{c != y} w_c N_c: per y, the component table with place y removed
+        keep = ~np.eye(K, lt.shape[1], dtype=bool)            # (K, K + G): row y drops column y
+        def uninf(l, logw):  # noqa: E306
+            a = np.where(keep[None], (l + logw)[:, None, :], -np.inf)
+            return _lse(a, 2)                                  # (n, K)
+        t_un, i_un = uninf(lt, model.log_uninf_text), uninf(li, model.log_uninf_image)
+    else:
+        t_un = _lse(lt + model.log_uninf_text, 1)[:, None]    # modality is uninformative
+        i_un = _lse(li + model.log_uninf_image, 1)[:, None]
     lb, ltx, lim, lne = model.log_regime
     joint = _lse(np.stack(np.broadcast_arrays(lb + t_cls + i_cls, ltx + t_cls + i_un,
                                               lim + t_un + i_cls, lne + t_un + i_un)), 0)
@@ -225,7 +321,7 @@ def _expected_accuracy(cfg: SimFeatConfig, model: _Model, rng: np.random.Generat
     """
     eta, K = cfg.label_noise, cfg.num_classes
     sums = {k: [0.0, 0.0] for k in ("joint", "text", "image")}
-    n_done, chunk = 0, 50_000
+    n_done, chunk = 0, 50_000 if cfg.content_dim <= 64 else max(2_000, 3_200_000 // cfg.content_dim)
     while n_done < cfg.mc_samples:
         n = min(chunk, cfg.mc_samples - n_done)
         _, _, _, t, i = _draw_posts(cfg, model, n, rng)
@@ -300,7 +396,7 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
     seeds = np.random.SeedSequence(cfg.seed).spawn(5)
     r_model, r_posts, r_embed, r_split, r_mc = (np.random.default_rng(s) for s in seeds)
     model = _Model(cfg, r_model)
-    users, clean, regime, t_c, i_c = _draw_posts(cfg, model, N, r_posts)
+    users, clean, regime, t_c, i_c, comp_t, comp_i = _draw_posts(cfg, model, N, r_posts, components=True)
     noisy = r_posts.random(N) < cfg.label_noise
     labels = np.where(noisy, r_posts.integers(0, K, N), clean).astype(np.int64)
 
@@ -315,17 +411,17 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
     post = oracle_posteriors(cfg, model, t_c, i_c)
     test = split == "test"
     acc = lambda p, y=labels: float(np.mean(p[test].argmax(1) == y[test]))  # noqa: E731
-    regime_names = np.array(REGIMES)[regime]
+    names_r = regime_names(cfg, regime, comp_t, comp_i)
     oracle = {
         "test_accuracy": acc(post["joint"]),
         "text_only_test_accuracy": acc(post["text"]),
         "image_only_test_accuracy": acc(post["image"]),
         "clean_test_accuracy": acc(post["joint"], clean),
         "test_accuracy_by_regime": {
-            r: float(np.mean(post["joint"][test & (regime_names == r)].argmax(1)
-                             == labels[test & (regime_names == r)]))
-            if np.any(test & (regime_names == r)) else None for r in REGIMES},
-        "test_regime_counts": {r: int(np.sum(test & (regime_names == r))) for r in REGIMES},
+            r: float(np.mean(post["joint"][test & (names_r == r)].argmax(1)
+                             == labels[test & (names_r == r)]))
+            if np.any(test & (names_r == r)) else None for r in cfg.regimes},
+        "test_regime_counts": {r: int(np.sum(test & (names_r == r))) for r in cfg.regimes},
     }
     if cfg.nuisance > 0:
         st = _stored_content(cfg, model, text, sigma)
@@ -340,7 +436,7 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
     return SimFeatData(
         ids=np.array([f"sf{k:0{width}d}" for k in range(N)]),
         users=np.array([f"u{u:03d}" for u in users]),
-        text=text, image=image, labels=labels, split=split, regime=regime_names,
+        text=text, image=image, labels=labels, split=split, regime=names_r,
         label_names=names, oracle=oracle, clean_labels=clean.astype(np.int64),
         oracle_posterior=post["joint"].astype(np.float32), config=cfg)
 
@@ -348,19 +444,25 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
 def write_simfeat(path, cfg: SimFeatConfig | None = None, overwrite: bool = False) -> Path:
     """Generate SimFeat and write it as a feature store (backbone ``"simfeat"``).
 
-    ``meta.extra["simfeat"]`` holds the config and the oracle figures; per-post regimes are
-    not part of the store format but ``generate_simfeat(SimFeatConfig(**config))``
+    ``meta.extra["simfeat"]`` holds the config (with its ``profile``) and the oracle figures.
+    The per-post regimes go into the store too when ``write_feature_store`` accepts a
+    ``regime`` argument; either way ``generate_simfeat(SimFeatConfig(**config))``
     reproduces them exactly.
     """
+    import inspect
+
     from sgmft.features import write_feature_store
 
     cfg = cfg or SimFeatConfig()
     d = generate_simfeat(cfg)
+    optional = {}
+    if "regime" in inspect.signature(write_feature_store).parameters:
+        optional["regime"] = d.regime
     return write_feature_store(
         path, ids=d.ids, text=d.text, image=d.image, label_names=d.label_names,
         labels=d.labels, users=d.users, split=d.split, backbone="simfeat",
         normalization="l2", dtype="float32",
-        extra={"simfeat": {"config": asdict(cfg), "oracle": d.oracle}}, overwrite=overwrite)
+        extra={"simfeat": {"config": asdict(cfg), "oracle": d.oracle}}, overwrite=overwrite, **optional)
 
 
 # --------------------------------------------------------------------------- proxies
@@ -415,6 +517,29 @@ def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, dropout:
     return report
 
 
+def parse_overrides(items) -> dict:
+    """``["key=value", ...]`` -> SimFeatConfig field overrides, each value cast to the field's type."""
+    fields_ = SimFeatConfig.__dataclass_fields__
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"SimFeat override {item!r} must look like key=value")
+        key, value = (x.strip() for x in item.split("=", 1))
+        if key not in fields_:
+            raise ValueError(f"SimFeat override {item!r}: unknown field {key!r}")
+        kind = type(fields_[key].default)
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"SimFeat override {item!r}: expected true or false")
+            out[key] = value.lower() in ("true", "1", "yes")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"SimFeat override {item!r}: expected a {kind.__name__}") from None
+    return out
+
+
 def _main(argv=None) -> None:
     import argparse
 
@@ -424,12 +549,12 @@ def _main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--no-logreg", action="store_true")
+    p.add_argument("--profile", default="default", choices=sorted(PROFILES),
+                   help="start from this profile's settings (docs/simfeat.md)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override SimFeatConfig fields, e.g. --set seed=1 label_noise=0.1")
     a = p.parse_args(argv)
-    fields = SimFeatConfig.__dataclass_fields__
-    over = {k: type(fields[k].default)(v) for k, v in (s.split("=", 1) for s in a.set)}
-    cfg = SimFeatConfig(**over)
+    cfg = profile_config(a.profile, **parse_overrides(a.set))
     if a.write:
         print(write_simfeat(a.write, cfg, overwrite=a.overwrite))
     else:
