@@ -73,19 +73,33 @@ def test_pm_one_gives_cross_attention_path(monkeypatch):
     torch.testing.assert_close(seen["xc_i"][0], sa + xi)
 
 
-def test_cross_attention_uses_text_queries_with_image_keys():
-    """Eq 9: CA on the image side uses Q_t, K_i, V_i (one W^Q,W^K,W^V set per modality)."""
+@pytest.mark.parametrize("impl", ["auto", "naive"])
+def test_cross_attention_uses_text_queries_with_image_keys(impl):
+    """Eq 9: the forward's image-side CA uses Q_t, K_i, V_i and its text-side CA Q_i, K_t, V_t
+    (one W^Q,W^K,W^V set per modality).  Checked on the intermediates the forward itself
+    reports (``stages``), against the textbook formula written out here."""
     torch.manual_seed(0)
-    m = build_model(cfg()).eval()
+    m = build_model(cfg(attn_impl=impl)).eval()
     sim = m.sim
-    xt, xi = (m.tokens(x) for x in inputs())
-    ca = sim._mha(xt, xi, sim.proj_t, sim.proj_i, sim.out_ca_i)
-    h, dh = 4, 4
-    q = sim.proj_t.q(xt).view(3, 8, h, dh).transpose(1, 2)
-    k = sim.proj_i.k(xi).view(3, 8, h, dh).transpose(1, 2)
-    v = sim.proj_i.v(xi).view(3, 8, h, dh).transpose(1, 2)
-    att = torch.softmax(q @ k.transpose(-1, -2) / dh ** 0.5, -1) @ v
-    torch.testing.assert_close(ca, sim.out_ca_i(att.transpose(1, 2).reshape(3, 8, 16)))
+    t, i = inputs()
+    stages = {}
+    with torch.no_grad():
+        m(t, i, stages=stages)
+        xt, xi = stages["xt"], stages["xi"]
+        h, dh = 4, 4
+
+        def textbook(x_q, x_kv, p_q, p_kv, out):
+            q = p_q.q(x_q).view(3, 8, h, dh).transpose(1, 2)
+            k = p_kv.k(x_kv).view(3, 8, h, dh).transpose(1, 2)
+            v = p_kv.v(x_kv).view(3, 8, h, dh).transpose(1, 2)
+            att = torch.softmax(q @ k.transpose(-1, -2) / dh ** 0.5, -1) @ v
+            return out(att.transpose(1, 2).reshape(3, 8, 16))
+
+        torch.testing.assert_close(stages["ca_i"], textbook(xt, xi, sim.proj_t, sim.proj_i, sim.out_ca_i))
+        torch.testing.assert_close(stages["ca_t"], textbook(xi, xt, sim.proj_i, sim.proj_t, sim.out_ca_t))
+        torch.testing.assert_close(stages["sa_i"], textbook(xi, xi, sim.proj_i, sim.proj_i, sim.out_sa_i))
+        torch.testing.assert_close(stages["sa_t"], textbook(xt, xt, sim.proj_t, sim.proj_t, sim.out_sa_t))
+        assert not torch.allclose(stages["ca_i"], textbook(xi, xt, sim.proj_i, sim.proj_t, sim.out_ca_i))
 
 
 @pytest.mark.parametrize("side", ["text", "image"])

@@ -68,7 +68,11 @@ class SIM(nn.Module):
         return multi_head_attention(x_q, x_kv, proj_q, proj_kv, out, self.heads, self.impl, self.chunk)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, xt: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, xt: torch.Tensor, xi: torch.Tensor,
+                stages: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X_t, X_i) -> (F^S_text, F^S_image).  If ``stages`` is a dict, every intermediate is
+        also stored in it under the names listed in :data:`SIM_STAGES` (for the equation tests,
+        ``tests/reference_sgmft.py``); the computation is the same either way."""
         p_m = self.modality_similarity(xt, xi).unsqueeze(-1)      # broadcast over width
         # Image side (eqs 8-13): SA from image Q,K,V; CA from text Q with image K,V.
         sa_i = self._mha(xi, xi, self.proj_i, self.proj_i, self.out_sa_i)   # eqs 8, 10
@@ -83,13 +87,23 @@ class SIM(nn.Module):
         # Similarity-aware FFN on one side (eqs 14-16), ordinary FFN on the other (Table 4).
         if self.cfg.ffn_side == "text":
             x_inter = self.element_interaction(xt, xi, xc_i)                  # eq 14
-            fs_t = self.norm_ffn_t(self.drop(self.ffn_sim(xc_t, x_inter)) + xc_t)   # eqs 15-16
-            fs_i = self.norm_ffn_i(self.drop(self.ffn_plain(xc_i)) + xc_i)
+            ffn_t, ffn_i = self.ffn_sim(xc_t, x_inter), self.ffn_plain(xc_i)  # eq 15; plain FFN
         else:
             x_inter = self.element_interaction(xi, xt, xc_t)
-            fs_i = self.norm_ffn_i(self.drop(self.ffn_sim(xc_i, x_inter)) + xc_i)
-            fs_t = self.norm_ffn_t(self.drop(self.ffn_plain(xc_t)) + xc_t)
+            ffn_i, ffn_t = self.ffn_sim(xc_i, x_inter), self.ffn_plain(xc_t)
+        fs_t = self.norm_ffn_t(self.drop(ffn_t) + xc_t)                       # eq 16
+        fs_i = self.norm_ffn_i(self.drop(ffn_i) + xc_i)
+        if stages is not None:
+            stages.update(p_m=p_m.squeeze(-1), sa_i=sa_i, ca_i=ca_i, x_image=x_image, xc_i=xc_i,
+                          sa_t=sa_t, ca_t=ca_t, x_text=x_text, xc_t=xc_t, x_inter=x_inter,
+                          ffn_t=ffn_t, ffn_i=ffn_i, fs_t=fs_t, fs_i=fs_i)
         return fs_t, fs_i
+
+
+# Names under which SIM.forward / SGMFT.forward store intermediates when given ``stages``.
+SIM_STAGES = ("p_m", "sa_i", "ca_i", "x_image", "xc_i", "sa_t", "ca_t", "x_text", "xc_t",
+              "x_inter", "ffn_t", "ffn_i", "fs_t", "fs_i")
+MODEL_STAGES = ("xt", "xi") + SIM_STAGES + ("fused", "logits")
 
 
 @MODELS.register("sgmft")
@@ -108,10 +122,18 @@ class SGMFT(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.cfg.n_tokens, self.cfg.token_dim)
 
-    def forward(self, text, image, text_mask=None, image_mask=None) -> ModelOutput:
+    def forward(self, text, image, text_mask=None, image_mask=None, *,
+                stages: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+        """``stages``: optional dict that receives the intermediates named in MODEL_STAGES
+        (the SIM ones only when SIM is on); used by the equation tests, no effect on the maths."""
         xt = self.tokens(self.text_in(text, text_mask))
         xi = self.tokens(self.image_in(image, image_mask))
+        if stages is not None:
+            stages.update(xt=xt, xi=xi)
         if self.sim is not None:
-            xt, xi = self.sim(xt, xi)
+            xt, xi = self.sim(xt, xi, stages)
         fused = self.fusion(xt, xi)                                            # M_fuse (eq 17)
-        return ModelOutput(logits=self.classifier(fused), fused=fused)
+        logits = self.classifier(fused)                                        # eq 18
+        if stages is not None:
+            stages.update(fused=fused, logits=logits)
+        return ModelOutput(logits=logits, fused=fused)
