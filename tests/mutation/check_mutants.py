@@ -47,7 +47,7 @@ class Mutant:
     what: str          # the wrong equation, in words
 
 
-S, L, F = "models/sgmft.py", "models/layers.py", "models/fusion.py"
+S, L, F = "models/sgmft.py", "models/blocks.py", "models/fusions.py"
 MUTANTS: list[Mutant] = [
     # -- the 11 of issue 9 (each survived tests/test_model.py + tests/test_variants.py)
     Mutant("text_ca_roles_swapped", S,
