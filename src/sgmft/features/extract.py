@@ -1,10 +1,11 @@
 """``sgmft extract``: raw posts (manifest + image files) -> a feature store.
 
-Pipeline per post: validate the manifest row, clean the text (:class:`TextCleaner`), load
-every image robustly (:func:`load_image`; a bad file becomes a reject with field
-``images`` and the post keeps its other images), encode text and images with a frozen
-:class:`Backbone`, choose one image vector (``image_choice``), and write the store with
-``text_mask`` / ``image_mask`` (False + a zero row when a modality is missing).
+Pipeline per post: validate the manifest row, then the shared encode path of
+:mod:`sgmft.features.encode` (clean the text, load every image robustly, encode text and
+images with a frozen :class:`Backbone`, choose one image vector with ``image_choice``; a
+bad image file becomes a reject with field ``images`` and the post keeps its other
+images), and write the store with ``text_mask`` / ``image_mask`` (False + a zero row when
+a modality is missing).
 
 Work is done in *batches aligned to post order* (batch b = posts ``[b*B, (b+1)*B)``), so
 every run, resumed or distributed, forms identical batches and hence bit-identical
@@ -33,14 +34,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sgmft.errors import ImageLoadError
 from sgmft.features import FeatureStoreWriter
-from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_bytes_digest, load_image
+from sgmft.features.encode import PreparedBatch, check_image_choice, encode_prepared, prepare_batch
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS, image_bytes_digest
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.labels import DEFAULT_LABELS
 
 log = logging.getLogger("sgmft.extract")
-IMAGE_CHOICES = ("similar", "first", "mean")
 CACHE_VERSION = 1
 
 
@@ -141,36 +143,13 @@ class _Cache:
 
 # -- per-batch work ----------------------------------------------------------------------------
 @dataclass
-class _Prepared:
-    """One batch, ready for the forward pass (or already in the cache)."""
+class _Job:
+    """One batch of posts: its content keys, and its prepared inputs unless already cached."""
 
     b: int
     keys: list[str]                      # per post: content key
     cached: bool
-    texts: list[str] = field(default_factory=list)     # per post: cleaned text ("" = none)
-    images: list[list] = field(default_factory=list)   # per post: indices of its usable images
-    rejects: list[list] = field(default_factory=list)  # per post: [[image_index, reason], ...]
-    tokens: Any = None                                 # tokens of the non-empty texts
-    pixels: list = field(default_factory=list)         # preprocessed usable images, in chunks
-
-
-def _choose(choice: str, img: np.ndarray, txt: np.ndarray | None) -> np.ndarray:
-    if len(img) == 1 or choice == "first":
-        return img[0]
-    if choice == "mean":
-        m = img.astype(np.float64).mean(0)
-        n = np.linalg.norm(m)
-        return (m / n).astype(np.float32) if n > 0 else img[0]
-    if txt is None:  # 'similar' without usable text: fall back to the first usable image
-        return img[0]
-    return img[int(np.argmax(img.astype(np.float64) @ txt.astype(np.float64)))]
-
-
-def _rel(p: Path, base: Path) -> str:
-    try:
-        return str(p.relative_to(base))
-    except ValueError:
-        return str(p)
+    prepared: PreparedBatch | None = None
 
 
 def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, clean_cfg: CleanConfig | None = None,
@@ -195,8 +174,7 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     ``cpu_count // num_processes``). On CPU, float results depend on the thread count in
     the last bits: runs compare bit for bit only with equal ``threads``.
     """
-    if image_choice not in IMAGE_CHOICES:
-        raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+    check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     out_store = Path(out_store)
@@ -242,55 +220,18 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
         mine = [b for b in range(n_batches) if b % world == rank]
         tok_lock = threading.Lock()
 
-        def prepare(b: int) -> _Prepared:
+        def prepare(b: int) -> _Job:
             batch = posts[b * batch_size:(b + 1) * batch_size]
             keys = [_post_key(prefix, p) for p in batch]
             if cache.path(keys).is_file():
-                return _Prepared(b, keys, cached=True)
-            pr = _Prepared(b, keys, cached=False)
-            for p in batch:
-                pr.texts.append(cleaner.clean(p.text))
-                ims, rej = [], []
-                for j, path in enumerate(p.images):
-                    try:
-                        ims.append((j, load_image(path, max_pixels=max_pixels)))
-                    except ImageLoadError as e:
-                        if on_error == "raise":
-                            raise
-                        rej.append([j, f"{_rel(path, base)}: {e.reason}"])
-                        continue
-                    if image_choice == "first":
-                        break
-                pr.images.append(ims)  # (index, PIL) for now
-                pr.rejects.append(rej)
-            nonempty = [t for t in pr.texts if t]
-            if nonempty:
-                with tok_lock:  # HF fast tokenizers are not safe to call from several threads
-                    pr.tokens = bb.tokenize(nonempty)
-            flat = [im for ims in pr.images for _, im in ims]
-            pr.pixels = [bb.preprocess_images(flat[s:s + bb.batch_size]) for s in range(0, len(flat), bb.batch_size)]
-            pr.images = [[j for j, _ in ims] for ims in pr.images]  # drop the decoded images
-            return pr
+                return _Job(b, keys, cached=True)
+            return _Job(b, keys, cached=False, prepared=prepare_batch(
+                bb, cleaner, batch, image_choice, max_pixels=max_pixels, base=base, on_error=on_error,
+                tokenize_lock=tok_lock))
 
-        def encode(pr: _Prepared) -> None:
-            D = bb.dim
-            t_emb = bb.forward_text(pr.tokens) if pr.tokens is not None else np.zeros((0, D), np.float32)
-            i_emb = (np.concatenate([bb.forward_images(x) for x in pr.pixels]) if pr.pixels
-                     else np.zeros((0, D), np.float32))
-            n = len(pr.keys)
-            text, image = np.zeros((n, D), np.float32), np.zeros((n, D), np.float32)
-            tmask, imask = np.zeros(n, bool), np.zeros(n, bool)
-            ti = ii = 0
-            for r in range(n):
-                if pr.texts[r]:
-                    text[r], tmask[r] = t_emb[ti], True
-                    ti += 1
-                k = len(pr.images[r])
-                if k:
-                    image[r] = _choose(image_choice, i_emb[ii:ii + k], text[r] if tmask[r] else None)
-                    imask[r] = True
-                    ii += k
-            cache.put(pr.keys, text, image, tmask, imask, pr.rejects)
+        def encode(job: _Job) -> None:
+            e = encode_prepared(bb, job.prepared, image_choice)
+            cache.put(job.keys, e.text, e.image, e.text_mask, e.image_mask, e.rejects)
 
         from tqdm.auto import tqdm
 

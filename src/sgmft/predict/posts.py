@@ -2,10 +2,9 @@
 
 :class:`PostPredictor` = a :class:`~sgmft.predict.features.Predictor` (the trained model) + the
 frozen backbone the training features came from + the text-cleaning settings and image
-choice used at extraction. Every post goes through the same steps as ``sgmft extract``
-(:mod:`sgmft.features.extract`): clean the text (:class:`TextCleaner`), load each image
-robustly (:func:`load_image`; a bad file is reported and skipped), encode with the
-backbone, pick one image vector (:func:`sgmft.features.extract._choose`) and set
+choice used at extraction. Every post goes through the code ``sgmft extract`` runs,
+:mod:`sgmft.features.encode`: clean the text, load each image robustly (a bad file is
+reported and skipped), encode with the backbone, pick one image vector and set
 ``text_mask`` / ``image_mask`` False for a missing modality. So a post predicted here gets
 the probabilities it would get by extracting it into a store and predicting the store.
 
@@ -36,95 +35,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sgmft.features.extract import IMAGE_CHOICES, _choose, _rel
-from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from sgmft.features.encode import IMAGE_CHOICES, check_image_choice, encode_posts
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import Predictor
 
-__all__ = ["BackboneMismatchError", "EncodedPosts", "PostPredictor", "encode_posts", "training_extract_info"]
+__all__ = ["BackboneMismatchError", "PostPredictor", "training_extract_info"]
 
 
 class BackboneMismatchError(ValueError):
     """The backbone given for prediction is not the one the model's features came from."""
-
-
-# -- the per-post feature path (mirrors the batch code of sgmft.features.extract) -------------
-@dataclass
-class EncodedPosts:
-    """Features of a list of posts, exactly as ``extract_features`` would store them."""
-
-    text: np.ndarray                  # (N, D) float32, zero row where text_mask is False
-    image: np.ndarray                 # (N, D) float32, zero row where image_mask is False
-    text_mask: np.ndarray             # (N,) bool
-    image_mask: np.ndarray            # (N,) bool
-    texts_used: list[str]             # cleaned text per post ("" = none)
-    images_used: list[list[int]]      # per post: indices (into post.images) the image vector came from
-    rejects: list[list[tuple[int, str]]]  # per post: (image index, reason) of images that failed
-
-
-def encode_posts(bb, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, base: Path | None = None,
-                 on_error: str = "skip") -> EncodedPosts:
-    """Clean, load, encode and choose for one batch of posts (one forward per modality).
-
-    The same steps, in the same order and with the same batching rules, as one batch of
-    :func:`sgmft.features.extract.extract_features` (the texts of the batch in one
-    tokenizer call and one forward, the images in chunks of ``bb.batch_size``), so results
-    match the store to float rounding. ``base``: image paths in reject reasons are shown
-    relative to it.
-    """
-    if image_choice not in IMAGE_CHOICES:
-        raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
-    texts: list[str] = []
-    loaded: list[list[tuple[int, Any]]] = []
-    rejects: list[list[tuple[int, str]]] = []
-    for p in posts:
-        texts.append(cleaner.clean(p.text))
-        ims, rej = [], []
-        for j, path in enumerate(p.images):
-            try:
-                ims.append((j, load_image(path, max_pixels=max_pixels)))
-            except ImageLoadError as e:
-                if on_error == "raise":
-                    raise
-                rej.append((j, f"{_rel(Path(path), base) if base is not None else path}: {e.reason}"))
-                continue
-            if image_choice == "first":
-                break
-        loaded.append(ims)
-        rejects.append(rej)
-
-    D, n = bb.dim, len(posts)
-    nonempty = [t for t in texts if t]
-    t_emb = bb.forward_text(bb.tokenize(nonempty)) if nonempty else np.zeros((0, D), np.float32)
-    flat = [im for ims in loaded for _, im in ims]
-    chunks = [bb.forward_images(bb.preprocess_images(flat[s:s + bb.batch_size]))
-              for s in range(0, len(flat), bb.batch_size)]
-    i_emb = np.concatenate(chunks) if chunks else np.zeros((0, D), np.float32)
-
-    text, image = np.zeros((n, D), np.float32), np.zeros((n, D), np.float32)
-    tmask, imask = np.zeros(n, bool), np.zeros(n, bool)
-    used: list[list[int]] = []
-    ti = ii = 0
-    for r in range(n):
-        if texts[r]:
-            text[r], tmask[r] = t_emb[ti], True
-            ti += 1
-        k = len(loaded[r])
-        idx = [j for j, _ in loaded[r]]
-        if k:
-            cand = i_emb[ii:ii + k]
-            image[r] = _choose(image_choice, cand, text[r] if tmask[r] else None)
-            imask[r] = True
-            ii += k
-            if image_choice == "mean" and k > 1:
-                used.append(idx)
-            else:  # which candidate _choose returned
-                used.append([idx[next(c for c in range(k) if np.array_equal(cand[c], image[r]))]])
-        else:
-            used.append([])
-    return EncodedPosts(text, image, tmask, imask, texts, used, rejects)
 
 
 # -- what the training features were made with -------------------------------------------------
@@ -157,8 +78,7 @@ class PostPredictor:
     def __init__(self, predictor: Predictor, backbone, clean_cfg: CleanConfig | None = None,
                  image_choice: str = "similar", *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  batch_size: int = 32, notes: Sequence[str] = ()):
-        if image_choice not in IMAGE_CHOICES:
-            raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+        check_image_choice(image_choice)
         if backbone.dim != predictor.dim:
             raise BackboneMismatchError(
                 f"backbone {backbone.spec!r} gives D={backbone.dim} features, the model expects "
