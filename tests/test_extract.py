@@ -196,7 +196,7 @@ def test_sigkill_then_resume_bit_identical(env, tmp_path):
                          cache_dir=cache)
     assert r.cached_hits >= 4 * BS and r.cached_hits + r.encoded == 60
     _same(r.store_path, env["base"].store_path)
-    assert not list((cache / "shards").glob(".tmp-*"))  # leftovers of the killed run removed
+    assert not list((cache / "shards").glob(".*.tmp"))  # leftovers of the killed run removed
 
 
 @pytest.mark.slow  # two spawned processes

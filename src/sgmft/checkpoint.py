@@ -1,27 +1,41 @@
-"""Exported model checkpoints: a directory that loads safely and predicts identically.
+"""Exported model checkpoints: a folder that loads safely and predicts identically.
 
-Layout (``<run>/model/``):
+Layout (``<run>/model/``, see :mod:`sgmft.runs` for the rest of the run folder):
   config.json       model config, train config, preset name
   labels.json       label names in index order
-  features.json     what the features must look like (backbone, D, normalisation)
+  features.json     the feature contract: what the model's inputs must be (below)
   model.safetensors the weights (safetensors: no pickle, safe for untrusted files)
+
+``features.json`` holds ``backbone`` (the spec), ``dim`` and ``normalization`` and, under
+``extraction``, how raw posts were turned into the training features, copied from the
+training store's metadata when training: ``backbone_fingerprint`` (weights, tokenizer,
+preprocessing, precision), ``backbone_precision``, ``clean_config`` + ``clean_fingerprint``
+(text cleaning) and ``image_choice``. So a model folder alone is enough to predict raw posts
+(like open_clip's ``preprocess_cfg`` beside its ``model_cfg``). ``extraction`` is ``null``
+for features that ``sgmft extract`` did not make (SimFeat, the user's own); checkpoints
+written before the contract existed have no ``extraction`` key at all.
+
+Reading needs neither Lightning nor the training code.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sgmft.atomic import atomic_dir
 from sgmft.config import ModelConfig, TrainConfig, model_config_from_dict
 from sgmft.models import build_model
+from sgmft.runs import locate
 
 FILES = ("config.json", "labels.json", "features.json", "model.safetensors")
+# the store-metadata keys (meta["extra"], written by sgmft extract) that make up the contract
+EXTRACTION_KEYS = ("backbone_fingerprint", "backbone_precision", "clean_config", "clean_fingerprint",
+                   "image_choice")
 
 
 class CheckpointError(ValueError):
@@ -32,36 +46,33 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
 
 
+def feature_contract(store_meta: dict) -> dict:
+    """``features.json`` for a model trained on a store with metadata ``store_meta``."""
+    extra = store_meta.get("extra") or {}
+    contract = {k: store_meta.get(k) for k in ("backbone", "dim", "normalization")}
+    contract["extraction"] = ({k: extra.get(k) for k in EXTRACTION_KEYS if k in extra}
+                              if "clean_config" in extra else None)
+    return contract
+
+
 def save_checkpoint(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, label_names,
                     feature_meta: dict, train_cfg: TrainConfig | None = None, preset: str = "") -> Path:
-    """Write the checkpoint directory atomically (temp dir, then rename)."""
+    """Write the checkpoint folder atomically. ``feature_meta``: the training store's metadata."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    _write_json(tmp / "config.json", {"format": "sgmft-checkpoint", "version": 1, "preset": preset,
-                                      "model": asdict(model_cfg),
-                                      "train": asdict(train_cfg) if train_cfg else None})
-    _write_json(tmp / "labels.json", list(label_names))
-    _write_json(tmp / "features.json", {k: feature_meta.get(k) for k in ("backbone", "dim", "normalization")})
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        _write_json(tmp / "config.json", {"format": "sgmft-checkpoint", "version": 1, "preset": preset,
+                                          "model": asdict(model_cfg),
+                                          "train": asdict(train_cfg) if train_cfg else None})
+        _write_json(tmp / "labels.json", list(label_names))
+        _write_json(tmp / "features.json", feature_contract(feature_meta))
     return out
 
 
 def load_checkpoint(path, map_location: str = "cpu"):
     """Return ``(model in eval mode, info dict)``; info has model_cfg, label_names, features."""
-    p = Path(path)
-    if (p / "model").is_dir() and not (p / "model.safetensors").exists():
-        p = p / "model"
+    p, _ = locate(path)
     missing = [f for f in FILES if not (p / f).exists()]
     if missing:
         raise CheckpointError(f"{p}: not an sgmft checkpoint (missing {', '.join(missing)})")

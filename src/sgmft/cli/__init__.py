@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from sgmft.cli import experiments as _experiments
@@ -94,7 +93,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from sgmft.eval.run import evaluate
 
-    out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
+    from sgmft.runs import RunDir
+
+    out = args.out or str(RunDir(args.checkpoint).eval_dir(args.split))
     m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
     keep = {k: m[k] for k in ("accuracy", "macro_f1", "num_samples", "oracle_accuracy",
                               "accuracy_over_oracle") if k in m}

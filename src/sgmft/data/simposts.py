@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sgmft.atomic import write_text
 from sgmft.labels import DEFAULT_LABELS
 
 __all__ = ["SimPostsConfig", "generate_simposts", "REGIMES", "DIRTY_EXPECT"]
@@ -528,7 +528,5 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
              "expect_values": list(DIRTY_EXPECT), "items": truth_items}, indent=1, ensure_ascii=False) + "\n",
             encoding="utf-8")
     manifest = out / "manifest.jsonl"
-    tmp = out / ".manifest.jsonl.tmp"
-    tmp.write_text("".join(t + "\n" for t, _ in lines), encoding="utf-8")
-    os.replace(tmp, manifest)
+    write_text(manifest, "".join(t + "\n" for t, _ in lines))
     return manifest

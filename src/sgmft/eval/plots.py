@@ -8,17 +8,13 @@ crash never leaves a half-written report behind.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from sgmft.eval.metrics import classification_metrics
+from sgmft import atomic
 
 __all__ = [
     "plot_confusion",
@@ -43,26 +39,10 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save_png(fig, path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    return _atomic_write_bytes(Path(path), buf.getvalue())
+    return atomic.write_bytes(path, buf.getvalue())
 
 
 def _palette(k: int) -> list[tuple[float, float, float, float]]:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from sgmft.eval.metrics import classification_metrics
-from sgmft.eval.plots import _atomic_write_bytes, plot_confusion, plot_tsne, tsne_embed
+from sgmft import atomic
+from sgmft.eval.plots import plot_confusion, plot_tsne, tsne_embed
 
 
 def _plain(v):
@@ -66,7 +67,7 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
                   "t-SNE of fused features")
         buf = io.BytesIO()                       # kept so suites can redraw panels without re-running t-SNE
         np.savez(buf, coords=coords, labels=yt[idx], rows=idx)
-        _atomic_write_bytes(out / "tsne_coords.npz", buf.getvalue())
+        atomic.write_bytes(out / "tsne_coords.npz", buf.getvalue())
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -79,8 +80,8 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
         if probs is not None:
             row += [f"{p:.6g}" for p in probs[i]]
         writer.writerow(row)
-    _atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8"))
+    atomic.write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8"))
 
-    _atomic_write_bytes(out / "metrics.json",
+    atomic.write_bytes(out / "metrics.json",
                         (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
     return metrics

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from sgmft.atomic import write_text
 from sgmft.eval.report import write_eval_report
 from sgmft.features import FeatureStore
 from sgmft.predict import Predictor
+from sgmft.runs import RunDir, ids_digest, locate
 
 
-def select_rows(fs: FeatureStore, run_dir: Path | None, split: str) -> np.ndarray:
+def select_rows(fs: FeatureStore, run_dir: RunDir | None, split: str) -> np.ndarray:
     """Rows of ``split``: from the store's split.npy, else from the training run's saved split
     (only if the run was trained on this very store), else every labelled row for ``all``."""
     labelled = np.flatnonzero(np.asarray(fs.labels) >= 0)
@@ -22,12 +23,11 @@ def select_rows(fs: FeatureStore, run_dir: Path | None, split: str) -> np.ndarra
     if fs.split is not None:
         rows = fs.indices(split)
     else:
-        saved = None if run_dir is None else run_dir / "split.npy"
+        saved = None if run_dir is None else run_dir.split
         if saved is None or not saved.exists():
             raise ValueError(f"{fs.path}: the store has no split.npy and no training-run split was "
                              f"found next to the checkpoint; pass --split all or a run directory")
-        from sgmft.train.fit import ids_digest
-        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        run = run_dir.read_run_json() or {}
         if run.get("store_ids") != ids_digest(fs.ids):
             raise ValueError(f"{fs.path}: not the store this model was trained on (post ids differ), "
                              f"so its saved split does not apply; pass --split all")
@@ -41,7 +41,7 @@ def select_rows(fs: FeatureStore, run_dir: Path | None, split: str) -> np.ndarra
 def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = "",
              tsne_max_points: int = 2000, seed: int = 0, predictor: Predictor | None = None) -> dict:
     ck = Path(checkpoint)
-    run_dir = ck if (ck / "model").is_dir() else (ck.parent if (ck.parent / "run.json").exists() else None)
+    _, run_dir = locate(ck)
     pred = predictor or Predictor.load(ck)
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     if fs.labels is None:
@@ -56,7 +56,5 @@ def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = ""
     if oracle and split == "test" and fs.split is not None:
         metrics["oracle_accuracy"] = oracle.get("test_accuracy")
         metrics["accuracy_over_oracle"] = metrics["accuracy"] / oracle["test_accuracy"]
-        tmp = Path(out_dir) / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        os.replace(tmp, Path(out_dir) / "metrics.json")
+        write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

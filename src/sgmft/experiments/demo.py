@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from sgmft.atomic import write_text
 from sgmft.experiments.runner import Row, format_table, run_rows
 
 ROWS = [
@@ -25,12 +25,6 @@ ROWS = [
     Row("text_only", "text_only", label="Text only"),
     Row("image_only", "image_only", label="Image only"),
 ]
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_demo(out_dir="reports/demo", *, quick: bool = False, seeds: int = 1, progress: bool = True) -> dict:
@@ -69,14 +63,14 @@ def run_demo(out_dir="reports/demo", *, quick: bool = False, seeds: int = 1, pro
 
     summary = {"store": str(store), "simfeat": fs.meta["extra"]["simfeat"], "quick": quick,
                "seeds": seeds, "table": table, "seconds": round(time.time() - t0, 1)}
-    _atomic(out / "results.json", json.dumps(summary, indent=2))
+    write_text(out / "results.json", json.dumps(summary, indent=2))
     buf = io.StringIO()
     keys = sorted({k for r in table for k in r})
     w = csv.DictWriter(buf, fieldnames=["row"] + [k for k in keys if k != "row"])
     w.writeheader()
     w.writerows(table)
-    _atomic(out / "results.csv", buf.getvalue())
-    _atomic(out / "report.md", "\n".join([
+    write_text(out / "results.csv", buf.getvalue())
+    write_text(out / "report.md", "\n".join([
         "# sgmft demo report", "",
         f"SimFeat: {cfg.num_posts} posts, D = {cfg.dim}, {len(fs.label_names)} classes, "
         f"oracle test accuracy {100 * oracle['test_accuracy']:.2f} % "

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from sgmft.atomic import write_text
 from sgmft.config import Preset, apply_overrides, load_preset
+from sgmft.runs import RunDir
 
 
 @dataclass
@@ -46,7 +47,7 @@ def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, prog
     from sgmft.train import train
 
     run_dir = out_dir / "runs" / _safe(row.name) / f"seed{seed}"
-    done = run_dir / "eval-test" / "metrics.json"
+    done = RunDir(run_dir).eval_dir("test") / "metrics.json"
     if done.exists():
         return json.loads(done.read_text(encoding="utf-8"))
     p = row.resolve(seed, extra_train)
@@ -54,12 +55,10 @@ def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, prog
     t0 = time.time()
     train(store, run_dir, p)
     secs = time.time() - t0
-    m = evaluate(run_dir, store, run_dir / "eval-test", tsne_max_points=tsne_max_points, seed=seed,
+    m = evaluate(run_dir, store, RunDir(run_dir).eval_dir("test"), tsne_max_points=tsne_max_points, seed=seed,
                  title=f"{row.label or row.name} (seed {seed})")
     m["train_seconds"] = round(secs, 1)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(m, indent=2), encoding="utf-8")
-    os.replace(tmp, done)
+    write_text(done, json.dumps(m, indent=2))
     return m
 
 

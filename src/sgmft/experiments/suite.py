@@ -19,7 +19,6 @@ are rewritten after each round, so an interrupted suite still leaves complete ta
 from __future__ import annotations
 
 import json
-import os
 import platform
 import textwrap
 import time
@@ -30,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from sgmft.atomic import write_text
+from sgmft.runs import RunDir
 from sgmft.experiments.runner import _safe, aggregate, run_rows
 from sgmft.experiments.tables import (Suite, SuiteRow, collect_rows, format_paper_table, load_suite,
                                       table_csv, table_rows)
@@ -38,14 +39,6 @@ __all__ = ["run_experiments", "prepare_data", "write_tables", "tsne_figures"]
 
 _IGNORED_TRAIN = {"progress", "seed"}
 _IGNORED_MODEL = {"dim", "num_classes"}
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------- data
@@ -116,12 +109,12 @@ def _check_marker(out: Path, marker: dict) -> None:
         if any(have.get(k) != marker.get(k) for k in keys):
             raise ValueError(f"{out} holds runs made at another scale or on other data "
                              f"({ {k: have.get(k) for k in keys} }); use another --out")
-    _atomic_text(p, json.dumps(marker, indent=2))
+    write_text(p, json.dumps(marker, indent=2))
 
 
 def _check_existing(row, seed: int, out: Path) -> None:
     """A finished run of the same name must have been trained with the same configuration."""
-    run = out / "runs" / _safe(row.name) / f"seed{seed}" / "run.json"
+    run = RunDir(out / "runs" / _safe(row.name) / f"seed{seed}").run_json
     if not run.exists():
         return
     have = json.loads(run.read_text(encoding="utf-8"))
@@ -150,8 +143,8 @@ def write_tables(out: Path, suite: Suite, scale: str, results: dict[str, list[di
                 agg[r.name] = aggregate({r.name: runs})[0]
         recs = table_rows(spec, agg, scale)
         tables[spec.name] = recs
-        _atomic_text(out / f"{spec.name}.md", f"## {spec.title}\n\n{format_paper_table(spec, recs)}\n")
-        _atomic_text(out / f"{spec.name}.csv", table_csv(recs))
+        write_text(out / f"{spec.name}.md", f"## {spec.title}\n\n{format_paper_table(spec, recs)}\n")
+        write_text(out / f"{spec.name}.csv", table_csv(recs))
     return tables
 
 
@@ -163,7 +156,7 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
     from sgmft.predict.features import Predictor
 
     run_dir = out / "runs" / _safe(row.name) / f"seed{seed}"
-    weights = run_dir / "model" / "model.safetensors"
+    weights = RunDir(run_dir).model / "model.safetensors"
     if not weights.exists():
         return None
     stamp = weights.stat().st_mtime_ns                     # a retrained run invalidates the cache
@@ -173,7 +166,7 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
         if int(z["seed"]) == seed and int(z["points"]) == points and int(z["stamp"]) == stamp:
             return z["coords"], z["labels"], [str(n) for n in z["label_names"]]
     fs = FeatureStore.open(store, validate=False)
-    idx = select_rows(fs, run_dir, "test")
+    idx = select_rows(fs, RunDir(run_dir), "test")
     import torch
 
     pred = Predictor.load(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -289,7 +282,7 @@ def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[st
             parts += [f"![t-SNE of M_fuse, {spec.name}]({figures[spec.name]})", ""]
     parts += ["## Row settings", "", *settings, "",
               "Rows with the same name in several tables are the same runs (e.g. `sgmft`).", ""]
-    return _atomic_text(out / "README.md", "\n".join(parts))
+    return write_text(out / "README.md", "\n".join(parts))
 
 
 # --------------------------------------------------------------------------- main
@@ -339,7 +332,7 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
             if not todo:
                 continue
             for row in todo:
-                done = out / "runs" / _safe(row.name) / f"seed{seed}" / "eval-test" / "metrics.json"
+                done = RunDir(out / "runs" / _safe(row.name) / f"seed{seed}").eval_dir("test") / "metrics.json"
                 fresh = not done.exists()
                 _, res = run_rows([row], store_path, out, seeds=[seed], progress=progress,
                                   tsne_max_points=min(300, tsne_points or sc["tsne_points"]),
@@ -359,7 +352,7 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
     summary = {"scale": scale, "scale_settings": sc, "seeds_per_table": seeds_per_table,
                "stores": {k: str(v) for k, v in stores.items()}, "missing": missing, "timing": timing,
                "tables": table_recs, "results": results, "figures": figures}
-    _atomic_text(out / "results.json", json.dumps(summary, indent=2, default=str))
+    write_text(out / "results.json", json.dumps(summary, indent=2, default=str))
     log(f"report written to {out / 'README.md'}")
     return {"tables": table_recs, "results": results, "report": out / "README.md", "figures": figures,
             "timing": timing}

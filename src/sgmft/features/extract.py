@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sgmft.atomic import atomic_file
 from sgmft.errors import ImageLoadError
 from sgmft.features import FeatureStoreWriter
 from sgmft.features.encode import PreparedBatch, check_image_choice, encode_prepared, prepare_batch
@@ -121,15 +122,9 @@ class _Cache:
         return self.shards / (hashlib.sha256("\n".join([self.salt, *keys]).encode()).hexdigest()[:40] + ".npz")
 
     def put(self, keys: list[str], text, image, text_mask, image_mask, rejects: list[list]) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.shards)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, keys=np.asarray(keys), text=text, image=image, text_mask=text_mask,
-                         image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)))
-            os.replace(tmp, self.path(keys))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path(keys), "wb") as f:
+            np.savez(f, keys=np.asarray(keys), text=text, image=image, text_mask=text_mask,
+                     image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)))
         return self.path(keys)
 
     def get(self, keys: list[str]) -> dict[str, Any]:
@@ -274,7 +269,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             d.barrier()
         result = None
         if rank == 0:
-            for f in cache.shards.glob(".tmp-*"):  # partial writes of killed earlier runs
+            for f in cache.shards.glob(".*.tmp"):  # partial writes of killed earlier runs
                 try:
                     if f.stat().st_mtime < started:
                         f.unlink()

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sgmft.atomic import replace_dir
+
 FORMAT, VERSION = "sgmft-features", 1
 FLOAT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "val", "test")
@@ -329,17 +331,7 @@ class FeatureStoreWriter:
             except FeatureStoreError as e:  # report the final path, not the temp dir
                 raise FeatureStoreError(str(e).replace(str(self._tmp), str(self.path))) from None
             self._check_target()
-            if self.path.exists():
-                aside = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-                self.path.rename(aside)
-                try:
-                    self._tmp.rename(self.path)
-                except OSError:
-                    aside.rename(self.path)
-                    raise
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                self._tmp.rename(self.path)
+            replace_dir(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise

@@ -13,13 +13,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sgmft.atomic import atomic_file
 from sgmft.labels import DEFAULT_LABELS
 
 __all__ = ["Post", "Reject", "ManifestError", "read_manifest", "write_rejects", "SPLITS"]
@@ -72,19 +71,11 @@ class ManifestError(ValueError):
 
 
 def write_rejects(path: str | Path, rejects: Iterable[Reject | dict]) -> None:
-    """Write ``rejects`` as JSONL (one object per line), atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rejects:
-                d = r.to_dict() if isinstance(r, Reject) else dict(r)
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``rejects`` as JSONL (one object per line), atomically (:mod:`sgmft.atomic`)."""
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        for r in rejects:
+            d = r.to_dict() if isinstance(r, Reject) else dict(r)
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -26,20 +26,18 @@ import csv
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
+from sgmft.atomic import atomic_file
 from sgmft.features.encode import IMAGE_CHOICES, check_image_choice, encode_posts
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import Predictor
+from sgmft.runs import RunDir
 
 __all__ = ["BackboneMismatchError", "PostPredictor", "training_extract_info"]
 
@@ -50,8 +48,10 @@ class BackboneMismatchError(ValueError):
 
 # -- what the training features were made with -------------------------------------------------
 def training_extract_info(model_dir: Path) -> tuple[dict | None, str | None]:
-    """``(store meta or None, store path or None)`` of the store the run was trained on."""
-    for run_json in (model_dir / "run.json", model_dir.parent / "run.json"):
+    """``(store meta or None, store path or None)`` of the store the run was trained on.
+
+    Only for checkpoints written before ``features.json`` carried the feature contract."""
+    for run_json in (model_dir / "run.json", RunDir(model_dir.parent).run_json):
         if run_json.is_file():
             try:
                 store = json.loads(run_json.read_text(encoding="utf-8")).get("store")
@@ -114,16 +114,27 @@ class PostPredictor:
         dev = resolve_device(device)
         pred = Predictor.load(rd, device=str(dev))
         model_dir = Path(pred.info.get("path", rd))
-        meta, store_path = training_extract_info(model_dir)
-        extra = (meta or {}).get("extra", {}) if isinstance(meta, dict) else {}
         notes: list[str] = []
         trained_spec = pred.features.get("backbone")
-        if meta is None:
-            notes.append(f"training store {store_path or '(not recorded)'} not readable: using the default "
-                         "text cleaning and image choice 'similar'; the backbone weights are not verified")
-        elif "clean_config" not in extra:
-            notes.append(f"training store {store_path} was not made by `sgmft extract` (no cleaning "
-                         "settings recorded): using the default text cleaning and image choice 'similar'")
+        if "extraction" in pred.features:
+            # the feature contract saved in the checkpoint (sgmft.checkpoint)
+            extra = pred.features["extraction"] or {}
+            if not extra:
+                notes.append(f"the model {model_dir} was trained on features not made by `sgmft extract` "
+                             "(no cleaning settings recorded): using the default text cleaning and image "
+                             "choice 'similar'")
+        else:
+            # an older checkpoint: the contract is in its training store's metadata, if still there
+            meta, store_path = training_extract_info(model_dir)
+            extra = (meta or {}).get("extra", {}) if isinstance(meta, dict) else {}
+            if meta is None:
+                notes.append(f"checkpoint {model_dir} predates the feature contract in features.json and its "
+                             f"training store {store_path or '(not recorded)'} is not readable: using the "
+                             "default text cleaning and image choice 'similar'; the backbone weights are not "
+                             "verified (retrain, or keep the store, to record them)")
+            elif "clean_config" not in extra:
+                notes.append(f"training store {store_path} was not made by `sgmft extract` (no cleaning "
+                             "settings recorded): using the default text cleaning and image choice 'similar'")
 
         # text cleaning + image choice of the training features
         if clean_cfg is None and isinstance(extra.get("clean_config"), dict):
@@ -235,7 +246,6 @@ class PostPredictor:
         is_csv = out_path.suffix.lower() == ".csv"
         names = self.label_names
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
         img_rejects: list[Reject] = []
         counts: Counter = Counter()
         n_text_missing = n_image_missing = n_labelled = n_correct = 0
@@ -243,7 +253,7 @@ class PostPredictor:
 
         bar = tqdm(total=len(posts), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
                 writer = None
                 if is_csv:
                     writer = csv.writer(f)
@@ -277,10 +287,6 @@ class PostPredictor:
                                 row["true_label"] = p.label
                             f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     bar.update(len(batch))
-            os.replace(tmp, out_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         finally:
             bar.close()
         rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
@@ -293,9 +299,3 @@ class PostPredictor:
         if n_labelled:
             summary["accuracy"] = n_correct / n_labelled
         return summary
-
-    def describe(self) -> dict:
-        return {"model": str(self.predictor.info.get("path", "")), "preset": self.predictor.info.get("preset", ""),
-                "backbone": self.backbone.spec, "dim": self.backbone.dim, "image_choice": self.image_choice,
-                "clean_config": dataclasses.asdict(self.cleaner.cfg), "labels": self.label_names,
-                "notes": self.notes}

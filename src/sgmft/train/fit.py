@@ -1,20 +1,14 @@
 """``train()``: a feature store + a preset in, a trained, exported checkpoint out.
 
 Lightning runs the loop, so devices, strategy (ddp, ...) and num_nodes are configuration.
-Run folder:
-  model/          exported checkpoint (see :mod:`sgmft.checkpoint`) of the best epoch
-  split.npy       the train/val/test assignment used (evaluate reuses it)
-  run.json        store, preset, configs, best validation accuracy, timings
-  lightning/      Lightning's checkpoints (resumable) and per-epoch metrics.csv
+The run folder's layout is :class:`sgmft.runs.RunDir`; ``model/`` holds the exported
+checkpoint (:mod:`sgmft.checkpoint`) of the best epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict
@@ -30,16 +24,9 @@ from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset
 from sgmft.data.splits import resolve_split
 from sgmft.features import FeatureStore
 from sgmft.checkpoint import save_checkpoint
+from sgmft.runs import RunDir, ids_digest
 from sgmft.train.data import make_loader
 from sgmft.train.module import LitClassifier
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """A fingerprint of a store's post ids, so a saved split is only reused on the same posts."""
-    h = hashlib.sha256()
-    for start in range(0, len(ids), 65536):
-        h.update("\n".join(map(str, ids[start:start + 65536])).encode("utf-8"))
-    return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -77,6 +64,7 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
     model_cfg = dataclasses.replace(model_cfg, dim=fs.dim, num_classes=len(fs.label_names)).validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(out)
 
     split = resolve_split(fs.split, np.asarray(fs.labels), fs.users, mode=train_cfg.split,
                           test_fraction=train_cfg.test_fraction, val_fraction=train_cfg.val_fraction,
@@ -91,7 +79,7 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
                                num_workers=train_cfg.num_workers)
     val_loader = (make_loader(fs, va, max(train_cfg.batch_size, 256), shuffle=False,
                               num_workers=train_cfg.num_workers) if len(va) else None)
-    ckpt_cb = ModelCheckpoint(dirpath=out / "lightning" / "checkpoints", filename="best",
+    ckpt_cb = ModelCheckpoint(dirpath=run_dir.lightning_checkpoints, filename="best",
                               monitor="val_acc" if val_loader else None, mode="max",
                               save_last=True, save_top_k=1)
     callbacks = [ckpt_cb]
@@ -106,12 +94,12 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
         accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=strategy,
         num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
         deterministic=train_cfg.deterministic, callbacks=callbacks,
-        logger=CSVLogger(out, name="lightning", version=""),
+        logger=CSVLogger(run_dir.root, name=run_dir.lightning.name, version=""),
         enable_progress_bar=train_cfg.progress, enable_model_summary=False,
         limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=max(1, min(50, len(train_loader))),
         num_sanity_val_steps=0,
     )
-    resume = out / "lightning" / "checkpoints" / "last.ckpt"
+    resume = run_dir.last_checkpoint
     # Our own run's Lightning checkpoint (trusted; written by this function) resumes an interrupted run.
     trainer.fit(lit, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None,
                 weights_only=False)
@@ -122,16 +110,14 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             lit.load_state_dict(state)
-        ckpt = save_checkpoint(out / "model", lit.model.cpu(), model_cfg, fs.label_names, fs.meta,
+        save_checkpoint(run_dir.model, lit.model.cpu(), model_cfg, fs.label_names, fs.meta,
                                train_cfg, preset=p.name)
-        np.save(out / "split.npy", split)
+        run_dir.write_split(split)
         run = {"store": str(fs.path), "store_ids": ids_digest(fs.ids), "preset": p.name,
                "model": asdict(model_cfg), "train": asdict(train_cfg),
                "num_train": int(len(tr)), "num_val": int(len(va)),
                "num_test": int((split == "test").sum()),
                "best_val_acc": best_score, "epochs_run": int(trainer.current_epoch),
                "seconds": round(time.time() - t0, 2)}
-        tmp = out / ".run.json.tmp"
-        tmp.write_text(json.dumps(run, indent=2), encoding="utf-8")
-        os.replace(tmp, out / "run.json")
-    return TrainResult(out, out / "model", best_score, time.time() - t0)
+        run_dir.write_run_json(run)
+    return TrainResult(out, run_dir.model, best_score, time.time() - t0)

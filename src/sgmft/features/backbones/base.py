@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sgmft.errors import BackboneUnavailableError
+from sgmft.errors import BackboneUnavailableError  # noqa: F401  (re-exported)
 
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

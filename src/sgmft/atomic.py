@@ -1,0 +1,142 @@
+"""Atomic writes: a file or folder appears complete at its final path, or not at all.
+
+Everything is first written to a hidden temporary sibling (same folder, hence same file
+system), flushed and fsync'ed, then moved into place with :func:`os.replace` (atomic on
+POSIX and Windows); the parent folder is fsync'ed where the OS allows it. On an exception
+the temporary file or folder is removed and the target is left as it was. A reader (or a
+crash) never sees a half-written file.
+
+* :func:`atomic_file`  - context manager yielding an open temp file;
+* :func:`write_bytes`, :func:`write_text`, :func:`write_json` - one call;
+* :func:`atomic_dir`   - context manager yielding a temp folder to fill;
+* :func:`replace_dir`  - move a finished temp folder over a (possibly existing) folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["atomic_dir", "atomic_file", "replace_dir", "write_bytes", "write_json", "write_text"]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in ``path`` (a folder); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = None,
+                newline: str | None = None, perms: int = 0o644) -> Iterator[IO[Any]]:
+    """``with atomic_file(p, "w", encoding="utf-8") as f: f.write(...)``; ``"wb"`` for bytes.
+
+    The file gets ``perms`` (``mkstemp`` would leave 0600; outputs are meant to be shared).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if "b" in mode:
+            f = os.fdopen(fd, mode)
+        else:
+            f = os.fdopen(fd, mode, encoding=encoding or "utf-8", newline=newline)
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, perms)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    with atomic_file(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **kw) -> Path:
+    """``obj`` as JSON (UTF-8, a final newline); ``kw`` go to :func:`json.dumps`."""
+    kw.setdefault("ensure_ascii", False)
+    return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``path`` (a sibling), replacing what is there.
+
+    Files are fsync'ed first. An existing ``path`` is renamed aside, ``tmp`` renamed into
+    place and the old folder deleted; if the second rename fails the old folder is put back.
+    """
+    tmp, path = Path(tmp), Path(path)
+    _fsync_tree(tmp)
+    if path.exists():
+        aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, aside)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(aside, path)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_dir(p) as tmp: <write files into tmp>``; on success ``tmp`` replaces ``p``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
