@@ -126,3 +126,55 @@ def test_hf_clip_path(tmp_path):
     t, i = bb.encode_text(["a photo of a cat", "a dog"]), bb.encode_images(_images(2))
     assert t.shape == (2, 16) and i.shape == (2, 16)
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- cnn-wordemb (Table 2 Baseline)
+def test_cnn_wordemb_backbone_offline():
+    from PIL import Image
+
+    from sgmft.features.backbones.cnn_wordemb import CNNWordEmbBackbone, cnn_available
+
+    ok, why = cnn_available()
+    if not ok:
+        pytest.skip(why)
+    bb = CNNWordEmbBackbone(device="cpu", batch_size=4)
+    texts = ["电影 爆米花", "电影", "", "健身 跑步 健身"]
+    emb = bb.encode_text(texts)
+    assert emb.shape == (4, 1280) and np.isfinite(emb).all()
+    # a token's vector does not depend on the batch, and a text is the mean of its tokens'
+    np.testing.assert_allclose(bb.encode_text(["电影"])[0], emb[1], rtol=1e-6)
+    mean = (bb.word_vector(_b(bb, "电影")) + bb.word_vector(_b(bb, "爆米花"))) / 2
+    np.testing.assert_allclose(emb[0], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    assert np.allclose(emb[2], 0)                                   # empty text: no tokens
+    ims = [Image.new("RGB", (40, 30), c) for c in ((200, 30, 30), (30, 30, 200))]
+    iv = bb.encode_images(ims)
+    assert iv.shape == (2, 1280) and np.isfinite(iv).all()
+    assert not np.allclose(iv[0], iv[1])
+    np.testing.assert_allclose(np.linalg.norm(iv, axis=1), 1, rtol=1e-5)
+    assert bb.fingerprint() == CNNWordEmbBackbone(device="cpu", batch_size=2).fingerprint()
+    # a registered backbone: the same spec and fingerprint through load_backbone
+    reg = load_backbone("cnn-wordemb", device="cpu", batch_size=2)
+    assert reg.spec == bb.spec == "cnn-wordemb:efficientnet-lite0" and reg.fingerprint() == bb.fingerprint()
+    with pytest.raises(ValueError, match="unknown CNN"):
+        load_backbone("cnn-wordemb:resnet50", device="cpu")
+
+
+def test_cnn_wordemb_store_through_extract_features(tmp_path):
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+    from sgmft.features import FeatureStore
+    from sgmft.features.backbones.cnn_wordemb import cnn_available
+    from sgmft.features.extract import extract_features
+
+    ok, why = cnn_available()
+    if not ok:
+        pytest.skip(why)
+    man = generate_simposts(tmp_path / "posts", SimPostsConfig(num_posts=6, seed=3))
+    res = extract_features(man, tmp_path / "store", backbone="cnn-wordemb", image_choice="mean",
+                           batch_size=4, device="cpu", progress=False)
+    fs = FeatureStore.open(res.store_path)
+    assert len(fs) == 6 and fs.dim == 1280 and fs.backbone == "cnn-wordemb:efficientnet-lite0"
+    assert fs.meta["extra"]["image_choice"] == "mean" and np.asarray(fs.image_mask).all()
+
+
+def _b(bb, tok):
+    return int(bb.tokenize([tok])["ids"][0, 0])

@@ -286,33 +286,3 @@ def test_absent_modality_uses_learned_placeholder_in_heads():
         b = m(t * 7, i, text_mask=mask).logits
     torch.testing.assert_close(a[~mask], m(torch.zeros_like(t), i, text_mask=mask).logits[~mask])
     assert not torch.allclose(a[mask], b[mask])
-
-
-# --------------------------------------------------------------------------- CNN baseline
-def test_cnn_wordemb_backbone_offline():
-    from PIL import Image
-
-    from sgmft.features.backbones.cnn_wordemb import CNNWordEmbBackbone, cnn_available
-
-    ok, why = cnn_available()
-    if not ok:
-        pytest.skip(why)
-    bb = CNNWordEmbBackbone(device="cpu", batch_size=4)
-    texts = ["电影 爆米花", "电影", "", "健身 跑步 健身"]
-    emb = bb.encode_text(texts)
-    assert emb.shape == (4, 1280) and np.isfinite(emb).all()
-    # a token's vector does not depend on the batch, and a text is the mean of its tokens'
-    np.testing.assert_allclose(bb.encode_text(["电影"])[0], emb[1], rtol=1e-6)
-    mean = (bb.word_vector(_b(bb, "电影")) + bb.word_vector(_b(bb, "爆米花"))) / 2
-    np.testing.assert_allclose(emb[0], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
-    assert np.allclose(emb[2], 0)                                   # empty text: no tokens
-    ims = [Image.new("RGB", (40, 30), c) for c in ((200, 30, 30), (30, 30, 200))]
-    iv = bb.encode_images(ims)
-    assert iv.shape == (2, 1280) and np.isfinite(iv).all()
-    assert not np.allclose(iv[0], iv[1])
-    np.testing.assert_allclose(np.linalg.norm(iv, axis=1), 1, rtol=1e-5)
-    assert bb.fingerprint() == CNNWordEmbBackbone(device="cpu", batch_size=2).fingerprint()
-
-
-def _b(bb, tok):
-    return int(bb.tokenize([tok])["ids"][0, 0])

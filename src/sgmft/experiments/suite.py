@@ -59,7 +59,8 @@ def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat") -> Pa
 
 
 def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress: bool, log) -> tuple[Path | None, str]:
-    from sgmft.features.backbones.cnn_wordemb import build_cnn_wordemb_store, cnn_available
+    from sgmft.features.backbones.cnn_wordemb import cnn_available
+    from sgmft.features.extract import extract_features
 
     ok, why = cnn_available()
     if not ok:
@@ -77,7 +78,8 @@ def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress
             generate_simposts(corpus, SimPostsConfig(**overrides), overwrite=True)
     log(f"extracting EfficientNet-Lite0 + word-embedding features of {manifest} -> {store}")
     t0 = time.time()
-    build_cnn_wordemb_store(manifest, store, progress=progress)
+    extract_features(manifest, store, backbone="cnn-wordemb", image_choice="mean", batch_size=32,
+                     progress=progress, keep_cache=False)
     log(f"  done in {time.time() - t0:.0f} s")
     return store, ""
 

@@ -5,7 +5,10 @@
 
 * ``chinese-clip`` -- Hugging Face ``ChineseCLIPModel`` (default ``OFA-Sys/chinese-clip-vit-huge-patch14``);
 * ``hf-clip``      -- other transformers CLIP-family models (``CLIPModel``, ``SiglipModel``, ...);
-* ``cn-clip``      -- the official ``cn_clip`` package, if installed.
+* ``cn-clip``      -- the official ``cn_clip`` package, if installed;
+* ``cnn-wordemb``  -- Table 2's Baseline: frozen EfficientNet-Lite0 image features + mean of
+  fixed hashed word embeddings (the ``[cnn]`` extra; ``ref`` may be empty or
+  ``efficientnet-lite0``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ def _cn_clip(ref: str, **kw) -> Backbone:
     from sgmft.features.backbones.cn_clip import load_cn_clip
 
     return load_cn_clip(ref, **kw)
+
+
+@BACKBONES.register("cnn-wordemb")
+def _cnn_wordemb(ref: str, *, dtype: str = "auto", **kw) -> Backbone:
+    from sgmft.features.backbones.cnn_wordemb import CNN_NAME, CNNWordEmbBackbone
+
+    if ref not in ("", CNN_NAME):
+        raise ValueError(f"backbone cnn-wordemb: unknown CNN {ref!r}; the only one is {CNN_NAME!r}")
+    if dtype not in ("auto", "float32"):
+        raise ValueError(f"backbone cnn-wordemb runs in float32 only, got dtype={dtype!r}")
+    return CNNWordEmbBackbone(**kw)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -18,9 +18,11 @@ encoder".  It needs raw posts, so it runs on SimPosts (or any post manifest):
   word-embedding layer; above it, a random-projection approximation of one.
 
 :class:`CNNWordEmbBackbone` implements the :class:`~sgmft.features.backbones.base.Backbone`
-interface, so :func:`build_cnn_wordemb_store` is plain ``sgmft.features.extract_features``
-and the result is an ordinary feature store: the same trainer and evaluator run the
-baseline (preset ``baseline_cnn``: the ``concat`` arch = the shared 5-layer classifier on
+interface and is registered as ``cnn-wordemb``, so the baseline's store is made by the
+same call as any other: ``extract_features(manifest, out, backbone="cnn-wordemb",
+image_choice="mean")`` (``sgmft extract ... --backbone cnn-wordemb --image-choice mean``).
+The result is an ordinary feature store: the same trainer and evaluator run the baseline
+(preset ``baseline_cnn``: the ``concat`` arch = the shared 5-layer classifier on
 [text ; image]).  A post with several images uses the mean of their CNN features
 (``image_choice="mean"``; "similar" would compare vectors from unrelated spaces).
 """
@@ -37,8 +39,7 @@ import torch
 
 from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, resolve_device
 
-__all__ = ["CNNWordEmbBackbone", "load_cnn_wordemb", "build_cnn_wordemb_store", "cnn_available",
-           "CNN_NAME", "CNN_DIM"]
+__all__ = ["CNNWordEmbBackbone", "cnn_available", "CNN_NAME", "CNN_DIM"]
 
 CNN_NAME = "efficientnet-lite0"
 CNN_DIM = 1280
@@ -152,19 +153,3 @@ class CNNWordEmbBackbone(Backbone):
 
     def _image_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.extract_features(pixel_values).mean(dim=(2, 3))
-
-
-def load_cnn_wordemb(ref: str = "", *, device="auto", dtype="auto", batch_size: int = 32, **kw) -> CNNWordEmbBackbone:
-    """Backbone-registry-compatible loader (``"cnn-wordemb"``; ``ref`` and ``dtype`` are ignored:
-    the CNN runs in float32)."""
-    return CNNWordEmbBackbone(device=device, batch_size=batch_size, **kw)
-
-
-def build_cnn_wordemb_store(manifest, out_store, *, batch_size: int = 32, progress: bool = False,
-                            overwrite: bool = False, device: str = "auto", **kw):
-    """Extract the baseline's features for every post of ``manifest`` into a feature store."""
-    from sgmft.features.extract import extract_features
-
-    bb = CNNWordEmbBackbone(device=device, batch_size=batch_size)
-    return extract_features(manifest, out_store, backbone=bb, image_choice="mean", batch_size=batch_size,
-                            progress=progress, overwrite=overwrite, keep_cache=False, **kw)
