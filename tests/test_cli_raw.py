@@ -18,7 +18,7 @@ from sgmft.cli import build_parser, main
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features import FeatureStore
 from sgmft.ingest.manifest import read_manifest
-from sgmft.predict.features import Predictor
+from sgmft.predict import Predictor
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pp(env):
-    from sgmft.predict.posts import PostPredictor
+    from sgmft.predict import PostPredictor
 
     return PostPredictor.load(env["run"])
 
@@ -263,7 +263,7 @@ def test_predict_errors(env, capsys, tmp_path):
 
 def test_post_predictor_settings_come_from_the_checkpoint(env, pp, tmp_path):
     from sgmft.ingest.text import CleanConfig
-    from sgmft.predict.posts import PostPredictor
+    from sgmft.predict import PostPredictor
 
     assert pp.backbone.spec == env["spec"] and pp.image_choice == "similar" and pp.notes == []
     assert pp.cleaner.cfg == CleanConfig()

@@ -217,3 +217,15 @@ def test_bad_config_is_rejected():
         ModelConfig(attn_dim=30, heads=8).validate()
     with pytest.raises(ValueError, match="ffn_side"):
         ModelConfig(ffn_side="both").validate()
+
+
+def test_retired_config_field_still_loads():
+    """Configs saved before rank1_chunk was removed (run.json, checkpoints) still load."""
+    from sgmft.config import model_config_from_dict
+
+    old = dataclasses.asdict(ModelConfig(dim=64, n_tokens=8))
+    old["rank1_chunk"] = 262144
+    cfg = model_config_from_dict(old)
+    assert cfg == ModelConfig(dim=64, n_tokens=8) and not hasattr(cfg, "rank1_chunk")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        model_config_from_dict({**old, "rank1_chunks": 1})

@@ -12,7 +12,7 @@ import torch
 from sgmft.config import load_preset
 from sgmft.eval.run import evaluate
 from sgmft.features import FeatureStore
-from sgmft.predict.features import Predictor
+from sgmft.predict import Predictor
 from sgmft.train import load_checkpoint, train
 
 from conftest import make_store

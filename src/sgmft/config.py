@@ -50,7 +50,6 @@ class ModelConfig:
     dropout: float = 0.1
     # -- speed
     attn_impl: str = "auto"         # "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive"
-    rank1_chunk: int = 262144       # unused since the rank-one kernel runs on fused SDPA; kept so configs load
     # -- extra options for registered variants (issue 4 heads put theirs here)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,8 +132,13 @@ class Preset:
                 "model": asdict(self.model), "train": asdict(self.train)}
 
 
+# fields that older configs (run.json, checkpoints' config.json, YAML) may still hold: ignored
+RETIRED_FIELDS = {"ModelConfig": {"rank1_chunk"}}
+
+
 def _build(cls, data: dict[str, Any], where: str):
     known = {f.name for f in fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "

@@ -38,7 +38,7 @@ from sgmft.experiments.tables import (Suite, SuiteRow, collect_rows, format_pape
 __all__ = ["run_experiments", "prepare_data", "write_tables", "tsne_figures"]
 
 _IGNORED_TRAIN = {"progress", "seed"}
-_IGNORED_MODEL = {"dim", "num_classes"}
+_IGNORED_MODEL = {"dim", "num_classes", "rank1_chunk"}  # rank1_chunk: retired field
 
 
 # --------------------------------------------------------------------------- data

@@ -81,7 +81,7 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, proj_kv: QKV,
-                         out: nn.Linear, heads: int, impl: str = "sdpa", chunk: int = 262144) -> torch.Tensor:
+                         out: nn.Linear, heads: int, impl: str = "sdpa") -> torch.Tensor:
     """concat_h softmax(Q K^T / sqrt(d_h)) V  W^out  (eqs 8-11), tokens (B, n, d) -> (B, n, d).
 
     Queries come from ``x_q`` through ``proj_q.q``; keys and values from ``x_kv`` through
@@ -90,7 +90,7 @@ def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, pro
     closed form for d = 1, see :mod:`sgmft.models.rank1`).
     """
     if impl == "rank1":
-        return _rank1_attention(x_q, x_kv, proj_q, proj_kv, out, heads, chunk)
+        return _rank1_attention(x_q, x_kv, proj_q, proj_kv, out, heads)
     q = _split_heads(proj_q.q(x_q), heads)
     k = _split_heads(proj_kv.k(x_kv), heads)
     v = _split_heads(proj_kv.v(x_kv), heads)
@@ -103,7 +103,7 @@ def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, pro
     return out(o.transpose(1, 2).reshape(b, n, h * dh))
 
 
-def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads: int, chunk: int):
+def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads: int):
     """Same numbers as the "naive" path for d = 1, without forming any n x n or d_model tensor."""
     dm = proj_q.q.out_features
     dh = dm // heads
@@ -117,7 +117,7 @@ def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads
     beta = (bq * wk).sum(-1) / math.sqrt(dh)                    # (H,)
     xq, xkv = x_q[..., 0], x_kv[..., 0]                         # (B, n)
     c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]   # (B, H, n)
-    m = rank1_softmax_mix(c, xkv, xkv, chunk)                   # (B, H, n): sum_l p_jl x_l
+    m = rank1_softmax_mix(c, xkv, xkv)                          # (B, H, n): sum_l p_jl x_l
     a = (wv[None] * wo).sum(-1)                                 # (1, H): w_v^h . W_out^h
     const = (bv[None] * wo).sum((-1, -2)) + out.bias            # (1,)
     return (torch.einsum("bhn,oh->bno", m, a) + const)
@@ -164,11 +164,11 @@ class Attention(nn.Module):
         d = cfg.token_dim
         self.proj_q, self.proj_kv = QKV(d, cfg.attn_dim), QKV(d, cfg.attn_dim)
         self.out = nn.Linear(cfg.attn_dim, d)
-        self.heads, self.impl, self.chunk = cfg.heads, resolve_attn_impl(cfg), cfg.rank1_chunk
+        self.heads, self.impl = cfg.heads, resolve_attn_impl(cfg)
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         return multi_head_attention(x_q, x_kv, self.proj_q, self.proj_kv, self.out,
-                                    self.heads, self.impl, self.chunk)
+                                    self.heads, self.impl)
 
 
 class TransformerSublayers(nn.Module):

@@ -27,7 +27,7 @@ class SIM(nn.Module):
         n, d, dm = cfg.n_tokens, cfg.token_dim, cfg.attn_dim
         norm = cfg.resolved_norm_mode()
         self.cfg = cfg
-        self.impl, self.heads, self.chunk = resolve_attn_impl(cfg), cfg.heads, cfg.rank1_chunk
+        self.impl, self.heads = resolve_attn_impl(cfg), cfg.heads
         self.proj_t, self.proj_i = QKV(d, dm), QKV(d, dm)                  # eqs 6, 7
         self.out_sa_t, self.out_ca_t = nn.Linear(dm, d), nn.Linear(dm, d)  # W^s, W^c (text side)
         self.out_sa_i, self.out_ca_i = nn.Linear(dm, d), nn.Linear(dm, d)  # W^s, W^c (image side)
@@ -49,8 +49,7 @@ class SIM(nn.Module):
         """X_inter = P^e X^C_b with P^e = row-softmax(X_a X_b^T) (eqs 2, 4, 5, 14). (B, n, d)."""
         d = xa.shape[-1]
         if d == 1 and self.impl == "rank1":
-            return rank1_softmax_mix(xa[..., 0].unsqueeze(1), xb[..., 0], xb_c[..., 0],
-                                     self.chunk).squeeze(1).unsqueeze(-1)
+            return rank1_softmax_mix(xa[..., 0].unsqueeze(1), xb[..., 0], xb_c[..., 0]).squeeze(1).unsqueeze(-1)
         s_e = xa @ xb.transpose(-1, -2)                           # eq 2
         if self.cfg.pe_scale == "sqrt_d":
             s_e = s_e / math.sqrt(d)
@@ -65,7 +64,7 @@ class SIM(nn.Module):
         return torch.softmax(s_e, dim=-1)
 
     def _mha(self, x_q, x_kv, proj_q, proj_kv, out):
-        return multi_head_attention(x_q, x_kv, proj_q, proj_kv, out, self.heads, self.impl, self.chunk)
+        return multi_head_attention(x_q, x_kv, proj_q, proj_kv, out, self.heads, self.impl)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, xt: torch.Tensor, xi: torch.Tensor,

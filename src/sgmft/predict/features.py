@@ -27,9 +27,6 @@ class Predictions:
     def top(self) -> np.ndarray:
         return self.probs.argmax(1)
 
-    def top_names(self) -> list[str]:
-        return [self.label_names[i] for i in self.top]
-
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, label_names: list[str], features: dict,

@@ -146,11 +146,6 @@ class Backbone(abc.ABC):
                for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able summary for logs and store metadata."""
-        return {"spec": self.spec, "name": self.name, "dim": self.dim, "image_size": self.image_size,
-                "device": str(self.device), "precision": self.precision, "fingerprint": self.fingerprint()}
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device}, "
                 f"precision={self.precision})")
