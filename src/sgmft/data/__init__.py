@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-_LAZY = {  # name -> module; imported on first use so `python -m sgmft.data.simfeat` runs cleanly
+_LAZY = {  # name -> module; imported on first use
     "SimFeatConfig": "sgmft.data.simfeat",
     "SimFeatData": "sgmft.data.simfeat",
     "generate_simfeat": "sgmft.data.simfeat",

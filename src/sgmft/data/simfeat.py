@@ -538,29 +538,3 @@ def parse_overrides(items) -> dict:
             except ValueError:
                 raise ValueError(f"SimFeat override {item!r}: expected a {kind.__name__}") from None
     return out
-
-
-def _main(argv=None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="SimFeat: print the proxy report or write a store.")
-    p.add_argument("--write", metavar="PATH", help="write a feature store instead of the report")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--no-logreg", action="store_true")
-    p.add_argument("--profile", default="default", choices=sorted(PROFILES),
-                   help="start from this profile's settings (docs/simfeat.md)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override SimFeatConfig fields, e.g. --set seed=1 label_noise=0.1")
-    a = p.parse_args(argv)
-    cfg = profile_config(a.profile, **parse_overrides(a.set))
-    if a.write:
-        print(write_simfeat(a.write, cfg, overwrite=a.overwrite))
-    else:
-        print(json.dumps(proxy_report(cfg, epochs=a.epochs, dropout=a.dropout,
-                                            logreg=not a.no_logreg), indent=1))
-
-
-if __name__ == "__main__":
-    _main()
