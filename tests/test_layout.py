@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import sgmft
 
 SRC = Path(sgmft.__file__).resolve().parent
@@ -110,3 +112,51 @@ def test_predict_is_a_leaf():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", r.stdout
+
+
+# The folders in the order a post travels (docs/design.md, "Package structure"): a module may
+# import only modules of its own layer or of layers before it.
+LAYERS = [
+    ("shared", ("sgmft", "sgmft.config", "sgmft.registry", "sgmft.labels", "sgmft.errors", "sgmft.atomic")),
+    ("ingest", ("sgmft.ingest",)),
+    ("features", ("sgmft.features",)),
+    ("data", ("sgmft.data",)),
+    ("models", ("sgmft.models",)),
+    ("run folder", ("sgmft.runs", "sgmft.checkpoint")),
+    ("train", ("sgmft.train",)),
+    ("predict", ("sgmft.predict",)),
+    ("eval", ("sgmft.eval",)),
+    ("experiments", ("sgmft.experiments",)),
+    ("cli", ("sgmft.cli",)),
+]
+
+
+def _layer(module: str) -> int:
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{module} is in no layer of LAYERS (add it, and to docs/design.md)"
+    return best[0]
+
+
+def test_imports_only_go_down_the_post_path():
+    upward = [f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+              for m, deps in import_graph().items() for d in deps if _layer(d) > _layer(m)]
+    assert upward == []
+
+
+def test_design_picture_names_every_folder():
+    doc = SRC.parents[1] / "docs" / "design.md"
+    if not doc.is_file():
+        pytest.skip("not a source checkout")
+    text = doc.read_text(encoding="utf-8")
+    picture = text[text.index("## Package structure"):]
+    picture = picture[:picture.index("\n## ", 5)]
+    for name, path in _modules().items():
+        rel = path.relative_to(SRC)
+        if rel.name == "__init__.py" and len(rel.parts) == 1:
+            continue
+        shown = f"{rel.parts[0]}/" if len(rel.parts) > 1 else rel.name
+        assert shown in picture, f"docs/design.md's structure picture misses {shown} ({name})"
