@@ -1,4 +1,4 @@
-"""Raw-post verbs of the ``sgmft`` command line (loaded by :mod:`sgmft.cli`):
+"""Raw-post verbs of the ``sgmft`` command line (listed in ``sgmft.cli.VERBS``):
 
 * ``sgmft extract MANIFEST --out STORE --backbone SPEC``   raw posts -> a feature store;
 * ``sgmft predict RUN_DIR --text ... --image ...``          one raw post -> place probabilities;
