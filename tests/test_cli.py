@@ -59,3 +59,8 @@ def test_simfeat_module_has_no_parser_of_its_own():
     assert not hasattr(simfeat, "_main")
     with pytest.raises(SystemExit):
         main(["simfeat-report", "--profile", "no-such-profile"])
+
+
+def test_bad_set_is_a_user_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--set", "lr=1"]) == 2
+    assert capsys.readouterr().err.startswith("sgmft train: error: --set 'lr=1': write model.")

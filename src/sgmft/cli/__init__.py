@@ -17,7 +17,7 @@ from typing import Callable
 
 from sgmft.cli import experiments as _experiments
 from sgmft.cli import raw as _raw
-from sgmft.errors import USER_ERRORS
+from sgmft.errors import USER_ERRORS, UserError
 
 
 def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
@@ -30,7 +30,7 @@ def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
         elif section == "train" and rest:
             train.append(rest)
         else:
-            raise SystemExit(f"--set {item!r}: write model.<field>=<value> or train.<field>=<value>")
+            raise UserError(f"--set {item!r}: write model.<field>=<value> or train.<field>=<value>")
     return model, train
 
 
