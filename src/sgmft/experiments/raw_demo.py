@@ -72,7 +72,7 @@ def _run(out_dir, *, backbone, num_posts, epochs, new_posts, dirty_posts, seed, 
     from sgmft.eval.run import evaluate
     from sgmft.features.extract import extract_features
     from sgmft.ingest.manifest import read_manifest
-    from sgmft.predict.posts import PostPredictor
+    from sgmft.predict import PostPredictor
     from sgmft.train import train
 
     if num_posts < 40:

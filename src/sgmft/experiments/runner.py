@@ -37,8 +37,14 @@ class Row:
         return p
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A row name as a file name."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def seed_run(out_dir: Path, row_name: str, seed: int) -> RunDir:
+    """The training run of one row and seed inside an experiment folder."""
+    return RunDir(Path(out_dir) / "runs" / safe_name(row_name) / f"seed{seed}")
 
 
 def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, progress: bool = False,
@@ -46,16 +52,16 @@ def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, prog
     from sgmft.eval.run import evaluate
     from sgmft.train import train
 
-    run_dir = out_dir / "runs" / _safe(row.name) / f"seed{seed}"
-    done = RunDir(run_dir).eval_dir("test") / "metrics.json"
+    run = seed_run(out_dir, row.name, seed)
+    done = run.eval_dir("test") / "metrics.json"
     if done.exists():
         return json.loads(done.read_text(encoding="utf-8"))
     p = row.resolve(seed, extra_train)
     p.train = dataclasses.replace(p.train, progress=progress)
     t0 = time.time()
-    train(store, run_dir, p)
+    train(store, run.root, p)
     secs = time.time() - t0
-    m = evaluate(run_dir, store, RunDir(run_dir).eval_dir("test"), tsne_max_points=tsne_max_points, seed=seed,
+    m = evaluate(run.root, store, run.eval_dir("test"), tsne_max_points=tsne_max_points, seed=seed,
                  title=f"{row.label or row.name} (seed {seed})")
     m["train_seconds"] = round(secs, 1)
     write_text(done, json.dumps(m, indent=2))

@@ -30,8 +30,7 @@ from typing import Callable
 import numpy as np
 
 from sgmft.atomic import write_text
-from sgmft.runs import RunDir
-from sgmft.experiments.runner import _safe, aggregate, run_rows
+from sgmft.experiments.runner import aggregate, run_rows, safe_name, seed_run
 from sgmft.experiments.tables import (Suite, SuiteRow, collect_rows, format_paper_table, load_suite,
                                       table_csv, table_rows)
 
@@ -116,7 +115,7 @@ def _check_marker(out: Path, marker: dict) -> None:
 
 def _check_existing(row, seed: int, out: Path) -> None:
     """A finished run of the same name must have been trained with the same configuration."""
-    run = RunDir(out / "runs" / _safe(row.name) / f"seed{seed}").run_json
+    run = seed_run(out, row.name, seed).run_json
     if not run.exists():
         return
     have = json.loads(run.read_text(encoding="utf-8"))
@@ -155,23 +154,23 @@ def _row_tsne(out: Path, row: SuiteRow, store: Path, seed: int, points: int, log
     from sgmft.eval.plots import tsne_embed
     from sgmft.eval.run import select_rows
     from sgmft.features import FeatureStore
-    from sgmft.predict.features import Predictor
+    from sgmft.predict import Predictor
 
-    run_dir = out / "runs" / _safe(row.name) / f"seed{seed}"
-    weights = RunDir(run_dir).model / "model.safetensors"
+    run = seed_run(out, row.name, seed)
+    weights = run.model / "model.safetensors"
     if not weights.exists():
         return None
     stamp = weights.stat().st_mtime_ns                     # a retrained run invalidates the cache
-    cache = out / "tsne" / f"{_safe(row.name)}.npz"
+    cache = out / "tsne" / f"{safe_name(row.name)}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if int(z["seed"]) == seed and int(z["points"]) == points and int(z["stamp"]) == stamp:
             return z["coords"], z["labels"], [str(n) for n in z["label_names"]]
     fs = FeatureStore.open(store, validate=False)
-    idx = select_rows(fs, RunDir(run_dir), "test")
+    idx = select_rows(fs, run, "test")
     import torch
 
-    pred = Predictor.load(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    pred = Predictor.load(run.root, device="cuda" if torch.cuda.is_available() else "cpu")
     fused = pred.predict_store(fs, idx, return_fused=True).fused
     labels = np.asarray(fs.labels[idx])
     t0 = time.time()
@@ -334,7 +333,7 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
             if not todo:
                 continue
             for row in todo:
-                done = RunDir(out / "runs" / _safe(row.name) / f"seed{seed}").eval_dir("test") / "metrics.json"
+                done = seed_run(out, row.name, seed).eval_dir("test") / "metrics.json"
                 fresh = not done.exists()
                 _, res = run_rows([row], store_path, out, seeds=[seed], progress=progress,
                                   tsne_max_points=min(300, tsne_points or sc["tsne_points"]),
