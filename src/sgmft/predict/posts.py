@@ -10,12 +10,16 @@ the probabilities it would get by extracting it into a store and predicting the 
 
 Where the settings come from (``PostPredictor.load(run_dir)``):
 
-* backbone: the spec in the checkpoint's ``features.json`` (override with ``backbone=``;
-  the override must have the same D and, when the training store recorded it, the same
-  backbone fingerprint, i.e. the same weights, tokenizer and preprocessing);
-* cleaning and image choice: ``extra.clean_config`` / ``extra.image_choice`` of the
-  training store named in the run's ``run.json``; if that store is gone or was not made
-  by ``sgmft extract``, the defaults (every cleaning step on, ``"similar"``) and a note.
+* everything comes from the feature contract in the checkpoint's ``features.json``
+  (:mod:`sgmft.checkpoint`): the backbone spec (override with ``backbone=``; the override
+  must have the same D and, when recorded, the same backbone fingerprint, i.e. the same
+  weights, tokenizer and preprocessing), its precision, the cleaning settings and the
+  image choice. The training store is not needed;
+* features not made by ``sgmft extract`` (``"extraction": null``): the defaults (every
+  cleaning step on, ``"similar"``) and a note;
+* checkpoints older than the contract: ``extra.clean_config`` / ``extra.image_choice`` of
+  the training store named in the run's ``run.json``; if that store is gone, the defaults
+  and a note that says so.
 
 See docs/predict.md.
 """
