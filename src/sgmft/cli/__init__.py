@@ -17,6 +17,7 @@ from typing import Callable
 
 from sgmft.cli import experiments as _experiments
 from sgmft.cli import raw as _raw
+from sgmft.cli import serve as _serve
 from sgmft.errors import USER_ERRORS, UserError
 
 
@@ -208,6 +209,7 @@ VERBS: dict[str, Verb] = {
     "demo-raw": Verb(_raw.cmd_demo_raw, _raw.demo_raw_args, _raw.DEMO_RAW_HELP, _raw.DEMO_RAW_DESCRIPTION, True),
     "experiments": Verb(_experiments.cmd_experiments, _experiments.experiments_args, _experiments.HELP,
                         _experiments.DESCRIPTION),
+    "serve": Verb(_serve.cmd_serve, _serve.serve_args, _serve.HELP, _serve.DESCRIPTION, True),
 }
 
 

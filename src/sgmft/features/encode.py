@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sgmft.errors import ImageLoadError
-from sgmft.ingest.images import DEFAULT_MAX_PIXELS, load_image
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes, load_any
 from sgmft.ingest.manifest import Post
 from sgmft.ingest.text import TextCleaner
 
@@ -111,13 +111,13 @@ def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_c
     for p in posts:
         pr.texts.append(cleaner.clean(p.text))
         ims, rej = [], []
-        for j, path in enumerate(p.images):
+        for j, src in enumerate(p.images):   # paths, or ImageBytes (in-memory uploads, e.g. the HTTP service)
             try:
-                ims.append((j, load_image(path, max_pixels=max_pixels)))
+                ims.append((j, load_any(src, max_pixels=max_pixels)))
             except ImageLoadError as e:
                 if on_error == "raise":
                     raise
-                rej.append([j, f"{_shown(Path(path), base)}: {e.reason}"])
+                rej.append([j, f"{src.name if isinstance(src, ImageBytes) else _shown(Path(src), base)}: {e.reason}"])
                 continue
             if image_choice == "first":
                 break

@@ -18,6 +18,7 @@ reject for the file and carry on. Handled:
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 from struct import error as struct_error  # raised by some PIL plugins on bad headers
@@ -65,6 +66,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
+class ImageBytes:
+    """An image given as bytes (an upload), never a path: what the HTTP service passes on.
+
+    ``name`` is only a label for messages (e.g. the upload's file name); nothing is read
+    from the file system for it.
+    """
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, data: bytes, name: str = "upload"):
+        self.data, self.name = bytes(data), str(name)
+
+    def __repr__(self) -> str:
+        return f"ImageBytes({self.name!r}, {len(self.data)} bytes)"
+
+    def __str__(self) -> str:
+        return self.name
+
+
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an upright RGB image (first frame if animated).
 
@@ -78,10 +98,28 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageLoadError(path, f"cannot read file: {e.strerror or e}") from None
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return _decode(path, path, max_pixels)
+
+
+def load_image_bytes(img: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for an in-memory image (same checks, same errors; ``path`` = its name)."""
+    if not img.data:
+        raise ImageLoadError(img.name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(img.data), img.name, max_pixels)
+
+
+def load_any(src: "str | Path | ImageBytes", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path (:func:`load_image`) or an :class:`ImageBytes` (:func:`load_image_bytes`)."""
+    if isinstance(src, ImageBytes):
+        return load_image_bytes(src, max_pixels=max_pixels)
+    return load_image(src, max_pixels=max_pixels)
+
+
+def _decode(src, path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 w, h = im.size
                 if w <= 0 or h <= 0:
                     raise ImageLoadError(path, f"invalid size {w}x{h}")
@@ -112,4 +150,5 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageLoadError(path, reason) from None
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_bytes_digest", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageBytes", "ImageLoadError", "image_bytes_digest", "load_any", "load_image",
+           "load_image_bytes"]

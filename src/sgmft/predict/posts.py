@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from sgmft.atomic import atomic_file
 from sgmft.features.encode import IMAGE_CHOICES, check_image_choice, encode_posts
-from sgmft.ingest.images import DEFAULT_MAX_PIXELS
+from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import Predictor
@@ -193,39 +193,60 @@ class PostPredictor:
         return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes)
 
     # -- single posts ------------------------------------------------------------------------
-    def predict_post(self, text: str | None, images: Sequence[str | os.PathLike] = ()) -> dict:
-        """One post -> ``{label, prob, probs, text_used, image_used, text_mask, image_mask, warnings}``.
+    def predict_post(self, text: str | None, images: Sequence[str | os.PathLike | ImageBytes] = ()) -> dict:
+        """One post -> ``{label, prob, probs, text_used, image_used, image_index, text_mask, image_mask,
+        warnings, image_rejects}``.
 
         ``label`` is the most probable place, ``probs`` maps every place to its probability,
         ``text_used`` is the cleaned text the model saw (``""`` = none), ``image_used`` the
         image the image vector came from (a list of paths with ``image_choice="mean"``;
-        ``None`` = none). Unusable images and missing modalities are reported in
-        ``warnings``; nothing raises for bad input files.
+        ``None`` = none) and ``image_index`` its position in ``images``. Unusable images and
+        missing modalities are reported in ``warnings`` (and the unusable images as
+        ``image_rejects``: ``[index, reason]`` pairs); nothing raises for bad input files.
         """
-        if text is not None and not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if isinstance(images, (str, os.PathLike)):
+        if isinstance(images, (str, os.PathLike, ImageBytes)):
             images = [images]
-        given = [str(p) for p in images]
-        post = Post("post", "", text or "", tuple(Path(p) for p in given), None, None, 0)
-        enc = encode_posts(self.backbone, self.cleaner, [post], self.image_choice, max_pixels=self.max_pixels)
-        pr = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask)
-        warnings = [f"image {given[j]} not used: {reason.split(': ', 1)[-1]}" for j, reason in enc.rejects[0]]
-        tm, im = bool(enc.text_mask[0]), bool(enc.image_mask[0])
+        return self.predict_posts([(text, images)])[0]
+
+    def predict_posts(self, posts: Sequence[tuple[str | None, Sequence[str | os.PathLike | ImageBytes]]]) -> list[dict]:
+        """Many ``(text, images)`` posts, encoded in batches of ``batch_size``; one
+        :meth:`predict_post` result per post. Images may be paths or
+        :class:`~sgmft.ingest.images.ImageBytes` (bytes in memory: what the HTTP service
+        passes, which never passes paths)."""
+        items = []
+        for text, images in posts:
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"text must be a str, got {type(text).__name__}")
+            imgs = tuple(im if isinstance(im, ImageBytes) else Path(im) for im in images)
+            items.append(Post("post", "", text or "", imgs, None, None, 0))
+        out: list[dict] = []
+        for s in range(0, len(items), self.batch_size):
+            batch = items[s:s + self.batch_size]
+            enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels)
+            probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask).probs
+            out.extend(self._result(post, enc, r, probs[r]) for r, post in enumerate(batch))
+        return out
+
+    def _result(self, post: Post, enc, r: int, probs) -> dict:
+        given = [str(p) for p in post.images]
+        rejects = [[j, reason.removeprefix(f"{given[j]}: ")] for j, reason in enc.rejects[r]]
+        warnings = [f"image {given[j]} not used: {reason}" for j, reason in rejects]
+        tm, im = bool(enc.text_mask[r]), bool(enc.image_mask[r])
         if not tm and not im:
             warnings.append("no usable text or image: the prediction is the model's answer for an empty post")
         elif not tm:
             warnings.append("no text left after cleaning: predicted from the image only")
         elif not im:
             warnings.append("no usable image: predicted from the text only")
-        used = [given[j] for j in enc.images_used[0]]
-        image_used: Any = (used if self.image_choice == "mean" and len(used) > 1 else used[0]) if used else None
-        probs = pr.probs[0]
+        idx = enc.images_used[r]
+        several = self.image_choice == "mean" and len(idx) > 1
+        image_used: Any = ([given[j] for j in idx] if several else given[idx[0]]) if idx else None
+        image_index: Any = (list(idx) if several else idx[0]) if idx else None
         top = int(probs.argmax())
         return {"label": self.label_names[top], "prob": float(probs[top]),
                 "probs": {n: float(p) for n, p in zip(self.label_names, probs)},
-                "text_used": enc.texts_used[0], "image_used": image_used,
-                "text_mask": tm, "image_mask": im, "warnings": warnings}
+                "text_used": enc.texts_used[r], "image_used": image_used, "image_index": image_index,
+                "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects}
 
     # -- manifests ---------------------------------------------------------------------------
     def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False) -> dict:

@@ -1,0 +1,117 @@
+"""Dynamic batching: concurrent requests share one backbone + model forward.
+
+A :class:`Batcher` owns a bounded queue of items (one item = one post). Its worker task
+takes the first waiting item, then keeps collecting until it has ``max_batch`` items or
+``max_wait_ms`` have passed since the first, and runs ``fn(items) -> results`` on the
+inference thread (one thread for all batchers, so forwards never overlap and torch keeps
+its threads). While a batch runs, new requests queue up and form the next batch, so
+under load batches fill by themselves and the wait only costs latency when traffic is
+light. A request whose items do not fit in the queue is refused at once with
+:class:`QueueFull` (the service answers 503 + Retry-After): waiting is always bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import Executor
+from typing import Any, Callable, Sequence
+
+
+class QueueFull(Exception):
+    """The queue cannot take the request's items now."""
+
+    def __init__(self, name: str, depth: int, limit: int, retry_after: int):
+        self.name, self.depth, self.limit, self.retry_after = name, depth, limit, retry_after
+        super().__init__(f"the {name} queue is full ({depth} waiting, limit {limit})")
+
+
+class Batcher:
+    def __init__(self, name: str, fn: Callable[[list], Sequence[Any]], executor: Executor, *,
+                 max_batch: int, max_wait_ms: float, max_queue: int,
+                 on_batch: Callable[[str, int, float], None] | None = None):
+        self.name, self.fn, self.executor = name, fn, executor
+        self.max_batch, self.max_wait, self.max_queue = int(max_batch), max_wait_ms / 1000.0, int(max_queue)
+        self.on_batch = on_batch
+        self._q: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.running = 0          # items in the batch being computed now
+        self._rate = 0.0          # items per second of recent batches (for Retry-After)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._loop is not loop or self._task.done():
+            self._loop, self._q = loop, asyncio.Queue()
+            self._task = loop.create_task(self._work(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize() if self._q is not None else 0
+
+    # -- submitting ---------------------------------------------------------------------------
+    async def submit(self, items: Sequence[Any]) -> list:
+        """Queue ``items``; return their results in order (an exception of ``fn`` is raised)."""
+        self._ensure_started()
+        depth = self.depth + self.running
+        if self.depth + len(items) > self.max_queue:
+            eta = depth / self._rate if self._rate > 0 else 1.0
+            raise QueueFull(self.name, depth, self.max_queue, max(1, math.ceil(eta)))
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in items]
+        for it, fut in zip(items, futs):
+            self._q.put_nowait((it, fut))
+        return list(await asyncio.gather(*futs))
+
+    async def _work(self) -> None:
+        q, loop = self._q, asyncio.get_running_loop()
+        while True:
+            batch = [await q.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                if not q.empty():
+                    batch.append(q.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(q.get(), left))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+            batch = [(it, f) for it, f in batch if not f.done()]   # the client went away
+            if not batch:
+                continue
+            self.running = len(batch)
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [it for it, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except Exception as e:  # every waiting request gets the error (a 500), the worker goes on
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+            else:
+                for (_, f), r in zip(batch, results):
+                    if not f.done():
+                        f.set_result(r)
+            finally:
+                dt = time.perf_counter() - t0
+                self.running = 0
+                if dt > 0:
+                    rate = len(batch) / dt
+                    self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+                if self.on_batch is not None:
+                    self.on_batch(self.name, len(batch), dt)

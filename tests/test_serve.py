@@ -1,0 +1,500 @@
+"""`sgmft serve`: every endpoint and every bad-input case through FastAPI's TestClient, dynamic
+batching, the bounded queue, draining, and a real SIGTERM to a real server process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from serve_support import build_tiny_run, free_port, png_bytes, png_claiming  # noqa: E402
+from sgmft.serve import ServeConfig, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_run(tmp_path_factory.mktemp("serve"))
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def pp(env):
+    from sgmft.predict import PostPredictor
+
+    return PostPredictor.load(env["run"])
+
+
+@pytest.fixture(scope="module")
+def client(pp):
+    with TestClient(create_app(pp)) as c:
+        yield c
+
+
+def _app(pp, **cfg):
+    return TestClient(create_app(pp, ServeConfig(**cfg)))
+
+
+def _multi_image_post(env):
+    return next(p for p in env["posts"] if len(p.images) > 1 and p.text)
+
+
+def _files(paths):
+    return [("images", (Path(p).name, Path(p).read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _err(r, status, code, field=None, limit=None):
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert e["code"] == code and e["message"], e
+    if field is not None:
+        assert e["field"] == field, e
+    if limit is not None:
+        assert e["limit"] == limit and str(limit) in e["message"], e
+    return e
+
+
+# -- predictions ---------------------------------------------------------------------------------
+def test_predict_multipart_equals_post_predictor(client, pp, env):
+    p = _multi_image_post(env)
+    want = pp.predict_post(p.text, [str(x) for x in p.images])
+    r = client.post("/v1/predict", data={"text": p.text}, files=_files(p.images))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert list(got["probs"]) == pp.label_names
+    np.testing.assert_allclose(list(got["probs"].values()), list(want["probs"].values()), atol=1e-6, rtol=0)
+    assert got["label"] == want["label"] and got["text_used"] == want["text_used"]
+    assert got["image_index"] == [str(x) for x in p.images].index(want["image_used"])
+    assert got["image_name"] == Path(want["image_used"]).name
+    assert got["text_mask"] and got["image_mask"] and got["warnings"] == []
+
+
+def test_predict_base64_json_and_data_url(client, pp, env):
+    p = _multi_image_post(env)
+    want = pp.predict_post(p.text, [str(x) for x in p.images])
+    imgs = [_b64(Path(x).read_bytes()) for x in p.images]
+    imgs[0] = "data:image/jpeg;base64," + imgs[0]
+    r = client.post("/v1/predict", json={"text": p.text, "images": imgs})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(list(r.json()["probs"].values()), list(want["probs"].values()), atol=1e-6, rtol=0)
+    assert r.json()["image_name"] == f"images[{r.json()['image_index']}]"
+
+
+def test_predict_text_only_and_image_only(client, pp, env):
+    r = client.post("/v1/predict", json={"text": "周末和朋友去看电影，IMAX效果太震撼了！"})
+    assert r.status_code == 200
+    j = r.json()
+    assert j["image_mask"] is False and j["image_index"] is None and any("text only" in w for w in j["warnings"])
+    want = pp.predict_post("周末和朋友去看电影，IMAX效果太震撼了！", [])
+    np.testing.assert_allclose(list(j["probs"].values()), list(want["probs"].values()), atol=1e-6, rtol=0)
+    img = next(p for p in env["posts"] if p.images).images[0]
+    r = client.post("/v1/predict", data={"text": ""}, files=_files([img]))
+    assert r.status_code == 200 and r.json()["text_mask"] is False and r.json()["image_index"] == 0
+    assert any("image only" in w for w in r.json()["warnings"])
+
+
+def test_predict_batch(client, pp, env):
+    posts = [p for p in env["posts"] if p.images][:5]
+    body = {"posts": [{"text": p.text, "images": [_b64(Path(x).read_bytes()) for x in p.images]} for p in posts]
+            + [{"text": "看电影"}]}
+    r = client.post("/v1/predict/batch", json=body)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 6
+    for p, got in zip(posts, preds):
+        want = pp.predict_post(p.text, [str(x) for x in p.images])
+        np.testing.assert_allclose(list(got["probs"].values()), list(want["probs"].values()), atol=1e-6, rtol=0)
+    # a bad image in post 2 names the post and the image
+    body["posts"][2]["images"] = [_b64(b"GIF89a not really")]
+    e = _err(client.post("/v1/predict/batch", json=body), 422, "not_an_image", "posts[2].images[0]")
+    assert "posts[2].images[0]" in e["message"]
+
+
+def test_predict_features_equals_predictor(client, pp, env):
+    from sgmft.features import FeatureStore
+
+    fs = FeatureStore.open(env["root"] / "features")
+    rows = range(6)
+    posts = [{"text": fs.text[i].tolist() if fs.text_mask[i] else None,
+              "image": fs.image[i].tolist() if fs.image_mask[i] else None} for i in rows]
+    r = client.post("/v1/predict/features", json={"posts": posts})
+    assert r.status_code == 200, r.text
+    want = pp.predictor.predict_store(fs, indices=list(rows)).probs
+    got = np.array([list(p["probs"].values()) for p in r.json()["predictions"]])
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert all(p["warnings"] == [] for p in r.json()["predictions"] if p["text_mask"] and p["image_mask"])
+    # unnormalised vector: a warning; missing both: a warning; wrong D / NaN: 422
+    r = client.post("/v1/predict/features", json={"posts": [{"text": [1.0] * pp.predictor.dim}, {}]})
+    w = [p["warnings"] for p in r.json()["predictions"]]
+    assert "L2-normalised" in w[0][0] and "empty post" in w[1][0]
+    _err(client.post("/v1/predict/features", json={"posts": [{"text": [0.1] * 5}]}), 422, "wrong_dimension",
+         "posts[0].text", pp.predictor.dim)
+    _err(client.post("/v1/predict/features", content=b'{"posts": [{"image": [NaN' + b', 0.1' * 31 + b']}]}',
+                     headers={"content-type": "application/json"}), 422, "invalid_value", "posts[0].image")
+    _err(client.post("/v1/predict/features", json={"posts": [{"text": "abc"}]}), 422, "wrong_type", "posts[0].text")
+
+
+# -- service endpoints ---------------------------------------------------------------------------
+def test_model_health_ready(client, pp, env):
+    m = client.get("/v1/model").json()
+    assert m["labels"] == pp.label_names and len(m["labels"]) == 8
+    assert m["dim"] == pp.backbone.dim and m["backbone"] == pp.backbone.spec and m["preset"] == "sgmft"
+    assert m["training"]["best_val_acc"] == pytest.approx(env["results"]["best_val_acc"])
+    assert m["evaluation"]["test"]["accuracy"] == pytest.approx(env["results"]["test_accuracy"])
+    assert m["limits"]["max_images_per_post"] == ServeConfig().max_images_per_post
+    assert client.get("/v1/health").json() == {"status": "ok"}
+    assert client.get("/v1/ready").json() == {"status": "ready"}
+
+
+def test_metrics_prometheus_text(pp):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with _app(pp) as c:
+        c.post("/v1/predict", json={"text": "看电影"})
+        c.post("/v1/predict", json={"text": 1})
+        c.get("/v1/health")
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    reqs = {(s.labels["endpoint"], s.labels["status"]): s.value for s in fams["sgmft_http_requests"].samples
+            if s.name.endswith("_total")}
+    assert reqs[("/v1/predict", "200")] == 1 and reqs[("/v1/predict", "422")] == 1
+    assert reqs[("/v1/health", "200")] == 1
+    lat = [s for s in fams["sgmft_http_request_duration_seconds"].samples
+           if s.name.endswith("_count") and s.labels["endpoint"] == "/v1/predict"]
+    assert lat[0].value == 2
+    assert {s.labels["queue"] for s in fams["sgmft_queue_depth"].samples} == {"posts", "features"}
+    bs = [s for s in fams["sgmft_batch_size"].samples if s.name.endswith("_count") and s.labels["queue"] == "posts"]
+    assert bs[0].value == 1
+    assert "sgmft_in_flight_requests" in fams
+
+
+def test_docs_and_page_are_offline(client):
+    html = client.get("/docs").text
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", html)
+    assert urls and all(u.startswith("/") for u in urls), urls
+    for u in urls:
+        assert client.get(u).status_code == 200, u
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/predict/features", "/v1/model", "/v1/health",
+            "/v1/ready"} <= set(spec["paths"])
+    assert {"multipart/form-data", "application/json"} <= set(spec["paths"]["/v1/predict"]["post"]["requestBody"]
+                                                               ["content"])
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert "/static/app.js" in refs and "/static/style.css" in refs
+    for u in refs:
+        assert u.startswith("/") or u.startswith("data:"), u
+        if u.startswith("/static"):
+            assert client.get(u).status_code == 200
+    static = Path(__file__).parents[1] / "src" / "sgmft" / "serve" / "static"
+    for f in static.iterdir():
+        assert not re.search(r"https?://", f.read_text(encoding="utf-8")), f"{f.name} refers to the network"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_malformed_missing_wrong_type_unknown(client):
+    _err(client.post("/v1/predict", content=b'{"text": "x",', headers={"content-type": "application/json"}),
+         400, "malformed_json", "body")
+    _err(client.post("/v1/predict/batch", content=b"[1, 2", headers={"content-type": "application/json"}),
+         400, "malformed_json", "body")
+    _err(client.post("/v1/predict", json={"images": []}), 422, "missing_field", "text")
+    _err(client.post("/v1/predict/batch", json={}), 422, "missing_field", "posts")
+    _err(client.post("/v1/predict/batch", json={"posts": [{"images": []}]}), 422, "missing_field", "posts[0].text")
+    _err(client.post("/v1/predict", json={"text": 3}), 422, "wrong_type", "text")
+    _err(client.post("/v1/predict", json={"text": "x", "images": "abc"}), 422, "wrong_type", "images")
+    _err(client.post("/v1/predict", json={"text": "x", "images": [1]}), 422, "wrong_type", "images[0]")
+    _err(client.post("/v1/predict", json=["x"]), 422, "wrong_type", "body")
+    _err(client.post("/v1/predict", json={"text": "x", "imgs": []}), 422, "unknown_field", "imgs")
+    _err(client.post("/v1/predict", json={"text": "x", "on_bad_image": "maybe"}), 422, "invalid_value",
+         "on_bad_image")
+    _err(client.post("/v1/predict", content=b"text=x", headers={"content-type": "text/plain"}), 415,
+         "unsupported_media_type")
+    # multipart
+    _err(client.post("/v1/predict", data={"on_bad_image": "skip"},
+                     files={"images": ("a.png", png_bytes(), "image/png")}), 422, "missing_field", "text")
+    _err(client.post("/v1/predict", data={"text": "x"}, files={"dummy": ("d.txt", b"x")}), 422, "unknown_field",
+         "dummy")
+    _err(client.post("/v1/predict", data={"text": "x", "images": "/etc/hostname"},
+                     files={"images": ("a.png", png_bytes(), "image/png")}), 422, "wrong_type")
+    _err(client.post("/v1/predict", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data"}),
+         400, "malformed_multipart")
+    _err(client.get("/v1/nothing-here"), 404, "not_found")
+    # still serving
+    assert client.post("/v1/predict", json={"text": "看电影"}).status_code == 200
+
+
+def test_bad_images(client, env):
+    good = Path(next(p for p in env["posts"] if p.images).images[0]).read_bytes()
+    cases = [(b"this is not an image", 422, "not_an_image"),
+             (b"", 422, "empty_image"),
+             (good[: len(good) // 2], 422, "truncated_image"),
+             (png_claiming(100_000, 100_000), 413, "image_pixels_too_large"),   # PIL's own bomb check
+             (png_claiming(8_000, 6_000), 413, "image_pixels_too_large")]       # ours (48 Mpx > 40 Mpx)
+    for data, status, code in cases:
+        _err(client.post("/v1/predict", json={"text": "x", "images": [_b64(good), _b64(data)]}), status, code,
+             "images[1]")
+        _err(client.post("/v1/predict", data={"text": "x"},
+                         files=[("images", ("ok.jpg", good, "image/jpeg")), ("images", ("bad.jpg", data, "image/jpeg"))]),
+             status, code, "images[1]")
+    e = _err(client.post("/v1/predict", json={"text": "x", "images": [_b64(png_claiming(8_000, 6_000))]}), 413,
+             "image_pixels_too_large", "images[0]", ServeConfig().max_image_pixels)
+    assert "8000x6000" in e["message"]
+    # skip mode: predicted without the truncated image, with a warning
+    r = client.post("/v1/predict", data={"text": "看电影", "on_bad_image": "skip"},
+                    files=[("images", ("cut.jpg", good[: len(good) // 2], "image/jpeg"))])
+    assert r.status_code == 200 and r.json()["image_mask"] is False
+    assert any("cut.jpg" in w and "truncated" in w for w in r.json()["warnings"])
+    assert client.post("/v1/predict", json={"text": "看电影"}).status_code == 200
+
+
+def test_never_reads_a_server_path(client, env):
+    """A path in a request is never opened: as JSON it is not base64, as a form field not a file."""
+    img = str(Path(next(p for p in env["posts"] if p.images).images[0]).resolve())
+    e = _err(client.post("/v1/predict", json={"text": "x", "images": [img]}), 422, "bad_base64", "images[0]")
+    assert "never as paths" in e["message"]
+    e = _err(client.post("/v1/predict", data={"text": "x", "images": img}), 422, "wrong_type", "images[0]")
+    assert "never given as paths" in e["message"]
+    # even the path of a real image that happens to be valid base64 is decoded as bytes, not opened
+    real = Path(f"/tmp/sgmft{os.getpid() % 100000:05d}0")          # 16 characters of the base64 alphabet
+    real.write_bytes(png_bytes())
+    try:
+        _err(client.post("/v1/predict", json={"text": "x", "images": [str(real)]}), 422, "not_an_image", "images[0]")
+    finally:
+        real.unlink()
+
+
+def test_limits(pp, env):
+    good = Path(next(p for p in env["posts"] if p.images).images[0]).read_bytes()
+    with _app(pp, max_text_chars=10, max_images_per_post=2, max_image_bytes=len(good), max_image_pixels=1000,
+              max_body_bytes=len(good) * 4, max_batch_posts=2) as c:
+        _err(c.post("/v1/predict", json={"text": "x" * 11}), 422, "text_too_long", "text", 10)
+        _err(c.post("/v1/predict", data={"text": "x" * 11}), 422, "text_too_long", "text", 10)
+        _err(c.post("/v1/predict/batch", json={"posts": [{"text": "a"}, {"text": "x" * 11}]}), 422, "text_too_long",
+             "posts[1].text", 10)
+        _err(c.post("/v1/predict", json={"text": "x", "images": [_b64(png_bytes())] * 3}), 422, "too_many_images",
+             "images", 2)
+        _err(c.post("/v1/predict", data={"text": "x"}, files=[("images", ("a.png", png_bytes(), "image/png"))] * 3),
+             422, "too_many_images", "images", 2)
+        _err(c.post("/v1/predict", json={"text": "x", "images": [_b64(good + b"\0")]}), 413, "image_size_too_large",
+             "images[0]", len(good))
+        _err(c.post("/v1/predict", data={"text": "x"}, files=[("images", ("big.jpg", good + b"\0", "image/jpeg"))]),
+             413, "image_size_too_large", "images[0]", len(good))
+        _err(c.post("/v1/predict", json={"text": "x", "images": [_b64(png_bytes(40, 30))]}), 413,
+             "image_pixels_too_large", "images[0]", 1000)
+        _err(c.post("/v1/predict/batch", json={"posts": [{"text": "a"}] * 3}), 422, "too_many_posts", "posts", 2)
+        _err(c.post("/v1/predict/features", json={"posts": [{}] * 3}), 422, "too_many_posts", "posts", 2)
+        big = {"text": "x", "images": [_b64(good)] * 2}
+        body = json.dumps({"posts": [big] * 2}).encode()
+        assert len(body) > len(good) * 4
+        _err(c.post("/v1/predict/batch", content=body, headers={"content-type": "application/json"}), 413,
+             "body_size_too_large", "body", len(good) * 4)
+        # a chunked body (no Content-Length) is counted as it arrives
+        _err(c.post("/v1/predict/batch", content=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]),
+                    headers={"content-type": "application/json"}), 413, "body_size_too_large", "body", len(good) * 4)
+        assert c.post("/v1/predict", json={"text": "看电影", "images": [_b64(png_bytes(20, 20))]}).status_code == 200
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_queue"):
+        ServeConfig(max_queue=0)
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        ServeConfig(max_wait_ms=-1)
+
+
+# -- batching, the bounded queue, draining -------------------------------------------------------
+class _Gate:
+    """Wraps the posts batcher's function: records batch sizes, and can hold the inference thread."""
+
+    def __init__(self, svc):
+        self.fn, self.sizes, self.open = svc.posts.fn, [], threading.Event()
+        self.open.set()
+        svc.posts.fn = self
+
+    def __call__(self, items):
+        self.sizes.append(len(items))
+        assert self.open.wait(30)
+        return self.fn(items)
+
+
+def _wait_for(cond, timeout=20):
+    t = time.time() + timeout
+    while not cond():
+        assert time.time() < t, "timed out"
+        time.sleep(0.01)
+
+
+def _in_threads(c, n, body):
+    out = [None] * n
+
+    def go(i):
+        out[i] = c.post("/v1/predict", json=body)
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    return ts, out
+
+
+def test_dynamic_batching_groups_requests(pp):
+    app = create_app(pp, ServeConfig(max_batch_size=4, max_wait_ms=0))
+    svc = app.state.service
+    with TestClient(app) as c:
+        gate = _Gate(svc)
+        gate.open.clear()
+        first, out1 = _in_threads(c, 1, {"text": "看电影"})
+        _wait_for(lambda: svc.posts.running == 1)
+        ts, out = _in_threads(c, 6, {"text": "吃饭"})           # queue while the first batch runs
+        _wait_for(lambda: svc.posts.depth == 6)
+        gate.open.set()
+        for t in first + ts:
+            t.join(30)
+        assert all(r.status_code == 200 for r in out1 + out)
+        assert gate.sizes == [1, 4, 2]                          # grouped, at most max_batch_size
+        want = pp.predict_post("吃饭", [])["probs"]
+        for r in out:
+            np.testing.assert_allclose(list(r.json()["probs"].values()), list(want.values()), atol=1e-6, rtol=0)
+
+
+def test_queue_full_is_503_with_retry_after(pp):
+    app = create_app(pp, ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2))
+    svc = app.state.service
+    with TestClient(app) as c:
+        gate = _Gate(svc)
+        gate.open.clear()
+        held, out = _in_threads(c, 3, {"text": "看电影"})        # 1 running + 2 waiting = full
+        _wait_for(lambda: svc.posts.running == 1 and svc.posts.depth == 2)
+        r = c.post("/v1/predict", json={"text": "x"})
+        e = _err(r, 503, "queue_full", limit=2)
+        assert int(r.headers["Retry-After"]) >= 1
+        r = c.post("/v1/predict/batch", json={"posts": [{"text": "a"}]})
+        assert r.status_code == 503
+        gate.open.set()
+        for t in held:
+            t.join(30)
+        assert [x.status_code for x in out] == [200, 200, 200]
+        assert c.post("/v1/predict", json={"text": "x"}).status_code == 200
+        assert "max-queue" in e["message"]
+
+
+def test_draining_refuses_new_requests_and_waits_for_in_flight(pp):
+    import asyncio
+
+    app = create_app(pp, ServeConfig(max_wait_ms=0))
+    svc = app.state.service
+    with TestClient(app) as c:
+        gate = _Gate(svc)
+        gate.open.clear()
+        held, out = _in_threads(c, 1, {"text": "看电影"})
+        _wait_for(lambda: svc.posts.running == 1)
+        drained = c.portal.start_task_soon(lambda: svc.drain(10))
+        _wait_for(lambda: svc.draining)
+        r = c.post("/v1/predict", json={"text": "x"})
+        _err(r, 503, "shutting_down")
+        assert r.headers["Retry-After"] and r.headers["Connection"] == "close"
+        assert c.get("/v1/ready").status_code == 503 and c.get("/v1/ready").json()["status"] == "draining"
+        assert c.get("/v1/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert not drained.done()                                # still waiting for the in-flight request
+        gate.open.set()
+        held[0].join(30)
+        assert out[0].status_code == 200
+        assert drained.result(10) is True
+    assert asyncio  # (the drain ran on the TestClient's event loop)
+
+
+@pytest.mark.slow   # ~15 s: starts a real server process
+def test_sigterm_drains_a_real_server(env, tmp_path):
+    """`sgmft serve` in its own process: SIGTERM while a request waits in the batcher -> that request
+    still gets its answer, a new one gets 503, and the process exits 0."""
+    import http.client
+
+    port = free_port()
+    envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(env["run"]), "--port", str(port),
+                             "--max-wait-ms", "2500", "--max-batch-size", "8", "--threads", "1"],
+                            env=envv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/v1/ready")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            time.sleep(0.2)
+        result = {}
+
+        def slow():   # waits up to 2.5 s for batch-mates: in flight when SIGTERM comes
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.request("POST", "/v1/predict", body=json.dumps({"text": "看电影"}),
+                      headers={"Content-Type": "application/json"})
+            resp = c.getresponse()
+            result["status"], result["body"] = resp.status, json.loads(resp.read())
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.8)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("POST", "/v1/predict", body=json.dumps({"text": "x"}), headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        assert resp.status == 503 and json.loads(resp.read())["error"]["code"] == "shutting_down"
+        t.join(30)
+        assert result["status"] == 200 and result["body"]["label"] in result["body"]["probs"]
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "draining (1 request(s) in flight" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_errors(capsys, tmp_path):
+    from sgmft.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    assert main(["serve", str(tmp_path / "r"), "--max-queue", "0"]) == 2
+    assert "--max-queue must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+
+
+def test_service_does_not_import_lightning(env):
+    """Loading a run and building the app loads neither Lightning nor the training code nor the CLI."""
+    code = ("import sys; from sgmft.serve import load_app; load_app(sys.argv[1]); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+            "'lightning_fabric') or m.startswith(('sgmft.train', 'sgmft.cli', 'sgmft.experiments'))); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(env["run"])], env=envv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
