@@ -23,6 +23,15 @@ def build_tiny_run(root: Path) -> dict:
             "results": json.loads((root / "results.json").read_text(encoding="utf-8"))}
 
 
+def reuse_demo(root: Path) -> dict:
+    """The same dict for an existing ``sgmft demo-raw --out ROOT`` folder."""
+    from sgmft.ingest.manifest import read_manifest
+
+    posts, _ = read_manifest(root / "simposts" / "manifest.jsonl")
+    return {"root": root, "run": root / "run", "posts": posts,
+            "results": json.loads((root / "results.json").read_text(encoding="utf-8"))}
+
+
 def png_bytes(w: int = 40, h: int = 30, color=(200, 30, 30)) -> bytes:
     from PIL import Image
 

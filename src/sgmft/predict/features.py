@@ -1,4 +1,4 @@
-"""The one inference object every front end shares (CLI, Python, and later the HTTP service).
+"""The one inference object every front end shares (CLI, Python, and the HTTP service in sgmft.serve).
 
 It holds a trained model with its label map and the feature contract (backbone, D,
 normalisation) and turns feature vectors into class probabilities.  Raw posts go through

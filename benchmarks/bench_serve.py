@@ -1,0 +1,341 @@
+"""Benchmark ``sgmft serve``: HTTP throughput and latency against in-process ``PostPredictor``.
+
+Prints one JSON object (and writes it with ``--out``). In one run, on the same posts:
+
+* **in-process**: ``PostPredictor.predict_post`` one post at a time, and
+  ``PostPredictor.predict_posts`` in batches of ``--batch-size`` (what the server's dynamic
+  batching can reach at best); ``Predictor.predict_features`` likewise for feature vectors;
+* **server**: ``sgmft serve`` in its own process on 127.0.0.1, driven by C concurrent
+  keep-alive clients (C = 1, 8, 32 by default) for ``--seconds`` each: raw posts
+  (``POST /v1/predict``, base64 JSON, one post per request) and feature vectors
+  (``POST /v1/predict/features``, one post per request). Throughput, p50 and p99 latency;
+* **soak**: ``--soak-seconds`` (default 120) of raw-post load at concurrency
+  ``--soak-concurrency``; error count and the server's RSS (from /proc) after warm-up, at
+  the end and at its peak.
+
+``ratio`` = server posts/s at concurrency 32 / in-process posts/s (targets: >= 0.7 against
+one-post-at-a-time prediction; the batched figure is reported too). Every client loop is
+bounded by time and stops by itself; traffic goes only to 127.0.0.1.
+
+The load generator is a minimal HTTP/1.1 keep-alive client on asyncio streams (request
+bytes built once per post), so the client spends as little of the shared CPU as possible.
+By default the run is built here with ``sgmft demo-raw`` (tiny RANDOM Chinese-CLIP);
+``--run`` serves an existing one (its ``simposts/`` posts or ``--manifest``).
+
+    python benchmarks/bench_serve.py [--run DIR] [--seconds 8] [--soak-seconds 120] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- a minimal keep-alive HTTP/1.1 client (benchmark tooling only) ----------------------------------
+class Conn:
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.r, self.w = host, port, None, None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.w is None:
+            self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        self.w.write(raw)
+        await self.w.drain()
+        head = await self.r.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length, close = 0, False
+        for ln in lines[1:]:
+            k, _, v = ln.partition(":")
+            k = k.strip().lower()
+            if k == "content-length":
+                length = int(v)
+            elif k == "connection" and v.strip().lower() == "close":
+                close = True
+        body = await self.r.readexactly(length)
+        if close:
+            self.close()
+        return status, body
+
+    def close(self):
+        if self.w is not None:
+            self.w.close()
+        self.r = self.w = None
+
+
+def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def drive(host, port, requests: list[bytes], concurrency: int, seconds: float, max_requests: int):
+    """C workers send ``requests`` round-robin until ``seconds`` pass or ``max_requests`` are sent."""
+    lat, errors, sent = [], [], [0]
+    deadline = time.perf_counter() + seconds
+
+    async def worker(k: int):
+        conn, i = Conn(host, port), k
+        try:
+            while time.perf_counter() < deadline and sent[0] < max_requests:
+                sent[0] += 1
+                raw = requests[i % len(requests)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    status, body = await asyncio.wait_for(conn.request(raw), 60)
+                    if status != 200 or b'"label"' not in body:
+                        errors.append(f"{status}: {body[:200]!r}")
+                    else:
+                        lat.append(time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(f"{type(e).__name__}: {e}")
+                    conn.close()
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return lat, errors, wall
+
+
+def summarize(lat, errors, wall) -> dict:
+    import numpy as np
+
+    a = np.sort(np.asarray(lat)) * 1000 if lat else np.zeros(1)
+    return {"requests": len(lat) + len(errors), "ok": len(lat), "errors": len(errors),
+            "posts_per_s": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "seconds": round(wall, 2),
+            "error_examples": sorted(set(errors))[:3]}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(host, port) -> dict:
+    import http.client
+
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sgmft_batch_size_sum") or line.startswith("sgmft_batch_size_count"):
+            name, val = line.rsplit(" ", 1)
+            out[name] = float(val)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", help="a trained run directory (default: build one with `sgmft demo-raw`)")
+    ap.add_argument("--manifest", help="posts to send (default: the run's demo SimPosts)")
+    ap.add_argument("--demo-posts", type=int, default=200, help="SimPosts for the run built here")
+    ap.add_argument("--posts", type=int, default=64, help="distinct posts sent (cycled)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--seconds", type=float, default=8.0, help="load per concurrency level")
+    ap.add_argument("--max-requests", type=int, default=20000, help="cap per level")
+    ap.add_argument("--soak-seconds", type=float, default=120.0)
+    ap.add_argument("--soak-concurrency", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="server --max-batch-size and the in-process batch")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
+    ap.add_argument("--out", help="also write the JSON here (atomically)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from sgmft.ingest.images import ImageBytes
+    from sgmft.ingest.manifest import read_manifest
+    from sgmft.predict import PostPredictor
+
+    tmp = tempfile.TemporaryDirectory(prefix="sgmft-bench-serve-")
+    run = Path(args.run) if args.run else None
+    if run is None:
+        demo = Path(tmp.name) / "demo"
+        r = subprocess.run([sys.executable, "-m", "sgmft.cli", "demo-raw", "--out", str(demo), "--posts",
+                            str(args.demo_posts), "--epochs", "5", "--threads", str(args.threads), "--no-progress"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stdout + r.stderr)
+        run = demo / "run"
+    manifest = Path(args.manifest) if args.manifest else run.parent / "simposts" / "manifest.jsonl"
+    posts, _ = read_manifest(manifest, on_error="skip")
+    posts = posts[:args.posts]
+    raw = [(p.text, [ImageBytes(Path(x).read_bytes(), Path(x).name) for x in p.images]) for p in posts]
+
+    # -- in-process, same posts ---------------------------------------------------------------------
+    pp = PostPredictor.load(run, batch_size=args.batch_size)
+    pp.predict_posts(raw[:8])                                          # warm-up
+    reps = max(1, 512 // len(raw))
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        n = fn()
+        return n / (time.perf_counter() - t0)
+
+    one = timed(lambda: sum(1 for _ in range(reps) for t, ims in raw if pp.predict_post(t, ims)))
+    batched = timed(lambda: sum(len(pp.predict_posts(raw)) for _ in range(reps)))
+    from sgmft.predict.posts import encode_posts
+    from sgmft.ingest.manifest import Post
+
+    e = encode_posts(pp.backbone, pp.cleaner, [Post(str(i), "", t, tuple(ims), None, None, 0)
+                                               for i, (t, ims) in enumerate(raw)], pp.image_choice)
+    pred = pp.predictor
+    feats = [(e.text[i] if e.text_mask[i] else None, e.image[i] if e.image_mask[i] else None) for i in range(len(raw))]
+    f_reps = max(1, 4096 // len(raw))
+
+    def feat_one():
+        for _ in range(f_reps):
+            for i in range(len(raw)):
+                pred.predict_features(e.text[i:i + 1], e.image[i:i + 1], e.text_mask[i:i + 1], e.image_mask[i:i + 1])
+        return f_reps * len(raw)
+
+    def feat_batched():
+        for _ in range(f_reps):
+            for s in range(0, len(raw), args.batch_size):
+                sl = slice(s, s + args.batch_size)
+                pred.predict_features(e.text[sl], e.image[sl], e.text_mask[sl], e.image_mask[sl])
+        return f_reps * len(raw)
+
+    f_one, f_batched = timed(feat_one), timed(feat_batched)
+    inproc = {"raw_one_post_per_s": round(one, 1), "raw_batched_per_s": round(batched, 1),
+              "features_one_post_per_s": round(f_one, 1), "features_batched_per_s": round(f_batched, 1)}
+    print(json.dumps({"in_process": inproc}), file=sys.stderr, flush=True)
+    del pp
+
+    # -- the server ---------------------------------------------------------------------------------
+    host, port = "127.0.0.1", free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": str(args.threads)}
+    log = open(Path(tmp.name) / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(run), "--host", host, "--port", str(port),
+                             "--threads", str(args.threads), "--max-batch-size", str(args.batch_size),
+                             "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import http.client
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                c = http.client.HTTPConnection(host, port, timeout=5)
+                c.request("GET", "/v1/ready")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit("sgmft serve did not start:\n" + Path(log.name).read_text())
+            time.sleep(0.2)
+
+        raw_reqs = [post_request(host, port, "/v1/predict", json.dumps(
+            {"text": t, "images": [base64.b64encode(im.data).decode() for im in ims]}).encode()) for t, ims in raw]
+        feat_reqs = [post_request(host, port, "/v1/predict/features", json.dumps(
+            {"posts": [{"text": None if t is None else t.tolist(), "image": None if i is None else i.tolist()}]}
+        ).encode()) for t, i in feats]
+
+        def level(reqs, c, seconds):
+            return summarize(*asyncio.run(drive(host, port, reqs, c, seconds, args.max_requests)))
+
+        level(raw_reqs, 8, 2.0)                                        # warm-up
+        level(feat_reqs, 8, 1.0)
+        server = {"raw": {}, "features": {}}
+        for c in levels:
+            server["raw"][str(c)] = level(raw_reqs, c, args.seconds)
+            server["features"][str(c)] = level(feat_reqs, c, args.seconds)
+            print(json.dumps({"concurrency": c, "raw": server["raw"][str(c)]["posts_per_s"],
+                              "features": server["features"][str(c)]["posts_per_s"]}), file=sys.stderr, flush=True)
+        m = scrape(host, port)
+        mean_batch = {q: round(m.get(f'sgmft_batch_size_sum{{queue="{q}"}}', 0)
+                               / max(1.0, m.get(f'sgmft_batch_size_count{{queue="{q}"}}', 1)), 2)
+                      for q in ("posts", "features")}
+
+        # -- soak ---------------------------------------------------------------------------------
+        soak = None
+        if args.soak_seconds > 0:
+            rss0 = rss_mb(proc.pid)
+            samples, lat, errors, t_start = [rss0], [], [], time.perf_counter()
+            while time.perf_counter() - t_start < args.soak_seconds:
+                chunk = min(10.0, args.soak_seconds - (time.perf_counter() - t_start))
+                l, er, _ = asyncio.run(drive(host, port, raw_reqs, args.soak_concurrency, chunk, 10 ** 9))
+                lat += l
+                errors += er
+                samples.append(rss_mb(proc.pid))
+            wall = time.perf_counter() - t_start
+            soak = {**summarize(lat, errors, wall), "concurrency": args.soak_concurrency,
+                    "rss_start_mb": round(rss0, 1), "rss_end_mb": round(samples[-1], 1),
+                    "rss_peak_mb": round(max(samples), 1),
+                    "rss_growth": round((samples[-1] - rss0) / rss0, 4), "rss_samples_mb": [round(x, 1) for x in samples]}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            exit_code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            exit_code = "killed"
+        log.close()
+        server_log = Path(log.name).read_text()[-2000:]
+        tmp.cleanup()
+
+    top = str(max(levels))
+    res = {
+        "benchmark": "bench_serve", "run": "demo-raw (tiny RANDOM Chinese-CLIP)" if not args.run else str(args.run),
+        "posts": len(raw), "images_per_post": round(float(np.mean([len(ims) for _, ims in raw])), 2),
+        "threads": args.threads, "max_batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms,
+        "in_process": inproc, "server": server, "server_mean_batch_size": mean_batch, "soak": soak,
+        "ratios": {
+            "raw_c32_vs_in_process_one_by_one": round(server["raw"][top]["posts_per_s"] / one, 3),
+            "raw_c32_vs_in_process_batched": round(server["raw"][top]["posts_per_s"] / batched, 3),
+            "features_c32_vs_in_process_one_by_one": round(server["features"][top]["posts_per_s"] / f_one, 3),
+            "features_c32_vs_in_process_batched": round(server["features"][top]["posts_per_s"] / f_batched, 3)},
+        "server_exit_code_after_sigterm": exit_code,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "platform": platform.platform()},
+    }
+    res["targets"] = {
+        "raw_c32_ge_0.7_in_process": res["ratios"]["raw_c32_vs_in_process_one_by_one"] >= 0.7,
+        "soak_zero_errors": soak is None or soak["errors"] == 0,
+        "soak_rss_growth_lt_10pct": soak is None or soak["rss_growth"] < 0.10}
+    if exit_code != 0:
+        res["server_log_tail"] = server_log
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        tmp_out = out.with_name(out.name + ".tmp")
+        tmp_out.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp_out, out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
