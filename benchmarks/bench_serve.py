@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
 
     one = timed(lambda: sum(1 for _ in range(reps) for t, ims in raw if pp.predict_post(t, ims)))
     batched = timed(lambda: sum(len(pp.predict_posts(raw)) for _ in range(reps)))
-    from sgmft.predict.posts import encode_posts
+    from sgmft.features.encode import encode_posts
     from sgmft.ingest.manifest import Post
 
     e = encode_posts(pp.backbone, pp.cleaner, [Post(str(i), "", t, tuple(ims), None, None, 0)

@@ -127,6 +127,7 @@ LAYERS = [
     ("predict", ("sgmft.predict",)),
     ("eval", ("sgmft.eval",)),
     ("experiments", ("sgmft.experiments",)),
+    ("serve", ("sgmft.serve",)),
     ("cli", ("sgmft.cli",)),
 ]
 
