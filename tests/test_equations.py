@@ -119,9 +119,13 @@ def run_both(cfg, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------
+# (shape, attention kernel): every preset with its default kernel and the textbook one, and
+# at d = 1 also the other exact kernels (fused rank-one, plain sdpa), whichever is the default.
+KERNELS = [(s, impl) for s in SHAPES for impl in ("default", "naive")] + [("paper", "rank1"), ("paper", "sdpa")]
+
+
 @pytest.mark.parametrize("side", ["text", "image"])
-@pytest.mark.parametrize("impl", ["default", "naive"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape,impl", KERNELS, ids=[f"{s}-{i}" for s, i in KERNELS])
 def test_every_stage_matches_reference(shape, impl, side):
     """P^m, each attention, eqs 12-18 on both sides, the preset's kernel and the naive one."""
     cfg = make_cfg(shape, impl, ffn_side=side)
