@@ -18,8 +18,10 @@ def keep(store, key, value):
 
 
 def cfg(**kw):
+    # the paper-literal switches, explicit (the dataclass defaults are the recommended preset)
     base = dict(dim=D, num_classes=5, n_tokens=8, attn_dim=16, heads=4, ffn_hidden=24, dropout=0.0,
-                classifier_hidden=[16, 16, 16, 16])
+                classifier_hidden=[16, 16, 16, 16], pe_scale="none", ffn_mode="vector",
+                sfm_residual=False, sfm_merge="sum")
     base.update(kw)
     return ModelConfig(**base).validate()
 

@@ -3,53 +3,110 @@
 A *preset* is a YAML file in ``sgmft/configs/models/`` with a ``model`` section (a
 :class:`ModelConfig`) and an optional ``train`` section (a :class:`TrainConfig`).
 Users may also pass a path to their own YAML file wherever a preset name is accepted.
+
+The two configs are pydantic dataclasses (decision and reason: docs/design.md,
+"Configuration"): they stay ordinary dataclasses for the rest of the code (``asdict``,
+``dataclasses.replace``, ``fields``, equality), and every value is parsed and checked on
+construction and assignment: ``"true"``/``"false"`` become booleans, ``"64"`` an int, a
+choice outside its set is an error that lists the allowed values. Their defaults are the
+recommended preset ``sgmft`` (a test holds ``ModelConfig() == load_preset("sgmft").model``).
+
+One coercion rule goes beyond pydantic's: a single number given for a list field
+(``classifier_hidden=64``) is the one-element list ``[64]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as checked_dataclass
+
+_CHECKED = ConfigDict(validate_assignment=True)
 
 
-@dataclass
+def _one_or_many(value):
+    """A scalar for a list field means a one-element list (``64`` -> ``[64]``)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+def parse_devices(value):
+    """Lightning's ``devices``: an int (``-1`` = all), ``"auto"``, or a list of device indices
+    (``[0, 1]`` or the string ``"0,1"``)."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v == "auto":
+            return v
+        if "," in v:
+            try:
+                return [int(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                return value          # let validation report it
+        try:
+            return int(v)
+        except ValueError:
+            return value
+    return value
+
+
+def _precision_str(value):
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+Devices = Annotated[Union[int, list[Annotated[int, Field(ge=0)]], Literal["auto"]],
+                    BeforeValidator(parse_devices)]
+# Lightning's precision values (lightning.fabric.connector._PRECISION_INPUT), ints as strings
+Precision = Annotated[Literal["transformer-engine", "transformer-engine-float16", "16-true", "16-mixed",
+                              "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16"],
+                      BeforeValidator(_precision_str)]
+
+
+@checked_dataclass(config=_CHECKED)
 class ModelConfig:
     """Every option of SG-MFT that SPEC.md names, plus the baselines' knobs.
 
-    ``dim`` and ``num_classes`` are normally filled in from the feature store.
+    Defaults are the recommended preset ``sgmft``; the paper-literal reading is the
+    ``paper`` preset. ``dim`` and ``num_classes`` are normally filled in from the feature store.
     """
 
-    arch: str = "sgmft"
-    dim: int = 1024                 # D, the backbone's feature width
-    num_classes: int = 8
+    arch: str = "sgmft"             # a registered architecture (sgmft presets lists them)
+    dim: PositiveInt = 1024         # D, the backbone's feature width
+    num_classes: PositiveInt = 8
     # -- token view (SPEC "The token view"): the D-vector is n tokens of width d = D / n
-    n_tokens: int = 16              # n
-    attn_dim: int = 128             # d_model of every multi-head attention (divisible by heads)
-    heads: int = 8                  # h
-    input_scale: float | str = "sqrt_dim"  # multiply features by this; "sqrt_dim" = sqrt(D)
+    n_tokens: PositiveInt = 16      # n
+    attn_dim: PositiveInt = 64      # d_model of every multi-head attention (divisible by heads)
+    heads: PositiveInt = 8          # h
+    input_scale: Union[Literal["sqrt_dim"], float] = "sqrt_dim"  # multiply features by this; "sqrt_dim" = sqrt(D)
     # -- SIM (section 3.2.1)
     use_sim: bool = True
-    pm_norm: str = "softmax"        # eq 3: "softmax" over the n positions (paper) or "sigmoid"
-    pe_scale: str = "none"          # eq 2/4 logits: "none" (paper) or "sqrt_d" (divide by sqrt(d))
-    ffn_mode: str = "vector"        # eq 15: "vector" (whole D-vector, W1 in R^{D x d_h}) or "token"
-    ffn_hidden: int = 1024          # d_h
-    ffn_side: str = "text"          # which modality gets the similarity-aware FFN (Table 4)
-    norm_mode: str = "auto"         # LayerNorm over "token" width d, the whole "vector", or "auto"
+    pm_norm: Literal["softmax", "sigmoid"] = "softmax"   # eq 3: softmax over the n positions (paper) or sigmoid
+    pe_scale: Literal["none", "sqrt_d"] = "sqrt_d"       # eq 2/4 logits: "none" (paper) or divide by sqrt(d)
+    ffn_mode: Literal["vector", "token"] = "token"       # eq 15: "vector" (whole D-vector, W1 in R^{D x d_h}) or "token"
+    ffn_hidden: PositiveInt = 256   # d_h
+    ffn_side: Literal["text", "image"] = "text"          # which modality gets the similarity-aware FFN (Table 4)
+    norm_mode: Literal["auto", "token", "vector"] = "auto"  # LayerNorm over token width d, the whole vector, or auto
     # -- fusion (section 3.2.2); "sfm" is eq 17, others come from the fusion registry
     fusion: str = "sfm"
-    sfm_residual: bool = False      # eq 17 literal (False) or each cross-attention "layer" with its
+    sfm_residual: bool = True       # eq 17 literal (False) or each cross-attention "layer" with its
                                     # query's residual: CA(t,i) + F^S_text + CA(i,t) + F^S_image
-    sfm_merge: str = "sum"          # eq 17's (+): element-wise "sum" (paper) or "concat" (R^{2D})
+    sfm_merge: Literal["sum", "concat"] = "concat"       # eq 17's (+): element-wise "sum" (paper) or "concat" (R^{2D})
     # -- classifier (eq 18): 5 linear layers = 4 hidden widths + the output layer
-    classifier_hidden: list[int] = field(default_factory=lambda: [512, 256, 128, 64])
-    dropout: float = 0.1
-    # -- speed
-    attn_impl: str = "auto"         # "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive"
+    classifier_hidden: Annotated[list[PositiveInt], BeforeValidator(_one_or_many), Field(min_length=1)] = \
+        field(default_factory=lambda: [512, 256, 128, 64])
+    dropout: Fraction = 0.1
+    # -- speed: "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive", "rank1"
+    attn_impl: Literal["auto", "sdpa", "naive", "rank1"] = "auto"
     # -- extra options for registered variants (issue 4 heads put theirs here)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,56 +125,53 @@ class ModelConfig:
         return float(self.input_scale)
 
     def validate(self) -> "ModelConfig":
+        """Checks across fields (each field's own type and range are checked on construction)."""
         def bad(msg: str) -> None:
             raise ValueError(f"model config: {msg}")
 
-        if self.dim <= 0 or self.n_tokens <= 0:
-            bad("dim and n_tokens must be positive")
         if self.dim % self.n_tokens:
             bad(f"n_tokens={self.n_tokens} must divide dim={self.dim} (token width d = D / n)")
         if self.attn_dim % self.heads:
             bad(f"attn_dim={self.attn_dim} must be divisible by heads={self.heads}")
-        for name, allowed in [
-            ("pm_norm", {"softmax", "sigmoid"}),
-            ("pe_scale", {"none", "sqrt_d"}),
-            ("ffn_mode", {"vector", "token"}),
-            ("ffn_side", {"text", "image"}),
-            ("norm_mode", {"auto", "token", "vector"}),
-            ("attn_impl", {"auto", "sdpa", "naive", "rank1"}),
-            ("sfm_merge", {"sum", "concat"}),
-        ]:
-            if getattr(self, name) not in allowed:
-                bad(f"{name}={getattr(self, name)!r} not in {sorted(allowed)}")
         if self.attn_impl == "rank1" and self.token_dim != 1:
             bad("attn_impl='rank1' needs token width d = 1 (n_tokens == dim)")
-        if len(self.classifier_hidden) < 1:
-            bad("classifier_hidden needs at least one width")
         return self
 
 
-@dataclass
+@checked_dataclass(config=_CHECKED)
 class TrainConfig:
-    """Optimisation and run settings; defaults are the paper's (section 4.2)."""
+    """Optimisation and run settings. Defaults are the recommended preset ``sgmft``; the
+    paper's optimiser (section 4.2: lr 1e-5, batch 20, 30 epochs) is the ``paper`` preset."""
 
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    batch_size: int = 20
-    epochs: int = 30
+    lr: Annotated[float, Field(gt=0.0)] = 5e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.99)
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    batch_size: PositiveInt = 128
+    epochs: PositiveInt = 10
     seed: int = 0
-    val_fraction: float = 0.1       # of the training split, for model selection
-    test_fraction: float = 0.2      # used when the store carries no split
-    split: str = "stratified"       # "stratified" (paper) or "user" (user-disjoint)
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    progress: bool = True
+    val_fraction: Fraction = 0.1    # of the training split, for model selection
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2   # used when the store carries no split
+    split: Literal["stratified", "user"] = "stratified"  # "stratified" (paper) or "user" (user-disjoint)
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    accelerator: str = "auto"       # Lightning's: auto, cpu, gpu, cuda, mps, ...
+    devices: Devices = 1            # an int, "auto", or device indices [0, 1] ("0,1" on the command line)
+    strategy: str = "auto"          # Lightning's: auto, ddp, ddp_spawn, fsdp, ...
+    num_nodes: PositiveInt = 1
+    precision: Precision = "32-true"
+    progress: bool | None = None    # progress bars; None = on when stderr is a terminal
     deterministic: bool = True
-    max_steps: int = -1             # for smoke tests; -1 = run all epochs
-    limit_train_batches: float | int = 1.0
+    max_steps: Annotated[int, Field(ge=-1)] = -1   # for smoke tests; -1 = run all epochs
+    limit_train_batches: Union[int, float] = 1.0
+
+
+def progress_enabled(flag: bool | None) -> bool:
+    """An explicit on/off wins; ``None`` means on only when stderr is a terminal."""
+    if flag is not None:
+        return bool(flag)
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 @dataclass
@@ -128,25 +182,83 @@ class Preset:
     train: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description,
-                "model": asdict(self.model), "train": asdict(self.train)}
+        """Plain JSON/YAML types (tuples become lists)."""
+        return json.loads(json.dumps({"name": self.name, "description": self.description,
+                                      "model": asdict(self.model), "train": asdict(self.train)}))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 # fields that older configs (run.json, checkpoints' config.json, YAML) may still hold: ignored
 RETIRED_FIELDS = {"ModelConfig": {"rank1_chunk"}}
 
+# what a field takes, where pydantic's per-branch messages would say it worse
+_FIELD_HINTS = {
+    "betas": "a list of 2 numbers in [0, 1), e.g. [0.9, 0.99]",
+    "devices": "an integer (-1 = all), 'auto', or device indices such as 0,1",
+    "limit_train_batches": "a fraction (float) or a number of batches (int)",
+}
+_EXPECTED = {
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "string_type": "a string",
+    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping",
+}
+
+
+def _expected(err: dict) -> str:
+    t, ctx = err["type"], err.get("ctx") or {}
+    if t == "literal_error":
+        allowed = str(ctx.get("expected", "")).replace(" or ", ", ")
+        return f"one of: {allowed}" if "," in allowed else allowed
+    if t in _EXPECTED:
+        return _EXPECTED[t]
+    if t in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[t]
+        return f"a value {op} {next(iter(ctx.values()))}"
+    if t in {"too_short", "too_long"}:
+        return err["msg"].lower().replace("list should have", "a list with").replace("tuple should have", "a list with")
+    return err["msg"]
+
+
+def explain_validation_error(err: ValidationError, where: str, data: dict | None = None) -> str:
+    """A one-line message per field: the value given and what is allowed."""
+    by_field: dict[str, tuple[Any, list[str]]] = {}
+    for e in err.errors():
+        loc = [x for x in e["loc"] if isinstance(x, int) or x in _FIELD_NAMES]
+        name = str(loc[0]) if loc else ".".join(map(str, e["loc"])) or "value"
+        name += "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        top = str(loc[0]) if loc else name
+        if top in _FIELD_HINTS:
+            name, w = top, _FIELD_HINTS[top]
+        else:
+            w = _expected(e)
+        given = data[name] if data and name in _FIELD_HINTS and name in data else e.get("input")
+        given, wants = by_field.setdefault(name, (given, []))
+        if w not in wants:
+            wants.append(w)
+    parts = [f"{name}={given!r} is not allowed; expected {' or '.join(wants)}"
+             for name, (given, wants) in by_field.items()]
+    return f"{where}: " + "; ".join(parts)
+
+
+_FIELD_NAMES = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+
 
 def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "
                          f"known: {sorted(known)}")
-    data = dict(data)
-    if cls is TrainConfig and "betas" in data:
-        data["betas"] = tuple(data["betas"])
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ValidationError as e:
+        raise ValueError(explain_validation_error(e, where, data)) from None
 
 
 def model_config_from_dict(data: dict[str, Any], where: str = "model config") -> ModelConfig:
@@ -176,7 +288,12 @@ def load_preset(name_or_path: str | Path) -> Preset:
             raise KeyError(f"unknown preset {str(name_or_path)!r}; known: {', '.join(list_presets())} "
                            "(or give a path to a .yaml file)")
         text, name = res.read_text(encoding="utf-8"), str(name_or_path)
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"preset {name}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {name}: expected a mapping with model/train sections")
     unknown = set(data) - {"description", "model", "train"}
     if unknown:
         raise ValueError(f"preset {name}: unknown section(s) {sorted(unknown)}")
@@ -188,37 +305,40 @@ def load_preset(name_or_path: str | Path) -> Preset:
     )
 
 
-def apply_overrides(obj, overrides: list[str] | None):
-    """Apply ``key=value`` strings (value parsed as YAML) to a dataclass, returning a copy."""
+def parse_value(text: str):
+    """An override's value as YAML (``true``, ``64``, ``[64, 32]``); unparseable text stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
+    """Apply ``key=value`` strings (value parsed as YAML, then checked against the field's
+    type) to a config dataclass, returning a new one. ``section`` (``"model"``/``"train"``)
+    only names the override in error messages."""
     if not overrides:
         return obj
-    changes: dict[str, Any] = {}
+    cls = type(obj)
     known = {f.name for f in fields(obj)}
+    data = asdict(obj)
+    prefix = f"{section}." if section else ""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ValueError(f"override {prefix}{item!r} must look like key=value")
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in known:
-            raise ValueError(f"override {item!r}: unknown field {key!r} of {type(obj).__name__}")
-        changes[key] = _coerce(getattr(obj, key), yaml.safe_load(value), item)
-    if "betas" in changes:
-        changes["betas"] = tuple(changes["betas"])
-    return dataclasses.replace(obj, **changes)
+            raise ValueError(f"override {prefix}{item}: unknown field {key!r} of {cls.__name__}; "
+                             f"known: {', '.join(sorted(known))}")
+        data[key] = parse_value(value)
+        _build(cls, data, f"override {prefix}{item}")      # names the offending item
+    return _build(cls, data, "overrides")
 
 
-def _coerce(current, new, item: str):
-    """Match the field's type: YAML reads ``1e-3`` as a string and ``3`` as an int."""
-    try:
-        if isinstance(current, bool) or current is None:
-            return new
-        if isinstance(current, float) and isinstance(new, (int, str)):
-            return float(new)
-        if isinstance(current, int) and isinstance(new, str):
-            return int(new)
-    except ValueError:
-        raise ValueError(f"override {item!r}: expected a {type(current).__name__}") from None
-    return new
+def replace_checked(obj, where: str = "config", **changes):
+    """``dataclasses.replace`` whose bad values end as one clear ValueError naming ``where``."""
+    return _build(type(obj), {**asdict(obj), **changes}, where)
 
 
 def to_json(obj) -> str:

@@ -35,19 +35,42 @@ def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
     return model, train
 
 
-def _resolved_preset(args):
-    from sgmft.config import apply_overrides, load_preset
+def _devices_arg(value: str):
+    from sgmft.config import parse_devices
+
+    v = parse_devices(value)
+    if isinstance(v, str) and v != "auto":
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a count, 'auto', or device indices such as 0,1")
+    return v
+
+
+def _resolved_preset(args, store=None):
+    """The preset after ``--set`` and the train flags, checked field by field (and the
+    architecture and fusion names against their registries). With ``store``, ``dim`` and
+    ``num_classes`` come from it, as training would set them."""
+    import dataclasses
+
+    from sgmft.config import apply_overrides, load_preset, replace_checked
+    from sgmft.models import FUSIONS, MODELS
 
     p = load_preset(args.preset)
     mo, tr = _overrides(args.set)
-    p.model = apply_overrides(p.model, mo)
-    p.train = apply_overrides(p.train, tr)
-    for key in ("epochs", "seed", "devices", "strategy", "accelerator", "num_nodes", "batch_size", "lr"):
-        val = getattr(args, key, None)
-        if val is not None:
-            setattr(p.train, key, val)
-    if getattr(args, "no_progress", False):
-        p.train.progress = False
+    p.model = apply_overrides(p.model, mo, "model")
+    p.train = apply_overrides(p.train, tr, "train")
+    flags = {key: getattr(args, key) for key in ("epochs", "seed", "devices", "strategy", "accelerator",
+                                                 "num_nodes", "batch_size", "lr")
+             if getattr(args, key, None) is not None}
+    if getattr(args, "progress", None) is not None:
+        flags["progress"] = args.progress
+    p.train = replace_checked(p.train, "train options", **flags)
+    MODELS.get(p.model.arch)
+    FUSIONS.get(p.model.fusion)
+    if store is not None:
+        from sgmft.features import FeatureStore
+
+        fs = FeatureStore.open(store)
+        p.model = dataclasses.replace(p.model, dim=fs.dim, num_classes=len(fs.label_names))
+    p.model.validate()
     return p
 
 
@@ -93,6 +116,19 @@ def cmd_simfeat_report(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.print_config:
+        p = _resolved_preset(args, store=args.store)
+        import yaml
+
+        d = p.to_dict()
+        doc = {"preset": p.name, "model": d["model"], "train": d["train"]}
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        return 0
+    if args.store is None or args.out is None:
+        raise UserError("train needs a feature store and --out RUN (or --print-config)")
     from sgmft.train import train
 
     p = _resolved_preset(args)
@@ -153,8 +189,11 @@ def _simfeat_report_args(s: argparse.ArgumentParser) -> None:
 
 
 def _train_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("store", help="feature-store directory")
-    s.add_argument("--out", required=True, help="run directory (created; an interrupted run resumes)")
+    s.add_argument("store", nargs="?", help="feature-store directory (optional with --print-config)")
+    s.add_argument("--out", help="run directory (created; an interrupted run resumes); required to train")
+    s.add_argument("--print-config", action="store_true", dest="print_config",
+                   help="print the resolved configuration (YAML; JSON with --json) and exit")
+    s.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     s.add_argument("--preset", default="sgmft", help="preset name or YAML path (see `sgmft presets`)")
     s.add_argument("--set", action="append", metavar="model.F=V|train.F=V", help="override a config field")
     s.add_argument("--epochs", type=int)
@@ -162,7 +201,8 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--accelerator")
-    s.add_argument("--devices", type=lambda v: v if v == "auto" else int(v))
+    s.add_argument("--devices", type=_devices_arg,
+                   help="Lightning devices: a count (-1 = all), 'auto', or device indices such as 0,1")
     s.add_argument("--strategy", help="e.g. ddp, ddp_spawn, fsdp (Lightning strategies)")
     s.add_argument("--num-nodes", type=int, dest="num_nodes")
     s.add_argument("--no-progress", action="store_true")

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset
+from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset, progress_enabled
 from sgmft.data.splits import resolve_split
 from sgmft.features import FeatureStore
 from sgmft.checkpoint import save_checkpoint
@@ -83,7 +83,8 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
                               monitor="val_acc" if val_loader else None, mode="max",
                               save_last=True, save_top_k=1)
     callbacks = [ckpt_cb]
-    if train_cfg.progress:
+    progress = progress_enabled(train_cfg.progress)     # None: only on a terminal
+    if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 50)))
     strategy = train_cfg.strategy
     if strategy == "ddp":
@@ -95,7 +96,7 @@ def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig
         num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
         deterministic=train_cfg.deterministic, callbacks=callbacks,
         logger=CSVLogger(run_dir.root, name=run_dir.lightning.name, version=""),
-        enable_progress_bar=train_cfg.progress, enable_model_summary=False,
+        enable_progress_bar=progress, enable_model_summary=False,
         limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=max(1, min(50, len(train_loader))),
         num_sanity_val_steps=0,
     )
