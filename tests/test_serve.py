@@ -498,3 +498,55 @@ def test_service_does_not_import_lightning(env):
     envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(env["run"])], env=envv, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_batcher_wait_size_bound_and_stop():
+    """The Batcher alone: it waits max_wait_ms for batch-mates, never exceeds max_batch, refuses what
+    does not fit in the queue, and a stop fails what is still queued instead of leaving it waiting."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sgmft.serve.batching import Batcher, QueueFull
+
+    gate, seen = threading.Event(), []
+
+    def fn(items):
+        seen.append(list(items))
+        assert gate.wait(10)
+        return [i * 10 for i in items]
+
+    async def scenario():
+        b = Batcher("t", fn, ThreadPoolExecutor(1), max_batch=3, max_wait_ms=300, max_queue=4)
+        gate.set()
+        first = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.05)                                 # within the wait: joins the same batch
+        assert await asyncio.gather(first, b.submit([2, 3])) == [[10], [20, 30]]
+        assert seen == [[1, 2, 3]]
+        seen.clear()
+        assert await b.submit([4, 5, 6, 7]) == [40, 50, 60, 70]  # max_batch 3 -> two forwards
+        assert seen == [[4, 5, 6], [7]]
+        gate.clear()
+        running = asyncio.ensure_future(b.submit([8]))
+        while b.running == 0:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(b.submit([9, 10, 11, 12]))  # fills the queue (4)
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as e:
+            await b.submit([13])
+        assert e.value.limit == 4 and e.value.retry_after >= 1
+        gate.set()
+        assert await running == [80]
+        assert await queued == [90, 100, 110, 120]
+        gate.clear()
+        blocked = asyncio.ensure_future(b.submit([14]))
+        while b.running == 0:
+            await asyncio.sleep(0.01)
+        stranded = asyncio.ensure_future(b.submit([15]))
+        await asyncio.sleep(0.01)
+        await b.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            await stranded
+        gate.set()
+        blocked.cancel()
+
+    asyncio.run(scenario())

@@ -48,6 +48,7 @@ class Batcher:
             self._task = loop.create_task(self._work(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
+        """Stop the worker; requests still queued get an error instead of waiting forever."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -55,6 +56,10 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self._task = None
+        while self._q is not None and not self._q.empty():
+            _, fut = self._q.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"the {self.name} batcher stopped"))
 
     @property
     def depth(self) -> int:
