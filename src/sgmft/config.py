@@ -105,8 +105,9 @@ class ModelConfig:
     classifier_hidden: Annotated[list[PositiveInt], BeforeValidator(_one_or_many), Field(min_length=1)] = \
         field(default_factory=lambda: [512, 256, 128, 64])
     dropout: Fraction = 0.1
-    # -- speed: "auto" (exact rank-one kernel when d == 1, else sdpa), "sdpa", "naive", "rank1"
-    attn_impl: Literal["auto", "sdpa", "naive", "rank1"] = "auto"
+    # -- speed: "auto" (exact moment kernel when d == 1, else sdpa), "moments", "rank1" (exact
+    #    fused kernel, d == 1), "sdpa", "naive"
+    attn_impl: Literal["auto", "sdpa", "naive", "rank1", "moments"] = "auto"
     # -- extra options for registered variants (issue 4 heads put theirs here)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,8 +134,8 @@ class ModelConfig:
             bad(f"n_tokens={self.n_tokens} must divide dim={self.dim} (token width d = D / n)")
         if self.attn_dim % self.heads:
             bad(f"attn_dim={self.attn_dim} must be divisible by heads={self.heads}")
-        if self.attn_impl == "rank1" and self.token_dim != 1:
-            bad("attn_impl='rank1' needs token width d = 1 (n_tokens == dim)")
+        if self.attn_impl in ("rank1", "moments") and self.token_dim != 1:
+            bad(f"attn_impl={self.attn_impl!r} needs token width d = 1 (n_tokens == dim)")
         return self
 
 

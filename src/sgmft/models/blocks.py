@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgmft.config import ModelConfig
+from sgmft.models.moments import moments_attention
 from sgmft.models.rank1 import rank1_softmax_mix
 
 
@@ -86,11 +87,12 @@ def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, pro
 
     Queries come from ``x_q`` through ``proj_q.q``; keys and values from ``x_kv`` through
     ``proj_kv.k`` / ``proj_kv.v``.  ``impl``: "sdpa" (torch's fused kernel), "naive" (the
-    textbook per-head formula, kept as the benchmark's reference) or "rank1" (exact
-    closed form for d = 1, see :mod:`sgmft.models.rank1`).
+    textbook per-head formula, kept as the benchmark's reference), "rank1" (exact
+    closed form for d = 1 on the fused kernel, see :mod:`sgmft.models.rank1`) or "moments"
+    (the same closed form through exact exponential moments, :mod:`sgmft.models.moments`).
     """
-    if impl == "rank1":
-        return _rank1_attention(x_q, x_kv, proj_q, proj_kv, out, heads)
+    if impl in ("rank1", "moments"):
+        return _rank1_attention(x_q, x_kv, proj_q, proj_kv, out, heads, impl)
     q = _split_heads(proj_q.q(x_q), heads)
     k = _split_heads(proj_kv.k(x_kv), heads)
     v = _split_heads(proj_kv.v(x_kv), heads)
@@ -103,7 +105,8 @@ def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, proj_q: QKV, pro
     return out(o.transpose(1, 2).reshape(b, n, h * dh))
 
 
-def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads: int):
+def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads: int,
+                     impl: str = "rank1"):
     """Same numbers as the "naive" path for d = 1, without forming any n x n or d_model tensor."""
     dm = proj_q.q.out_features
     dh = dm // heads
@@ -116,8 +119,11 @@ def _rank1_attention(x_q, x_kv, proj_q: QKV, proj_kv: QKV, out: nn.Linear, heads
     alpha = (wq * wk).sum(-1) / math.sqrt(dh)                   # (H,)
     beta = (bq * wk).sum(-1) / math.sqrt(dh)                    # (H,)
     xq, xkv = x_q[..., 0], x_kv[..., 0]                         # (B, n)
-    c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]   # (B, H, n)
-    m = rank1_softmax_mix(c, xkv, xkv)                          # (B, H, n): sum_l p_jl x_l
+    if impl == "moments":
+        m = moments_attention(xq, alpha, beta, xkv, xkv)         # (B, H, n): sum_l p_jl x_l
+    else:
+        c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]   # (B, H, n)
+        m = rank1_softmax_mix(c, xkv, xkv)
     a = (wv[None] * wo).sum(-1)                                 # (1, H): w_v^h . W_out^h
     const = (bv[None] * wo).sum((-1, -2)) + out.bias            # (1,)
     return (torch.einsum("bhn,oh->bno", m, a) + const)
@@ -151,7 +157,7 @@ class FFN(nn.Module):
 
 def resolve_attn_impl(cfg: ModelConfig) -> str:
     if cfg.attn_impl == "auto":
-        return "rank1" if cfg.token_dim == 1 else "sdpa"
+        return "moments" if cfg.token_dim == 1 else "sdpa"
     return cfg.attn_impl
 
 

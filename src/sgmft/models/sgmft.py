@@ -15,6 +15,7 @@ from sgmft.config import ModelConfig
 from sgmft.models.blocks import (FFN, QKV, Classifier, ModalityInput, TokenNorm,
                                  multi_head_attention, resolve_attn_impl)
 from sgmft.models.output import ModelOutput
+from sgmft.models.moments import moments_softmax_mix
 from sgmft.models.rank1 import rank1_softmax_mix
 from sgmft.models.registry import FUSIONS, MODELS
 
@@ -48,8 +49,9 @@ class SIM(nn.Module):
     def element_interaction(self, xa: torch.Tensor, xb: torch.Tensor, xb_c: torch.Tensor) -> torch.Tensor:
         """X_inter = P^e X^C_b with P^e = row-softmax(X_a X_b^T) (eqs 2, 4, 5, 14). (B, n, d)."""
         d = xa.shape[-1]
-        if d == 1 and self.impl == "rank1":
-            return rank1_softmax_mix(xa[..., 0].unsqueeze(1), xb[..., 0], xb_c[..., 0]).squeeze(1).unsqueeze(-1)
+        if d == 1 and self.impl in ("rank1", "moments"):
+            mix = moments_softmax_mix if self.impl == "moments" else rank1_softmax_mix
+            return mix(xa[..., 0].unsqueeze(1), xb[..., 0], xb_c[..., 0]).squeeze(1).unsqueeze(-1)
         s_e = xa @ xb.transpose(-1, -2)                           # eq 2
         if self.cfg.pe_scale == "sqrt_d":
             s_e = s_e / math.sqrt(d)
