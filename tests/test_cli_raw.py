@@ -93,6 +93,14 @@ def test_extract_cli_writes_store_summary_and_rejects(env, capsys, tmp_path):
     assert main(["extract", str(env["dirty"]), "--out", str(tmp_path / "d"), "--backbone", env["spec"],
                  "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --json: stdout is one JSON document with the same summary
+    assert main(["extract", str(env["dirty"]), "--out", str(tmp_path / "d"), "--backbone", env["spec"],
+                 "--batch-size", "16", "--no-urls", "--no-stopwords", "--image-choice", "first",
+                 "--rejects", str(tmp_path / "rej.jsonl"), "--cache-dir", str(tmp_path / "cache"),
+                 "--overwrite", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rows_rejected"] == n_rows and doc["images_rejected"] == n_imgs
+    assert doc["store"] == str(tmp_path / "d") and doc["rejects_path"] == str(tmp_path / "rej.jsonl")
     # --strict stops at the first problem with the manifest error
     assert main(["extract", str(env["dirty"]), "--out", str(tmp_path / "s"), "--backbone", env["spec"],
                  "--no-progress", "--strict"]) == 2
@@ -317,9 +325,11 @@ def test_help_lists_raw_verbs(capsys):
 
 def test_demo_raw(tmp_path, capsys):  # ~15 s on 2 shared cores
     assert main(["demo-raw", "--out", str(tmp_path / "demo"), "--posts", "80", "--epochs", "2",
-                 "--no-progress"]) == 0
-    out = capsys.readouterr().out
+                 "--no-progress", "--json"]) == 0
+    cap = capsys.readouterr()
+    out = cap.err                                   # --json: the narrative goes to stderr ...
     assert "RANDOM" in out and "test accuracy" in out and out.count("predicted ") >= 5
     s = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))
+    assert json.loads(cap.out)["new_posts"] == s["new_posts"]   # ... and stdout is the summary
     assert s["random_backbone"] and len(s["new_posts"]) == 5 and s["dirty"]["rejects"] > 0
     assert (tmp_path / "demo" / "run" / "eval-test" / "metrics.json").is_file()

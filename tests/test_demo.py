@@ -4,12 +4,16 @@ import json
 
 import pytest
 
-from sgmft.experiments.demo import run_demo
+from sgmft.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_report(tmp_path):
-    summary = run_demo(tmp_path / "demo", quick=True, progress=False)
+def test_quick_demo_writes_report(tmp_path, capsys):
+    """`sgmft demo --quick` (in the README), with --json: stdout is the summary, the log is on stderr."""
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress", "--json"]) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out)
+    assert "[demo]" in cap.err and "[demo]" not in cap.out
     rows = {r["row"]: r for r in summary["table"]}
     assert set(rows) == {"sgmft", "concat", "text_only", "image_only"}
     for r in rows.values():

@@ -87,7 +87,7 @@ def test_table_layout_and_csv():
     assert rows[1]["row"] == "sgmft" and float(rows[1]["accuracy_mean"]) == 0.8 and rows[0]["seeds"] == "0"
 
 
-def test_quick_suite_end_to_end_resumes_and_refuses_other_scale(tmp_path, monkeypatch):
+def test_quick_suite_end_to_end_resumes_and_refuses_other_scale(tmp_path, monkeypatch, capsys):
     from sgmft.cli import main
     from sgmft.features.backbones.cnn_wordemb import cnn_available
 
@@ -124,8 +124,10 @@ def test_quick_suite_end_to_end_resumes_and_refuses_other_scale(tmp_path, monkey
 
     monkeypatch.setattr(sgmft.train, "train", no_training)
     before = (out / "tabA.csv").read_text()
-    assert main(["experiments", "--config", str(cfg), "--quick", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["experiments", "--config", str(cfg), "--quick", "--out", str(out), "--json"]) == 0
     assert (out / "tabA.csv").read_text() == before
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)      # --json: one document on stdout
 
     # another scale into the same folder is refused
     assert main(["experiments", "--config", str(cfg), "--out", str(out)]) == 2

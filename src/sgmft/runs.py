@@ -15,8 +15,10 @@ Reading a run needs neither Lightning nor the training code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from sgmft import atomic
 
-__all__ = ["RunDir", "ids_digest", "locate"]
+__all__ = ["RunDir", "cleanup_on_failure", "ids_digest", "locate"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,32 @@ class RunDir:
         with atomic.atomic_file(self.split, "wb") as f:
             np.save(f, split)
         return self.split
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(root):
+    """Around a training run: if it fails, remove what this run created in ``root`` and
+    ``root`` itself if this run created it, so a failed ``train`` leaves no empty run folder.
+
+    Never touches what was there before (a user's folder, an earlier run's files), and keeps
+    everything when a resumable checkpoint (``lightning/checkpoints/last.ckpt``) was written:
+    an interrupted run resumes from it."""
+    root = Path(root)
+    existed = root.exists()
+    before = set(root.iterdir()) if existed and root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not RunDir(root).last_checkpoint.exists() and root.is_dir():
+            for p in set(root.iterdir()) - before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    root.rmdir()           # only if empty
+        raise
 
 
 def locate(path) -> tuple[Path, RunDir | None]:

@@ -10,10 +10,13 @@ as ``sgmft VERB: error: <message>`` with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
+
+from sgmft import __version__
 
 from sgmft.cli import experiments as _experiments
 from sgmft.cli import raw as _raw
@@ -33,6 +36,31 @@ def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
         else:
             raise UserError(f"--set {item!r}: write model.<field>=<value> or train.<field>=<value>")
     return model, train
+
+
+# -- output: --json makes stdout exactly one JSON document ---------------------------------------
+def emit(args, doc, text: str | None = None) -> None:
+    """Print the verb's result: ``doc`` as JSON with ``--json`` (or when there is no ``text``),
+    else ``text`` (nothing when ``text`` is empty)."""
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+    elif text:
+        print(text)
+
+
+def quiet_stdout(args):
+    """With ``--json``, whatever the library prints goes to stderr, keeping stdout for the one
+    JSON document."""
+    if getattr(args, "json", False):
+        return contextlib.redirect_stdout(sys.stderr)
+    return contextlib.nullcontext()
+
+
+def progress_on(args) -> bool:
+    """``--progress`` / ``--no-progress`` win; otherwise bars only when stderr is a terminal."""
+    from sgmft.config import progress_enabled
+
+    return progress_enabled(getattr(args, "progress", None))
 
 
 def _devices_arg(value: str):
@@ -60,7 +88,7 @@ def _resolved_preset(args, store=None):
     flags = {key: getattr(args, key) for key in ("epochs", "seed", "devices", "strategy", "accelerator",
                                                  "num_nodes", "batch_size", "lr")
              if getattr(args, key, None) is not None}
-    if getattr(args, "progress", None) is not None:
+    if getattr(args, "progress", None) is not None:     # --progress / --no-progress; else: TTY only
         flags["progress"] = args.progress
     p.train = replace_checked(p.train, "train options", **flags)
     MODELS.get(p.model.arch)
@@ -76,23 +104,40 @@ def _resolved_preset(args, store=None):
 
 def cmd_presets(args) -> int:
     from sgmft.config import list_presets, load_preset
-    from sgmft.models import list_models
+    from sgmft.models import FUSIONS, list_models
 
+    presets = []
     for name in list_presets():
         p = load_preset(name)
-        print(f"{name:12s} arch={p.model.arch:10s} {p.description.splitlines()[0] if p.description else ''}")
-    print("\nregistered architectures:", ", ".join(list_models()))
+        presets.append({"name": name, "arch": p.model.arch, "fusion": p.model.fusion if p.model.arch == "sgmft"
+                        else None, "description": p.description})
+    doc = {"presets": presets, "architectures": list_models(), "fusions": FUSIONS.names()}
+    def short(text: str, width: int = 80) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width - 3].rsplit(" ", 1)[0] + " ..."
+
+    lines = [f"{p['name']:14s} arch={p['arch']:14s} {short(p['description'])}" for p in presets]
+    lines += ["", "registered architectures: " + ", ".join(doc["architectures"]),
+              "registered fusions (model.fusion, with arch sgmft): " + ", ".join(doc["fusions"])]
+    emit(args, doc, "\n".join(lines))
     return 0
 
 
 def _simfeat_config(args):
+    """The profile's SimFeatConfig with the flags and ``--set`` on top. A post count given
+    without a test size keeps the profile's test fraction (20 % by default): ``--num-posts 600``
+    holds out 120 test posts."""
     from sgmft.data.simfeat import parse_overrides, profile_config
 
     changes = list(args.set or [])
     for key in ("num_posts", "dim", "seed"):
         if getattr(args, key, None) is not None:
             changes.append(f"{key}={getattr(args, key)}")
-    return profile_config(args.profile, **parse_overrides(changes))
+    overrides = parse_overrides(changes)
+    if "num_posts" in overrides and "test_size" not in overrides:
+        base = profile_config(args.profile)
+        overrides["test_size"] = max(1, round(int(overrides["num_posts"]) * base.test_size / base.num_posts))
+    return profile_config(args.profile, **overrides)
 
 
 def cmd_simulate(args) -> int:
@@ -102,16 +147,19 @@ def cmd_simulate(args) -> int:
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(path)
-    oracle = fs.meta.get("extra", {}).get("simfeat", {}).get("oracle", {})
-    print(json.dumps({"store": str(path), "num_posts": len(fs), "dim": fs.dim, "oracle": oracle}, indent=2))
+    sim = fs.meta.get("extra", {}).get("simfeat", {})
+    emit(args, {"store": str(path), "num_posts": len(fs), "dim": fs.dim,
+                "test_size": (sim.get("config") or {}).get("test_size"), "oracle": sim.get("oracle", {})})
     return 0
 
 
 def cmd_simfeat_report(args) -> int:
     from sgmft.data.simfeat import proxy_report
 
-    report = proxy_report(_simfeat_config(args), epochs=args.epochs, dropout=args.dropout, logreg=not args.no_logreg)
-    print(json.dumps(report, indent=1))
+    with quiet_stdout(args):
+        report = proxy_report(_simfeat_config(args), epochs=args.epochs, dropout=args.dropout,
+                              logreg=not args.no_logreg)
+    emit(args, report)
     return 0
 
 
@@ -122,19 +170,21 @@ def cmd_train(args) -> int:
 
         d = p.to_dict()
         doc = {"preset": p.name, "model": d["model"], "train": d["train"]}
-        if args.json:
-            print(json.dumps(doc, indent=2))
-        else:
-            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        emit(args, doc, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip("\n"))
         return 0
     if args.store is None or args.out is None:
         raise UserError("train needs a feature store and --out RUN (or --print-config)")
     from sgmft.train import train
 
     p = _resolved_preset(args)
-    res = train(args.store, args.out, p)
-    if res.best_val_acc is not None:
-        print(f"best val_acc {res.best_val_acc:.4f}; model exported to {res.checkpoint}")
+    # Lightning draws its bars on stdout: send them (and its messages) to stderr, so stdout
+    # holds only the result
+    with contextlib.redirect_stdout(sys.stderr):
+        res = train(args.store, args.out, p)
+    doc = {"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint), "best_val_acc": res.best_val_acc,
+           "seconds": round(res.seconds, 2)}
+    emit(args, doc, f"best val_acc {res.best_val_acc:.4f}; model exported to {res.checkpoint}"
+         if res.best_val_acc is not None else f"model exported to {res.checkpoint}")
     return 0
 
 
@@ -144,18 +194,21 @@ def cmd_evaluate(args) -> int:
     from sgmft.runs import RunDir
 
     out = args.out or str(RunDir(args.checkpoint).eval_dir(args.split))
-    m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
+    with quiet_stdout(args):
+        m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
     keep = {k: m[k] for k in ("accuracy", "macro_f1", "num_samples", "oracle_accuracy",
                               "accuracy_over_oracle") if k in m}
-    print(json.dumps(keep, indent=2))
-    print(f"report written to {out}")
+    emit(args, {**keep, "split": args.split, "report": str(out)})   # stdout: one JSON document
+    print(f"report written to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args) -> int:
     from sgmft.experiments.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
+    with quiet_stdout(args):
+        summary = run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=progress_on(args))
+    emit(args, {**summary, "out": str(args.out)}, "")
     return 0
 
 
@@ -169,16 +222,19 @@ def _simfeat_args(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("--profile", default="default", choices=sorted(PROFILES),
                    help="start from this profile's settings (docs/simfeat.md)")
-    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any SimFeatConfig field")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any SimFeatConfig field, e.g. --set test_size=500 (repeatable)")
 
 
 def _simulate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("out", help="output feature-store directory")
-    s.add_argument("--num-posts", type=int, dest="num_posts")
-    s.add_argument("--dim", type=int)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--num-posts", type=int, dest="num_posts",
+                   help="posts in total (profile default: 17000); the test part keeps the profile's "
+                        "fraction (20 %%) unless --set test_size=N")
+    s.add_argument("--dim", type=int, help="feature width D (profile default: 1024)")
+    s.add_argument("--seed", type=int, help="generator seed (profile default: 0)")
     _simfeat_args(s)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
 
 
 def _simfeat_report_args(s: argparse.ArgumentParser) -> None:
@@ -193,34 +249,35 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="run directory (created; an interrupted run resumes); required to train")
     s.add_argument("--print-config", action="store_true", dest="print_config",
                    help="print the resolved configuration (YAML; JSON with --json) and exit")
-    s.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     s.add_argument("--preset", default="sgmft", help="preset name or YAML path (see `sgmft presets`)")
-    s.add_argument("--set", action="append", metavar="model.F=V|train.F=V", help="override a config field")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int, dest="batch_size")
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--accelerator")
+    s.add_argument("--set", action="append", metavar="model.F=V|train.F=V",
+                   help="override a config field, e.g. --set model.use_sim=false (repeatable; docs/training.md)")
+    s.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    s.add_argument("--batch-size", type=int, dest="batch_size", help="batch size (default: the preset's)")
+    s.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
+    s.add_argument("--seed", type=int, help="seed of the split, initialisation and shuffling (default: 0)")
+    s.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu, cuda, mps (default: auto)")
     s.add_argument("--devices", type=_devices_arg,
-                   help="Lightning devices: a count (-1 = all), 'auto', or device indices such as 0,1")
-    s.add_argument("--strategy", help="e.g. ddp, ddp_spawn, fsdp (Lightning strategies)")
-    s.add_argument("--num-nodes", type=int, dest="num_nodes")
-    s.add_argument("--no-progress", action="store_true")
+                   help="Lightning devices: a count (-1 = all), 'auto', or device indices such as 0,1 "
+                        "(default: 1)")
+    s.add_argument("--strategy", help="Lightning strategy: auto, ddp, ddp_spawn, fsdp (default: auto)")
+    s.add_argument("--num-nodes", type=int, dest="num_nodes", help="machines for multi-node training (default: 1)")
 
 
 def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("checkpoint", help="run directory or its model/ directory")
     s.add_argument("store", help="feature-store directory")
     s.add_argument("--out", help="report directory (default: <checkpoint>/eval-<split>)")
-    s.add_argument("--split", default="test", help="test, val, train or all")
-    s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points")
+    s.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="which posts: a split of the run's own saved split (else the store's), or all")
+    s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points",
+                   help="points in the t-SNE plot (a random subset when the split is larger)")
 
 
 def _demo_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--out", default="reports/demo")
-    s.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
+    s.add_argument("--out", default="reports/demo", help="report folder (data and runs inside)")
+    s.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run, about a minute)")
     s.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
-    s.add_argument("--no-progress", action="store_true")
 
 
 # -- the verb table ------------------------------------------------------------------------------
@@ -230,37 +287,72 @@ class Verb:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     help: str
     description: str | None = None
-    show_defaults: bool = False                        # ArgumentDefaultsHelpFormatter
+    progress: bool = False                             # has progress bars: --progress / --no-progress
+    json: bool = True                                  # --json: stdout is one JSON document
 
 
 VERBS: dict[str, Verb] = {
-    "presets": Verb(cmd_presets, _presets_args, "list model presets and registered architectures"),
-    "simulate": Verb(cmd_simulate, _simulate_args, "write the SimFeat synthetic feature store"),
+    "presets": Verb(cmd_presets, _presets_args, "list model presets, registered architectures and fusions"),
+    "simulate": Verb(cmd_simulate, _simulate_args, "write the SimFeat synthetic feature store",
+                     "Generate SimFeat (docs/simfeat.md) into a feature store and print its summary "
+                     "and oracle accuracies as JSON."),
     "simfeat-report": Verb(cmd_simfeat_report, _simfeat_report_args,
                            "SimFeat's proxy report: accuracies of simple models on the generator (JSON)",
                            "Generate SimFeat in memory, train logistic-regression and MLP proxies on each "
                            "modality and on both, and print their test accuracies next to the oracle's "
-                           "(docs/simfeat.md; about 15 min on 2 CPU cores at the default scale).", True),
+                           "(docs/simfeat.md; about 15 min on 2 CPU cores at the default scale)."),
     "extract": Verb(_raw.cmd_extract, _raw.extract_args, _raw.EXTRACT_HELP, _raw.EXTRACT_DESCRIPTION, True),
-    "train": Verb(cmd_train, _train_args, "train a preset on a feature store"),
-    "evaluate": Verb(cmd_evaluate, _evaluate_args, "metrics, confusion matrix and t-SNE of a trained model"),
+    "train": Verb(cmd_train, _train_args, "train a preset on a feature store",
+                  "Train a preset (sgmft presets) on a feature store with Lightning; the run folder "
+                  "holds the exported model, run.json and the split (docs/training.md).", True),
+    "evaluate": Verb(cmd_evaluate, _evaluate_args, "metrics, confusion matrix and t-SNE of a trained model",
+                     "Evaluate a run on a feature store: metrics.json, predictions, confusion.png and "
+                     "tsne.png in the report folder; the key metrics as JSON on stdout."),
     "predict": Verb(_raw.cmd_predict, _raw.predict_args, _raw.PREDICT_HELP, _raw.PREDICT_DESCRIPTION, True),
-    "demo": Verb(cmd_demo, _demo_args, "offline end-to-end demo on SimFeat (simulate, train 4 models, report)"),
+    "demo": Verb(cmd_demo, _demo_args, "offline end-to-end demo on SimFeat (simulate, train 4 models, report)",
+                 "Simulate SimFeat at the paper's scale, train SG-MFT and three baselines, evaluate "
+                 "them and write a report (about 10 minutes on 2 CPU cores; --quick: a smoke run).", True),
     "demo-raw": Verb(_raw.cmd_demo_raw, _raw.demo_raw_args, _raw.DEMO_RAW_HELP, _raw.DEMO_RAW_DESCRIPTION, True),
     "experiments": Verb(_experiments.cmd_experiments, _experiments.experiments_args, _experiments.HELP,
-                        _experiments.DESCRIPTION),
-    "serve": Verb(_serve.cmd_serve, _serve.serve_args, _serve.HELP, _serve.DESCRIPTION, True),
+                        _experiments.DESCRIPTION, True),
+    # a long-running server: its stdout is the server log, so no --json
+    "serve": Verb(_serve.cmd_serve, _serve.serve_args, _serve.HELP, _serve.DESCRIPTION, json=False),
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default once, and only when there is one worth showing (not None,
+    not a switch's False, not already named in the help text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                or isinstance(action.default, list) and not action.default
+                or "default" in text or action.nargs == 0 or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _common_args(s: argparse.ArgumentParser, verb: Verb) -> None:
+    g = s.add_argument_group("output")
+    if verb.json:
+        g.add_argument("--json", action="store_true",
+                       help="print exactly one JSON document on stdout (messages go to stderr)")
+    if verb.progress:
+        g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show progress bars (on stderr); by default only when stderr is a terminal")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
+    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"sgmft {__version__}",
+                    help="print the version and exit")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, verb in VERBS.items():
-        s = sub.add_parser(name, help=verb.help, description=verb.description,
-                           formatter_class=(argparse.ArgumentDefaultsHelpFormatter if verb.show_defaults
-                                            else argparse.HelpFormatter))
+        s = sub.add_parser(name, help=verb.help, description=verb.description or verb.help,
+                           formatter_class=HelpFormatter)
         verb.add_arguments(s)
+        _common_args(s, verb)
         s.set_defaults(func=verb.run)
     return ap
 
@@ -272,5 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"sgmft {args.verb}: error: {msg}", file=sys.stderr)
+        if getattr(args, "json", False):        # scripts still get one JSON document
+            print(json.dumps({"error": str(msg), "verb": args.verb}, ensure_ascii=False))
         return 2
-

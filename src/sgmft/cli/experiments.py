@@ -6,6 +6,7 @@ from sgmft.errors import UserError
 
 
 def cmd_experiments(args) -> int:
+    from sgmft.cli import emit, progress_on, quiet_stdout
     from sgmft.experiments.suite import run_experiments
 
     if args.full and args.quick:
@@ -14,9 +15,11 @@ def cmd_experiments(args) -> int:
     tables = None if args.suite == "all" else [args.suite]
     if args.config and args.suite != "all":
         raise UserError("give --suite or --config, not both")
-    run_experiments(args.out, tables=tables, config=args.config, scale=scale, seeds=args.seeds,
-                    store=args.store, posts_manifest=args.posts, progress=args.progress,
-                    tsne_points=args.tsne_points)
+    with quiet_stdout(args):
+        res = run_experiments(args.out, tables=tables, config=args.config, scale=scale, seeds=args.seeds,
+                              store=args.store, posts_manifest=args.posts, progress=progress_on(args),
+                              tsne_points=args.tsne_points)
+    emit(args, {**res, "out": str(args.out)}, "")
     return 0
 
 
@@ -38,4 +41,4 @@ def experiments_args(s) -> None:
     s.add_argument("--store", help="feature store to use instead of generating SimFeat")
     s.add_argument("--posts", help="post manifest for the CNN baseline instead of generating SimPosts")
     s.add_argument("--tsne-points", type=int, dest="tsne_points", help="points per t-SNE panel (default: the scale's setting)")
-    s.add_argument("--progress", action="store_true", help="show training progress bars")
+    # --progress / --no-progress come with every verb that has bars (sgmft.cli.VERBS)

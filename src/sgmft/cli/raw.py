@@ -40,22 +40,33 @@ def clean_config_from_args(args) -> CleanConfig:
 
 # -- extract -------------------------------------------------------------------------------------
 def cmd_extract(args) -> int:
+    from sgmft.cli import progress_on, quiet_stdout
     from sgmft.features.extract import extract_features
 
     cfg = clean_config_from_args(args)
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
-    with _hf_progress_bars(not args.no_progress):
+    progress = progress_on(args)
+    with _hf_progress_bars(progress), quiet_stdout(args):
         res = extract_features(
             args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
             batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
-            on_error="raise" if args.strict else "skip", progress=not args.no_progress,
+            on_error="raise" if args.strict else "skip", progress=progress,
             device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
             overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)
     n_rows = len({r.line for r in res.rejects if r.stage == "manifest"})
+    if args.json:
+        print(json.dumps({
+            "store": str(res.store_path), "num_posts": res.num_posts, "backbone": fs.backbone, "dim": fs.dim,
+            "image_choice": args.image_choice, "encoded": res.encoded, "cached": res.cached_hits,
+            "seconds": round(res.seconds, 2), "processes": res.world_size, "text_missing": res.text_missing,
+            "image_missing": res.image_missing, "rejects": res.num_rejects, "rows_rejected": n_rows,
+            "images_rejected": res.images_rejected, "rejects_path": str(rejects),
+            "first_rejects": [r.to_dict() for r in res.rejects[:args.show_rejects]]}, ensure_ascii=False, indent=2))
+        return 0
     print(f"extracted {res.num_posts} posts -> {res.store_path}  (backbone {fs.backbone}, D={fs.dim}, "
           f"image choice {args.image_choice})")
     print(f"  encoded {res.encoded}, from cache {res.cached_hits}  ({res.seconds:.1f} s, "
@@ -75,8 +86,10 @@ def cmd_extract(args) -> int:
 def _load_predictor(args):
     from sgmft.predict import PostPredictor
 
+    from sgmft.cli import progress_on
+
     # no "Loading weights" bar around a one-post answer
-    with _hf_progress_bars(bool(args.manifest) and not args.no_progress):
+    with _hf_progress_bars(bool(args.manifest) and progress_on(args)):
         pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
                                 batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
     for note in pp.notes:
@@ -117,7 +130,9 @@ def cmd_predict(args) -> int:
         res = pp.predict_post(args.text or "", args.image or [])
         print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else format_prediction(res))
         return 0
-    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=not args.no_progress)
+    from sgmft.cli import progress_on
+
+    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args))
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0
@@ -135,10 +150,13 @@ def cmd_predict(args) -> int:
 
 # -- demo-raw ------------------------------------------------------------------------------------
 def cmd_demo_raw(args) -> int:
+    from sgmft.cli import emit, progress_on, quiet_stdout
     from sgmft.experiments.raw_demo import run_raw_demo
 
-    run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
-                 threads=args.threads, progress=not args.no_progress)
+    with quiet_stdout(args):
+        summary = run_raw_demo(args.out, backbone=args.backbone, num_posts=args.posts, epochs=args.epochs,
+                               threads=args.threads, progress=progress_on(args))
+    emit(args, {**summary, "out": str(args.out)}, "")
     return 0
 
 
@@ -174,7 +192,6 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     for step in CLEAN_STEPS:
         g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")
     g.add_argument("--user-dict", dest="user_dict", help="jieba user dictionary file")
-    s.add_argument("--no-progress", dest="no_progress", action="store_true")
 
 
 PREDICT_HELP = "predict the place of a raw post (--text/--image) or of every post of a manifest"
@@ -194,11 +211,9 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
     s.add_argument("--ignore-backbone-mismatch", dest="ignore_backbone_mismatch", action="store_true",
                    help="allow a backbone whose fingerprint differs from the training one (a warning instead)")
-    s.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="posts per backbone batch")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--no-progress", dest="no_progress", action="store_true")
 
 
 DEMO_RAW_HELP = "offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict"
@@ -210,9 +225,8 @@ DEMO_RAW_DESCRIPTION = ("Generates SimPosts (Weibo-like posts with image files),
 
 
 def demo_raw_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--out", default="reports/demo-raw")
+    s.add_argument("--out", default="reports/demo-raw", help="report folder (posts, store, run inside)")
     s.add_argument("--backbone", help="a real backbone spec instead of the tiny random Chinese-CLIP")
     s.add_argument("--posts", type=int, default=600, help="SimPosts posts for training and evaluation")
-    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--epochs", type=int, default=30, help="training epochs of the demo's SG-MFT")
     s.add_argument("--threads", type=int, help="torch threads (default: half the CPU cores)")
-    s.add_argument("--no-progress", dest="no_progress", action="store_true")

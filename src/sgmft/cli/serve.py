@@ -49,14 +49,14 @@ DESCRIPTION = ("An HTTP service around the same predictor as `sgmft predict`: PO
 def serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("run_dir", help="training run directory (or its model/ directory)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
     s.add_argument("--ignore-backbone-mismatch", dest="ignore_backbone_mismatch", action="store_true",
                    help="allow a backbone whose fingerprint differs from the training one (a note instead)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", dest="log_level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"], help="server log level")
     s.add_argument("--access-log", dest="access_log", action="store_true", help="log every request")
     g = s.add_argument_group("limits and batching (docs/serve.md)")
     for f in ServeConfig.fields():

@@ -128,7 +128,8 @@ class SimFeatConfig:
         if self.content_dim < 1 or self.content_dim + 2 >= self.dim:
             raise ValueError("need 1 <= content_dim and content_dim + 2 < dim")
         if not 0 < self.test_size < self.num_posts:
-            raise ValueError("need 0 < test_size < num_posts")
+            raise ValueError(f"SimFeat: need 0 < test_size < num_posts, got test_size={self.test_size}, "
+                             f"num_posts={self.num_posts} (set test_size, e.g. 20 % of num_posts)")
         if self.num_classes < 2 or self.num_users < 1:
             raise ValueError("need num_classes >= 2 and num_users >= 1")
         if min(self.text_noise, self.image_noise) <= 0 or self.nuisance < 0:

@@ -15,23 +15,28 @@ from sgmft.runs import RunDir, ids_digest, locate
 
 
 def select_rows(fs: FeatureStore, run_dir: RunDir | None, split: str) -> np.ndarray:
-    """Rows of ``split``: from the store's split.npy, else from the training run's saved split
-    (only if the run was trained on this very store), else every labelled row for ``all``."""
+    """Rows of ``split``: from the training run's own saved split when the run was trained on
+    this very store (it holds the validation part carved for model selection, so ``val`` and
+    ``train`` are the run's), else from the store's split.npy, else every labelled row for
+    ``all``."""
     labelled = np.flatnonzero(np.asarray(fs.labels) >= 0)
     if split == "all":
         return labelled
-    if fs.split is not None:
-        rows = fs.indices(split)
-    else:
-        saved = None if run_dir is None else run_dir.split
-        if saved is None or not saved.exists():
-            raise ValueError(f"{fs.path}: the store has no split.npy and no training-run split was "
-                             f"found next to the checkpoint; pass --split all or a run directory")
+    saved = None if run_dir is None else run_dir.split
+    same_store = False
+    if saved is not None and saved.exists():
         run = run_dir.read_run_json() or {}
-        if run.get("store_ids") != ids_digest(fs.ids):
-            raise ValueError(f"{fs.path}: not the store this model was trained on (post ids differ), "
-                             f"so its saved split does not apply; pass --split all")
+        same_store = run.get("store_ids") == ids_digest(fs.ids)
+    if same_store:
         rows = np.flatnonzero(np.load(saved) == split)
+    elif fs.split is not None:
+        rows = fs.indices(split)
+    elif saved is None or not saved.exists():
+        raise ValueError(f"{fs.path}: the store has no split.npy and no training-run split was "
+                         f"found next to the checkpoint; pass --split all or a run directory")
+    else:
+        raise ValueError(f"{fs.path}: not the store this model was trained on (post ids differ), "
+                         f"so its saved split does not apply; pass --split all")
     rows = np.intersect1d(rows, labelled)
     if len(rows) == 0:
         raise ValueError(f"{fs.path}: split {split!r} has no labelled posts")

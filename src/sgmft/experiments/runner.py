@@ -109,6 +109,8 @@ def format_table(table: list[dict], labels: dict[str, str] | None = None) -> str
         def pm(key):
             if f"{key}_mean" not in r:
                 return "n/a"
+            if r.get("seeds", 0) < 2:             # one run: no spread to show
+                return f"{100 * r[f'{key}_mean']:.2f}"
             return f"{100 * r[f'{key}_mean']:.2f} ± {100 * r[f'{key}_std']:.2f}"
         line = f"| {labels.get(r['row'], r['row'])} | {r['seeds']} | {pm('accuracy')} | {pm('macro_f1')} |"
         if has_oracle:

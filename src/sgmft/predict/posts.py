@@ -109,7 +109,7 @@ class PostPredictor:
         training one (``check_backbone=False`` turns a fingerprint difference into a note)
         and ``BackboneUnavailableError`` when the weights are not available offline.
         """
-        from sgmft.features.backbones import Backbone, BackboneUnavailableError, load_backbone
+        from sgmft.features.backbones import BACKBONES, Backbone, BackboneUnavailableError, load_backbone
         from sgmft.features.backbones.base import resolve_device
 
         rd = Path(run_dir)
@@ -156,6 +156,14 @@ class PostPredictor:
                 raise ValueError(f"{model_dir}: the checkpoint does not record the backbone its features "
                                  "came from; pass backbone= (--backbone SPEC)")
             spec = trained_spec
+            if spec.partition(":")[0] not in BACKBONES:
+                raise ValueError(
+                    f"{model_dir}: the model was trained on features from {trained_spec!r}, which is not a "
+                    "raw-post backbone (a SimFeat store or features you computed yourself), so it cannot "
+                    "encode a raw post: it predicts only from features. Predict on a feature store with "
+                    "`sgmft predict RUN --store STORE --out preds.csv` (Predictor.predict_store in Python), "
+                    "or pass --backbone SPEC if the features did come from a registered backbone "
+                    f"({', '.join(BACKBONES.names())})")
         else:
             spec = backbone if isinstance(backbone, str) else None
         precision = extra.get("backbone_precision") or "auto"

@@ -24,7 +24,7 @@ from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset, progress
 from sgmft.data.splits import resolve_split
 from sgmft.features import FeatureStore
 from sgmft.checkpoint import save_checkpoint
-from sgmft.runs import RunDir, ids_digest
+from sgmft.runs import RunDir, cleanup_on_failure, ids_digest
 from sgmft.train.data import make_loader
 from sgmft.train.module import LitClassifier
 
@@ -47,6 +47,14 @@ def _quiet_lightning() -> None:
 
 def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig | None = None,
           train_cfg: TrainConfig | None = None) -> TrainResult:
+    """Train ``preset`` on a feature store (see :func:`_train`). A run that fails before its
+    first resumable checkpoint leaves nothing behind (:func:`sgmft.runs.cleanup_on_failure`)."""
+    with cleanup_on_failure(out_dir):
+        return _train(store, out_dir, preset, model_cfg, train_cfg)
+
+
+def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig | None = None,
+           train_cfg: TrainConfig | None = None) -> TrainResult:
     """Train ``preset`` (or explicit configs) on a feature store; return where the model went.
 
     ``model_cfg.dim`` / ``num_classes`` are taken from the store.  The split is the store's
