@@ -21,6 +21,7 @@ from sgmft import __version__
 from sgmft.cli import experiments as _experiments
 from sgmft.cli import raw as _raw
 from sgmft.cli import serve as _serve
+from sgmft.cli.output import emit, progress_on, quiet_stdout
 from sgmft.errors import USER_ERRORS, UserError
 
 
@@ -36,31 +37,6 @@ def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
         else:
             raise UserError(f"--set {item!r}: write model.<field>=<value> or train.<field>=<value>")
     return model, train
-
-
-# -- output: --json makes stdout exactly one JSON document ---------------------------------------
-def emit(args, doc, text: str | None = None) -> None:
-    """Print the verb's result: ``doc`` as JSON with ``--json`` (or when there is no ``text``),
-    else ``text`` (nothing when ``text`` is empty)."""
-    if getattr(args, "json", False) or text is None:
-        print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
-    elif text:
-        print(text)
-
-
-def quiet_stdout(args):
-    """With ``--json``, whatever the library prints goes to stderr, keeping stdout for the one
-    JSON document."""
-    if getattr(args, "json", False):
-        return contextlib.redirect_stdout(sys.stderr)
-    return contextlib.nullcontext()
-
-
-def progress_on(args) -> bool:
-    """``--progress`` / ``--no-progress`` win; otherwise bars only when stderr is a terminal."""
-    from sgmft.config import progress_enabled
-
-    return progress_enabled(getattr(args, "progress", None))
 
 
 def _devices_arg(value: str):

@@ -6,7 +6,7 @@ from sgmft.errors import UserError
 
 
 def cmd_experiments(args) -> int:
-    from sgmft.cli import emit, progress_on, quiet_stdout
+    from sgmft.cli.output import emit, progress_on, quiet_stdout
     from sgmft.experiments.suite import run_experiments
 
     if args.full and args.quick:

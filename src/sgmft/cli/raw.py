@@ -40,7 +40,7 @@ def clean_config_from_args(args) -> CleanConfig:
 
 # -- extract -------------------------------------------------------------------------------------
 def cmd_extract(args) -> int:
-    from sgmft.cli import progress_on, quiet_stdout
+    from sgmft.cli.output import progress_on, quiet_stdout
     from sgmft.features.extract import extract_features
 
     cfg = clean_config_from_args(args)
@@ -86,7 +86,7 @@ def cmd_extract(args) -> int:
 def _load_predictor(args):
     from sgmft.predict import PostPredictor
 
-    from sgmft.cli import progress_on
+    from sgmft.cli.output import progress_on
 
     # no "Loading weights" bar around a one-post answer
     with _hf_progress_bars(bool(args.manifest) and progress_on(args)):
@@ -130,7 +130,7 @@ def cmd_predict(args) -> int:
         res = pp.predict_post(args.text or "", args.image or [])
         print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else format_prediction(res))
         return 0
-    from sgmft.cli import progress_on
+    from sgmft.cli.output import progress_on
 
     s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args))
     if args.json:
@@ -150,7 +150,7 @@ def cmd_predict(args) -> int:
 
 # -- demo-raw ------------------------------------------------------------------------------------
 def cmd_demo_raw(args) -> int:
-    from sgmft.cli import emit, progress_on, quiet_stdout
+    from sgmft.cli.output import emit, progress_on, quiet_stdout
     from sgmft.experiments.raw_demo import run_raw_demo
 
     with quiet_stdout(args):
