@@ -5,11 +5,13 @@
 ``sgmft``        SG-MFT itself (SIM + fusion + classifier)
 ``baselines``    Table 2's feature baselines (text only, image only, concatenation)
 ``comparisons``  Table 1's other methods, re-created as heads on the same features
+``trust``        TrustMix, the fusion that decides per post which modality to trust
 
 Importing this package registers every built-in component.
 """
 
 from sgmft.models import baselines, comparisons, fusions, sgmft  # noqa: F401  (registration)
+from sgmft.models import trust  # noqa: F401  (registration: TrustMix, docs/design.md)
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import FUSIONS, MODELS, build_model, forward_batch, list_models
 

@@ -1,0 +1,131 @@
+"""Fusion models on SimFeat profiles, overall and per regime, against the Bayes oracle.
+
+For each profile: generate SimFeat (``sgmft.data.simfeat.profile_config``), write the
+feature store, train every preset with ``sgmft.train.train`` for each seed, predict the
+test split with ``sgmft.predict.Predictor`` and score it overall and per regime (the
+generator's own per-post regimes).  Prints one JSON document (and writes it with --out).
+
+    python benchmarks/bench_hetero.py --profiles hetero default --seeds 0 1 2 \
+        --presets trust concat sgmft text_only image_only --out benchmarks/results-bench_hetero.json
+
+``--set key=value`` overrides SimFeatConfig fields (held-out variants of a profile);
+``--train key=value`` overrides TrainConfig fields of every preset (e.g. epochs=3).
+Runs are sequential; each run's seconds are recorded (wall clock, shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _mean_sd(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Path, sets: dict,
+                train_sets: list[str], log) -> dict:
+    from sgmft.config import apply_overrides, load_preset
+    from sgmft.data.simfeat import generate_simfeat, profile_config, write_simfeat
+    from sgmft.features import FeatureStore
+    from sgmft.predict import Predictor
+    from sgmft.train import train
+
+    cfg = profile_config(profile, **sets)
+    t0 = time.time()
+    data = generate_simfeat(cfg)
+    gen_s = time.time() - t0
+    store = workdir / f"store-{profile}"
+    write_simfeat(store, cfg, overwrite=True)
+    fs = FeatureStore.open(store)
+    test = np.flatnonzero(data.split == "test")
+    y, reg = data.labels[test], data.regime[test]
+    names = list(cfg.regimes)
+    oracle = data.oracle
+    out = {"profile": profile, "config": asdict(cfg), "generate_seconds": round(gen_s, 2),
+           "oracle": {"accuracy": oracle["test_accuracy"],
+                      "text_only": oracle["text_only_test_accuracy"],
+                      "image_only": oracle["image_only_test_accuracy"],
+                      "by_regime": oracle["test_accuracy_by_regime"],
+                      "regime_counts": oracle["test_regime_counts"]},
+           "runs": {}, "summary": {}}
+    log(f"[{profile}] oracle {oracle['test_accuracy']:.4f} (generated in {gen_s:.1f} s)")
+    for preset in presets:
+        runs = []
+        for seed in seeds:
+            p = load_preset(preset)
+            p.train = apply_overrides(p.train, [f"seed={seed}", "progress=false", *train_sets])
+            run_dir = workdir / f"run-{profile}-{preset}-{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)   # never resume a run trained on another store
+            t1 = time.time()
+            train(fs, run_dir, p)
+            secs = time.time() - t1
+            pred = Predictor.load(run_dir / "model").predict_store(fs, test).top
+            hit = pred == y
+            by = {r: (float(hit[reg == r].mean()) if np.any(reg == r) else None) for r in names}
+            runs.append({"seed": seed, "accuracy": float(hit.mean()), "by_regime": by,
+                         "train_seconds": round(secs, 1)})
+            log(f"[{profile}] {preset} seed {seed}: {hit.mean():.4f} "
+                f"({hit.mean() / oracle['test_accuracy']:.3f} of oracle) {secs:.0f} s  "
+                + " ".join(f"{r}={v:.3f}" for r, v in by.items() if v is not None))
+        out["runs"][preset] = runs
+        acc = [r["accuracy"] for r in runs]
+        out["summary"][preset] = {
+            "accuracy": _mean_sd(acc),
+            "over_oracle": _mean_sd([a / oracle["test_accuracy"] for a in acc]),
+            "by_regime": {r: _mean_sd([x["by_regime"][r] for x in runs]) for r in names
+                          if all(x["by_regime"][r] is not None for x in runs)},
+            "train_seconds": _mean_sd([r["train_seconds"] for r in runs])}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profiles", nargs="+", default=["hetero", "default"])
+    ap.add_argument("--presets", nargs="+", default=["trust", "concat", "sgmft", "text_only", "image_only"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SimFeatConfig overrides")
+    ap.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
+    ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
+    ap.add_argument("--out", help="also write the JSON here (atomically)")
+    a = ap.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir) if a.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = {"argv": sys.argv[1:] if argv is None else argv,
+                  "torch_threads": __import__("torch").get_num_threads(),
+                  "profiles": {p: run_profile(p, a.presets, a.seeds, work, _parse_sets(a.set), a.train, log)
+                               for p in a.profiles}}
+    result["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        tmp_out = Path(a.out).with_suffix(".json.tmp")
+        tmp_out.write_text(text, encoding="utf-8")
+        os.replace(tmp_out, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

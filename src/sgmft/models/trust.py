@@ -1,0 +1,173 @@
+"""TrustMix: a fusion that decides, per post, which modality to trust (docs/design.md, "TrustMix").
+
+SG-MFT's P^m (eqs 1, 3) lets the similarity of text and image decide how much each token
+attends to the other modality. TrustMix applies the same idea to whole modalities and
+makes it explicit. For every post it estimates what each modality is showing, and combines
+the two with a latent mixture over those states.
+
+Each modality m (text t, image v) has an evidence network E_m. It gives
+
+* ``l_m(c)``, c = 1..K: evidence that the modality shows place c (a log-likelihood up to a
+  per-post constant);
+* ``g_m = logsumexp_j h_m(j)``, j = 1..J: evidence that it shows something generic (a
+  selfie, a meme, "nice day"). The J generic components are learnt; nothing ties them to
+  a data set.
+
+Per modality, the evidence for label y under each state s is (eq T1)
+
+    a_m^inf(y) = l_m(y)                              the modality shows the post's place
+    a_m^gen(y) = g_m                                 it is generic: says nothing about y
+    a_m^oth(y) = logsumexp_{c != y} l_m(c) - log(K-1) it shows another place than the post's
+
+and the logit of place y is the mixture over the joint states (s_t, s_v) (eq T2)
+
+    logit(y) = logsumexp_{s_t, s_v} [ log pi(s_t, s_v | x) + a_t^{s_t}(y) + a_v^{s_v}(y) ] + b_y
+
+with pi a softmax over the 9 joint states (eq T3): a learnt prior plus, if ``gate`` is on,
+a linear function of similarity features of the post (eq T4): cosine of the projected text
+and image, agreement sum_y p_t(y) p_v(y) of the unimodal evidence, and per modality the
+confidence max_y p_m(y) and the margin of place over generic evidence. Setting ``states:
+two`` drops the "other place" state (then there are 4 joint states: both, text, image,
+neither).
+
+A generic or contradicting modality is discounted because the mixture puts its weight on
+the states in which that modality's evidence does not depend on y. When both modalities
+show places and disagree, pi decides which one is trusted. ``aux_weight`` adds each
+modality's marginal (eq T5, the mixture with the other modality summed out) as an auxiliary
+cross-entropy term, so that each evidence network is also trained on its own. Missing
+modalities (mask False) contribute no evidence: a_m^s(y) = 0 for every state.
+
+``fused`` (M_fuse, used for t-SNE) is [l_t, g_t, l_v, g_v, posterior over the joint states].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgmft.config import ModelConfig
+from sgmft.models.comparisons import HeadOutput, head_options
+from sgmft.models.blocks import ModalityInput
+from sgmft.models.registry import MODELS
+
+__all__ = ["TrustMix"]
+
+
+class _Evidence(nn.Module):
+    """E_m: features -> (K place logits, J generic logits). Linear, or an MLP with a linear skip."""
+
+    def __init__(self, dim: int, k: int, j: int, hidden: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(dim, k + j)
+        self.mlp = (nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, k + j))
+                    if hidden > 0 else None)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.drop(x)
+        z = self.linear(x)
+        if self.mlp is not None:
+            z = z + self.mlp(x)
+        return z[:, :self.k], z[:, self.k:]
+
+
+@MODELS.register("trust")
+class TrustMix(nn.Module):
+    """Per-post latent mixture over which modalities show the post's place (eqs T1-T5 above)."""
+
+    defaults: dict[str, Any] = {
+        "hidden": 0,            # evidence networks: 0 = linear, > 0 = MLP of this width plus a linear skip
+        "generic": 8,           # J, learnt generic components per modality
+        "states": "three",      # "three": shows the place / generic / another place; "two": place / not
+        "gate": True,           # pi depends on similarity features (eq T4); False = a learnt constant prior
+        "proj_dim": 64,         # width of the text/image projections whose cosine feeds the gate
+        "aux_weight": 0.5,      # weight of the unimodal marginal CE terms (eq T5)
+        "input_dropout": 0.1,   # dropout on the scaled features before the evidence networks
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.opt = o = head_options(cfg, self.defaults)
+        if o["states"] not in ("two", "three"):
+            raise ValueError(f"trust: states must be 'two' or 'three', got {o['states']!r}")
+        if int(o["generic"]) < 1:
+            raise ValueError("trust: generic (the number of generic components) must be >= 1")
+        k, j = cfg.num_classes, int(o["generic"])
+        scale = cfg.resolved_input_scale()
+        self.text_in, self.image_in = ModalityInput(cfg.dim, scale), ModalityInput(cfg.dim, scale)
+        self.ev_t = _Evidence(cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]))
+        self.ev_v = _Evidence(cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]))
+        self.n_states = 3 if o["states"] == "three" else 2
+        ns2 = self.n_states ** 2
+        self.log_prior = nn.Parameter(torch.zeros(ns2))
+        self.bias = nn.Parameter(torch.zeros(k))
+        if o["gate"]:
+            self.proj_t = nn.Linear(cfg.dim, int(o["proj_dim"]))
+            self.proj_v = nn.Linear(cfg.dim, int(o["proj_dim"]))
+            self.gate = nn.Linear(7, ns2)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+        else:
+            self.gate = None
+
+    # -- eq T1 --------------------------------------------------------------------------
+    def state_evidence(self, l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(B, S, K): a_m^s(y) for s in (inf, gen[, oth])."""
+        k = l.shape[-1]
+        parts = [l, g.logsumexp(-1, keepdim=True).expand_as(l)]
+        if self.n_states == 3:
+            eye = torch.eye(k, dtype=torch.bool, device=l.device)
+            others = l.unsqueeze(1).masked_fill(eye, float("-inf"))        # (B, y, c): c != y
+            parts.append(others.logsumexp(-1) - math.log(k - 1))
+        return torch.stack(parts, dim=1)
+
+    # -- eqs T3, T4 ---------------------------------------------------------------------
+    def log_pi(self, t, v, lt, gt, lv, gv) -> torch.Tensor:
+        """(B, S*S) log pi(s_t, s_v | x), row-major over (s_t, s_v)."""
+        prior = self.log_prior.expand(t.shape[0], -1)
+        if self.gate is not None:
+            cos = F.cosine_similarity(self.proj_t(t), self.proj_v(v), dim=-1)
+            pt, pv = torch.softmax(lt, -1), torch.softmax(lv, -1)
+            agree = (pt * pv).sum(-1)
+            margin_t = lt.logsumexp(-1) - gt.logsumexp(-1)
+            margin_v = lv.logsumexp(-1) - gv.logsumexp(-1)
+            feats = torch.stack([cos, agree, pt.amax(-1), pv.amax(-1),
+                                 torch.tanh(margin_t / 4), torch.tanh(margin_v / 4), cos * agree], dim=-1)
+            prior = prior + self.gate(feats)
+        return torch.log_softmax(prior, dim=-1)
+
+    def forward(self, text, image, text_mask=None, image_mask=None) -> HeadOutput:
+        t, v = self.text_in(text, text_mask), self.image_in(image, image_mask)
+        lt, gt = self.ev_t(t)
+        lv, gv = self.ev_v(v)
+        at, av = self.state_evidence(lt, gt), self.state_evidence(lv, gv)   # (B, S, K)
+        if text_mask is not None:                                           # absent: no evidence
+            at = at * text_mask.to(at.dtype)[:, None, None]
+        if image_mask is not None:
+            av = av * image_mask.to(av.dtype)[:, None, None]
+        s = self.n_states
+        log_pi = self.log_pi(t, v, lt, gt, lv, gv).view(-1, s, s)            # (B, s_t, s_v)
+        joint = log_pi[..., None] + at[:, :, None, :] + av[:, None, :, :]    # (B, s_t, s_v, K)
+        logits = joint.flatten(1, 2).logsumexp(1) + self.bias               # eq T2
+        post = torch.softmax(joint.flatten(1, 2).logsumexp(-1), dim=-1)     # p(s_t, s_v | x)
+        fused = torch.cat([lt, gt.logsumexp(-1, keepdim=True), lv, gv.logsumexp(-1, keepdim=True), post], -1)
+        extras = {"state_posterior": post}
+        if self.opt["aux_weight"] > 0:
+            # eq T5: each modality alone, the other one summed out of the mixture
+            pi_t, pi_v = log_pi.logsumexp(2), log_pi.logsumexp(1)           # (B, s)
+            extras["logits_text"] = (pi_t[..., None] + at).logsumexp(1) + self.bias
+            extras["logits_image"] = (pi_v[..., None] + av).logsumexp(1) + self.bias
+        return HeadOutput(logits=logits, fused=fused, extras=extras)
+
+    def aux_loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
+        w = float(self.opt["aux_weight"])
+        if w <= 0:
+            return out.logits.new_zeros(())
+        e = out.extras
+        return w * (F.cross_entropy(e["logits_text"], labels) + F.cross_entropy(e["logits_image"], labels))
