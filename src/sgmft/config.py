@@ -31,6 +31,11 @@ from pydantic.dataclasses import dataclass as checked_dataclass
 
 _CHECKED = ConfigDict(validate_assignment=True)
 
+#: The preset ``sgmft train`` (and :func:`sgmft.train.train`) uses when none is given: the
+#: best model by the measurements in docs/design.md ("TrustMix"). The ``sgmft`` and ``paper``
+#: presets remain the paper's method.
+DEFAULT_PRESET = "sgmft"
+
 
 def _one_or_many(value):
     """A scalar for a list field means a one-element list (``64`` -> ``[64]``)."""

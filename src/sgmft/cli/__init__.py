@@ -54,10 +54,10 @@ def _resolved_preset(args, store=None):
     ``num_classes`` come from it, as training would set them."""
     import dataclasses
 
-    from sgmft.config import apply_overrides, load_preset, replace_checked
+    from sgmft.config import DEFAULT_PRESET, apply_overrides, load_preset, replace_checked
     from sgmft.models import FUSIONS, MODELS
 
-    p = load_preset(args.preset)
+    p = load_preset(args.preset or DEFAULT_PRESET)
     mo, tr = _overrides(args.set)
     p.model = apply_overrides(p.model, mo, "model")
     p.train = apply_overrides(p.train, tr, "train")
@@ -225,7 +225,8 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="run directory (created; an interrupted run resumes); required to train")
     s.add_argument("--print-config", action="store_true", dest="print_config",
                    help="print the resolved configuration (YAML; JSON with --json) and exit")
-    s.add_argument("--preset", default="sgmft", help="preset name or YAML path (see `sgmft presets`)")
+    s.add_argument("--preset", default=None,
+                   help="preset name or YAML path (see `sgmft presets`); default: sgmft.config.DEFAULT_PRESET")
     s.add_argument("--set", action="append", metavar="model.F=V|train.F=V",
                    help="override a config field, e.g. --set model.use_sim=false (repeatable; docs/training.md)")
     s.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")

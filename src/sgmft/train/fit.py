@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from sgmft.config import ModelConfig, Preset, TrainConfig, load_preset, progress_enabled
+from sgmft.config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, load_preset, progress_enabled
 from sgmft.data.splits import resolve_split
 from sgmft.features import FeatureStore
 from sgmft.checkpoint import save_checkpoint
@@ -45,7 +45,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
 
 
-def train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig | None = None,
+def train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelConfig | None = None,
           train_cfg: TrainConfig | None = None) -> TrainResult:
     """Train ``preset`` on a feature store (see :func:`_train`). A run that fails before its
     first resumable checkpoint leaves nothing behind (:func:`sgmft.runs.cleanup_on_failure`)."""
@@ -57,13 +57,15 @@ def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfi
            train_cfg: TrainConfig | None = None) -> TrainResult:
     """Train ``preset`` (or explicit configs) on a feature store; return where the model went.
 
+    ``preset`` None means :data:`sgmft.config.DEFAULT_PRESET`.
+
     ``model_cfg.dim`` / ``num_classes`` are taken from the store.  The split is the store's
     own if it has one, else a seeded stratified (or user-disjoint) 80/20 split, with a
     validation part carved from train for model selection (best ``val_acc``).
     """
     _quiet_lightning()
     t0 = time.time()
-    p = load_preset(preset) if isinstance(preset, (str, Path)) else preset
+    p = load_preset(preset or DEFAULT_PRESET) if isinstance(preset, (str, Path, type(None))) else preset
     model_cfg = model_cfg or p.model
     train_cfg = train_cfg or p.train
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)

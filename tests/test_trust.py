@@ -1,0 +1,161 @@
+"""TrustMix (arch/preset ``trust``): equations T1-T5, masks, checkpoints, learning on hetero,
+and the default preset choice (docs/design.md, "TrustMix")."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sgmft.config import DEFAULT_PRESET, ModelConfig, list_presets, load_preset
+from sgmft.models import build_model
+from sgmft.models.trust import TrustMix
+
+
+def _cfg(**extra) -> ModelConfig:
+    p = load_preset("trust")
+    return dataclasses.replace(p.model, dim=32, num_classes=5, extra={**p.model.extra, **extra})
+
+
+def _x(n=6, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def test_preset_builds_the_registered_model():
+    assert "trust" in list_presets()
+    m = build_model(_cfg())
+    assert isinstance(m, TrustMix)
+    out = m.eval()(_x(), _x(seed=1))
+    assert out.logits.shape == (6, 5) and torch.isfinite(out.logits).all()
+    assert out.fused.shape == (6, 2 * 5 + 2 + 9)
+    post = out.extras["state_posterior"]
+    torch.testing.assert_close(post.sum(-1), torch.ones(6))
+
+
+def test_unknown_options_are_errors():
+    with pytest.raises(ValueError, match="does not know extra"):
+        build_model(_cfg(bogus=1))
+    with pytest.raises(ValueError, match="states"):
+        build_model(_cfg(states="four"))
+
+
+def test_mixture_equations_against_a_direct_computation():
+    """eq T2 with the gate off equals the explicit sum over the 9 joint states of eq T1."""
+    torch.manual_seed(0)
+    m = build_model(_cfg(gate=False, input_dropout=0.0)).eval()
+    with torch.no_grad():
+        m.log_prior.copy_(torch.randn(9))
+        m.bias.copy_(torch.randn(5))
+    t, v = _x(), _x(seed=1)
+    out = m(t, v)
+    with torch.no_grad():
+        lt, gt = m.ev_t(m.text_in(t, None))
+        lv, gv = m.ev_v(m.image_in(v, None))
+        log_pi = torch.log_softmax(m.log_prior, 0).view(3, 3)
+        K = 5
+
+        def a(l, g, s, y):
+            if s == 0:
+                return l[:, y]
+            if s == 1:
+                return g.logsumexp(-1)
+            others = [c for c in range(K) if c != y]
+            return l[:, others].logsumexp(-1) - math.log(K - 1)
+
+        want = torch.stack([
+            torch.stack([log_pi[st, sv] + a(lt, gt, st, y) + a(lv, gv, sv, y)
+                         for st in range(3) for sv in range(3)], 0).logsumexp(0) + m.bias[y]
+            for y in range(K)], -1)
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_certain_generic_state_removes_that_modality():
+    """If pi puts all mass on (text generic, image informative), the text cannot move the logits."""
+    m = build_model(_cfg(gate=False, states="two", input_dropout=0.0)).eval()
+    with torch.no_grad():
+        m.log_prior.copy_(torch.tensor([-1e4, -1e4, 0.0, -1e4]))   # (s_t, s_v) = (gen, inf)
+    v = _x(seed=2)
+    a, b = m(_x(seed=3), v).logits, m(_x(seed=4), v).logits
+    torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+
+
+def test_masked_modality_gives_no_evidence():
+    m = build_model(_cfg()).eval()
+    v = _x(seed=5)
+    off = torch.zeros(6, dtype=torch.bool)
+    a = m(_x(seed=6), v, text_mask=off).logits
+    b = m(_x(seed=7), v, text_mask=off).logits
+    torch.testing.assert_close(a, b)
+    c = m(_x(seed=6), v, text_mask=~off).logits
+    assert not torch.allclose(a, c)
+    # both absent: logits are the prior-independent bias only (same for every post)
+    both = m(_x(seed=6), v, text_mask=off, image_mask=off).logits
+    torch.testing.assert_close(both, both[:1].expand_as(both))
+
+
+def test_aux_loss_uses_the_unimodal_marginals():
+    m = build_model(_cfg()).train()
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    out = m(_x(), _x(seed=1))
+    loss = m.aux_loss_fn(out, y)
+    want = 0.5 * (torch.nn.functional.cross_entropy(out.extras["logits_text"], y)
+                  + torch.nn.functional.cross_entropy(out.extras["logits_image"], y))
+    torch.testing.assert_close(loss, want)
+    assert float(build_model(_cfg(aux_weight=0.0)).aux_loss_fn(out, y)) == 0.0
+
+
+def test_default_preset_is_a_known_preset_and_used_by_train_cli(monkeypatch, tmp_path):
+    assert DEFAULT_PRESET in list_presets()
+    import sgmft.cli as cli
+
+    seen = {}
+
+    def fake_train(store, out, p):
+        seen["preset"] = p.name
+        raise SystemExit(0)
+
+    monkeypatch.setattr("sgmft.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "run")])
+    assert seen["preset"] == DEFAULT_PRESET
+
+
+@pytest.fixture(scope="module")
+def hetero_store(tmp_path_factory):
+    from sgmft.data.simfeat import generate_simfeat, profile_config, write_simfeat
+
+    cfg = profile_config("hetero", num_posts=3000, test_size=600, dim=64, content_dim=16,
+                         num_users=30, mc_samples=5000)
+    path = write_simfeat(tmp_path_factory.mktemp("hetero") / "store", cfg)
+    return path, generate_simfeat(cfg)
+
+
+def test_trains_learns_and_round_trips_on_a_small_hetero_store(hetero_store, tmp_path):
+    from sgmft.checkpoint import load_checkpoint
+    from sgmft.predict import Predictor
+    from sgmft.train import train
+
+    path, data = hetero_store
+    p = load_preset("trust")
+    p.train = dataclasses.replace(p.train, epochs=6, progress=False)
+    res = train(path, tmp_path / "run", p)
+    pred = Predictor.load(res.checkpoint)
+    test = np.flatnonzero(data.split == "test")
+    probs = pred.predict_features(data.text[test], data.image[test]).probs
+    acc = float(np.mean(probs.argmax(1) == data.labels[test]))
+    oracle = data.oracle["test_accuracy"]
+    assert acc > 0.9 * oracle, (acc, oracle)
+    # it discounts a generic text: far above chance where only the image shows the place
+    gen = data.regime[test] == "text_generic"
+    assert np.mean(probs[gen].argmax(1) == data.labels[test][gen]) > 0.7
+    # checkpoint round trip: same logits from the reloaded model
+    model, info = load_checkpoint(res.checkpoint)
+    assert info["model_cfg"].arch == "trust"
+    x = torch.as_tensor(data.text[test[:50]]), torch.as_tensor(data.image[test[:50]])
+    with torch.no_grad():
+        again = torch.softmax(model(*x).logits, -1).numpy()
+    np.testing.assert_allclose(again, probs[:50], rtol=1e-5, atol=1e-6)
