@@ -10,6 +10,7 @@ generator's own per-post regimes).  Prints one JSON document (and writes it with
 
 ``--set key=value`` overrides SimFeatConfig fields (held-out variants of a profile);
 ``--train key=value`` overrides TrainConfig fields of every preset (e.g. epochs=3).
+``--render RESULT.json`` prints the markdown tables of docs/design.md from a saved result.
 Runs are sequential; each run's seconds are recorded (wall clock, shared machine).
 """
 
@@ -98,6 +99,28 @@ def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Pat
     return out
 
 
+def render(result: dict) -> str:
+    """Markdown tables (accuracy %, mean +- sd) from a result JSON: overall and per regime."""
+    lines = []
+    for name, prof in result["profiles"].items():
+        o = prof["oracle"]
+        regimes = [r for r, n in o["regime_counts"].items() if n]
+        lines += [f"### {name}", "",
+                  "| model | accuracy (%) | / oracle | train s/run | "
+                  + " | ".join(f"{r} ({o['regime_counts'][r]})" for r in regimes) + " |",
+                  "|---|---|---|---|" + "---|" * len(regimes)]
+        lines.append(f"| oracle | {100 * o['accuracy']:.2f} | 1 | - | "
+                     + " | ".join(f"{100 * o['by_regime'][r]:.1f}" for r in regimes) + " |")
+        for preset, s in prof["summary"].items():
+            a, q, t = s["accuracy"], s["over_oracle"], s["train_seconds"]
+            cells = [f"{100 * s['by_regime'][r]['mean']:.1f} ± {100 * s['by_regime'][r]['sd']:.1f}"
+                     for r in regimes]
+            lines.append(f"| {Path(preset).stem} | {100 * a['mean']:.2f} ± {100 * a['sd']:.2f} | "
+                         f"{q['mean']:.3f} | {t['mean']:.0f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", nargs="+", default=["hetero", "default"])
@@ -107,7 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
+    ap.add_argument("--render", metavar="JSON", help="print markdown tables of an earlier result and exit")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render(json.loads(Path(a.render).read_text(encoding="utf-8"))))
+        return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
