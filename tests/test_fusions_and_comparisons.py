@@ -56,10 +56,12 @@ def test_every_registered_arch_and_fusion_is_exercised():
 
 
 def test_comparison_presets_train_like_the_recommended_sgmft():
-    """Rows differ only by the model: every preset but the paper-literal one has sgmft's optimiser."""
+    """Rows differ only by the model: every preset but the paper-literal one and TrustMix (not a
+    row of the paper's tables; its optimiser was chosen by measurement, docs/design.md) has
+    sgmft's optimiser."""
     ref = load_preset("sgmft").train
     for name in list_presets():
-        if name != "paper":
+        if name not in ("paper", "trust"):
             assert load_preset(name).train == ref, f"preset {name!r}: train section differs from sgmft's"
 
 

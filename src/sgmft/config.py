@@ -34,7 +34,7 @@ _CHECKED = ConfigDict(validate_assignment=True)
 #: The preset ``sgmft train`` (and :func:`sgmft.train.train`) uses when none is given: the
 #: best model by the measurements in docs/design.md ("TrustMix"). The ``sgmft`` and ``paper``
 #: presets remain the paper's method.
-DEFAULT_PRESET = "sgmft"
+DEFAULT_PRESET = "trust"
 
 
 def _one_or_many(value):
