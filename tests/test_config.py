@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sgmft.cli import main
-from sgmft.config import (ModelConfig, TrainConfig, apply_overrides, list_presets, load_preset,
+from sgmft.config import (DEFAULT_PRESET, ModelConfig, TrainConfig, apply_overrides, list_presets, load_preset,
                           model_config_from_dict, parse_devices, progress_enabled, replace_checked,
                           train_config_from_dict)
 
@@ -160,6 +160,6 @@ def test_print_config_shows_the_resolved_config_and_exits_0(tmp_path, capsys):
     assert doc["train"]["devices"] == [0, 1] and doc["train"]["batch_size"] == 20
     assert doc["model"]["dim"] == 32                                  # from the store
     assert not (tmp_path / "run").exists()
-    assert main(["train", "--print-config", "--json"]) == 0
+    assert main(["train", "--print-config", "--json"]) == 0           # no --preset: DEFAULT_PRESET
     doc = json.loads(capsys.readouterr().out)
-    assert doc["model"] == json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
+    assert doc["model"] == json.loads(json.dumps(dataclasses.asdict(load_preset(DEFAULT_PRESET).model)))
