@@ -70,27 +70,70 @@ def save_checkpoint(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, lab
     return out
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+
+
+def check_label_names(labels, num_classes: int, where: Path) -> list[str]:
+    """``labels.json`` must name each of the model's classes once, in index order."""
+    if not isinstance(labels, list) or not all(isinstance(n, str) and n for n in labels):
+        raise CheckpointError(f"{where}: must be a JSON list of non-empty label names, got {str(labels)[:80]}")
+    if len(labels) != num_classes:
+        raise CheckpointError(f"{where}: {len(labels)} label name(s) for a model with {num_classes} classes; "
+                              "the list must name every class once, in index order")
+    dup = sorted({n for n in labels if labels.count(n) > 1})
+    if dup:
+        raise CheckpointError(f"{where}: label name(s) {dup} repeated")
+    return list(labels)
+
+
 def load_checkpoint(path, map_location: str = "cpu"):
-    """Return ``(model in eval mode, info dict)``; info has model_cfg, label_names, features."""
+    """Return ``(model in eval mode, info dict)``; info has model_cfg, label_names, features.
+
+    Every file is checked and a problem is a :class:`CheckpointError` naming it: corrupt
+    JSON, a truncated or corrupt ``model.safetensors``, weights that do not fit the config or
+    are not finite, ``labels.json`` with another number of names than the model has classes,
+    ``features.json`` with another width than the model's.
+    """
     p, _ = locate(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such model folder (give a run folder or its model/ folder)")
     missing = [f for f in FILES if not (p / f).exists()]
     if missing:
         raise CheckpointError(f"{p}: not an sgmft checkpoint (missing {', '.join(missing)})")
-    try:
-        cfg_data = json.loads((p / "config.json").read_text(encoding="utf-8"))
-        labels = json.loads((p / "labels.json").read_text(encoding="utf-8"))
-        features = json.loads((p / "features.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: corrupt JSON ({e})") from None
-    if cfg_data.get("format") != "sgmft-checkpoint":
-        raise CheckpointError(f"{p / 'config.json'}: format is {cfg_data.get('format')!r}, expected 'sgmft-checkpoint'")
+    cfg_data = _read_json(p / "config.json")
+    labels = _read_json(p / "labels.json")
+    features = _read_json(p / "features.json")
+    if not isinstance(cfg_data, dict) or cfg_data.get("format") != "sgmft-checkpoint":
+        got = cfg_data.get("format") if isinstance(cfg_data, dict) else type(cfg_data).__name__
+        raise CheckpointError(f"{p / 'config.json'}: format is {got!r}, expected 'sgmft-checkpoint'")
+    if not isinstance(cfg_data.get("model"), dict):
+        raise CheckpointError(f"{p / 'config.json'}: has no 'model' section")
     model_cfg = model_config_from_dict(cfg_data["model"], f"{p / 'config.json'}: model")
+    labels = check_label_names(labels, model_cfg.num_classes, p / "labels.json")
+    if not isinstance(features, dict):
+        raise CheckpointError(f"{p / 'features.json'}: must be a JSON object")
+    if features.get("dim") is not None and features.get("dim") != model_cfg.dim:
+        raise CheckpointError(f"{p / 'features.json'}: dim {features.get('dim')!r} but the model (config.json) "
+                              f"takes D={model_cfg.dim}")
     model = build_model(model_cfg)
-    state = load_file(str(p / "model.safetensors"), device=map_location)
+    weights = p / "model.safetensors"
+    try:
+        state = load_file(str(weights), device=map_location)
+    except Exception as e:          # SafetensorError (truncated, bad header), OSError, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{weights}: unreadable (truncated or corrupt safetensors file: {first})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p / 'model.safetensors'}: weights do not match the config ({e})") from None
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{weights}: weights do not match the config ({first})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad:
+        raise CheckpointError(f"{weights}: weight {bad!r} holds NaN or Inf values; the model is unusable")
     model.eval()
-    return model, {"model_cfg": model_cfg, "label_names": list(labels), "features": features,
+    return model, {"model_cfg": model_cfg, "label_names": labels, "features": features,
                    "preset": cfg_data.get("preset", ""), "train": cfg_data.get("train"), "path": p}

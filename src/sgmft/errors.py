@@ -28,6 +28,16 @@ class ImageLoadError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+class SgmftWarning(UserWarning):
+    """Something the user should know that does not stop the command (a class with no
+    training posts, a modality missing everywhere). The CLI prints ``sgmft VERB: warning: ...``."""
+
+
+class SgmftNote(SgmftWarning):
+    """Information about what a command did on its own (resumed a run, took over a stale
+    lock). The CLI prints ``sgmft VERB: note: ...``."""
+
+
 # ValueError covers the library's own input errors (FeatureStoreError, ManifestError,
 # CheckpointError, BackboneMismatchError, config validation); KeyError an unknown name in a
 # registry or preset list.
@@ -36,4 +46,4 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     BackboneUnavailableError, ImageLoadError,
 )
 
-__all__ = ["USER_ERRORS", "BackboneUnavailableError", "ImageLoadError", "UserError"]
+__all__ = ["USER_ERRORS", "BackboneUnavailableError", "ImageLoadError", "SgmftNote", "SgmftWarning", "UserError"]

@@ -6,19 +6,28 @@
     model/            the exported checkpoint (:mod:`sgmft.checkpoint`): what predict needs
     run.json          store, preset, configs, split sizes, best validation accuracy, timings
     split.npy         the train/val/test assignment used (evaluate reuses it)
-    lightning/        Lightning's resumable checkpoints (checkpoints/last.ckpt, best.ckpt)
-                      and per-epoch metrics (metrics.csv)
+    run.lock          present while ``sgmft train`` writes the run (holds the writer's pid)
+    lightning/        checkpoints/last.ckpt: the resume state of the last finished epoch
+                      (safetensors + JSON, never a pickle: :mod:`sgmft.train.resume`),
+                      checkpoints/best.safetensors: the weights of the best epoch so far,
+                      metrics.csv: one row per finished epoch, kept across resumes
     eval-<split>/     reports of ``sgmft evaluate`` (metrics.json, predictions.csv, figures)
 
-Reading a run needs neither Lightning nor the training code.
+Reading a run needs neither Lightning nor the training code. This module also holds what
+makes a run folder safe to write into (docs/training.md, "Resuming"): the run's
+:func:`fingerprint` (config, store contents, seed), the writer's :class:`RunLock`, and the
+checks that decide whether ``train`` starts, resumes, refuses, or has nothing to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
+import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +35,17 @@ import numpy as np
 
 from sgmft import atomic
 
-__all__ = ["RunDir", "cleanup_on_failure", "ids_digest", "locate"]
+try:                                  # POSIX; elsewhere the lock falls back to a pid check
+    import fcntl
+except ImportError:                   # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["RunDir", "RunError", "RunLock", "cleanup_on_failure", "describe_differences", "fingerprint",
+           "ids_digest", "locate", "store_digest"]
+
+
+class RunError(ValueError):
+    """A run folder that cannot be written as asked; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,60 @@ class RunDir:
         return self.lightning_checkpoints / "last.ckpt"
 
     @property
+    def best_weights(self) -> Path:
+        """The model weights (safetensors) of the best validation epoch so far."""
+        return self.lightning_checkpoints / "best.safetensors"
+
+    @property
     def metrics_csv(self) -> Path:
         return self.lightning / "metrics.csv"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
+    # entries of a run folder that sgmft writes (``--overwrite`` removes exactly these)
+    OWNED = ("model", "run.json", "split.npy", "lightning")
+
+    def owned_entries(self) -> list[Path]:
+        """What ``train``/``evaluate`` wrote here (model/, run.json, ..., eval-*/), existing ones only."""
+        if not self.root.is_dir():
+            return []
+        out = [self.root / n for n in self.OWNED if (self.root / n).exists() or (self.root / n).is_symlink()]
+        out += sorted(p for p in self.root.glob("eval-*") if p.is_dir())
+        return out
+
+    def foreign_entries(self) -> list[Path]:
+        """Entries that are neither sgmft's nor its temporary files (a user's own files)."""
+        if not self.root.is_dir():
+            return []
+        mine = {p.name for p in self.owned_entries()} | {self.lock_file.name}
+        return sorted(p for p in self.root.iterdir() if p.name not in mine and not _is_temp(p.name))
+
+    def clear(self) -> None:
+        """Remove everything sgmft wrote in this run (``--overwrite``); other files stay."""
+        for p in self.owned_entries():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        self.remove_orphans()
+
+    def remove_orphans(self) -> list[Path]:
+        """Delete temporary files and folders that a killed writer left (atomic writes' temp
+        siblings ``.NAME.*.tmp`` and ``.NAME.old-*``) in the run folder and lightning/."""
+        gone = []
+        for folder in (self.root, self.lightning, self.lightning_checkpoints):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if _is_temp(p.name):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                    gone.append(p)
+        return gone
 
     def eval_dir(self, split: str = "test") -> Path:
         return self.root / f"eval-{split}"
@@ -126,9 +197,184 @@ def locate(path) -> tuple[Path, RunDir | None]:
     return p, None
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary sibling written by :mod:`sgmft.atomic` (``.NAME.xxxx.tmp``, ``.NAME.old-xxxx``)."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+
+
 def ids_digest(ids: np.ndarray) -> str:
     """A fingerprint of a store's post ids, so a saved split is only reused on the same posts."""
     h = hashlib.sha256()
     for start in range(0, len(ids), 65536):
         h.update("\n".join(map(str, ids[start:start + 65536])).encode("utf-8"))
     return h.hexdigest()[:16]
+
+
+# -- fingerprint ---------------------------------------------------------------------------------
+FINGERPRINT_VERSION = 1
+# train settings that cannot change the trained weights (progress bars, loader processes)
+COSMETIC_TRAIN_FIELDS = ("progress", "num_workers")
+_HASH_CHUNK = 8 * 2**20
+
+
+def store_digest(store_path) -> str:
+    """SHA-256 of a feature store's contents: every top-level file (``meta.json``, the
+    ``.npy`` arrays, anything else there), by name and bytes, read in 8 MiB chunks. Hidden
+    files are skipped. Moving or copying the store keeps the digest; changing one byte does not."""
+    root = Path(store_path)
+    h = hashlib.sha256()
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode("utf-8"))
+        with open(p, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _plain(obj):
+    """JSON-normal form (tuples become lists) so that stored and fresh inputs compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def fingerprint_inputs(model: dict, train: dict, store_path, digest: str | None = None) -> dict:
+    """What a run's result depends on: the model config, the train config (seed included;
+    cosmetic fields left out) and the store's contents."""
+    train = {k: v for k, v in train.items() if k not in COSMETIC_TRAIN_FIELDS}
+    return _plain({"version": FINGERPRINT_VERSION, "model": model, "train": train,
+                   "store": digest or store_digest(store_path)})
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def describe_differences(old: dict | None, new: dict, limit: int = 6) -> list[str]:
+    """``["train.lr: 0.0005 -> 0.01", "store contents: ab12.. -> cd34.."]`` (at most ``limit``)."""
+    a, b = _flatten(old or {}), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            name = "store contents" if key == "store" else key
+            va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
+            if key == "store":
+                va, vb = str(va)[:12] + "...", str(vb)[:12] + "..."
+            diffs.append(f"{name}: {va} -> {vb}")
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+# -- the writer's lock ---------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """``run.lock``: one writer per run folder.
+
+    On POSIX the lock is an advisory ``flock`` on the file, which the kernel drops when the
+    holder dies (even by SIGKILL), so a lock file left by a dead writer is simply taken over
+    (``note`` then says so). The file holds the writer's pid, host and start time for the
+    message a second writer gets. Without ``fcntl`` a lock whose pid no longer runs on this
+    host is taken over. ``release()`` deletes the file.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path = run.lock_file
+        self.note: str | None = None
+        self._fd: int | None = None
+
+    def _read(self) -> dict:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _busy(self, info: dict) -> RunError:
+        who = (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+               if info.get("pid") else "another process")
+        return RunError(f"{self.run.root}: another sgmft train is writing this run ({who}; lock file "
+                        f"{self.path}). Wait for it to finish, or train into another --out.")
+
+    def _stale_note(self, info: dict) -> None:
+        if info.get("pid"):
+            self.note = (f"{self.path}: a previous writer (pid {info.get('pid')} on {info.get('host')}, "
+                         f"started {info.get('started')}) is no longer running; taking over its lock")
+
+    def acquire(self) -> "RunLock":
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if fcntl is None:                                    # pragma: no cover - Windows
+            return self._acquire_by_pid(me)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._busy(self._read()) from None
+            try:                                             # still the file at the path? (a releasing
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino   # writer unlinks it)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._stale_note(self._read())
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode("utf-8"))
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def _acquire_by_pid(self, me: dict) -> "RunLock":      # pragma: no cover - Windows
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                info = self._read()
+                pid = info.get("pid")
+                if info.get("host") == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    self._stale_note(info)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise self._busy(info) from None
+            os.write(fd, json.dumps(me).encode("utf-8"))
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise self._busy(self._read())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)               # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

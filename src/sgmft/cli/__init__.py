@@ -156,11 +156,17 @@ def cmd_train(args) -> int:
     # Lightning draws its bars on stdout: send them (and its messages) to stderr, so stdout
     # holds only the result
     with contextlib.redirect_stdout(sys.stderr):
-        res = train(args.store, args.out, p)
+        res = train(args.store, args.out, p, overwrite=args.overwrite)
     doc = {"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint), "best_val_acc": res.best_val_acc,
-           "seconds": round(res.seconds, 2)}
-    emit(args, doc, f"best val_acc {res.best_val_acc:.4f}; model exported to {res.checkpoint}"
-         if res.best_val_acc is not None else f"model exported to {res.checkpoint}")
+           "seconds": round(res.seconds, 2), "status": res.status}
+    if res.status == "complete":
+        text = (f"{res.run_dir}: already complete (same configuration, store and seed); nothing changed. "
+                "Use --overwrite to train it again.")
+    elif res.best_val_acc is not None:
+        text = f"best val_acc {res.best_val_acc:.4f}; model exported to {res.checkpoint}"
+    else:
+        text = f"model exported to {res.checkpoint}"
+    emit(args, doc, text)
     return 0
 
 
@@ -222,7 +228,11 @@ def _simfeat_report_args(s: argparse.ArgumentParser) -> None:
 
 def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("store", nargs="?", help="feature-store directory (optional with --print-config)")
-    s.add_argument("--out", help="run directory (created; an interrupted run resumes); required to train")
+    s.add_argument("--out", help="run directory (created; an interrupted run resumes; a complete one is left "
+                                 "as it is); required to train")
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run wrote in --out (other configuration, store or seed) and "
+                        "train from scratch")
     s.add_argument("--print-config", action="store_true", dest="print_config",
                    help="print the resolved configuration (YAML; JSON with --json) and exit")
     s.add_argument("--preset", default=None,
@@ -334,8 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warnings(verb: str):
+    """Print the library's notes and warnings as ``sgmft VERB: note|warning: ...``, others as usual."""
+    import warnings
+
+    from sgmft.errors import SgmftNote, SgmftWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SgmftWarning):
+            kind = "note" if issubclass(category, SgmftNote) else "warning"
+            print(f"sgmft {verb}: {kind}: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_warnings(args.verb)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

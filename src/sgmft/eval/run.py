@@ -10,6 +10,7 @@ import numpy as np
 from sgmft.atomic import write_text
 from sgmft.eval.report import write_eval_report
 from sgmft.features import FeatureStore
+from sgmft.labels import label_mapping
 from sgmft.predict import Predictor
 from sgmft.runs import RunDir, ids_digest, locate
 
@@ -52,8 +53,11 @@ def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = ""
     if fs.labels is None:
         raise ValueError(f"{fs.path}: has no labels.npy; evaluation needs labelled posts")
     rows = select_rows(fs, run_dir, split)
+    # the store's label indices in the model's order, matched by name (never by position)
+    to_model = label_mapping(fs.label_names, pred.label_names, fs.path / "meta.json",
+                             Path(pred.info.get("path", ck)) / "labels.json")
     p = pred.predict_store(fs, rows, return_fused=True)
-    metrics = write_eval_report(out_dir, y_true=np.asarray(fs.labels[rows]), y_pred=p.top, probs=p.probs,
+    metrics = write_eval_report(out_dir, y_true=to_model[np.asarray(fs.labels[rows])], y_pred=p.top, probs=p.probs,
                                 fused=p.fused, label_names=pred.label_names, ids=np.asarray(fs.ids[rows]),
                                 title=title or f"{pred.info.get('preset', '')} on {fs.path.name} ({split})",
                                 tsne_max_points=tsne_max_points, seed=seed)

@@ -22,6 +22,11 @@ FLOAT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "val", "test")
 _OPTIONAL = ("users", "labels", "split", "text_mask", "image_mask")
 _CHUNK_BYTES = 64 * 2**20  # content checks read this much at a time, so they work on memmaps > RAM
+# Largest |feature value| a store may hold. Stored features are the model's inputs after the
+# store's normalisation: L2-normalised CLIP features are <= 1 in absolute value, raw encoder
+# outputs rarely exceed 100. Values beyond 1e4 are garbage (a wrong dtype, an unnormalised
+# sum, a corrupt file) that would overflow training to NaN (docs/feature-store.md).
+MAX_ABS_FEATURE = 1e4
 
 
 class FeatureStoreError(ValueError):
@@ -159,10 +164,18 @@ class FeatureStore:
         for name in ("text", "image"):
             a = getattr(self, name)
             for s, e in _chunks(n, a.shape[1] * a.itemsize):
-                bad = ~np.isfinite(a[s:e]).all(axis=1)
+                blk = a[s:e]
+                with np.errstate(invalid="ignore"):
+                    bad = ~(np.abs(blk) <= MAX_ABS_FEATURE).all(axis=1)     # NaN compares False
                 if bad.any():
                     r = s + int(np.argmax(bad))
-                    raise _fail(self._file(name), f"non-finite value (NaN or Inf) in row {r} (id {str(self.ids[r])!r})")
+                    row = np.asarray(blk[r - s], dtype=np.float64)
+                    if not np.isfinite(row).all():
+                        raise _fail(self._file(name), f"non-finite value (NaN or Inf) in row {r} (id {str(self.ids[r])!r})")
+                    col = int(np.argmax(np.abs(row)))
+                    raise _fail(self._file(name), f"value {row[col]:.3g} in row {r} (id {str(self.ids[r])!r}), column "
+                                f"{col}, is outside +-{MAX_ABS_FEATURE:g}: far outside any encoder's range "
+                                "(L2-normalised CLIP features are within +-1); normalise the features")
         if self.labels is not None:
             k = len(self.label_names)
             for s, e in _chunks(n, 8):

@@ -2,5 +2,7 @@
 
 from sgmft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sgmft.train.fit import TrainResult, train
+from sgmft.train.resume import NonFiniteError, ResumeCheckpointError
 
-__all__ = ["CheckpointError", "TrainResult", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["CheckpointError", "NonFiniteError", "ResumeCheckpointError", "TrainResult", "load_checkpoint",
+           "save_checkpoint", "train"]

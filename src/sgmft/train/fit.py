@@ -3,12 +3,23 @@
 Lightning runs the loop, so devices, strategy (ddp, ...) and num_nodes are configuration.
 The run folder's layout is :class:`sgmft.runs.RunDir`; ``model/`` holds the exported
 checkpoint (:mod:`sgmft.checkpoint`) of the best epoch.
+
+A run folder is safe to re-use (docs/training.md, "Resuming"): one writer at a time
+(:class:`sgmft.runs.RunLock`); ``run.json`` records a fingerprint of the configs, the
+store's contents and the seed, and a run is only resumed under the same fingerprint; a
+complete run is left untouched; the resume state is read without unpickling
+(:mod:`sgmft.train.resume`) and restores the weights, the optimiser, the loop counters,
+the data order and the RNG, so a killed and resumed run ends bit-identical to an
+uninterrupted one. A NaN or infinite loss stops the run (nothing exported), and training
+data that cannot teach anything is refused before the first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -17,16 +28,20 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from sgmft.checkpoint import FILES as MODEL_FILES
+from sgmft.checkpoint import save_checkpoint
 from sgmft.config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, load_preset, progress_enabled
 from sgmft.data.splits import resolve_split
+from sgmft.errors import SgmftNote, SgmftWarning
 from sgmft.features import FeatureStore
-from sgmft.checkpoint import save_checkpoint
-from sgmft.runs import RunDir, cleanup_on_failure, ids_digest
+from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_differences, fingerprint,
+                        fingerprint_inputs, ids_digest)
 from sgmft.train.data import make_loader
 from sgmft.train.module import LitClassifier
+from sgmft.train.resume import (NonFiniteError, ResumeCheckpointError, RunRecorder, SafeCheckpointIO,
+                                _finite_module, load_state, load_weights, write_metrics_csv)
 
 
 @dataclasses.dataclass
@@ -35,6 +50,8 @@ class TrainResult:
     checkpoint: Path
     best_val_acc: float | None
     seconds: float
+    status: str = "trained"        # "trained", "resumed" (finished an interrupted run) or "complete"
+                                   # (it was already complete: nothing was done)
 
 
 def _quiet_lightning() -> None:
@@ -43,18 +60,136 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+    warnings.filterwarnings("ignore", message=".*have no logger configured.*")
+
+
+def _rank_zero_process() -> bool:
+    """True in the process that owns the run folder (not in a DDP child Lightning launched)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").strip():
+            return int(os.environ[key]) == 0
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+def _check_store(fs: FeatureStore) -> None:
+    """Refuse a store that cannot train anything, before a split is attempted."""
+    if len(fs) == 0:
+        raise ValueError(f"{fs.path}: the feature store is empty (0 posts); there is nothing to train on")
+    if fs.labels is None:
+        raise ValueError(f"{fs.path}: has no labels.npy; training needs labelled posts")
+    if not (np.asarray(fs.labels) >= 0).any():
+        raise ValueError(f"{fs.path / 'labels.npy'}: no post is labelled (all {len(fs)} labels are -1, "
+                         "unlabelled); training needs labelled posts")
+
+
+def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
+    """One class, or no modality at all, is an error; a missing class or modality a warning."""
+    names = fs.label_names
+    counts = np.bincount(np.asarray(fs.labels)[tr], minlength=len(names))
+    present = np.flatnonzero(counts)
+    if len(present) == 1:
+        only = names[int(present[0])]
+        raise ValueError(f"{fs.path}: every training post has the label {only!r} ({len(tr)} posts): a classifier "
+                         f"cannot learn anything from one class (it would score val_acc 1.0 by always answering "
+                         f"{only!r}); the store needs posts of at least two places")
+    absent = [names[i] for i in np.flatnonzero(counts == 0)]
+    if absent:
+        warnings.warn(f"{fs.path}: {len(absent)} of {len(names)} classes have no training post "
+                      f"({', '.join(map(repr, absent[:8]))}{', ...' if len(absent) > 8 else ''}); "
+                      "the model will never predict them", SgmftWarning, stacklevel=3)
+    tm = np.ones(len(tr), bool) if fs.text_mask is None else np.asarray(fs.text_mask)[tr]
+    im = np.ones(len(tr), bool) if fs.image_mask is None else np.asarray(fs.image_mask)[tr]
+    if not tm.any() and not im.any():
+        raise ValueError(f"{fs.path}: no training post has usable text or a usable image (text_mask and "
+                         f"image_mask are False for all {len(tr)}): the model would see only placeholders")
+    for name, m, other in (("text", tm, "images"), ("image", im, "text")):
+        if not m.any():
+            warnings.warn(f"{fs.path / (name + '_mask.npy')}: {name} is missing ({name}_mask False) for every "
+                          f"training post: the model learns from {other} alone", SgmftWarning, stacklevel=3)
+    neither = int((~tm & ~im).sum())
+    if neither and (tm.any() and im.any()):
+        warnings.warn(f"{fs.path}: {neither} of {len(tr)} training posts have neither text nor image (both "
+                      "masks False); they teach only how common each label is", SgmftWarning, stacklevel=3)
+
+
+def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
+    return {"status": "running", "fingerprint": fp, "fingerprint_inputs": inputs,
+            "store": str(fs.path), "store_ids": ids_digest(fs.ids), "preset": p.name,
+            "model": asdict(model_cfg), "train": asdict(train_cfg), **extra}
+
+
+def _refuse_foreign(run_dir: RunDir) -> None:
+    """A folder without run.json that holds other files is not ours, even with --overwrite."""
+    foreign = [] if run_dir.run_json.exists() else run_dir.foreign_entries()
+    if foreign:
+        raise RunError(f"{run_dir.root}: is not empty and is not an sgmft run folder (no run.json; it holds "
+                       f"{foreign[0].name!r}{' and more' if len(foreign) > 1 else ''}); choose an empty "
+                       "or new --out")
+
+
+def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
+    """``"fresh"``, ``"resume"`` or ``"complete"`` for a run folder under our lock."""
+    root = run_dir.root
+    _refuse_foreign(run_dir)
+    if not run_dir.run_json.exists():
+        owned = run_dir.owned_entries()
+        if owned:
+            raise RunError(f"{root}: has {', '.join(e.name for e in owned)} but no run.json, so it cannot be "
+                           "checked or resumed; use --overwrite to start it again, or a new --out")
+        return "fresh"
+    info = run_dir.read_run_json()
+    if info is None:
+        raise RunError(f"{run_dir.run_json}: unreadable or not a JSON object; use --overwrite to start the run "
+                       "again, or a new --out")
+    if not info.get("fingerprint"):
+        raise RunError(f"{run_dir.run_json}: has no fingerprint (written by an older sgmft), so resuming it "
+                       "could mix two configurations; use --overwrite to train it again, or a new --out")
+    if info["fingerprint"] != fp:
+        diffs = describe_differences(info.get("fingerprint_inputs"), inputs)
+        raise RunError(f"{root}: was started with a different configuration, store or seed "
+                       f"({'; '.join(diffs) or 'fingerprint ' + info['fingerprint'] + ' -> ' + fp}); "
+                       "use --overwrite to replace it, or a new --out")
+    if info.get("status") == "complete" and all((run_dir.model / f).is_file() for f in MODEL_FILES):
+        return "complete"
+    return "resume"
+
+
+def _check_resume_state(path: Path, lit: LitClassifier, fp: str) -> dict:
+    """Read ``last.ckpt`` (never unpickled) and check it belongs to this run and this model."""
+    state = load_state(path)
+    rec = (state.get("callbacks") or {}).get(RunRecorder.STATE_KEY) or {}
+    if rec.get("fingerprint") != fp:
+        raise ResumeCheckpointError(f"{path}: belongs to another run (fingerprint {rec.get('fingerprint')!r}, "
+                                    f"this run is {fp!r}); use --overwrite to start the run again")
+    weights = state.get("state_dict")
+    want = {k: tuple(v.shape) for k, v in lit.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()} if isinstance(weights, dict) else {}
+    if got != want:
+        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got.get(k))
+        raise ResumeCheckpointError(f"{path}: its weights do not fit this model (first difference: {diff[0]!r}); "
+                                    "use --overwrite to start the run again")
+    return state
 
 
 def train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelConfig | None = None,
-          train_cfg: TrainConfig | None = None) -> TrainResult:
+          train_cfg: TrainConfig | None = None, *, overwrite: bool = False) -> TrainResult:
     """Train ``preset`` on a feature store (see :func:`_train`). A run that fails before its
-    first resumable checkpoint leaves nothing behind (:func:`sgmft.runs.cleanup_on_failure`)."""
-    with cleanup_on_failure(out_dir):
-        return _train(store, out_dir, preset, model_cfg, train_cfg)
+    first resumable checkpoint leaves nothing behind (:func:`sgmft.runs.cleanup_on_failure`,
+    applied while the run's lock is held, so a writer that did not get the lock never
+    deletes anything); nor does the run folder stay if this call created it."""
+    out = Path(out_dir)
+    existed = out.exists()
+    try:
+        return _train(store, out_dir, preset, model_cfg, train_cfg, overwrite=overwrite)
+    except BaseException:
+        if not existed and _rank_zero_process():
+            with contextlib.suppress(OSError):
+                out.rmdir()                  # only if empty
+        raise
 
 
-def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfig | None = None,
-           train_cfg: TrainConfig | None = None) -> TrainResult:
+def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelConfig | None = None,
+           train_cfg: TrainConfig | None = None, *, overwrite: bool = False) -> TrainResult:
     """Train ``preset`` (or explicit configs) on a feature store; return where the model went.
 
     ``preset`` None means :data:`sgmft.config.DEFAULT_PRESET`.
@@ -62,6 +197,10 @@ def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfi
     ``model_cfg.dim`` / ``num_classes`` are taken from the store.  The split is the store's
     own if it has one, else a seeded stratified (or user-disjoint) 80/20 split, with a
     validation part carved from train for model selection (best ``val_acc``).
+
+    ``out_dir`` is created, resumed (same fingerprint, run not complete), or left alone (the
+    run is complete: ``status == "complete"``); another fingerprint is a :class:`RunError`
+    unless ``overwrite`` (which first deletes what sgmft wrote there).
     """
     _quiet_lightning()
     t0 = time.time()
@@ -69,11 +208,9 @@ def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfi
     model_cfg = model_cfg or p.model
     train_cfg = train_cfg or p.train
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-    if fs.labels is None:
-        raise ValueError(f"{fs.path}: has no labels.npy; training needs labelled posts")
+    _check_store(fs)
     model_cfg = dataclasses.replace(model_cfg, dim=fs.dim, num_classes=len(fs.label_names)).validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     run_dir = RunDir(out)
 
     split = resolve_split(fs.split, np.asarray(fs.labels), fs.users, mode=train_cfg.split,
@@ -82,17 +219,61 @@ def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfi
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     if len(tr) == 0:
         raise ValueError(f"{fs.path}: the split has no training posts")
+    _check_training_rows(fs, tr)
+    inputs = fingerprint_inputs(asdict(model_cfg), asdict(train_cfg), fs.path)
+    fp = fingerprint(inputs)
+    if not _rank_zero_process():          # a DDP child: rank 0 holds the lock and owns the folder
+        return _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0,
+                    resume=run_dir.last_checkpoint.exists())
 
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a folder; choose another --out")
+    with RunLock(run_dir) as lock:
+        if lock.note:
+            warnings.warn(lock.note, SgmftNote, stacklevel=2)
+        if overwrite:
+            _refuse_foreign(run_dir)
+            run_dir.clear()
+            decision = "fresh"
+        else:
+            decision = _decide(run_dir, fp, inputs)
+        if decision == "complete":
+            info = run_dir.read_run_json() or {}
+            return TrainResult(out, run_dir.model, info.get("best_val_acc"), 0.0, status="complete")
+        run_dir.remove_orphans()
+        resume = decision == "resume" and run_dir.last_checkpoint.exists()
+        if not resume and run_dir.lightning.exists():       # killed before its first epoch ended
+            import shutil
+
+            shutil.rmtree(run_dir.lightning)
+        with cleanup_on_failure(out):                       # under the lock: only our own files
+            if decision == "fresh":
+                run_dir.write_run_json(_run_record(fs, p, model_cfg, train_cfg, fp, inputs))
+            res = _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, resume=resume)
+        if decision == "resume":
+            res.status = "resumed"
+        return res
+
+
+def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, *,
+         resume: bool) -> TrainResult:
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     lit = LitClassifier(model_cfg, train_cfg)
+    preloaded = {}
+    if resume and _rank_zero_process():
+        state = _check_resume_state(run_dir.last_checkpoint, lit, fp)
+        preloaded[str(run_dir.last_checkpoint)] = state
+        done = [r["epoch"] for r in (state["callbacks"][RunRecorder.STATE_KEY].get("history") or [])]
+        warnings.warn(f"{run_dir.root}: resuming after epoch {max(done) if done else '?'} "
+                      f"({run_dir.last_checkpoint.name})", SgmftNote, stacklevel=3)
+    lim = train_cfg.limit_train_batches
+    full = lim == 1.0 or (isinstance(lim, int) and lim >= -(-len(tr) // train_cfg.batch_size))
     train_loader = make_loader(fs, tr, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                               num_workers=train_cfg.num_workers)
+                               num_workers=train_cfg.num_workers, full_epochs=full)
     val_loader = (make_loader(fs, va, max(train_cfg.batch_size, 256), shuffle=False,
                               num_workers=train_cfg.num_workers) if len(va) else None)
-    ckpt_cb = ModelCheckpoint(dirpath=run_dir.lightning_checkpoints, filename="best",
-                              monitor="val_acc" if val_loader else None, mode="max",
-                              save_last=True, save_top_k=1)
-    callbacks = [ckpt_cb]
+    recorder = RunRecorder(run_dir, has_val=val_loader is not None, fingerprint=fp)
+    callbacks = [recorder]
     progress = progress_enabled(train_cfg.progress)     # None: only on a terminal
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 50)))
@@ -105,30 +286,33 @@ def _train(store, out_dir, preset: str | Preset = "sgmft", model_cfg: ModelConfi
         accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=strategy,
         num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
         deterministic=train_cfg.deterministic, callbacks=callbacks,
-        logger=CSVLogger(run_dir.root, name=run_dir.lightning.name, version=""),
+        plugins=[SafeCheckpointIO(preloaded)], logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False,
-        limit_train_batches=train_cfg.limit_train_batches, log_every_n_steps=max(1, min(50, len(train_loader))),
-        num_sanity_val_steps=0,
+        limit_train_batches=train_cfg.limit_train_batches, num_sanity_val_steps=0,
     )
-    resume = run_dir.last_checkpoint
-    # Our own run's Lightning checkpoint (trusted; written by this function) resumes an interrupted run.
-    trainer.fit(lit, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None,
-                weights_only=False)
+    ckpt = str(run_dir.last_checkpoint) if resume else None
+    trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt, weights_only=True)
+    if trainer.interrupted:
+        raise RunError(f"{run_dir.root}: training was interrupted; run the same command again to resume")
 
-    best = ckpt_cb.best_model_path if val_loader else ""
-    best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+    best_score = recorder.best_score
     if trainer.is_global_zero:
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            lit.load_state_dict(state)
-        save_checkpoint(run_dir.model, lit.model.cpu(), model_cfg, fs.label_names, fs.meta,
-                               train_cfg, preset=p.name)
+        if recorder.best_epoch is not None:
+            try:
+                lit.model.load_state_dict(load_weights(run_dir.best_weights), strict=True)
+            except RuntimeError as e:
+                raise ResumeCheckpointError(f"{run_dir.best_weights}: does not fit this model ({str(e)[:200]}); "
+                                            "use --overwrite to start the run again") from None
+        bad = _finite_module(lit.model)
+        if bad:
+            raise NonFiniteError(f"{run_dir.root}: the trained weights are non-finite ({bad}); nothing was exported")
+        write_metrics_csv(run_dir.metrics_csv, recorder.history)
+        save_checkpoint(run_dir.model, lit.model.cpu(), model_cfg, fs.label_names, fs.meta, train_cfg, preset=p.name)
         run_dir.write_split(split)
-        run = {"store": str(fs.path), "store_ids": ids_digest(fs.ids), "preset": p.name,
-               "model": asdict(model_cfg), "train": asdict(train_cfg),
-               "num_train": int(len(tr)), "num_val": int(len(va)),
-               "num_test": int((split == "test").sum()),
-               "best_val_acc": best_score, "epochs_run": int(trainer.current_epoch),
-               "seconds": round(time.time() - t0, 2)}
+        run = _run_record(fs, p, model_cfg, train_cfg, fp, inputs,
+                          num_train=int(len(tr)), num_val=int(len(va)), num_test=int((split == "test").sum()),
+                          best_val_acc=best_score, best_epoch=recorder.best_epoch,
+                          epochs_run=int(trainer.current_epoch), seconds=round(time.time() - t0, 2))
+        run["status"] = "complete"
         run_dir.write_run_json(run)
-    return TrainResult(out, run_dir.model, best_score, time.time() - t0)
+    return TrainResult(run_dir.root, run_dir.model, best_score, time.time() - t0)

@@ -38,9 +38,19 @@ class LitClassifier(L.LightningModule):
             loss = loss + aux_fn(out, y)
         return loss
 
-    def training_step(self, batch, _):
+    def training_step(self, batch, batch_idx):
         out = self(batch)
         loss = self._loss(out, batch["label"])
+        # a NaN/Inf loss stops the run at once (every rank agrees), naming where (docs/training.md)
+        finite = bool(torch.isfinite(loss.detach()))
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            from sgmft.train.resume import NonFiniteError
+
+            raise NonFiniteError(
+                f"non-finite training loss ({float(loss.detach())}) at epoch {self.current_epoch}, step "
+                f"{self.global_step} (batch {batch_idx} of the epoch; both count from 0): training stopped and "
+                f"nothing was exported. The learning rate (lr={self.train_cfg.lr:g}) may be too high or the "
+                "features too large; fix it, then re-run with --overwrite (or a new --out)")
         self.train_acc(out.logits, batch["label"])
         bs = len(batch["label"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
