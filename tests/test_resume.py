@@ -174,14 +174,17 @@ def test_different_fingerprint_is_refused_until_overwrite(store, tmp_path, capsy
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_out_folders_that_are_not_runs_are_refused(store, tmp_path):
-    foreign = tmp_path / "home"
-    foreign.mkdir()
-    (foreign / "thesis.tex").write_text("x")
+def test_users_files_are_never_deleted_and_unknown_run_states_refused(store, tmp_path):
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
     for over in (False, True):
-        with pytest.raises(RunError, match="not an sgmft run folder"):
-            train(store, foreign, tiny_preset(epochs=1), overwrite=over)
-    assert (foreign / "thesis.tex").read_text() == "x" and sorted(os.listdir(foreign)) == ["thesis.tex"]
+        res = train(store, mine, tiny_preset(epochs=1, seed=int(over)), overwrite=over)
+        assert res.status == "trained" and (mine / "thesis.tex").read_text() == "x"
+    # sgmft's files without a run.json: a state that cannot be checked
+    (mine / "run.json").unlink()
+    with pytest.raises(RunError, match="but no run.json, so it cannot be checked or resumed"):
+        train(store, mine, tiny_preset(epochs=1))
     legacy = tmp_path / "legacy"
     train(store, legacy, tiny_preset(epochs=1))
     info = json.loads((legacy / "run.json").read_text())

@@ -114,7 +114,7 @@ def test_default_preset_is_a_known_preset_and_used_by_train_cli(monkeypatch, tmp
 
     seen = {}
 
-    def fake_train(store, out, p):
+    def fake_train(store, out, p, **kw):
         seen["preset"] = p.name
         raise SystemExit(0)
 

@@ -96,7 +96,7 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     if absent:
         warnings.warn(f"{fs.path}: {len(absent)} of {len(names)} classes have no training post "
                       f"({', '.join(map(repr, absent[:8]))}{', ...' if len(absent) > 8 else ''}); "
-                      "the model will never predict them", SgmftWarning, stacklevel=3)
+                      "the model will never predict them", SgmftWarning, stacklevel=4)
     tm = np.ones(len(tr), bool) if fs.text_mask is None else np.asarray(fs.text_mask)[tr]
     im = np.ones(len(tr), bool) if fs.image_mask is None else np.asarray(fs.image_mask)[tr]
     if not tm.any() and not im.any():
@@ -105,11 +105,11 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     for name, m, other in (("text", tm, "images"), ("image", im, "text")):
         if not m.any():
             warnings.warn(f"{fs.path / (name + '_mask.npy')}: {name} is missing ({name}_mask False) for every "
-                          f"training post: the model learns from {other} alone", SgmftWarning, stacklevel=3)
+                          f"training post: the model learns from {other} alone", SgmftWarning, stacklevel=4)
     neither = int((~tm & ~im).sum())
     if neither and (tm.any() and im.any()):
         warnings.warn(f"{fs.path}: {neither} of {len(tr)} training posts have neither text nor image (both "
-                      "masks False); they teach only how common each label is", SgmftWarning, stacklevel=3)
+                      "masks False); they teach only how common each label is", SgmftWarning, stacklevel=4)
 
 
 def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
@@ -118,20 +118,11 @@ def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
             "model": asdict(model_cfg), "train": asdict(train_cfg), **extra}
 
 
-def _refuse_foreign(run_dir: RunDir) -> None:
-    """A folder without run.json that holds other files is not ours, even with --overwrite."""
-    foreign = [] if run_dir.run_json.exists() else run_dir.foreign_entries()
-    if foreign:
-        raise RunError(f"{run_dir.root}: is not empty and is not an sgmft run folder (no run.json; it holds "
-                       f"{foreign[0].name!r}{' and more' if len(foreign) > 1 else ''}); choose an empty "
-                       "or new --out")
-
-
 def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
     """``"fresh"``, ``"resume"`` or ``"complete"`` for a run folder under our lock."""
     root = run_dir.root
-    _refuse_foreign(run_dir)
-    if not run_dir.run_json.exists():
+    if not run_dir.run_json.exists():        # a new run; files of the user's own may be there
+
         owned = run_dir.owned_entries()
         if owned:
             raise RunError(f"{root}: has {', '.join(e.name for e in owned)} but no run.json, so it cannot be "
@@ -231,8 +222,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
     with RunLock(run_dir) as lock:
         if lock.note:
             warnings.warn(lock.note, SgmftNote, stacklevel=2)
-        if overwrite:
-            _refuse_foreign(run_dir)
+        if overwrite:                                       # sgmft's own entries only
             run_dir.clear()
             decision = "fresh"
         else:
