@@ -269,6 +269,42 @@ def test_predict_errors(env, capsys, tmp_path):
     capsys.readouterr()
 
 
+def test_predict_outputs_may_not_overwrite_the_manifest(env, capsys, tmp_path):
+    """issue 9: `predict --out` / `--rejects` naming the input manifest (also via a symlink) is a
+    clear error before anything is written."""
+    man = tmp_path / "m.jsonl"
+    shutil.copy(env["clean"], man)
+    shutil.copytree(env["clean"].parent / "images", tmp_path / "images")
+    before = man.read_bytes()
+    os.symlink(man, tmp_path / "alias.jsonl")
+    for extra in (["--out", str(man)], ["--out", str(tmp_path / "alias.jsonl")],
+                  ["--out", str(tmp_path / "p.jsonl"), "--rejects", str(man)]):
+        assert main(["predict", str(env["run"]), "--manifest", str(man), *extra, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "would overwrite the manifest" in err and "Traceback" not in err
+        assert man.read_bytes() == before and not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_manifest_confines_paths_and_caps_images(env, capsys, tmp_path):
+    """`predict --manifest` shares extract's input checks: escaping paths and images beyond
+    --max-images are rejects with line and field."""
+    good = next(p for p in read_manifest(env["clean"])[0] if p.images).images[0]
+    (tmp_path / "img").mkdir()
+    for j in range(4):
+        shutil.copy(good, tmp_path / "img" / f"{j}.jpg")
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": "a", "text": "图书馆", "images": [f"img/{j}.jpg" for j in range(4)]}) + "\n"
+                   + json.dumps({"id": "b", "text": "图书馆", "images": ["../../../../etc/passwd"]}) + "\n",
+                   encoding="utf-8")
+    assert main(["predict", str(env["run"]), "--manifest", str(man), "--out", str(tmp_path / "p.jsonl"),
+                 "--max-images", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    rej = [json.loads(x) for x in (tmp_path / "p.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["field"]) for r in rej] == [(1, "images"), (1, "images"), (2, "images")]
+    assert "max_images=2" in rej[0]["reason"] and "outside the allowed folder" in rej[2]["reason"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()] == ["a"]
+
+
 def test_post_predictor_settings_come_from_the_checkpoint(env, pp, tmp_path):
     from sgmft.ingest.text import CleanConfig
     from sgmft.predict import PostPredictor

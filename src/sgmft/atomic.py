@@ -23,7 +23,47 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_dir", "atomic_file", "replace_dir", "write_bytes", "write_json", "write_text"]
+__all__ = ["OutputCollisionError", "atomic_dir", "atomic_file", "check_outputs", "replace_dir", "write_bytes",
+           "write_json", "write_text"]
+
+
+class OutputCollisionError(ValueError):
+    """An output path names an input (or another output): refused before anything is written."""
+
+
+def _same_or_inside(out: Path, inp: Path) -> bool:
+    """True if writing ``out`` (a file, or a folder that replaces ``out``) would touch ``inp``:
+    the same file after resolving symlinks (also hard links), or ``inp`` lies inside ``out``."""
+    try:
+        ro, ri = out.resolve(), inp.resolve()
+    except OSError:
+        return False
+    if ro == ri or ri.is_relative_to(ro):
+        return True
+    try:
+        return out.exists() and inp.exists() and os.path.samefile(out, inp)
+    except OSError:
+        return False
+
+
+def check_outputs(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Raise :class:`OutputCollisionError` if an output path would overwrite an input
+    (same file after resolving symlinks, hard links included, or an output folder that
+    contains an input) or two outputs are the same file. ``None`` entries are ignored;
+    the keys describe each path in the message ("the manifest", "--out", ...)."""
+    ins = {k: Path(v) for k, v in inputs.items() if v is not None}
+    outs = {k: Path(v) for k, v in outputs.items() if v is not None}
+    for on, op in outs.items():
+        for iname, ip in ins.items():
+            if _same_or_inside(op, ip):
+                raise OutputCollisionError(
+                    f"{on} {op} would overwrite {iname} {ip}; choose another output path "
+                    "(nothing was written)")
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if outs[a].resolve() == outs[b].resolve():
+                raise OutputCollisionError(f"{a} and {b} are the same file {outs[a]}; choose different paths")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -38,6 +38,31 @@ def clean_config_from_args(args) -> CleanConfig:
     return CleanConfig(**off, user_dict=str(Path(args.user_dict).resolve()) if args.user_dict else None)
 
 
+def input_safety_kwargs(args) -> dict:
+    """``image_root``, ``allow_any_path``, ``field_limits`` and ``max_images`` from the flags
+    of :func:`input_safety_args` (shared by extract and predict --manifest)."""
+    mi = args.max_images if args.max_images > 0 else None
+    return dict(image_root=args.image_root, allow_any_path=args.allow_any_path, max_images=mi,
+                field_limits={f"max_{k}_chars": (getattr(args, f"max_{k}_chars") or None)
+                              for k in ("id", "user", "text")})
+
+
+def input_safety_args(s: argparse.ArgumentParser) -> None:
+    from sgmft.features.encode import DEFAULT_MAX_IMAGES
+    from sgmft.ingest.manifest import DEFAULT_MAX_ID_CHARS, DEFAULT_MAX_TEXT_CHARS, DEFAULT_MAX_USER_CHARS
+
+    g = s.add_argument_group("input safety (docs/posts-manifest.md)")
+    g.add_argument("--image-root", dest="image_root",
+                   help="image paths must resolve inside this folder (default: the manifest's folder)")
+    g.add_argument("--allow-any-path", dest="allow_any_path", action="store_true",
+                   help="do not confine image paths (trusted manifests only)")
+    g.add_argument("--max-images", dest="max_images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help=f"images used per post; the rest are rejected (default {DEFAULT_MAX_IMAGES}; 0 = no limit)")
+    for k, d in (("id", DEFAULT_MAX_ID_CHARS), ("user", DEFAULT_MAX_USER_CHARS), ("text", DEFAULT_MAX_TEXT_CHARS)):
+        g.add_argument(f"--max-{k}-chars", dest=f"max_{k}_chars", type=int, default=d,
+                       help=f"reject rows whose '{k}' is longer (default {d}; 0 = no limit)")
+
+
 # -- extract -------------------------------------------------------------------------------------
 def cmd_extract(args) -> int:
     from sgmft.cli.output import progress_on, quiet_stdout
@@ -53,7 +78,8 @@ def cmd_extract(args) -> int:
             batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
             on_error="raise" if args.strict else "skip", progress=progress,
             device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
-            overwrite=args.overwrite, keep_cache=not args.no_cache_keep)
+            overwrite=args.overwrite, keep_cache=not args.no_cache_keep, **input_safety_kwargs(args),
+            prefetch_bytes=int(args.prefetch_mb * 2**20))
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)
@@ -126,13 +152,15 @@ def cmd_predict(args) -> int:
 
         torch.set_num_threads(args.threads)
     pp = _load_predictor(args)
+    kw = input_safety_kwargs(args)
+    pp.max_images = kw.pop("max_images")
     if not args.manifest:
         res = pp.predict_post(args.text or "", args.image or [])
         print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else format_prediction(res))
         return 0
     from sgmft.cli.output import progress_on
 
-    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args))
+    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args), **kw)
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0
@@ -188,6 +216,9 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, ...")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
     s.add_argument("--show-rejects", dest="show_rejects", type=int, default=10, help="rejects to print")
+    s.add_argument("--prefetch-mb", dest="prefetch_mb", type=float, default=512,
+                   help="memory for prepared batches waiting for the model, in MiB (default 512)")
+    input_safety_args(s)
     g = s.add_argument_group("text cleaning (docs/text-cleaning.md; every step is on by default)")
     for step in CLEAN_STEPS:
         g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")
@@ -214,6 +245,7 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="posts per backbone batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    input_safety_args(s)
 
 
 DEMO_RAW_HELP = "offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict"

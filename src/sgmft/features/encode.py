@@ -33,8 +33,19 @@ from sgmft.ingest.manifest import Post
 from sgmft.ingest.text import TextCleaner
 
 IMAGE_CHOICES = ("similar", "first", "mean")
+# Images used per post; the rest of a post's list is rejected with a reason (an ordinary
+# Weibo post shows at most 9). Bounds the memory of one post and one batch.
+DEFAULT_MAX_IMAGES = 9
+# Large images are decoded/reduced so that each side keeps at least this many pixels
+# (the backbone's input side x 2, and never below this floor): see ingest.images.
+MIN_REDUCE_SIDE = 448
 
-__all__ = ["IMAGE_CHOICES", "EncodedBatch", "PreparedBatch", "check_image_choice", "choose_image",
+
+def reduce_side(backbone) -> int:
+    """The ``reduce_to`` of :func:`sgmft.ingest.images.load_image` for ``backbone``."""
+    return max(MIN_REDUCE_SIDE, 2 * int(getattr(backbone, "image_size", 0) or 0))
+
+__all__ = ["DEFAULT_MAX_IMAGES", "IMAGE_CHOICES", "MIN_REDUCE_SIDE", "reduce_side", "EncodedBatch", "PreparedBatch", "check_image_choice", "choose_image",
            "encode_posts", "encode_prepared", "prepare_batch"]
 
 
@@ -85,6 +96,13 @@ class PreparedBatch:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared tensors (what a prefetched batch costs in memory)."""
+        toks = self.tokens.values() if isinstance(self.tokens, dict) else ()
+        return (sum(int(x.numel()) * x.element_size() for x in self.pixels)
+                + sum(int(getattr(t, "numel", lambda: 0)()) * getattr(t, "element_size", lambda: 0)() for t in toks))
+
 
 @dataclass
 class EncodedBatch:
@@ -101,19 +119,36 @@ class EncodedBatch:
 
 def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,
                   max_pixels: int = DEFAULT_MAX_PIXELS, base: Path | None = None, on_error: str = "skip",
-                  tokenize_lock=None) -> PreparedBatch:
+                  tokenize_lock=None, max_images: int | None = DEFAULT_MAX_IMAGES,
+                  reduce_to: int | None = 0) -> PreparedBatch:
     """The CPU stage: clean, load, tokenize, preprocess. ``base``: image paths in reject
     reasons are shown relative to it. ``tokenize_lock``: held around the tokenizer call
-    (Hugging Face fast tokenizers are not safe to call from several threads)."""
+    (Hugging Face fast tokenizers are not safe to call from several threads).
+
+    Memory is bounded by construction: a post's images beyond ``max_images`` are rejected
+    with a reason (never opened); each image is decoded at reduced size (``reduce_to``,
+    default :func:`reduce_side` of the backbone; ``None`` = full size) and a post's images
+    are preprocessed as soon as they are decoded, so the decoded images of at most one
+    post are alive at a time; a batch then holds only the fixed-size model inputs."""
     check_image_choice(image_choice)
+    if reduce_to == 0:
+        reduce_to = reduce_side(backbone)
     pr = PreparedBatch()
-    loaded = []
+    tensors = []
     for p in posts:
         pr.texts.append(cleaner.clean(p.text))
         ims, rej = [], []
-        for j, src in enumerate(p.images):   # paths, or ImageBytes (in-memory uploads, e.g. the HTTP service)
+        srcs = list(p.images)
+        if max_images is not None and len(srcs) > max_images:
+            for j in range(max_images, len(srcs)):
+                src = srcs[j]
+                shown = src.name if isinstance(src, ImageBytes) else _shown(Path(src), base)
+                rej.append([j, f"{shown}: not used: the post lists {len(srcs)} images, more than "
+                               f"max_images={max_images} (--max-images)"])
+            srcs = srcs[:max_images]
+        for j, src in enumerate(srcs):   # paths, or ImageBytes (in-memory uploads, e.g. the HTTP service)
             try:
-                ims.append((j, load_any(src, max_pixels=max_pixels)))
+                ims.append((j, load_any(src, max_pixels=max_pixels, reduce_to=reduce_to)))
             except ImageLoadError as e:
                 if on_error == "raise":
                     raise
@@ -121,16 +156,22 @@ def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_c
                 continue
             if image_choice == "first":
                 break
-        loaded.append(ims)
-        pr.rejects.append(rej)
+        if ims:
+            tensors.append(backbone.preprocess_images([im for _, im in ims]))
+        pr.images.append([j for j, _ in ims])  # the decoded images are not kept
+        del ims
+        pr.rejects.append(sorted(rej))
     nonempty = [t for t in pr.texts if t]
     if nonempty:
         with tokenize_lock if tokenize_lock is not None else contextlib.nullcontext():
             pr.tokens = backbone.tokenize(nonempty)
-    flat = [im for ims in loaded for _, im in ims]
-    step = backbone.batch_size
-    pr.pixels = [backbone.preprocess_images(flat[s:s + step]) for s in range(0, len(flat), step)]
-    pr.images = [[j for j, _ in ims] for ims in loaded]  # the decoded images are not kept
+    if tensors:
+        import torch
+
+        flat = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        del tensors
+        step = backbone.batch_size
+        pr.pixels = [flat[s:s + step].clone() for s in range(0, len(flat), step)]
     return pr
 
 
@@ -162,8 +203,9 @@ def encode_prepared(backbone, pr: PreparedBatch, image_choice: str = "similar") 
 
 def encode_posts(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,
                  max_pixels: int = DEFAULT_MAX_PIXELS, base: Path | None = None,
-                 on_error: str = "skip") -> EncodedBatch:
+                 on_error: str = "skip", max_images: int | None = DEFAULT_MAX_IMAGES,
+                 reduce_to: int | None = 0) -> EncodedBatch:
     """Both stages for one batch of posts (what one batch of ``extract_features`` computes)."""
     pr = prepare_batch(backbone, cleaner, posts, image_choice, max_pixels=max_pixels, base=base,
-                       on_error=on_error)
+                       on_error=on_error, max_images=max_images, reduce_to=reduce_to)
     return encode_prepared(backbone, pr, image_choice)

@@ -34,17 +34,56 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sgmft.atomic import atomic_file
+from sgmft.atomic import atomic_file, check_outputs
 from sgmft.errors import ImageLoadError
 from sgmft.features import FeatureStoreWriter
-from sgmft.features.encode import PreparedBatch, check_image_choice, encode_prepared, prepare_batch
+from sgmft.features.encode import (DEFAULT_MAX_IMAGES, PreparedBatch, check_image_choice, encode_prepared,
+                                   prepare_batch, reduce_side)
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, image_bytes_digest
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.labels import DEFAULT_LABELS
 
 log = logging.getLogger("sgmft.extract")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded at reduced size, max_images
+# Prepared batches waiting for the model forward, all together (bytes of their tensors).
+DEFAULT_PREFETCH_BYTES = 512 * 2**20
+
+
+class _OrderedBudget:
+    """Bytes of prepared-but-not-yet-encoded batches. Batches take their share in post
+    order (a batch waits for its turn and for room), and the consumer, which encodes in
+    the same order, gives it back; so the batch the consumer waits for always gets in
+    (everything before it was released) and prefetch never holds more than ``capacity``
+    bytes beyond one batch. ``abort()`` wakes every waiter (the consumer stopped)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used, self.turn, self.aborted = int(capacity), 0, 0, False
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, turn: int, n: int) -> int:
+        n = max(0, min(int(n), self.capacity))
+        with self._cv:
+            while not self.aborted and (self.turn != turn or self.used + n > self.capacity):
+                self._cv.wait()
+            if self.aborted:
+                return 0
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            self.turn += 1
+            self._cv.notify_all()
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        with self._cv:
+            self.aborted = True
+            self._cv.notify_all()
 
 
 @dataclass
@@ -127,13 +166,56 @@ class _Cache:
                      image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)))
         return self.path(keys)
 
+    _FIELDS = ("keys", "text", "image", "text_mask", "image_mask", "rejects")
+
     def get(self, keys: list[str]) -> dict[str, Any]:
-        with np.load(self.path(keys)) as z:
-            out = {k: z[k] for k in z.files}
-        if out["keys"].tolist() != list(keys):
-            raise RuntimeError(f"cache shard {self.path(keys)} does not hold the expected posts; delete it")
-        out["rejects"] = json.loads(str(out["rejects"]))
+        """The shard of ``keys``; :class:`CorruptShardError` (naming the file) if it is
+        unreadable (truncated, not a zip, a missing array) or holds other posts."""
+        p = self.path(keys)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+            missing = [k for k in self._FIELDS if k not in out]
+            if missing:
+                raise ValueError(f"missing array(s) {missing}")
+            if out["keys"].tolist() != list(keys):
+                raise ValueError("it does not hold the expected posts")
+            n = len(keys)
+            if len(out["text"]) != n or len(out["image"]) != n or len(out["text_mask"]) != n:
+                raise ValueError("wrong row count")
+            out["rejects"] = json.loads(str(out["rejects"]))
+            if not isinstance(out["rejects"], list) or len(out["rejects"]) != n:
+                raise ValueError("bad rejects record")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, ...
+            raise CorruptShardError(p, f"{type(e).__name__}: {e}") from None
         return out
+
+    def valid(self, keys: list[str]) -> bool:
+        """True if the shard exists and reads back whole. A corrupt shard is reported in one
+        warning line naming the file and deleted, so that its batch is encoded again."""
+        p = self.path(keys)
+        if not p.is_file():
+            return False
+        try:
+            self.get(keys)
+            return True
+        except CorruptShardError as e:
+            log.warning("%s; recomputing its batch", e)
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return False
+
+
+class CorruptShardError(ValueError):
+    """A cache shard that cannot be read back (its batch is recomputed)."""
+
+    def __init__(self, path: Path, why: str):
+        self.path = Path(path)
+        super().__init__(f"corrupt cache shard {path} ({why})")
 
 
 # -- per-batch work ----------------------------------------------------------------------------
@@ -145,6 +227,7 @@ class _Job:
     keys: list[str]                      # per post: content key
     cached: bool
     prepared: PreparedBatch | None = None
+    held: int = 0                        # bytes of the prefetch budget this job holds
 
 
 def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, clean_cfg: CleanConfig | None = None,
@@ -153,7 +236,9 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
                      label_names: Sequence[str] = DEFAULT_LABELS, device: str = "auto", dtype: str = "auto",
                      num_workers: int | None = None, num_processes: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
                      overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
-                     _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
+                     max_images: int | None = DEFAULT_MAX_IMAGES, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                     image_root: str | Path | None = None, allow_any_path: bool = False,
+                     field_limits: dict | None = None, _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
     ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``.
@@ -168,16 +253,28 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     ``threads``: torch CPU threads per process (default: unchanged; spawned workers get
     ``cpu_count // num_processes``). On CPU, float results depend on the thread count in
     the last bits: runs compare bit for bit only with equal ``threads``.
+    ``max_images``: images used per post (the rest are rejected with a reason; ``None`` =
+    all). ``prefetch_bytes``: prepared batches waiting for the forward hold at most this
+    many bytes (plus one batch). ``image_root`` / ``allow_any_path``: where image paths
+    may point (default: inside the manifest's folder; see docs/posts-manifest.md).
+    ``field_limits``: ``max_id_chars`` / ``max_user_chars`` / ``max_text_chars`` for
+    :func:`~sgmft.ingest.manifest.read_manifest`. Output paths (the store, its cache, the
+    rejects file) may not be the manifest (checked before anything is written).
     """
     check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     out_store = Path(out_store)
     cache_root = Path(cache_dir) if cache_dir is not None else out_store.with_name(out_store.name + ".cache")
+    check_outputs({"the manifest": manifest},
+                  {"the store (--out)": out_store, "the cache (--cache-dir)": cache_root,
+                   "the rejects file (--rejects)": rejects_path})
     kw = dict(clean_cfg=clean_cfg, image_choice=image_choice, batch_size=batch_size, cache_dir=cache_root,
               rejects_path=rejects_path, on_error=on_error, progress=progress, label_names=tuple(label_names),
               device=device, dtype=dtype, num_workers=num_workers, max_pixels=max_pixels,
-              overwrite=overwrite, keep_cache=keep_cache, threads=threads)
+              overwrite=overwrite, keep_cache=keep_cache, threads=threads, max_images=max_images,
+              prefetch_bytes=prefetch_bytes, image_root=image_root, allow_any_path=allow_any_path,
+              field_limits=field_limits)
     if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
             raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
@@ -187,7 +284,9 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
 
 def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choice, batch_size, cache_dir,
              rejects_path, on_error, progress, label_names, device, dtype, num_workers, max_pixels,
-             overwrite, keep_cache, threads=None, _after_batch=None) -> ExtractResult:
+             overwrite, keep_cache, threads=None, max_images=DEFAULT_MAX_IMAGES,
+             prefetch_bytes=DEFAULT_PREFETCH_BYTES, image_root=None, allow_any_path=False,
+             field_limits=None, _after_batch=None) -> ExtractResult:
     import torch
 
     t0, started = time.perf_counter(), time.time()
@@ -207,22 +306,33 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
         cleaner = TextCleaner(clean_cfg)
         base = manifest.resolve().parent
         posts, row_rejects = read_manifest(manifest, label_names=label_names, check_images=True,
-                                           on_error="raise" if on_error == "raise" else "skip")
+                                           on_error="raise" if on_error == "raise" else "skip",
+                                           image_root=image_root, allow_any_path=allow_any_path,
+                                           **(field_limits or {}))
         prefix = json.dumps({"v": CACHE_VERSION, "backbone": bb.fingerprint(), "clean": cleaner.fingerprint(),
-                             "choice": image_choice, "max_pixels": max_pixels}, sort_keys=True).encode()
+                             "choice": image_choice, "max_pixels": max_pixels, "max_images": max_images,
+                             "reduce_to": reduce_side(bb)}, sort_keys=True).encode()
         cache = _Cache(cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
         n_batches = (len(posts) + batch_size - 1) // batch_size
         mine = [b for b in range(n_batches) if b % world == rank]
         tok_lock = threading.Lock()
+        budget = _OrderedBudget(prefetch_bytes)
 
-        def prepare(b: int) -> _Job:
-            batch = posts[b * batch_size:(b + 1) * batch_size]
-            keys = [_post_key(prefix, p) for p in batch]
-            if cache.path(keys).is_file():
-                return _Job(b, keys, cached=True)
-            return _Job(b, keys, cached=False, prepared=prepare_batch(
-                bb, cleaner, batch, image_choice, max_pixels=max_pixels, base=base, on_error=on_error,
-                tokenize_lock=tok_lock))
+        def prepare(b: int, turn: int) -> _Job:
+            try:
+                batch = posts[b * batch_size:(b + 1) * batch_size]
+                keys = [_post_key(prefix, p) for p in batch]
+                if cache.valid(keys):
+                    job = _Job(b, keys, cached=True)
+                else:
+                    job = _Job(b, keys, cached=False, prepared=prepare_batch(
+                        bb, cleaner, batch, image_choice, max_pixels=max_pixels, base=base, on_error=on_error,
+                        tokenize_lock=tok_lock, max_images=max_images))
+            except BaseException:
+                budget.acquire(turn, 0)  # pass the turn on; the consumer will raise
+                raise
+            job.held = budget.acquire(turn, job.prepared.nbytes if job.prepared is not None else 0)
+            return job
 
         def encode(job: _Job) -> None:
             e = encode_prepared(bb, job.prepared, image_choice)
@@ -240,17 +350,21 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             # Prepare (hash, clean, decode, preprocess) up to `workers + 1` batches ahead of the
             # forward pass. Futures are consumed in order; results never depend on timing.
             ahead = max(1, workers) + 1
-            futs = OrderedDict((b, pool.submit(prepare, b)) for b in mine[:ahead])
+            # Memory: besides this count, the prepared tensors waiting here are bounded in
+            # bytes by `budget` (prefetch_bytes), taken in post order (_OrderedBudget).
+            futs = OrderedDict((b, pool.submit(prepare, b, i)) for i, b in enumerate(mine[:ahead]))
             nxt = len(futs)
             try:
                 while futs:
                     b, fut = futs.popitem(last=False)
                     pr = fut.result()
                     if nxt < len(mine):
-                        futs[mine[nxt]] = pool.submit(prepare, mine[nxt])
+                        futs[mine[nxt]] = pool.submit(prepare, mine[nxt], nxt)
                         nxt += 1
                     if not pr.cached:
                         encode(pr)
+                    pr.prepared = None
+                    budget.release(pr.held)
                     my_keys[b] = pr.keys
                     encoded += 0 if pr.cached else len(pr.keys)
                     hits += len(pr.keys) if pr.cached else 0
@@ -258,6 +372,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
                     if _after_batch is not None:
                         _after_batch(b)
             finally:
+                budget.abort()
                 for f in futs.values():
                     f.cancel()
                 bar.close()
@@ -314,7 +429,12 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
                             with_masks=True, extra=extra, overwrite=overwrite, id_width=width) as w:
         start = 0
         for keys in batch_keys:
-            z = cache.get(keys)
+            try:
+                z = cache.get(keys)
+            except CorruptShardError as e:  # damaged after this run checked or wrote it
+                cache.path(keys).unlink(missing_ok=True)
+                raise CorruptShardError(e.path, "damaged during this run; it was deleted: run the same "
+                                        "command again to recompute it") from None
             part = posts[start:start + len(keys)]
             n_text_missing += int((~z["text_mask"]).sum())
             n_image_missing += int((~z["image_mask"]).sum())

@@ -8,6 +8,8 @@ into place, so a reader never sees a half-written store.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -27,6 +29,76 @@ _CHUNK_BYTES = 64 * 2**20  # content checks read this much at a time, so they wo
 # outputs rarely exceed 100. Values beyond 1e4 are garbage (a wrong dtype, an unnormalised
 # sum, a corrupt file) that would overflow training to NaN (docs/feature-store.md).
 MAX_ABS_FEATURE = 1e4
+
+
+log = logging.getLogger("sgmft.features")
+
+
+def _lock_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".lock")   # beside the temp folder, never inside the store
+
+
+def _lock_tmp(tmp: Path):
+    """Hold an advisory lock beside ``tmp`` while its writer is alive (POSIX); None elsewhere."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: orphans are recognised by age instead
+        return None
+    f = open(_lock_path(tmp), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def _unlock_tmp(tmp: Path, f) -> None:
+    if f is not None:
+        try:
+            os.unlink(_lock_path(tmp))
+        except OSError:
+            pass
+        f.close()
+
+
+def _is_orphan(tmp: Path) -> bool:
+    """True if no live writer holds ``tmp`` (its lock is free; without fcntl: older than a day)."""
+    try:
+        import fcntl
+    except ImportError:
+        import time
+
+        return time.time() - tmp.stat().st_mtime > 86400
+    lp = _lock_path(tmp)
+    if not lp.exists():
+        return True
+    try:
+        with open(lp, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a live writer
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+    except OSError:
+        return False
+
+
+def clean_orphan_tmp(path: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-*`` folders beside the store ``path`` that no live writer holds
+    (left by a run killed while it assembled the store); a note names each one."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        if tmp.name.endswith(".lock") or not tmp.is_dir() or tmp.is_symlink() or not _is_orphan(tmp):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.unlink(_lock_path(tmp))
+        except OSError:
+            pass
+        log.warning("note: removed %s, an unfinished store left by an interrupted run", tmp)
+        removed.append(tmp)
+    return removed
 
 
 class FeatureStoreError(ValueError):
@@ -240,8 +312,10 @@ class FeatureStoreWriter:
         self._label_index = {name: i for i, name in enumerate(self.meta["label_names"])}
         self.id_width, n = int(id_width), int(num_posts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.orphans_removed = clean_orphan_tmp(self.path)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
+        self._lockf = _lock_tmp(self._tmp)
         self._done: Path | None = None
         specs = {"ids": (f"<U{self.id_width}", (n,)), "text": (dtype, (n, dim)), "image": (dtype, (n, dim))}
         if with_users:
@@ -258,6 +332,7 @@ class FeatureStoreWriter:
                             for k, (dt, shp) in specs.items()}
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            _unlock_tmp(self._tmp, self._lockf)
             raise
 
     def _check_target(self) -> None:
@@ -348,6 +423,8 @@ class FeatureStoreWriter:
         except BaseException:
             self.abort()
             raise
+        _unlock_tmp(self._tmp, self._lockf)
+        self._lockf = None
         self._done = self.path
         return self.path
 
@@ -355,6 +432,8 @@ class FeatureStoreWriter:
         """Discard everything written so far (the target path is untouched)."""
         self._arrays.clear()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        _unlock_tmp(self._tmp, getattr(self, "_lockf", None))
+        self._lockf = None
 
     def __enter__(self) -> "FeatureStoreWriter":
         return self

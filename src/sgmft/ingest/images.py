@@ -12,13 +12,21 @@ reject for the file and carry on. Handled:
 * decompression bombs: the pixel count in the header is checked against ``max_pixels``
   *before* any decoding; PIL's own ``DecompressionBombError`` (``Image.MAX_IMAGE_PIXELS``)
   is caught too and its warning silenced (our limit is the one that applies);
-* zero-byte, truncated, corrupt and non-image files: ``ImageLoadError(path, reason)``.
+* zero-byte, truncated, corrupt and non-image files: ``ImageLoadError(path, reason)``;
+* bounded memory (``reduce_to``): a large image is decoded at reduced size where the
+  format allows it (JPEG ``draft``: the DCT scales 1/2, 1/4, 1/8) and otherwise reduced
+  (``Image.reduce``, per axis) right after decoding, before any mode conversion, so that
+  each side keeps at least ``reduce_to`` pixels (the backbones squash-resize to 224 px).
+  Full-size decodes of all threads together are bounded by :data:`DECODE_BUDGET`
+  (bytes); a decode waits for room instead of exceeding it. See docs/extract.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import threading
 import warnings
 from pathlib import Path
 from struct import error as struct_error  # raised by some PIL plugins on bad headers
@@ -31,6 +39,45 @@ from sgmft.errors import ImageLoadError
 # 64 Mpx: far above any real Weibo photo (<= ~40 Mpx from phones), far below what would
 # exhaust memory (an RGB 64 Mpx image is 192 MiB).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+class ByteBudget:
+    """A counting semaphore in bytes: ``with budget.hold(n): ...`` waits until ``n`` bytes
+    are free (a request larger than the capacity waits for the budget to be empty, then
+    takes all of it, so it can never dead-lock)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.used = 0
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = max(0, min(int(n), self.capacity))
+        with self._cv:
+            while self.used + n > self.capacity:
+                self._cv.wait()
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        got = self.acquire(n)
+        try:
+            yield got
+        finally:
+            self.release(got)
+
+
+# Full-size decodes in flight, all threads together (bytes, at 4 bytes per pixel): 512 MiB
+# = two 64 Mpx images at once, or many small ones.
+DECODE_BUDGET = ByteBudget(512 * 2**20)
 
 
 def image_bytes_digest(path: str | Path, *, chunk: int = 1 << 20) -> str:
@@ -85,11 +132,13 @@ class ImageBytes:
         return self.name
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
     """Open ``path`` as an upright RGB image (first frame if animated).
 
     Raises :class:`ImageLoadError` for anything unusable; the returned image is fully
-    decoded (the file is closed).
+    decoded (the file is closed). ``reduce_to``: when given, an image wider or taller than
+    ``2 * reduce_to`` is decoded/reduced (integer factor per axis) so that each side keeps
+    at least ``reduce_to`` pixels; ``None`` = full size.
     """
     path = Path(path)
     try:
@@ -98,24 +147,43 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageLoadError(path, f"cannot read file: {e.strerror or e}") from None
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
-    return _decode(path, path, max_pixels)
+    return _decode(path, path, max_pixels, reduce_to)
 
 
-def load_image_bytes(img: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image_bytes(img: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     reduce_to: int | None = None) -> Image.Image:
     """:func:`load_image` for an in-memory image (same checks, same errors; ``path`` = its name)."""
     if not img.data:
         raise ImageLoadError(img.name, "empty file (0 bytes)")
-    return _decode(io.BytesIO(img.data), img.name, max_pixels)
+    return _decode(io.BytesIO(img.data), img.name, max_pixels, reduce_to)
 
 
-def load_any(src: "str | Path | ImageBytes", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_any(src: "str | Path | ImageBytes", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+             reduce_to: int | None = None) -> Image.Image:
     """A path (:func:`load_image`) or an :class:`ImageBytes` (:func:`load_image_bytes`)."""
     if isinstance(src, ImageBytes):
-        return load_image_bytes(src, max_pixels=max_pixels)
-    return load_image(src, max_pixels=max_pixels)
+        return load_image_bytes(src, max_pixels=max_pixels, reduce_to=reduce_to)
+    return load_image(src, max_pixels=max_pixels, reduce_to=reduce_to)
 
 
-def _decode(src, path, max_pixels: int) -> Image.Image:
+def _factors(w: int, h: int, reduce_to: int | None) -> tuple[int, int]:
+    """Integer reduction factor per axis keeping each side >= ``reduce_to`` (1 = keep)."""
+    if not reduce_to:
+        return 1, 1
+    return max(1, w // reduce_to), max(1, h // reduce_to)
+
+
+def _reduce(im: Image.Image, fx: int, fy: int) -> Image.Image:
+    """``im`` reduced by (fx, fy) (box average; nearest for modes ``reduce`` lacks)."""
+    if fx == 1 and fy == 1:
+        return im
+    try:
+        return im.reduce((fx, fy))
+    except ValueError:  # P, 1, I;16*: keep the mode (a palette cannot be averaged)
+        return im.resize((max(1, im.width // fx), max(1, im.height // fy)), Image.NEAREST)
+
+
+def _decode(src, path, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -129,7 +197,14 @@ def _decode(src, path, max_pixels: int) -> Image.Image:
                         "possible decompression bomb")
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
-                im.load()
+                fx, fy = _factors(w, h, reduce_to)
+                if (fx > 1 or fy > 1) and im.format == "JPEG":
+                    # decode at 1/2, 1/4 or 1/8 scale: never below the requested size
+                    im.draft(None, (-(-w // fx), -(-h // fy)))
+                    fx, fy = _factors(*im.size, reduce_to)
+                with DECODE_BUDGET.hold(4 * im.size[0] * im.size[1]):
+                    im.load()
+                    im = _reduce(im, fx, fy)
                 im = ImageOps.exif_transpose(im)  # returns a copy when it rotates
                 out = _to_rgb(im)
                 if out is im:
@@ -150,5 +225,5 @@ def _decode(src, path, max_pixels: int) -> Image.Image:
         raise ImageLoadError(path, reason) from None
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageBytes", "ImageLoadError", "image_bytes_digest", "load_any", "load_image",
+__all__ = ["DECODE_BUDGET", "DEFAULT_MAX_PIXELS", "ByteBudget", "ImageBytes", "ImageLoadError", "image_bytes_digest", "load_any", "load_image",
            "load_image_bytes"]

@@ -21,13 +21,18 @@ from typing import Any
 from sgmft.atomic import atomic_file
 from sgmft.labels import DEFAULT_LABELS
 
-__all__ = ["Post", "Reject", "ManifestError", "read_manifest", "write_rejects", "SPLITS"]
+__all__ = ["DEFAULT_MAX_ID_CHARS", "DEFAULT_MAX_TEXT_CHARS", "DEFAULT_MAX_USER_CHARS", "Post", "Reject",
+           "ManifestError", "read_manifest", "write_rejects", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "dev": "val", "test": "test"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _MAX_LISTED = 50
+# Field length limits (characters), overridable per call / CLI flag; docs/posts-manifest.md.
+DEFAULT_MAX_ID_CHARS = 256
+DEFAULT_MAX_USER_CHARS = 256
+DEFAULT_MAX_TEXT_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,10 @@ def _opt_str(obj: dict, key: str, problems: list[tuple[str, str]]) -> str | None
 def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAULT_LABELS,
                   require_labels: bool = False, check_images: bool = True,
                   on_error: str = "raise", rejects_path: str | Path | None = None,
+                  image_root: str | Path | None = None, allow_any_path: bool = False,
+                  max_id_chars: int | None = DEFAULT_MAX_ID_CHARS,
+                  max_user_chars: int | None = DEFAULT_MAX_USER_CHARS,
+                  max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
                   ) -> tuple[list[Post], list[Reject]]:
     """Read and validate a post manifest.
 
@@ -158,6 +167,13 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
     ``label_names`` (case-insensitive; ``None`` = any label accepted), ``split`` in
     train/val/test (aliases training/valid/validation/dev), ``images`` a list of strings,
     and (``check_images``) every listed image file exists. A post with no images is valid.
+
+    Image paths are confined: each must resolve, after following symlinks, inside the
+    manifest's folder, or inside ``image_root`` when given (relative paths are still
+    relative to the manifest's folder); anything else (``../../etc/passwd``, an absolute
+    path elsewhere, a symlink pointing out) is a reject of field ``images``/``image``.
+    ``allow_any_path=True`` turns the check off. ``id``, ``user`` and ``text`` longer than
+    ``max_*_chars`` characters are rejects too (``None`` = no limit).
 
     ``on_error="raise"``: raise :class:`ManifestError` if there is any problem.
     ``on_error="skip"``: drop bad rows; return ``(posts, rejects)``. In both modes the
@@ -169,6 +185,14 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.resolve().parent
+    if image_root is not None:
+        root = Path(image_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image root (--image-root) is not a folder: {image_root}")
+        root = root.resolve()
+    else:
+        root = base
+    confine = None if allow_any_path else root
     label_map = None if label_names is None else {str(n).lower(): str(n) for n in label_names}
     rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
 
@@ -199,6 +223,11 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
             text = ""
         elif not isinstance(text, str):
             problems.append(("text", f"must be a string, got {type(text).__name__}"))
+        for fname, val, lim in (("id", pid, max_id_chars), ("user", user, max_user_chars),
+                                ("text", text, max_text_chars)):
+            if lim is not None and isinstance(val, str) and len(val) > lim:
+                flag = f"--max-{fname}-chars"
+                problems.append((fname, f"{len(val)} characters, more than the limit of {lim} ({flag})"))
 
         label = _opt_str(obj, "label", problems) or None
         if label is not None and label_map is not None:
@@ -216,9 +245,10 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
             else:
                 problems.append(("split", f"unknown split {split!r}; use train, val or test"))
 
-        images = _images(obj, base, check_images, problems)
+        images = _images(obj, base, check_images, problems, confine)
         if problems:
-            rejects.extend(Reject(line, pid or None, f, r) for f, r in problems)
+            shown_id = pid if not pid or max_id_chars is None or len(pid) <= max_id_chars else pid[:64] + "..."
+            rejects.extend(Reject(line, shown_id or None, f, r) for f, r in problems)
         else:
             posts.append(Post(pid, user, text, images, label, split, line))
 
@@ -229,7 +259,8 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
     return posts, rejects
 
 
-def _images(obj: dict, base: Path, check: bool, problems: list[tuple[str, str]]) -> tuple[Path, ...]:
+def _images(obj: dict, base: Path, check: bool, problems: list[tuple[str, str]],
+            confine: Path | None = None) -> tuple[Path, ...]:
     many, one = obj.get("images"), obj.get("image")
     if many not in (None, []) and one not in (None, ""):
         problems.append(("images", "give either 'images' (a list) or 'image' (one path), not both"))
@@ -248,7 +279,12 @@ def _images(obj: dict, base: Path, check: bool, problems: list[tuple[str, str]])
         if not rel.strip():
             problems.append((key, "empty image path"))
             continue
-        p = (base / rel.strip()).resolve()  # an absolute path stays absolute
+        p = (base / rel.strip()).resolve()  # an absolute path stays absolute; symlinks are followed
+        if confine is not None and not p.is_relative_to(confine):
+            problems.append((key, f"image path {rel!r} resolves to {p}, outside the allowed folder {confine} "
+                                  "(image paths must stay inside the manifest's folder or --image-root; "
+                                  "--allow-any-path turns this check off)"))
+            continue
         if check and not p.is_file():
             problems.append((key, f"image file not found: {rel}"))
         out.append(p)

@@ -35,8 +35,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgmft.atomic import atomic_file
-from sgmft.features.encode import IMAGE_CHOICES, check_image_choice, encode_posts
+from sgmft.atomic import atomic_file, check_outputs
+from sgmft.features.encode import DEFAULT_MAX_IMAGES, IMAGE_CHOICES, check_image_choice, encode_posts
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
@@ -81,7 +81,7 @@ class PostPredictor:
 
     def __init__(self, predictor: Predictor, backbone, clean_cfg: CleanConfig | None = None,
                  image_choice: str = "similar", *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_size: int = 32, notes: Sequence[str] = ()):
+                 batch_size: int = 32, notes: Sequence[str] = (), max_images: int | None = DEFAULT_MAX_IMAGES):
         check_image_choice(image_choice)
         if backbone.dim != predictor.dim:
             raise BackboneMismatchError(
@@ -90,6 +90,7 @@ class PostPredictor:
         self.predictor, self.backbone = predictor, backbone
         self.cleaner = TextCleaner(clean_cfg)
         self.image_choice, self.max_pixels, self.batch_size = image_choice, max_pixels, int(batch_size)
+        self.max_images = max_images  # images used per post; the rest are reported as rejects
         self.notes = list(notes)   # load-time caveats (settings that could not be verified)
 
     @property
@@ -100,7 +101,8 @@ class PostPredictor:
     @classmethod
     def load(cls, run_dir, backbone=None, *, device: str = "auto", batch_size: int = 32,
              clean_cfg: CleanConfig | None = None, image_choice: str | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, check_backbone: bool = True) -> "PostPredictor":
+             max_pixels: int = DEFAULT_MAX_PIXELS, check_backbone: bool = True,
+             max_images: int | None = DEFAULT_MAX_IMAGES) -> "PostPredictor":
         """Load a run (or its ``model/`` directory) and the backbone its features came from.
 
         ``backbone``: a spec (``"chinese-clip:/models/cc-vit-h"``) or a loaded ``Backbone``;
@@ -198,7 +200,8 @@ class PostPredictor:
             if fp != extra["clean_fingerprint"]:
                 notes.append("text cleaning differs from training (settings, jieba version or stop-word "
                              "lists changed): cleaned texts may not match the training features")
-        return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes)
+        return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes,
+                   max_images=max_images)
 
     # -- single posts ------------------------------------------------------------------------
     def predict_post(self, text: str | None, images: Sequence[str | os.PathLike | ImageBytes] = ()) -> dict:
@@ -230,7 +233,8 @@ class PostPredictor:
         out: list[dict] = []
         for s in range(0, len(items), self.batch_size):
             batch = items[s:s + self.batch_size]
-            enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels)
+            enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels,
+                               max_images=self.max_images)
             probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask).probs
             out.extend(self._result(post, enc, r, probs[r]) for r, post in enumerate(batch))
         return out
@@ -257,7 +261,8 @@ class PostPredictor:
                 "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects}
 
     # -- manifests ---------------------------------------------------------------------------
-    def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False) -> dict:
+    def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False,
+                         image_root=None, allow_any_path: bool = False, field_limits: dict | None = None) -> dict:
         """Predict every valid post of a manifest; write one row per post to ``out_path``.
 
         ``out_path`` ending in ``.csv``: columns ``id, label, prob, p_<place>..., text_mask,
@@ -265,7 +270,9 @@ class PostPredictor:
         probs, text_mask, image_mask`` (+ ``true_label`` when the manifest has a label). Bad
         rows (same checks as ``sgmft extract``; labels must be places the model knows) and
         unusable images are written to ``rejects_path`` (default ``<out>.rejects.jsonl``)
-        and counted, never raised. Returns a summary dict.
+        and counted, never raised. Returns a summary dict. Image paths are confined as in
+        ``sgmft extract`` (``image_root``, ``allow_any_path``; docs/posts-manifest.md), and an
+        output naming the manifest is refused before anything is written.
         """
         t0 = time.perf_counter()
         manifest, out_path = Path(manifest), Path(out_path)
@@ -273,8 +280,11 @@ class PostPredictor:
             out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
         if rejects_path.resolve() == out_path.resolve():
             raise ValueError(f"the rejects file must differ from the output file ({out_path})")
+        check_outputs({"the manifest": manifest},
+                      {"the output (--out)": out_path, "the rejects file (--rejects)": rejects_path})
         posts, row_rejects = read_manifest(manifest, label_names=self.label_names, check_images=True,
-                                           on_error="skip")
+                                           on_error="skip", image_root=image_root,
+                                           allow_any_path=allow_any_path, **(field_limits or {}))
         base = manifest.resolve().parent
         is_csv = out_path.suffix.lower() == ".csv"
         names = self.label_names
@@ -295,7 +305,7 @@ class PostPredictor:
                 for s in range(0, len(posts), self.batch_size):
                     batch = posts[s:s + self.batch_size]
                     enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice,
-                                       max_pixels=self.max_pixels, base=base)
+                                       max_pixels=self.max_pixels, base=base, max_images=self.max_images)
                     probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask,
                                                             enc.image_mask).probs
                     for r, p in enumerate(batch):
