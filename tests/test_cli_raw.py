@@ -181,11 +181,11 @@ def test_predict_manifest_jsonl_and_csv(env, capsys, tmp_path):
     assert "predicted 80 posts" in out and "rejects: 0" in out
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == ids
-    got = np.array([[r["probs"][n] for n in names] for r in rows])
+    got = np.array([[r[f"prob_{n}"] for n in names] for r in rows])
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-    assert [r["label"] for r in rows] == [names[i] for i in want.argmax(1)]
-    assert all(r["true_label"] in names for r in rows)
+    assert [r["pred"] for r in rows] == [names[i] for i in want.argmax(1)]
+    assert all(r["true"] in names for r in rows) and all(r["text_mask"] in (True, False) for r in rows)
     assert (tmp_path / "p.rejects.jsonl").read_text() == ""
     # CSV
     assert main(["predict", str(env["run"]), "--manifest", str(env["clean"]), "--out",
@@ -195,7 +195,8 @@ def test_predict_manifest_jsonl_and_csv(env, capsys, tmp_path):
     with open(tmp_path / "p.csv", encoding="utf-8", newline="") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 80 and [r["id"] for r in recs] == ids
-    got = np.array([[float(r[f"p_{n}"]) for n in names] for r in recs])
+    assert list(recs[0]) == ["id", "pred", *[f"prob_{n}" for n in names], "true", "text_mask", "image_mask"]
+    got = np.array([[float(r[f"prob_{n}"]) for n in names] for r in recs])
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 

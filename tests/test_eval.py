@@ -170,7 +170,7 @@ def test_write_eval_report(tmp_path):
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 80
-    assert list(rows[0]) == ["id", "true", "pred"] + [f"prob_{n}" for n in NAMES]
+    assert list(rows[0]) == ["id", "pred"] + [f"prob_{n}" for n in NAMES] + ["true"]
     assert rows[3]["id"] == "post3"
     assert rows[3]["true"] == NAMES[y[3]] and rows[3]["pred"] == NAMES[pred[3]]
     assert float(rows[3]["prob_gym"]) == pytest.approx(probs[3, 5], rel=1e-5)
@@ -182,5 +182,6 @@ def test_write_eval_report_without_fused_or_probs(tmp_path):
                           label_names=NAMES)
     assert m["accuracy"] == 1.0 and m["title"] == ""
     assert not (tmp_path / "tsne.png").exists()
-    header = (tmp_path / "predictions.csv").read_text().splitlines()[0]
-    assert header == "id,true,pred"
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == ",".join(["id", "pred"] + [f"prob_{n}" for n in NAMES] + ["true"])
+    assert lines[1].split(",")[1] == NAMES[y[0]] and float(lines[1].split(",")[2 + y[0]]) == 1.0   # one-hot

@@ -3,6 +3,7 @@
 * ``sgmft extract MANIFEST --out STORE --backbone SPEC``   raw posts -> a feature store;
 * ``sgmft predict RUN_DIR --text ... --image ...``          one raw post -> place probabilities;
 * ``sgmft predict RUN_DIR --manifest FILE --out preds.jsonl|.csv``  many posts;
+* ``sgmft predict RUN_DIR --store STORE --out preds.csv|.jsonl``   a feature store (any, labelled or not);
 * ``sgmft demo-raw``                                        the raw-post demo, offline.
 
 Errors a user can fix (missing files, a backbone that is unavailable offline or differs
@@ -135,16 +136,45 @@ def format_prediction(res: dict, width: int = 30) -> str:
     return "\n".join(lines)
 
 
+def _predict_store(args) -> int:
+    from sgmft.features.backbones.base import resolve_device
+    from sgmft.predict import Predictor
+
+    if args.text is not None or args.image or args.manifest:
+        raise UserError("give --store, or --manifest, or --text/--image, not several")
+    if not args.out:
+        raise UserError("--store needs --out FILE (.csv or .jsonl)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pred = Predictor.load(args.run_dir, device=str(resolve_device(args.device)))
+    s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(s, ensure_ascii=False, indent=2))
+        return 0
+    print(f"predicted {s['posts']} posts of {s['store']} -> {s['out']}  ({s['seconds']:.1f} s)")
+    if s["predicted"]:
+        top = sorted(s["predicted"].items(), key=lambda kv: -kv[1])
+        print("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
+    if "accuracy" in s:
+        print(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
+    return 0
+
+
 def cmd_predict(args) -> int:
+    if not Path(args.run_dir).exists():
+        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
+    if args.store:
+        return _predict_store(args)
     single = args.text is not None or bool(args.image)
     if args.manifest and single:
         raise UserError("give either --manifest or --text/--image, not both")
     if not args.manifest and not single:
-        raise UserError("give a post (--text and/or --image) or --manifest FILE --out FILE")
+        raise UserError("give a post (--text and/or --image), --manifest FILE --out FILE, "
+                        "or --store STORE --out FILE")
     if args.manifest and not args.out:
         raise UserError("--manifest needs --out FILE (.jsonl or .csv)")
-    if not Path(args.run_dir).exists():
-        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     if args.manifest and not Path(args.manifest).is_file():
         raise FileNotFoundError(f"manifest not found: {args.manifest}")
     if args.threads:
@@ -225,10 +255,13 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--user-dict", dest="user_dict", help="jieba user dictionary file")
 
 
-PREDICT_HELP = "predict the place of a raw post (--text/--image) or of every post of a manifest"
+PREDICT_HELP = ("predict the place of a raw post (--text/--image), of every post of a manifest, "
+                "or of every post of a feature store (--store)")
 PREDICT_DESCRIPTION = ("Uses the backbone, text cleaning and image choice the run's features were extracted "
     "with. Single post: prints the top place and every probability (--json for JSON). "
     "Manifest: writes one row per post (.jsonl or .csv) and a rejects file. "
+    "Feature store (--store, any store: SimFeat, your own features, labelled or not): writes one row "
+    "per post. Files follow one schema: id, pred, prob_<place>..., true (when known). "
     "See docs/predict.md.")
 
 
@@ -237,7 +270,10 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--text", help="the post's raw text")
     s.add_argument("--image", action="append", metavar="PATH", help="an image of the post (repeatable)")
     s.add_argument("--manifest", help="predict every post of this manifest instead")
-    s.add_argument("--out", help="manifest mode: output file, .jsonl or .csv")
+    s.add_argument("--store", help="predict every post of this feature store (no backbone needed)")
+    s.add_argument("--split", default="all",
+                   help="store mode: all posts, or one split of the store's split.npy (train, val, test)")
+    s.add_argument("--out", help="manifest / store mode: output file, .csv or .jsonl (any other suffix)")
     s.add_argument("--rejects", help="manifest mode: rejects JSONL (default: <out stem>.rejects.jsonl)")
     s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
     s.add_argument("--ignore-backbone-mismatch", dest="ignore_backbone_mismatch", action="store_true",

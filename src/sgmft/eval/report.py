@@ -7,7 +7,6 @@ crash never leaves a half-written report behind.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -17,12 +16,7 @@ import numpy as np
 from sgmft.eval.metrics import classification_metrics
 from sgmft import atomic
 from sgmft.eval.plots import plot_confusion, plot_tsne, tsne_embed
-
-
-def _plain(v):
-    """A numpy scalar / bytes id as a plain str or number for the CSV."""
-    v = v.item() if isinstance(v, np.generic) else v
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+from sgmft.predict.output import write_predictions
 
 
 def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids=None,
@@ -32,8 +26,9 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
 
     Files: ``metrics.json`` (:func:`classification_metrics` plus ``title``),
     ``confusion.png`` (row-normalised), ``tsne.png`` (t-SNE of the ``fused`` features coloured
-    by true class; skipped when ``fused`` is None) and ``predictions.csv`` with columns
-    ``id,true,pred,prob_<name>...`` (class names; prob columns omitted when ``probs`` is None).
+    by true class; skipped when ``fused`` is None) and ``predictions.csv`` in the one
+    prediction schema of :mod:`sgmft.predict.output` (``id, pred, prob_<place>..., true``;
+    one-hot probabilities when ``probs`` is None).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,18 +64,9 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
         np.savez(buf, coords=coords, labels=yt[idx], rows=idx)
         atomic.write_bytes(out / "tsne_coords.npz", buf.getvalue())
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    header = ["id", "true", "pred"]
-    if probs is not None:
-        header += [f"prob_{name}" for name in names]
-    writer.writerow(header)
-    for i in range(n):
-        row = [_plain(ids[i]), names[yt[i]], names[yp[i]]]
-        if probs is not None:
-            row += [f"{p:.6g}" for p in probs[i]]
-        writer.writerow(row)
-    atomic.write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8"))
+    if probs is None:                      # the schema has a column per place: one-hot predictions
+        probs = np.eye(len(names))[yp]
+    write_predictions(out / "predictions.csv", ids, probs, names, true=yt, pred=yp)
 
     atomic.write_bytes(out / "metrics.json",
                         (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())

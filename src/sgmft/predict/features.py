@@ -7,14 +7,19 @@ normalisation) and turns feature vectors into class probabilities.  Raw posts go
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from sgmft.atomic import atomic_file
 from sgmft.checkpoint import load_checkpoint
 from sgmft.features import FeatureStore
 from sgmft.models import forward_batch
+from sgmft.predict.output import PredictionWriter, prediction_format
 
 
 @dataclass
@@ -97,3 +102,59 @@ class Predictor:
         probs = np.concatenate([p.probs for p in parts])[inv]
         fused = np.concatenate([p.fused for p in parts])[inv] if return_fused else None
         return Predictions(probs, fused, self.label_names)
+
+    def predict_store_to_file(self, store, out_path, *, split: str = "all", batch_size: int = 512,
+                              chunk: int = 8192, progress: bool = False) -> dict:
+        """Predict every post of a feature store (labelled or not) into ``out_path``.
+
+        Rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
+        prob_<place>..., true`` (``true`` only when the store has labels; empty / absent for
+        an unlabelled row), CSV when ``out_path`` ends in ``.csv``, else JSONL; written
+        atomically, ``chunk`` rows at a time (bounded memory). ``split``: ``all`` or a split
+        of the store's ``split.npy``. Returns a summary dict (``posts``, ``predicted``,
+        ``labelled``, ``accuracy`` when some rows are labelled, ``out``, ``seconds``).
+        """
+        t0 = time.perf_counter()
+        fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        self.check_store(fs)
+        if split == "all":
+            rows = np.arange(len(fs))
+        elif fs.split is None:
+            raise ValueError(f"{fs.path}: the store has no split.npy, so --split {split!r} is undefined; "
+                             "use --split all")
+        else:
+            rows = fs.indices(split)
+        store_names = fs.label_names
+        labels = None if fs.labels is None else fs.labels
+        with_true = labels is not None and bool(np.any(np.asarray(labels[rows]) >= 0))
+        out_path = Path(out_path)
+        counts: Counter = Counter()
+        n_labelled = n_correct = 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
+        try:
+            with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
+                writer = PredictionWriter(f, prediction_format(out_path), self.label_names, with_true=with_true)
+                for s in range(0, len(rows), chunk):
+                    r = rows[s:s + chunk]
+                    probs = self.predict_store(fs, r, batch_size=batch_size).probs
+                    top = probs.argmax(1)
+                    counts.update(self.label_names[i] for i in top)
+                    true = None
+                    if with_true:
+                        lab = np.asarray(labels[r])
+                        true = [store_names[i] if i >= 0 else None for i in lab]
+                        known = lab >= 0
+                        n_labelled += int(known.sum())
+                        n_correct += sum(t == self.label_names[i] for t, i, k in zip(true, top, known) if k)
+                    writer.write(np.asarray(fs.ids[r]), probs, true)
+                    bar.update(len(r))
+        finally:
+            bar.close()
+        summary = {"posts": int(len(rows)), "out": str(out_path), "store": str(fs.path), "split": split,
+                   "predicted": {n: counts[n] for n in self.label_names if counts[n]},
+                   "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
+        if n_labelled:
+            summary["accuracy"] = n_correct / n_labelled
+        return summary

@@ -26,7 +26,6 @@ See docs/predict.md.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -41,6 +40,7 @@ from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import Predictor
+from sgmft.predict.output import PredictionWriter, prediction_format
 from sgmft.runs import RunDir
 
 __all__ = ["BackboneMismatchError", "PostPredictor", "training_extract_info"]
@@ -174,6 +174,15 @@ class PostPredictor:
         else:
             try:
                 bb = load_backbone(spec, device=str(dev), dtype=precision, batch_size=batch_size)
+            except KeyError as e:                    # no registered backbone makes these features
+                if backbone is not None:
+                    raise
+                raise ValueError(
+                    f"the model {model_dir} was trained on features from {trained_spec!r}, which no "
+                    "registered backbone computes (SimFeat, or features you made yourself), so it cannot "
+                    "encode raw posts. Predict feature vectors instead: `sgmft predict RUN --store STORE "
+                    "--out preds.csv` (Predictor.predict_store in Python), or pass --backbone SPEC if "
+                    f"those features did come from a backbone ({e.args[0] if e.args else e})") from None
             except BackboneUnavailableError as e:
                 hint = ("" if backbone is not None else
                         f"\nThe model {model_dir} was trained on features from backbone {trained_spec!r}. "
@@ -265,9 +274,9 @@ class PostPredictor:
                          image_root=None, allow_any_path: bool = False, field_limits: dict | None = None) -> dict:
         """Predict every valid post of a manifest; write one row per post to ``out_path``.
 
-        ``out_path`` ending in ``.csv``: columns ``id, label, prob, p_<place>..., text_mask,
-        image_mask, true_label``; otherwise JSONL, one object per post with ``id, label, prob,
-        probs, text_mask, image_mask`` (+ ``true_label`` when the manifest has a label). Bad
+        The rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
+        prob_<place>..., true`` (``true`` when the manifest has labels), then ``text_mask,
+        image_mask``; CSV when ``out_path`` ends in ``.csv``, else JSONL. Bad
         rows (same checks as ``sgmft extract``; labels must be places the model knows) and
         unusable images are written to ``rejects_path`` (default ``<out>.rejects.jsonl``)
         and counted, never raised. Returns a summary dict. Image paths are confined as in
@@ -286,7 +295,7 @@ class PostPredictor:
                                            on_error="skip", image_root=image_root,
                                            allow_any_path=allow_any_path, **(field_limits or {}))
         base = manifest.resolve().parent
-        is_csv = out_path.suffix.lower() == ".csv"
+        with_true = any(p.label is not None for p in posts)
         names = self.label_names
         out_path.parent.mkdir(parents=True, exist_ok=True)
         img_rejects: list[Reject] = []
@@ -297,11 +306,8 @@ class PostPredictor:
         bar = tqdm(total=len(posts), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
         try:
             with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
-                writer = None
-                if is_csv:
-                    writer = csv.writer(f)
-                    writer.writerow(["id", "label", "prob", *[f"p_{n}" for n in names],
-                                     "text_mask", "image_mask", "true_label"])
+                writer = PredictionWriter(f, prediction_format(out_path), names, with_true=with_true,
+                                          extras=("text_mask", "image_mask"))
                 for s in range(0, len(posts), self.batch_size):
                     batch = posts[s:s + self.batch_size]
                     enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice,
@@ -313,22 +319,15 @@ class PostPredictor:
                                            for _, reason in enc.rejects[r])
                         top = int(probs[r].argmax())
                         counts[names[top]] += 1
-                        tm, im = bool(enc.text_mask[r]), bool(enc.image_mask[r])
-                        n_text_missing += not tm
-                        n_image_missing += not im
+                        n_text_missing += not bool(enc.text_mask[r])
+                        n_image_missing += not bool(enc.image_mask[r])
                         if p.label is not None:
                             n_labelled += 1
                             n_correct += p.label == names[top]
-                        if is_csv:
-                            writer.writerow([p.id, names[top], repr(float(probs[r, top])),
-                                             *[repr(float(x)) for x in probs[r]], int(tm), int(im), p.label or ""])
-                        else:
-                            row = {"id": p.id, "label": names[top], "prob": float(probs[r, top]),
-                                   "probs": {n: float(x) for n, x in zip(names, probs[r])},
-                                   "text_mask": tm, "image_mask": im}
-                            if p.label is not None:
-                                row["true_label"] = p.label
-                            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    writer.write([p.id for p in batch], probs,
+                                 [p.label for p in batch] if with_true else None,
+                                 {"text_mask": [bool(m) for m in enc.text_mask[:len(batch)]],
+                                  "image_mask": [bool(m) for m in enc.image_mask[:len(batch)]]})
                     bar.update(len(batch))
         finally:
             bar.close()

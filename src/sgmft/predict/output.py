@@ -1,0 +1,147 @@
+"""The one prediction file format, written by ``sgmft evaluate``, ``sgmft predict`` (feature
+stores and raw-post manifests) and their Python counterparts.
+
+One row per post, columns in this order::
+
+    id, pred, prob_<place>..., true, <extras>...
+
+* ``id``    the post id;
+* ``pred``  the predicted place (the most probable one);
+* ``prob_<place>`` one column per place, in the model's label order, each row summing to 1;
+* ``true``  the true place, only when it is known: the column is absent when no post has
+  one, and empty (CSV) / absent (JSONL) for a post without one;
+* extras    writer-specific columns after the schema ones (``sgmft predict --manifest``
+  adds ``text_mask`` and ``image_mask``, written 1/0 in CSV, true/false in JSONL).
+
+Two encodings of the same rows: CSV (the file name ends in ``.csv``) and JSON Lines
+(anything else), one flat object per line with the CSV's column names as keys. The old
+layouts (``label`` meaning the truth in evaluate's CSV and the prediction in predict's) are
+gone. Files are written atomically (:mod:`sgmft.atomic`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import IO, Iterable, Sequence
+
+import numpy as np
+
+from sgmft.atomic import atomic_file
+
+__all__ = ["PredictionWriter", "prediction_columns", "prediction_format", "read_predictions",
+           "write_predictions"]
+
+
+def prediction_format(path) -> str:
+    """``"csv"`` for a ``.csv`` file name, else ``"jsonl"``."""
+    return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
+
+
+def prediction_columns(label_names: Sequence[str], *, with_true: bool, extras: Sequence[str] = ()) -> list[str]:
+    return ["id", "pred", *[f"prob_{n}" for n in label_names], *(["true"] if with_true else []), *extras]
+
+
+def _plain(v):
+    """A numpy scalar / bytes id as a plain str or number."""
+    v = v.item() if isinstance(v, np.generic) else v
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def _true_name(t, names: Sequence[str]) -> str | None:
+    """A truth value (a place name, or an index with -1 = unlabelled) as a name, None if unknown."""
+    t = _plain(t)
+    if t is None or t == "":
+        return None
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        return None if t < 0 else str(names[int(t)])
+    return str(t)
+
+
+class PredictionWriter:
+    """Writes prediction rows to an open text file ``f`` in ``fmt`` (``"csv"`` or ``"jsonl"``).
+
+    ``with_true``: whether the file has a ``true`` column; ``extras``: names of extra columns.
+    The CSV header is written at construction; call :meth:`write` once per batch.
+    """
+
+    def __init__(self, f: IO[str], fmt: str, label_names: Sequence[str], *, with_true: bool,
+                 extras: Sequence[str] = ()):
+        if fmt not in ("csv", "jsonl"):
+            raise ValueError(f"prediction format must be 'csv' or 'jsonl', got {fmt!r}")
+        self.f, self.fmt = f, fmt
+        self.names = [str(n) for n in label_names]
+        self.with_true, self.extras = with_true, list(extras)
+        self.columns = prediction_columns(self.names, with_true=with_true, extras=self.extras)
+        self.rows = 0
+        self._csv = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(self.columns)
+
+    def write(self, ids: Iterable, probs, true: Iterable | None = None,
+              extras: dict[str, Sequence] | None = None, pred=None) -> None:
+        """One batch: ``probs`` (n, K); ``true``: label names or indices (None / "" / -1 =
+        unknown); ``extras``: column name -> n values; ``pred``: predicted indices when
+        they are not ``probs.argmax(1)`` (default)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        ids = list(ids)
+        n = len(ids)
+        if probs.shape != (n, len(self.names)):
+            raise ValueError(f"probs must be ({n}, {len(self.names)}), got {probs.shape}")
+        true = list(true) if true is not None else None
+        if true is not None and not self.with_true:
+            raise ValueError("this prediction file has no 'true' column")
+        if true is not None and len(true) != n:
+            raise ValueError(f"true has {len(true)} entries for {n} posts")
+        extras = extras or {}
+        if sorted(extras) != sorted(self.extras):
+            raise ValueError(f"extra columns {sorted(extras)} differ from {sorted(self.extras)}")
+        top = (probs.argmax(1) if n else np.zeros(0, np.int64)) if pred is None else np.asarray(pred, np.int64)
+        if len(top) != n:
+            raise ValueError(f"pred has {len(top)} entries for {n} posts")
+        for i in range(n):
+            t = _true_name(true[i], self.names) if true is not None else None
+            if self._csv is not None:
+                row = [_plain(ids[i]), self.names[top[i]], *[repr(float(p)) for p in probs[i]]]
+                if self.with_true:
+                    row.append(t or "")
+                row += [int(v) if isinstance(_plain(v), bool) else _plain(v)
+                        for v in (extras[c][i] for c in self.extras)]
+                self._csv.writerow(row)
+            else:
+                rec = {"id": _plain(ids[i]), "pred": self.names[top[i]]}
+                rec.update({f"prob_{nm}": float(p) for nm, p in zip(self.names, probs[i])})
+                if t is not None:
+                    rec["true"] = t
+                rec.update({c: _plain(extras[c][i]) for c in self.extras})
+                self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.rows += n
+
+
+def write_predictions(path, ids, probs, label_names: Sequence[str], true=None, *,
+                      extras: dict[str, Sequence] | None = None, fmt: str | None = None,
+                      pred=None) -> Path:
+    """Write a whole prediction file atomically (CSV or JSONL by ``path``'s suffix unless
+    ``fmt``); the ``true`` column appears when ``true`` is given and names at least one
+    known place."""
+    path = Path(path)
+    fmt = fmt or prediction_format(path)
+    if true is not None:
+        true = list(true)
+        if all(_true_name(t, label_names) is None for t in true):
+            true = None                    # no known truth at all: no 'true' column
+    with atomic_file(path, "w", encoding="utf-8", newline="") as f:
+        w = PredictionWriter(f, fmt, label_names, with_true=true is not None, extras=list(extras or {}))
+        w.write(ids, probs, true, extras, pred)
+    return path
+
+
+def read_predictions(path, fmt: str | None = None) -> list[dict]:
+    """The rows of a prediction file as dicts (CSV values are strings, as written)."""
+    path = Path(path)
+    fmt = fmt or prediction_format(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            return list(csv.DictReader(f))
+        return [json.loads(line) for line in f if line.strip()]

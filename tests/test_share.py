@@ -1,0 +1,134 @@
+"""Sharing a trained model (issue 8): the one prediction schema, ``predict --store`` for any
+feature store, save_pretrained / from_pretrained with a model card, export, TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sgmft.cli import main
+from sgmft.features import FeatureStore, write_feature_store
+from sgmft.predict import Predictor
+from sgmft.predict.output import read_predictions, write_predictions
+
+from conftest import make_store
+
+NAMES = ["home", "work", "gym"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained on a store whose backbone ('test') no registered backbone computes."""
+    from sgmft.config import load_preset
+    from sgmft.train import train
+
+    root = tmp_path_factory.mktemp("share")
+    store = make_store(root / "store", n=200, dim=16, k=4, with_split=True)
+    p = load_preset("sgmft")
+    p.model.n_tokens, p.model.attn_dim, p.model.ffn_hidden = 4, 8, 16
+    p.model.classifier_hidden = [16, 16, 16, 16]
+    p.train.epochs, p.train.lr, p.train.batch_size, p.train.progress = 3, 1e-3, 32, False
+    train(store, root / "run", p)
+    return {"root": root, "store": store, "run": root / "run"}
+
+
+# -- the schema ---------------------------------------------------------------------------------
+def test_schema_columns_csv_and_jsonl_agree(tmp_path):
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
+    true = ["home", None, 1]                                   # a name, unknown, an index
+    extras = {"text_mask": [True, False, True]}
+    write_predictions(tmp_path / "p.csv", ["a", "b", "c"], probs, NAMES, true, extras=extras)
+    write_predictions(tmp_path / "p.jsonl", ["a", "b", "c"], probs, NAMES, true, extras=extras)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "id,pred,prob_home,prob_work,prob_gym,true,text_mask"
+    assert lines[2] == "b,gym,0.1,0.3,0.6,,0"                 # unknown truth: empty cell
+    c, j = read_predictions(tmp_path / "p.csv"), read_predictions(tmp_path / "p.jsonl")
+    assert [r["pred"] for r in c] == [r["pred"] for r in j] == ["home", "gym", "work"]
+    assert [r.get("true") for r in j] == ["home", None, "work"] and "true" not in j[1]
+    assert list(j[0]) == ["id", "pred", "prob_home", "prob_work", "prob_gym", "true", "text_mask"]
+    for rc, rj in zip(c, j):
+        assert [float(rc[f"prob_{n}"]) for n in NAMES] == [rj[f"prob_{n}"] for n in NAMES]
+    # no known truth at all (None or -1): no 'true' column
+    write_predictions(tmp_path / "q.csv", ["a", "b", "c"], probs, NAMES, [None, -1, ""])
+    assert (tmp_path / "q.csv").read_text().splitlines()[0] == "id,pred,prob_home,prob_work,prob_gym"
+    with pytest.raises(ValueError, match="probs must be"):
+        write_predictions(tmp_path / "r.csv", ["a"], probs, NAMES)
+
+
+# -- predict --store ----------------------------------------------------------------------------
+def test_predict_store_labelled_csv_and_jsonl(trained, tmp_path, capsys):
+    fs = FeatureStore.open(trained["store"])
+    want = Predictor.load(trained["run"]).predict_store(fs).probs
+    assert main(["predict", str(trained["run"]), "--store", str(trained["store"]), "--out",
+                 str(tmp_path / "p.csv"), "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    rows = read_predictions(tmp_path / "p.csv")
+    assert list(rows[0]) == ["id", "pred", *[f"prob_{n}" for n in fs.label_names], "true"]
+    assert [r["id"] for r in rows] == list(np.asarray(fs.ids))
+    got = np.array([[float(r[f"prob_{n}"]) for n in fs.label_names] for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-7, rtol=0)
+    assert [r["pred"] for r in rows] == [fs.label_names[i] for i in want.argmax(1)]
+    assert [r["true"] for r in rows] == [fs.label_names[i] for i in np.asarray(fs.labels)]
+    acc = float(np.mean(want.argmax(1) == np.asarray(fs.labels)))
+    assert s["posts"] == 200 and s["labelled"] == 200 and s["accuracy"] == pytest.approx(acc)
+    # JSONL, one split of the store
+    assert main(["predict", str(trained["run"]), "--store", str(trained["store"]), "--split", "test",
+                 "--out", str(tmp_path / "p.jsonl"), "--no-progress"]) == 0
+    assert "predicted 40 posts" in capsys.readouterr().out
+    test_rows = fs.indices("test")
+    j = read_predictions(tmp_path / "p.jsonl")
+    assert [r["id"] for r in j] == list(np.asarray(fs.ids)[test_rows])
+    np.testing.assert_allclose([[r[f"prob_{n}"] for n in fs.label_names] for r in j], want[test_rows],
+                               atol=1e-7, rtol=0)
+
+
+def test_predict_store_unlabelled(trained, tmp_path, capsys):
+    fs = FeatureStore.open(trained["store"])
+    un = write_feature_store(tmp_path / "un", ids=np.array([f"n{i}" for i in range(30)]),
+                             text=np.asarray(fs.text[:30]), image=np.asarray(fs.image[:30]),
+                             label_names=fs.label_names, backbone="test")
+    assert FeatureStore.open(un).labels is None
+    assert main(["predict", str(trained["run"]), "--store", str(un), "--out", str(tmp_path / "u.csv"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted 30 posts" in out and "accuracy" not in out
+    rows = read_predictions(tmp_path / "u.csv")
+    assert len(rows) == 30 and "true" not in rows[0]
+    want = Predictor.load(trained["run"]).predict_store(fs, np.arange(30)).probs
+    np.testing.assert_allclose([[float(r[f"prob_{n}"]) for n in fs.label_names] for r in rows], want,
+                               atol=1e-7, rtol=0)
+
+
+def test_evaluate_and_predict_write_the_same_schema(trained, tmp_path, capsys):
+    """evaluate's predictions.csv and predict --store's file are the same rows, column for column."""
+    assert main(["evaluate", str(trained["run"]), str(trained["store"]), "--out", str(tmp_path / "ev"),
+                 "--tsne-points", "30"]) == 0
+    assert main(["predict", str(trained["run"]), "--store", str(trained["store"]), "--split", "test",
+                 "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "ev" / "predictions.csv", newline="") as f:
+        ev = list(csv.reader(f))
+    with open(tmp_path / "p.csv", newline="") as f:
+        pr = list(csv.reader(f))
+    assert ev[0] == pr[0] and ev[0][:2] == ["id", "pred"] and ev[0][-1] == "true"
+    assert len(ev) == len(pr) == 41
+    for a, b in zip(ev[1:], pr[1:]):
+        assert a[0] == b[0] and a[1] == b[1] and a[-1] == b[-1]
+        np.testing.assert_allclose([float(x) for x in a[2:-1]], [float(x) for x in b[2:-1]], atol=1e-7)
+
+
+def test_raw_post_predict_on_feature_only_run_says_to_use_store(trained, capsys):
+    assert main(["predict", str(trained["run"]), "--text", "看电影"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sgmft predict: error: ") and "--store" in err and "'test'" in err
+
+
+def test_predict_store_errors(trained, tmp_path, capsys):
+    assert main(["predict", str(trained["run"]), "--store", str(trained["store"])]) == 2
+    assert "--store needs --out" in capsys.readouterr().err
+    other = make_store(tmp_path / "d8", n=20, dim=8, k=4)
+    assert main(["predict", str(trained["run"]), "--store", str(other), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "D=8" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
