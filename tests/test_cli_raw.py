@@ -370,3 +370,18 @@ def test_demo_raw(tmp_path, capsys):  # ~15 s on 2 shared cores
     assert json.loads(cap.out)["new_posts"] == s["new_posts"]   # ... and stdout is the summary
     assert s["random_backbone"] and len(s["new_posts"]) == 5 and s["dirty"]["rejects"] > 0
     assert (tmp_path / "demo" / "run" / "eval-test" / "metrics.json").is_file()
+
+
+def test_post_predictor_save_and_from_pretrained(env, pp, tmp_path):
+    """The raw-post predictor shares the model folder (card included, extraction contract listed)
+    and loads it back with the backbone recorded in the contract: same probabilities."""
+    from sgmft.predict import PostPredictor
+
+    out = pp.save_pretrained(tmp_path / "shared")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "## Feature contract" in card and "image choice `similar`" in card and "--text" in card
+    back = PostPredictor.from_pretrained(out)
+    assert back.image_choice == pp.image_choice and back.cleaner.cfg == pp.cleaner.cfg
+    a = pp.predict_post("周末和朋友去看电影", [])
+    b = back.predict_post("周末和朋友去看电影", [])
+    assert a["probs"] == b["probs"]

@@ -122,7 +122,7 @@ LAYERS = [
     ("features", ("sgmft.features",)),
     ("data", ("sgmft.data",)),
     ("models", ("sgmft.models",)),
-    ("run folder", ("sgmft.runs", "sgmft.checkpoint")),
+    ("run folder", ("sgmft.runs", "sgmft.checkpoint", "sgmft.card")),
     ("train", ("sgmft.train",)),
     ("predict", ("sgmft.predict",)),
     ("eval", ("sgmft.eval",)),

@@ -132,3 +132,80 @@ def test_predict_store_errors(trained, tmp_path, capsys):
     other = make_store(tmp_path / "d8", n=20, dim=8, k=4)
     assert main(["predict", str(trained["run"]), "--store", str(other), "--out", str(tmp_path / "x.csv")]) == 2
     assert "D=8" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+
+
+# -- save_pretrained / from_pretrained and the model card -------------------------------------------
+def _card_front(path):
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+def test_save_pretrained_round_trips_with_a_model_card(trained, tmp_path):
+    fs = FeatureStore.open(trained["store"])
+    src = Predictor.load(trained["run"])
+    out = src.save_pretrained(tmp_path / "shared")
+    assert {p.name for p in out.iterdir()} == {"config.json", "labels.json", "features.json",
+                                              "model.safetensors", "README.md"}
+    back = Predictor.from_pretrained(out)
+    x = np.array(fs.text[:20]), np.array(fs.image[:20])
+    np.testing.assert_array_equal(back.predict_features(*x).probs, src.predict_features(*x).probs)
+    assert back.label_names == src.label_names and back.features == src.features
+    front, body = _card_front(out / "README.md")
+    assert front["library_name"] == "sgmft" and "sgmft" in front["tags"]
+    run = json.loads((trained["run"] / "run.json").read_text())
+    res = front["model-index"][0]["results"]
+    val = [r for r in res if r["dataset"]["split"] in ("validation", "test")]
+    assert val, res
+    for name in fs.label_names:
+        assert f"`{name}`" in body
+    for section in ("## Data", "## Preset and configuration", "## Metrics", "## Feature contract",
+                    "## Intended use", "## Limits"):
+        assert section in body
+    assert f"{100 * run['best_val_acc']:.2f} %" in body and str(run["num_train"]) in body
+    assert "backbone `test`" in body and "D = 16" in body
+    # a saved folder saves again (no run folder any more): the card is kept
+    again = back.save_pretrained(tmp_path / "again")
+    assert (again / "README.md").read_text() == (out / "README.md").read_text()
+
+
+def test_training_writes_the_card_and_evaluate_adds_its_metrics(trained, tmp_path, capsys):
+    card = trained["run"] / "model" / "README.md"
+    assert card.is_file()
+    assert main(["evaluate", str(trained["run"]), str(trained["store"]), "--tsne-points", "30"]) == 0
+    capsys.readouterr()
+    m = json.loads((trained["run"] / "eval-test" / "metrics.json").read_text())
+    front, body = _card_front(card)
+    test = [r for r in front["model-index"][0]["results"] if r["dataset"]["split"] == "test"]
+    assert test and test[0]["metrics"][0]["value"] == pytest.approx(m["accuracy"], abs=1e-6)
+    assert f"{100 * m['accuracy']:.2f} %" in body
+
+
+def test_from_pretrained_hub_id_offline(trained, tmp_path, monkeypatch):
+    """A hub id resolves through the local Hugging Face cache; not cached + offline = a clear error."""
+    import shutil
+
+    from sgmft.errors import USER_ERRORS
+    from sgmft.predict.pretrained import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelUnavailableError) as e:
+        Predictor.from_pretrained("someone/sgmft-missing", cache_dir=tmp_path / "hub")
+    msg = str(e.value)
+    assert "someone/sgmft-missing" in msg and "hf download someone/sgmft-missing" in msg and "offline" in msg
+    assert isinstance(e.value, USER_ERRORS)
+    # the same id once it is in the cache (laid out as huggingface_hub lays it out)
+    repo = tmp_path / "hub" / "models--someone--sgmft-missing"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    Predictor.load(trained["run"]).save_pretrained(tmp_path / "src")
+    shutil.copytree(tmp_path / "src", repo / "snapshots" / commit)
+    p = Predictor.from_pretrained("someone/sgmft-missing", cache_dir=tmp_path / "hub")
+    assert p.label_names == FeatureStore.open(trained["store"]).label_names
+    with pytest.raises(FileNotFoundError, match="neither a folder nor"):
+        Predictor.from_pretrained(str(tmp_path / "no" / "such" / "dir"))

@@ -58,15 +58,24 @@ def feature_contract(store_meta: dict) -> dict:
 def save_checkpoint(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, label_names,
                     feature_meta: dict, train_cfg: TrainConfig | None = None, preset: str = "") -> Path:
     """Write the checkpoint folder atomically. ``feature_meta``: the training store's metadata."""
+    return write_model_folder(out_dir, model, model_cfg, label_names, feature_contract(feature_meta),
+                              asdict(train_cfg) if train_cfg else None, preset)
+
+
+def write_model_folder(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, label_names, contract: dict,
+                       train: dict | None = None, preset: str = "", extra_files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint folder atomically from its parts (``contract``: features.json);
+    ``extra_files``: more text files (name -> content), e.g. the model card README.md."""
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         _write_json(tmp / "config.json", {"format": "sgmft-checkpoint", "version": 1, "preset": preset,
-                                          "model": asdict(model_cfg),
-                                          "train": asdict(train_cfg) if train_cfg else None})
+                                          "model": asdict(model_cfg), "train": train})
         _write_json(tmp / "labels.json", list(label_names))
-        _write_json(tmp / "features.json", feature_contract(feature_meta))
+        _write_json(tmp / "features.json", contract)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out
 
 

@@ -12,6 +12,7 @@ from sgmft.eval.report import write_eval_report
 from sgmft.features import FeatureStore
 from sgmft.labels import label_mapping
 from sgmft.predict import Predictor
+from sgmft.card import write_model_card
 from sgmft.runs import RunDir, ids_digest, locate
 
 
@@ -66,4 +67,6 @@ def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = ""
         metrics["oracle_accuracy"] = oracle.get("test_accuracy")
         metrics["accuracy_over_oracle"] = metrics["accuracy"] / oracle["test_accuracy"]
         write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2))
+    if run_dir is not None and Path(out_dir).resolve().parent == run_dir.root.resolve():
+        write_model_card(run_dir.model)            # the card lists the run's eval-*/ figures
     return metrics

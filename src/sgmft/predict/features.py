@@ -47,6 +47,41 @@ class Predictor:
         model, info = load_checkpoint(path)
         return cls(model, info["label_names"], info["features"], device, info)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, device: str = "cpu", revision: str | None = None,
+                        cache_dir=None) -> "Predictor":
+        """Load a run, a model folder or a Hugging Face hub id (``owner/name``; the local cache
+        first, nothing downloaded when offline: the error says how to download it).
+        See :mod:`sgmft.predict.pretrained`."""
+        from sgmft.predict.pretrained import resolve_pretrained
+
+        return cls.load(resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir), device=device)
+
+    def save_pretrained(self, out_dir, *, name: str | None = None) -> Path:
+        """Write a shareable model folder: the checkpoint files (safetensors + JSON + feature
+        contract) and a model card ``README.md`` (built from the run folder when this model
+        was loaded from one, else the card of the source folder is kept). Atomic."""
+        from sgmft.checkpoint import write_model_folder
+        from sgmft.card import CARD, model_card
+        from sgmft.runs import locate
+
+        if "model_cfg" not in self.info:
+            raise ValueError("save_pretrained needs a Predictor made by Predictor.load / from_pretrained "
+                             "(it writes the model config)")
+        src = self.info.get("path")
+        run = locate(src)[1] if src is not None else None
+        old_card = Path(src) / CARD if src is not None else None
+        if run is None and old_card is not None and old_card.is_file():
+            card = old_card.read_text(encoding="utf-8")
+        else:
+            card = model_card(self._card_info(), run, name=name)
+        return write_model_folder(out_dir, self.model, self.info["model_cfg"], self.label_names, self.features,
+                                  self.info.get("train"), self.info.get("preset", ""), {CARD: card})
+
+    def _card_info(self) -> dict:
+        return {"model_cfg": self.info["model_cfg"], "label_names": self.label_names, "features": self.features,
+                "preset": self.info.get("preset", ""), "train": self.info.get("train")}
+
     @property
     def dim(self) -> int:
         return int(self.features["dim"])

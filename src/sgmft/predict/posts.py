@@ -212,6 +212,20 @@ class PostPredictor:
         return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes,
                    max_images=max_images)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, backbone=None, *, revision: str | None = None, cache_dir=None,
+                        **kw) -> "PostPredictor":
+        """:meth:`load` on a folder or a Hugging Face hub id (see
+        :meth:`sgmft.predict.Predictor.from_pretrained`); the backbone is loaded as in :meth:`load`."""
+        from sgmft.predict.pretrained import resolve_pretrained
+
+        return cls.load(resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir), backbone, **kw)
+
+    def save_pretrained(self, out_dir, **kw) -> Path:
+        """The model folder and its card (:meth:`Predictor.save_pretrained`); the backbone's
+        weights are not copied, the feature contract names them."""
+        return self.predictor.save_pretrained(out_dir, **kw)
+
     # -- single posts ------------------------------------------------------------------------
     def predict_post(self, text: str | None, images: Sequence[str | os.PathLike | ImageBytes] = ()) -> dict:
         """One post -> ``{label, prob, probs, text_used, image_used, image_index, text_mask, image_mask,

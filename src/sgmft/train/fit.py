@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from sgmft.checkpoint import FILES as MODEL_FILES
 from sgmft.checkpoint import save_checkpoint
 from sgmft.config import DEFAULT_PRESET, ModelConfig, Preset, TrainConfig, load_preset, progress_enabled
+from sgmft.card import write_model_card
 from sgmft.data.splits import resolve_split
 from sgmft.errors import SgmftNote, SgmftWarning
 from sgmft.features import FeatureStore
@@ -305,4 +306,5 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
                           epochs_run=int(trainer.current_epoch), seconds=round(time.time() - t0, 2))
         run["status"] = "complete"
         run_dir.write_run_json(run)
+        write_model_card(run_dir.model)                 # model/README.md (docs/predict.md, "Sharing")
     return TrainResult(run_dir.root, run_dir.model, best_score, time.time() - t0)
