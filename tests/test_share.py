@@ -209,3 +209,102 @@ def test_from_pretrained_hub_id_offline(trained, tmp_path, monkeypatch):
     assert p.label_names == FeatureStore.open(trained["store"]).label_names
     with pytest.raises(FileNotFoundError, match="neither a folder nor"):
         Predictor.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _tiny_checkpoint(root, arch="sgmft", fusion=None, paper=False, dim=16):
+    import dataclasses
+
+    import torch
+
+    from sgmft.checkpoint import save_checkpoint
+    from sgmft.config import load_preset
+    from sgmft.models import build_model
+
+    p = load_preset("paper" if paper else arch)
+    cfg = dataclasses.replace(p.model, dim=dim, num_classes=4)
+    if not paper:
+        cfg = dataclasses.replace(cfg, n_tokens=4, attn_dim=8, ffn_hidden=16, classifier_hidden=[16, 16])
+    else:
+        cfg = dataclasses.replace(cfg, n_tokens=dim, ffn_hidden=16, classifier_hidden=[16, 16])
+    if fusion:
+        cfg = dataclasses.replace(cfg, fusion=fusion)
+    torch.manual_seed(0)
+    name = f"{arch}-{fusion or 'default'}{'-paper' if paper else ''}"
+    return save_checkpoint(root / name, build_model(cfg), cfg, ["a", "b", "c", "d"],
+                           {"backbone": "test", "dim": dim, "normalization": "l2"})
+
+
+def _random_inputs(dim, n, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tm, im = torch.rand(n, generator=g) > 0.3, torch.rand(n, generator=g) > 0.3
+    tm[0] = im[0] = True
+    tm[1] = False
+    t, i = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    return t * tm[:, None], i * im[:, None], tm, im
+
+
+def _check_export(ck, fmt, path):
+    """Export, then load the file independently of sgmft's code and compare logits (1e-5)."""
+    import io
+
+    import torch
+
+    from sgmft.checkpoint import load_checkpoint
+    from sgmft.predict.export import export_model
+
+    s = export_model(ck, fmt, path)
+    assert s["max_abs_diff"] is not None and s["max_abs_diff"] <= 1e-5
+    model, info = load_checkpoint(ck)
+    x = _random_inputs(info["model_cfg"].dim, 11, seed=123)
+    with torch.inference_mode():
+        want = model(*x).logits.numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(["logits"], {k: v.numpy() for k, v in zip(("text", "image", "text_mask", "image_mask"), x)})[0]
+    else:
+        ep = torch.export.load(io.BytesIO(path.read_bytes()))
+        with torch.inference_mode():
+            got = ep.module()(*x).numpy()
+    assert got.shape == (11, 4)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    return s
+
+
+@pytest.mark.parametrize("fmt", ["torch-export", "onnx"])
+def test_export_matches_pytorch(tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install 'sgmft[export]')")
+        pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install 'sgmft[export]')")
+    ck = _tiny_checkpoint(tmp_path)
+    s = _check_export(ck, fmt, tmp_path / f"head.{'onnx' if fmt == 'onnx' else 'pt2'}")
+    assert s["verified_with"] == ("onnxruntime" if fmt == "onnx" else "torch.export.load")
+
+
+def test_export_cli_json_and_errors(trained, tmp_path, capsys):
+    assert main(["export", str(trained["run"]), "--format", "torch-export", "--out", str(tmp_path / "m.pt2"),
+                 "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["format"] == "torch-export" and s["max_abs_diff"] <= 1e-5 and (tmp_path / "m.pt2").stat().st_size > 0
+    assert main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("sgmft export: error: ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torch-export", "onnx"])
+def test_every_registered_architecture_exports(tmp_path, fmt):
+    from sgmft.models import FUSIONS, list_models
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (pip install 'sgmft[export]')")
+        pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install 'sgmft[export]')")
+    cks = [_tiny_checkpoint(tmp_path, arch) for arch in list_models()]
+    cks += [_tiny_checkpoint(tmp_path, "sgmft", fusion=f) for f in FUSIONS.names()]
+    cks.append(_tiny_checkpoint(tmp_path, "sgmft", paper=True))
+    for ck in cks:
+        _check_export(ck, fmt, tmp_path / f"{ck.name}.out")
+

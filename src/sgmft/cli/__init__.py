@@ -19,6 +19,7 @@ from typing import Callable
 from sgmft import __version__
 
 from sgmft.cli import experiments as _experiments
+from sgmft.cli import export as _export
 from sgmft.cli import raw as _raw
 from sgmft.cli import serve as _serve
 from sgmft.cli.output import emit, progress_on, quiet_stdout
@@ -296,6 +297,7 @@ VERBS: dict[str, Verb] = {
                      "Evaluate a run on a feature store: metrics.json, predictions, confusion.png and "
                      "tsne.png in the report folder; the key metrics as JSON on stdout."),
     "predict": Verb(_raw.cmd_predict, _raw.predict_args, _raw.PREDICT_HELP, _raw.PREDICT_DESCRIPTION, True),
+    "export": Verb(_export.cmd_export, _export.export_args, _export.HELP, _export.DESCRIPTION),
     "demo": Verb(cmd_demo, _demo_args, "offline end-to-end demo on SimFeat (simulate, train 4 models, report)",
                  "Simulate SimFeat at the paper's scale, train SG-MFT and three baselines, evaluate "
                  "them and write a report (about 10 minutes on 2 CPU cores; --quick: a smoke run).", True),

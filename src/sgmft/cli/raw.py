@@ -149,7 +149,9 @@ def _predict_store(args) -> int:
 
         torch.set_num_threads(args.threads)
     pred = Predictor.load(args.run_dir, device=str(resolve_device(args.device)))
-    s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=not args.no_progress)
+    from sgmft.cli.output import progress_on
+
+    s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=progress_on(args))
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0
