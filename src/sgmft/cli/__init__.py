@@ -181,7 +181,15 @@ def cmd_evaluate(args) -> int:
         m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
     keep = {k: m[k] for k in ("accuracy", "macro_f1", "num_samples", "oracle_accuracy",
                               "accuracy_over_oracle") if k in m}
+    if m.get("accuracy_by_regime"):
+        keep["accuracy_by_regime"] = m["accuracy_by_regime"]
     emit(args, {**keep, "split": args.split, "report": str(out)})   # stdout: one JSON document
+    if m.get("accuracy_by_regime"):                                  # stderr: the same, as a table
+        from sgmft.eval.metrics import regime_table
+
+        note = "" if m.get("oracle_accuracy") is not None else " (known only on a generator's own test split)"
+        print("\naccuracy by regime (%):\n" + regime_table({"model": m["accuracy_by_regime"]}, note),
+              file=sys.stderr)
     print(f"report written to {out}", file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sgmft.atomic import write_text
+from sgmft.eval.metrics import accuracy_by_regime
 from sgmft.eval.report import write_eval_report
 from sgmft.features import FeatureStore
 from sgmft.labels import label_mapping
@@ -63,9 +64,17 @@ def evaluate(checkpoint, store, out_dir, *, split: str = "test", title: str = ""
                                 title=title or f"{pred.info.get('preset', '')} on {fs.path.name} ({split})",
                                 tsne_max_points=tsne_max_points, seed=seed)
     oracle = (fs.meta.get("extra", {}).get("simfeat", {}) or {}).get("oracle")
-    if oracle and split == "test" and fs.split is not None:
+    # The generator's oracle figures are for its own test split only: other splits get none.
+    on_oracle_split = bool(oracle) and split == "test" and fs.split is not None
+    if on_oracle_split:
         metrics["oracle_accuracy"] = oracle.get("test_accuracy")
         metrics["accuracy_over_oracle"] = metrics["accuracy"] / oracle["test_accuracy"]
+    if fs.regime is not None:
+        by_regime = oracle.get("test_accuracy_by_regime") if on_oracle_split else None
+        metrics["accuracy_by_regime"] = accuracy_by_regime(
+            np.asarray(fs.labels[rows]), p.top, fs.regimes(rows),
+            names=list(by_regime or {}) + fs.regime_names, oracle=by_regime)
+    if on_oracle_split or fs.regime is not None:
         write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2))
     if run_dir is not None and Path(out_dir).resolve().parent == run_dir.root.resolve():
         write_model_card(run_dir.model)            # the card lists the run's eval-*/ figures

@@ -22,7 +22,7 @@ from sgmft.atomic import replace_dir
 FORMAT, VERSION = "sgmft-features", 1
 FLOAT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "val", "test")
-_OPTIONAL = ("users", "labels", "split", "text_mask", "image_mask")
+_OPTIONAL = ("users", "labels", "split", "text_mask", "image_mask", "regime")
 _CHUNK_BYTES = 64 * 2**20  # content checks read this much at a time, so they work on memmaps > RAM
 # Largest |feature value| a store may hold. Stored features are the model's inputs after the
 # store's normalisation: L2-normalised CLIP features are <= 1 in absolute value, raw encoder
@@ -145,7 +145,16 @@ def _read_meta(root: Path) -> dict:
             raise _fail(p, f"{key} must be a string")
     if not isinstance(meta.setdefault("extra", {}), dict):
         raise _fail(p, "extra must be a JSON object")
+    if "regime_names" in meta:
+        _check_regime_names(meta["regime_names"], p)
     return meta
+
+
+def _check_regime_names(names, p: Path) -> None:
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise _fail(p, f"regime_names must be a non-empty list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise _fail(p, f"regime_names are not unique ({next(n for n in names if names.count(n) > 1)!r} repeated)")
 
 
 def _load(root: Path, name: str, required: bool) -> np.ndarray | None:
@@ -174,6 +183,21 @@ class FeatureStore:
         self.ids, self.text, self.image = arrays["ids"], arrays["text"], arrays["image"]
         self.users, self.labels, self.split = arrays["users"], arrays["labels"], arrays["split"]
         self.text_mask, self.image_mask = arrays["text_mask"], arrays["image_mask"]
+        self.regime = arrays.get("regime")  # (N,) int codes into regime_names, or None
+
+    @property
+    def regime_names(self) -> list[str] | None:
+        """Names of the per-post regimes (``regime.npy`` indexes this list), or None."""
+        names = self.meta.get("regime_names")
+        return None if names is None else list(names)
+
+    def regimes(self, rows=None) -> np.ndarray | None:
+        """(len(rows),) str regime name of each row (all rows when ``rows`` is None), or None
+        when the store has no ``regime.npy``."""
+        if self.regime is None:
+            return None
+        codes = np.asarray(self.regime if rows is None else self.regime[np.asarray(rows)])
+        return np.asarray(self.regime_names, dtype=str)[codes]
 
     label_names = property(lambda self: list(self.meta["label_names"]), doc="Class names; labels index this list.")
     dim = property(lambda self: int(self.meta["dim"]), doc="Feature width D of text and image.")
@@ -220,7 +244,12 @@ class FeatureStore:
                 raise _fail(self._file(name), f"width {a.shape[1]} != meta.dim {d}")
             if a.dtype != fdt:
                 raise _fail(self._file(name), f"dtype {a.dtype.str} != meta.dtype {fdt.str} ({fdt})")
-        kinds = {"ids": "U", "users": "U", "split": "U", "labels": "i", "text_mask": "b", "image_mask": "b"}
+        if (self.regime is None) != ("regime_names" not in self.meta):
+            if self.regime is None:
+                raise _fail(self._file("regime"), "meta.json has regime_names but regime.npy is missing")
+            raise _fail(self.path / "meta.json", "regime.npy exists but meta.json has no regime_names")
+        kinds = {"ids": "U", "users": "U", "split": "U", "labels": "i", "text_mask": "b", "image_mask": "b",
+                 "regime": "i"}
         for name, kind in kinds.items():
             a = getattr(self, name)
             if a is None:
@@ -228,7 +257,7 @@ class FeatureStore:
             if a.ndim != 1 or a.shape[0] != n:
                 raise _fail(self._file(name), f"shape {a.shape}, expected ({n},): wrong row count")
             if a.dtype.kind != kind:
-                want = {"U": "unicode (<U...)", "i": "signed integer (int64)", "b": "bool"}[kind]
+                want = {"U": "unicode (<U...)", "i": "signed integer (int8/int16/int64)", "b": "bool"}[kind]
                 raise _fail(self._file(name), f"dtype {a.dtype.str} is not {want}")
 
     def _check_contents(self) -> None:
@@ -257,6 +286,15 @@ class FeatureStore:
                     r = s + int(np.argmax(bad))
                     raise _fail(self._file("labels"), f"unknown label {int(blk[r - s])} in row {r} "
                                 f"(id {str(self.ids[r])!r}); valid are -1 (unlabelled) and 0..{k - 1}")
+        if self.regime is not None:
+            k = len(self.regime_names)
+            for s, e in _chunks(n, self.regime.itemsize):
+                blk = np.asarray(self.regime[s:e])
+                bad = (blk < 0) | (blk >= k)
+                if bad.any():
+                    r = s + int(np.argmax(bad))
+                    raise _fail(self._file("regime"), f"regime code {int(blk[r - s])} in row {r} (id "
+                                f"{str(self.ids[r])!r}) is not an index into meta.regime_names (0..{k - 1})")
         order = np.argsort(self.ids, kind="stable")
         srt = np.asarray(self.ids)[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1])
@@ -300,7 +338,8 @@ class FeatureStoreWriter:
     def __init__(self, path, *, num_posts: int, dim: int, label_names: Sequence[str], backbone: str = "unknown",
                  normalization: str = "l2", dtype: str = "float32", with_labels: bool = True,
                  with_users: bool = True, with_split: bool = False, with_masks: bool = False,
-                 extra: dict | None = None, overwrite: bool = False, id_width: int = 64):
+                 extra: dict | None = None, overwrite: bool = False, id_width: int = 64,
+                 regime_names: Sequence[str] | None = None):
         self.path, self.overwrite = Path(path), overwrite
         self._check_target()
         if dtype not in FLOAT_DTYPES:
@@ -310,6 +349,13 @@ class FeatureStoreWriter:
                      "label_names": [str(x) for x in label_names], "extra": dict(extra or {})}
         _check_label_names(self.meta["label_names"], self.path / "meta.json")
         self._label_index = {name: i for i, name in enumerate(self.meta["label_names"])}
+        self._regime_index = None
+        if regime_names is not None:
+            self.meta["regime_names"] = [str(x) for x in regime_names] if isinstance(regime_names, (list, tuple, np.ndarray)) else regime_names
+            _check_regime_names(self.meta["regime_names"], self.path / "meta.json")
+            if len(self.meta["regime_names"]) > np.iinfo(np.int16).max:
+                raise _fail(self.path / "meta.json", "more than 32767 regime_names")
+            self._regime_index = {name: i for i, name in enumerate(self.meta["regime_names"])}
         self.id_width, n = int(id_width), int(num_posts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.orphans_removed = clean_orphan_tmp(self.path)
@@ -326,6 +372,8 @@ class FeatureStoreWriter:
             specs["split"] = ("<U5", (n,))
         if with_masks:
             specs["text_mask"] = specs["image_mask"] = ("|b1", (n,))
+        if regime_names is not None:
+            specs["regime"] = ("<i2", (n,))  # codes into meta.regime_names: 2 bytes a row whatever the names
         self._written = np.zeros(n, dtype=bool)
         try:
             self._arrays = {k: np.lib.format.open_memmap(self._tmp / f"{k}.npy", mode="w+", dtype=dt, shape=shp)
@@ -343,8 +391,9 @@ class FeatureStoreWriter:
             raise _fail(p, "exists and is not a feature store (no meta.json); refusing to replace it")
 
     def write(self, start: int, *, ids, text, image, labels=None, users=None, split=None,
-              text_mask=None, image_mask=None) -> None:
-        """Write rows ``start : start + len(ids)``. Labels may be indices or label names."""
+              text_mask=None, image_mask=None, regime=None) -> None:
+        """Write rows ``start : start + len(ids)``. Labels may be indices or label names;
+        regimes may be indices into ``regime_names`` or the names themselves."""
         if self._done is not None or not self._tmp.is_dir():
             raise FeatureStoreError(f"{self.path}: writer is already closed or aborted")
         a, n_all, tmp = self._arrays, len(self._written), self.path  # errors name the final path
@@ -352,7 +401,8 @@ class FeatureStoreWriter:
         n, end = len(ids), start + len(ids)
         if start < 0 or end > n_all:
             raise _fail(tmp / "ids.npy", f"rows {start}:{end} outside 0:{n_all}")
-        given = {"labels": labels, "users": users, "split": split, "text_mask": text_mask, "image_mask": image_mask}
+        given = {"labels": labels, "users": users, "split": split, "text_mask": text_mask, "image_mask": image_mask,
+                 "regime": regime}
         for k, v in given.items():
             if v is not None and k not in a:
                 raise _fail(tmp / f"{k}.npy", f"{k} given but the writer was created without it")
@@ -366,6 +416,8 @@ class FeatureStoreWriter:
             out[k] = v
         if labels is not None:
             out["labels"] = self._label_indices(labels, start)
+        if regime is not None:
+            out["regime"] = self._regime_codes(regime, start)
         if users is not None:
             out["users"] = _as_str(users, self.id_width, "users", start, tmp)
         if split is not None:
@@ -399,6 +451,24 @@ class FeatureStoreWriter:
             r = int(np.argmax(bad))
             raise _fail(self.path / "labels.npy", f"unknown label {int(lab[r])} in row {start + r}")
         return lab.astype(np.int64)
+
+    def _regime_codes(self, regime, start: int) -> np.ndarray:
+        reg, p = np.asarray(regime), self.path / "regime.npy"
+        names = self.meta["regime_names"]
+        if reg.dtype.kind in "USO":
+            out = np.empty(len(reg), dtype=np.int16)
+            for i, name in enumerate(reg.tolist()):
+                if name not in self._regime_index:
+                    raise _fail(p, f"unknown regime {name!r} in row {start + i}; known: {names}")
+                out[i] = self._regime_index[name]
+            return out
+        if reg.dtype.kind not in "iu":
+            raise _fail(p, f"regime must be integers or regime names, got dtype {reg.dtype}")
+        bad = (reg < 0) | (reg >= len(names))
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise _fail(p, f"regime code {int(reg[r])} in row {start + r} is not an index into regime_names (0..{len(names) - 1})")
+        return reg.astype(np.int16)
 
     def close(self) -> Path:
         """Flush, validate and atomically move the store into place; return its path."""
@@ -447,20 +517,32 @@ class FeatureStoreWriter:
 
 def write_feature_store(path, *, ids, text, image, label_names, labels=None, users=None, split=None,
                         text_mask=None, image_mask=None, backbone: str = "unknown", normalization: str = "l2",
-                        dtype: str = "float32", extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write a whole in-memory store at once (validated, atomic). Labels may be names."""
+                        dtype: str = "float32", extra: dict[str, Any] | None = None, overwrite: bool = False,
+                        regime=None, regime_names: Sequence[str] | None = None) -> Path:
+    """Write a whole in-memory store at once (validated, atomic). Labels may be names.
+
+    ``regime`` (optional): one regime per post, as names (then ``regime_names`` defaults to
+    the sorted distinct names) or as indices into ``regime_names``; stored as ``regime.npy``
+    (int16 codes) plus ``meta.regime_names`` (docs/feature-store.md)."""
     ids = np.asarray(ids).astype(str)
     text = np.asarray(text)
     if text.ndim != 2:
         raise FeatureStoreError(f"{path}/text.npy: text must be 2-D (N, D), got shape {text.shape}")
     strs = [ids] + ([np.asarray(users).astype(str)] if users is not None else [])
     width = max([1] + [int(np.char.str_len(s).max()) for s in strs if s.size])
+    if regime is not None and regime_names is None:
+        reg = np.asarray(regime)
+        if reg.dtype.kind not in "USO":
+            raise FeatureStoreError(f"{path}/regime.npy: integer regime codes need regime_names")
+        regime_names = sorted({str(x) for x in reg.tolist()})
+    elif regime is None and regime_names is not None:
+        raise FeatureStoreError(f"{path}/regime.npy: regime_names given without regime")
     with FeatureStoreWriter(path, num_posts=len(ids), dim=text.shape[1], label_names=label_names,
                             backbone=backbone, normalization=normalization, dtype=dtype,
                             with_labels=labels is not None, with_users=users is not None,
                             with_split=split is not None,
                             with_masks=text_mask is not None or image_mask is not None,
-                            extra=extra, overwrite=overwrite, id_width=width) as w:
+                            extra=extra, overwrite=overwrite, id_width=width, regime_names=regime_names) as w:
         w.write(0, ids=ids, text=text, image=image, labels=labels, users=users, split=split,
-                text_mask=text_mask, image_mask=image_mask)
+                text_mask=text_mask, image_mask=image_mask, regime=regime)
     return Path(path)
