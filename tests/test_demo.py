@@ -1,10 +1,11 @@
-"""The README's main job, at smoke scale: simulate, train four models, report."""
+"""The README's main job, at smoke scale: simulate both profiles, train the demo's models, report."""
 
 import json
 
 import pytest
 
 from sgmft.cli import main
+from sgmft.experiments.demo import demo_rows
 
 
 @pytest.mark.slow
@@ -14,12 +15,15 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     cap = capsys.readouterr()
     summary = json.loads(cap.out)
     assert "[demo]" in cap.err and "[demo]" not in cap.out
-    rows = {r["row"]: r for r in summary["table"]}
-    assert set(rows) == {"sgmft", "concat", "text_only", "image_only"}
-    for r in rows.values():
-        assert 0.125 < r["accuracy_mean"] <= 1 and 0 < r["accuracy_over_oracle_mean"] < 1.2
-    # multimodal models beat single-modality ones even at smoke scale
-    assert rows["concat"]["accuracy_mean"] > rows["text_only"]["accuracy_mean"]
-    for f in ("report.md", "results.json", "results.csv", "tsne_panels.png"):
+    assert summary["profiles"] == ["default", "hetero"]
+    for profile in summary["profiles"]:
+        rows = {r["row"]: r for r in summary["results"][profile]["table"]}
+        assert set(rows) == {r.name for r in demo_rows()} >= {"sgmft", "concat", "text_only", "image_only"}
+        for r in rows.values():
+            assert 0.125 < r["accuracy_mean"] <= 1 and 0 < r["accuracy_over_oracle_mean"] < 1.2
+        # multimodal models beat single-modality ones even at smoke scale
+        assert rows["concat"]["accuracy_mean"] > rows["text_only"]["accuracy_mean"]
+        assert (tmp_path / "demo" / profile / "tsne_panels.png").stat().st_size > 0
+    for f in ("report.md", "results.json", "results.csv"):
         assert (tmp_path / "demo" / f).stat().st_size > 0
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["quick"] is True

@@ -85,6 +85,44 @@ def aggregate(results: dict[str, list[dict]]) -> list[dict]:
     return table
 
 
+def simfeat_config(profile: str = "default", **overrides):
+    """``profile_config(profile, **overrides)``, except that a profile's ``content_dim`` that does
+    not fit a smaller ``dim`` given in ``overrides`` shrinks to ``dim // 4`` (smoke scales)."""
+    from sgmft.data.simfeat import profile_config
+
+    base = profile_config(profile)
+    dim = overrides.get("dim", base.dim)
+    if "content_dim" not in overrides and base.content_dim + 2 >= dim:
+        overrides = {**overrides, "content_dim": max(1, dim // 4)}
+    return profile_config(profile, **overrides)
+
+
+def default_preset() -> str:
+    """The package's default model (``sgmft.config.DEFAULT_PRESET``; ``"sgmft"`` before it existed)."""
+    import sgmft.config
+
+    return getattr(sgmft.config, "DEFAULT_PRESET", "sgmft")
+
+
+def aggregate_regimes(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per row, per regime: mean (and ``accuracy_std`` over seeds) of the accuracy, the regime's
+    test count and the oracle's accuracy there. Rows whose runs have no regimes are left out."""
+    out: dict[str, dict] = {}
+    for name, runs in results.items():
+        regs = [r["accuracy_by_regime"] for r in runs if r.get("accuracy_by_regime")]
+        if not regs:
+            continue
+        row = {}
+        for reg in dict.fromkeys(k for r in regs for k in r):
+            vals = [r[reg]["accuracy"] for r in regs if reg in r and r[reg]["accuracy"] is not None]
+            first = next(r[reg] for r in regs if reg in r)
+            row[reg] = {"n": first["n"], "accuracy": float(np.mean(vals)) if vals else None,
+                        "accuracy_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                        "oracle_accuracy": first.get("oracle_accuracy")}
+        out[name] = row
+    return out
+
+
 def run_rows(rows: list[Row], store, out_dir, seeds=(0,), *, extra_train=None, progress: bool = False,
              tsne_max_points: int = 1000, on_result=None) -> tuple[list[dict], dict[str, list[dict]]]:
     out = Path(out_dir)

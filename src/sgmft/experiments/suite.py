@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from sgmft.atomic import write_text
-from sgmft.experiments.runner import aggregate, run_rows, safe_name, seed_run
+from sgmft.experiments.runner import aggregate, aggregate_regimes, run_rows, safe_name, seed_run, simfeat_config
 from sgmft.experiments.tables import (Suite, SuiteRow, collect_rows, format_paper_table, load_suite,
                                       table_csv, table_rows)
 
@@ -41,20 +41,21 @@ _IGNORED_MODEL = {"dim", "num_classes", "rank1_chunk"}  # rank1_chunk: retired f
 
 
 # --------------------------------------------------------------------------- data
-def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat") -> Path:
-    from sgmft.data.simfeat import SimFeatConfig, write_simfeat
+def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat", profile: str = "default") -> Path:
+    from sgmft.data.simfeat import write_simfeat
     from sgmft.features import FeatureStore
 
     path = out / "data" / name
-    want = asdict(SimFeatConfig(**overrides))
+    cfg = simfeat_config(profile, **overrides)
+    want = json.loads(json.dumps(asdict(cfg)))
     if path.exists():
         have = FeatureStore.open(path, validate=False).meta.get("extra", {}).get("simfeat", {}).get("config")
         if have != want:
             raise ValueError(f"{path}: holds a SimFeat store made with other settings than this scale's "
                              f"({overrides or 'defaults'}); use another --out")
         return path
-    log(f"generating SimFeat {overrides or '(defaults)'} -> {path}")
-    return write_simfeat(path, SimFeatConfig(**overrides))
+    log(f"generating SimFeat profile {profile} {overrides or '(defaults)'} -> {path}")
+    return write_simfeat(path, cfg)
 
 
 def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress: bool, log) -> tuple[Path | None, str]:
@@ -84,14 +85,15 @@ def _cnn_store(out: Path, overrides: dict, manifest: str | Path | None, progress
 
 
 def prepare_data(out: Path, kinds: set[str], scale: dict, *, store=None, posts_manifest=None,
-                 progress: bool = False, log=print) -> tuple[dict[str, Path], dict[str, str]]:
+                 progress: bool = False, log=print, profile: str = "default") -> tuple[dict[str, Path], dict[str, str]]:
     """Feature stores per data kind (generated under ``out/data`` unless given), and why any is missing."""
     stores: dict[str, Path] = {}
     missing: dict[str, str] = {}
     if "simfeat" in kinds:
-        stores["simfeat"] = Path(store) if store is not None else _simfeat_store(out, scale["simfeat"], log)
+        stores["simfeat"] = (Path(store) if store is not None
+                             else _simfeat_store(out, scale["simfeat"], log, profile=profile))
     if "simfeat-small" in kinds:
-        stores["simfeat-small"] = _simfeat_store(out, scale["simfeat_small"], log, "simfeat-small")
+        stores["simfeat-small"] = _simfeat_store(out, scale["simfeat_small"], log, "simfeat-small", profile)
     if "simposts-cnn" in kinds:
         path, why = _cnn_store(out, scale["simposts"], posts_manifest, progress, log)
         if path is None:
@@ -106,8 +108,8 @@ def _check_marker(out: Path, marker: dict) -> None:
     p = out / "suite.json"
     if p.exists():
         have = json.loads(p.read_text(encoding="utf-8"))
-        keys = ("scale", "simfeat", "simfeat_small", "simposts", "train", "store", "posts_manifest")
-        if any(have.get(k) != marker.get(k) for k in keys):
+        keys = ("scale", "simfeat", "simfeat_small", "simposts", "train", "store", "posts_manifest", "profile")
+        if any(have.get(k, "default" if k == "profile" else None) != marker.get(k) for k in keys):
             raise ValueError(f"{out} holds runs made at another scale or on other data "
                              f"({ {k: have.get(k) for k in keys} }); use another --out")
     write_text(p, json.dumps(marker, indent=2))
@@ -133,7 +135,7 @@ def _check_existing(row, seed: int, out: Path) -> None:
 
 # --------------------------------------------------------------------------- tables
 def write_tables(out: Path, suite: Suite, scale: str, results: dict[str, list[dict]],
-                 seeds_of: dict[tuple[str, str], int]) -> dict[str, list[dict]]:
+                 seeds_of: dict[tuple[str, str], int], profile: str = "default") -> dict[str, list[dict]]:
     """Aggregate each table over its own number of seeds; write table<k>.md / .csv."""
     tables: dict[str, list[dict]] = {}
     for spec in suite.tables:
@@ -144,9 +146,28 @@ def write_tables(out: Path, suite: Suite, scale: str, results: dict[str, list[di
                 agg[r.name] = aggregate({r.name: runs})[0]
         recs = table_rows(spec, agg, scale)
         tables[spec.name] = recs
-        write_text(out / f"{spec.name}.md", f"## {spec.title}\n\n{format_paper_table(spec, recs)}\n")
+        md = f"## {spec.title}{_profile_suffix(profile)}\n\n{format_paper_table(spec, recs)}\n"
+        regimes = regime_md(spec, scale, results, seeds_of)
+        if regimes:
+            md += f"\nAccuracy (%) per regime on the SimFeat test split, beside the oracle's:\n\n{regimes}\n"
+        write_text(out / f"{spec.name}.md", md)
         write_text(out / f"{spec.name}.csv", table_csv(recs))
     return tables
+
+
+def _profile_suffix(profile: str) -> str:
+    return f" — SimFeat profile `{profile}`"
+
+
+def regime_md(spec, scale: str, results: dict[str, list[dict]], seeds_of: dict[tuple[str, str], int]) -> str:
+    """Per-regime accuracy table of a table's rows on the main SimFeat store (empty when the
+    store has no regimes). Rows on other data are left out: their regimes and oracle differ."""
+    from sgmft.eval.metrics import regime_table
+
+    runs = {r.display_label(scale): results.get(r.name, [])[: seeds_of[(spec.name, r.name)]]
+            for r in spec.rows_at(scale) if r.data == "simfeat"}
+    by_row = aggregate_regimes({k: v for k, v in runs.items() if v})
+    return regime_table(by_row) if by_row else ""
 
 
 # --------------------------------------------------------------------------- t-SNE
@@ -258,11 +279,13 @@ def _row_settings(suite: Suite, scale: str, scale_train: list[str], rows: dict[s
 
 def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[str, list[dict]],
                   figures: dict[str, str], data_lines: list[str], settings: list[str],
-                  seeds_per_table: dict[str, int], timing: dict) -> Path:
+                  seeds_per_table: dict[str, int], timing: dict, profile: str = "default",
+                  regimes: dict[str, str] | None = None) -> Path:
     import torch
 
     parts = ["# SG-MFT: the paper's comparisons, reproduced in kind", "",
-             f"Made by `sgmft experiments` (scale **{scale}**). {sc['description'].strip()}", "",
+             f"Made by `sgmft experiments` (scale **{scale}**, SimFeat profile **{profile}**). "
+             f"{sc['description'].strip()}", "",
              "## Scale and data", "", *data_lines, "",
              f"- Seeds per table: {', '.join(f'{k}: {v}' for k, v in seeds_per_table.items())}. "
              f"Every row trains with its preset's optimiser; this scale's train overrides: "
@@ -277,8 +300,11 @@ def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[st
              "accuracy). Compare orderings and gaps against the spread, not absolute values. "
              "*acc / oracle* is accuracy divided by the oracle's accuracy on the same test posts.", ""]
     for spec in suite.tables:
-        parts += [f"## {spec.title}", "", spec.caption, "", format_paper_table(spec, tables[spec.name]), "",
-                  f"CSV: [{spec.name}.csv]({spec.name}.csv)", ""]
+        parts += [f"## {spec.title}{_profile_suffix(profile)}", "", spec.caption, "",
+                  format_paper_table(spec, tables[spec.name]), "", f"CSV: [{spec.name}.csv]({spec.name}.csv)", ""]
+        if (regimes or {}).get(spec.name):
+            parts += ["Accuracy (%) per regime on the SimFeat test split (rows on the main SimFeat store), "
+                      "beside the oracle's on the same posts:", "", regimes[spec.name], ""]
         if spec.name in figures:
             parts += [f"![t-SNE of M_fuse, {spec.name}]({figures[spec.name]})", ""]
     parts += ["## Row settings", "", *settings, "",
@@ -290,11 +316,12 @@ def _write_readme(out: Path, suite: Suite, scale: str, sc: dict, tables: dict[st
 def run_experiments(out="reports/experiments", *, tables: list[str] | None = None, config=None,
                     scale: str = "default", seeds: int | None = None, store=None, posts_manifest=None,
                     progress: bool = False, tsne_points: int | None = None,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, profile: str = "default") -> dict:
     """Run the tables (all four by default) at ``scale`` and write the report to ``out``.
 
     ``seeds`` overrides every table's number of seeds.  ``store``: a feature store to use
-    instead of generating SimFeat (e.g. real Chinese-CLIP features of your posts);
+    instead of generating SimFeat (e.g. real Chinese-CLIP features of your posts); ``profile``:
+    the SimFeat profile (``default``, ``hetero``; docs/simfeat.md) of the generated stores;
     ``posts_manifest``: raw posts for the CNN baseline instead of generating SimPosts.
     Returns ``{"tables": ..., "results": ..., "report": path}``.
     """
@@ -312,9 +339,10 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
     _check_marker(out, {"scale": scale, "simfeat": sc["simfeat"], "simfeat_small": sc["simfeat_small"],
                         "simposts": sc["simposts"],
                         "train": sc["train"], "store": None if store is None else str(store),
-                        "posts_manifest": None if posts_manifest is None else str(posts_manifest)})
+                        "posts_manifest": None if posts_manifest is None else str(posts_manifest),
+                        "profile": profile})
     stores, missing = prepare_data(out, {r.data for r in rows.values()}, sc, store=store,
-                                   posts_manifest=posts_manifest, progress=progress, log=log)
+                                   posts_manifest=posts_manifest, progress=progress, log=log, profile=profile)
     run_row = {name: r.row(scale, sc["train"]) for name, r in rows.items()}
     for name, row in run_row.items():
         for s in range(need[name]):
@@ -343,14 +371,16 @@ def run_experiments(out="reports/experiments", *, tables: list[str] | None = Non
                 if fresh:
                     timing["train_seconds"] += float(m.get("train_seconds") or 0.0)
                     timing["runs_trained"] += 1
-        write_tables(out, suite, scale, results, seeds_of)
+        write_tables(out, suite, scale, results, seeds_of, profile)
 
-    table_recs = write_tables(out, suite, scale, results, seeds_of)
+    table_recs = write_tables(out, suite, scale, results, seeds_of, profile)
+    regimes = {spec.name: regime_md(spec, scale, results, seeds_of) for spec in suite.tables}
     figures = tsne_figures(out, suite, stores, tsne_points or sc["tsne_points"], seed=0, log=log, scale=scale)
     timing["wall_seconds"] = time.time() - t_start
     _write_readme(out, suite, scale, sc, table_recs, figures, _describe_data(stores, missing),
-                  _row_settings(suite, scale, sc["train"], rows), seeds_per_table, timing)
-    summary = {"scale": scale, "scale_settings": sc, "seeds_per_table": seeds_per_table,
+                  _row_settings(suite, scale, sc["train"], rows), seeds_per_table, timing, profile, regimes)
+    summary = {"scale": scale, "profile": profile, "scale_settings": sc, "seeds_per_table": seeds_per_table,
+               "regimes": aggregate_regimes(results),
                "stores": {k: str(v) for k, v in stores.items()}, "missing": missing, "timing": timing,
                "tables": table_recs, "results": results, "figures": figures}
     write_text(out / "results.json", json.dumps(summary, indent=2, default=str))
