@@ -157,7 +157,7 @@ def test_evaluate_per_regime_matches_predictions_and_oracle_only_on_test(tmp_pat
 
     m2 = evaluate(tmp_path / "run", store, tmp_path / "ev2", split="train", tsne_max_points=30)
     assert all(v["oracle_accuracy"] is None for v in m2["accuracy_by_regime"].values())  # not the oracle's split
-    assert sum(v["n"] for v in m2["accuracy_by_regime"].values()) == 180
+    assert sum(v["n"] for v in m2["accuracy_by_regime"].values()) == m2["num_samples"] > 60
 
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), str(store), "--out", str(tmp_path / "ev3"),
