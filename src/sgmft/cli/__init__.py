@@ -277,7 +277,7 @@ def _demo_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
     s.add_argument("--profile", default="both", choices=["both", "default", "hetero"],
                    help="SimFeat profile(s) to run (docs/simfeat.md); default: both")
-    s.add_argument("--epochs", type=int, help="epochs per run (default: 4; 3 with --quick)")
+    s.add_argument("--epochs", type=int, help="epochs of every run (default: each preset its own, SG-MFT 4; 3 with --quick)")
 
 
 # -- the verb table ------------------------------------------------------------------------------
