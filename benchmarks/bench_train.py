@@ -10,9 +10,10 @@ weights, differing only in ``attn_impl``:
 * ``naive``    -- the textbook per-head softmax(Q K^T / sqrt(d_h)) V with explicit n x n matrices.
 
 **Speed.**  One process; warm-up, then ``--rounds`` rounds, each timing one full training step
-(forward, cross-entropy, backward, Adam) of every kernel in turn (the order rotates each
-round), so a busy shared machine slows all three alike; it reports the median step time per
-kernel and the ratios.  The textbook step runs as micro-batches (``--naive-micro``, gradients
+(forward, cross-entropy, backward, fused Adam as in training) of every kernel in turn (the
+order rotates each round), so a busy shared machine slows all three alike; it reports the
+median wall-clock and process-CPU step time per kernel and the ratios (with one thread the
+CPU time is the figure least disturbed by other jobs on a shared machine).  The textbook step runs as micro-batches (``--naive-micro``, gradients
 accumulated, then one Adam step: the same update) so its n x n matrices stay under ~3 GB;
 its time is about linear in the batch.  Inference (one forward of the batch) is timed the same way.
 
@@ -147,21 +148,25 @@ def time_kernels(dim: int, batch: int, rounds: int, naive_micro: int) -> dict:
 
     train_s = {k: [] for k in models}
     infer_s = {k: [] for k in models}
+    train_cpu = {k: [] for k in models}
     for impl in models:                                   # warm-up
         step(impl)
         infer(impl)
     order = list(models)
     for r in range(rounds):
         for impl in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(impl)
             train_s[impl].append(time.perf_counter() - t0)
+            train_cpu[impl].append(time.process_time() - c0)
             t0 = time.perf_counter()
             infer(impl)
             infer_s[impl].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in train_s.items()}
     imed = {k: statistics.median(v) for k, v in infer_s.items()}
+    cmed = {k: statistics.median(v) for k, v in train_cpu.items()}
     return {
+        "train_step_cpu_s": {k: {"median": cmed[k], "all": v} for k, v in train_cpu.items()},
         "train_step_s": {k: {"median": med[k], "all": v} for k, v in train_s.items()},
         "infer_batch_s": {k: {"median": imed[k], "all": v} for k, v in infer_s.items()},
         "train_posts_per_s": {k: batch / v for k, v in med.items()},
@@ -169,6 +174,8 @@ def time_kernels(dim: int, batch: int, rounds: int, naive_micro: int) -> dict:
             "train_step_rank1_over_moments": med["rank1"] / med["moments"],
             "train_step_naive_over_moments": med["naive"] / med["moments"],
             "train_step_naive_over_rank1": med["naive"] / med["rank1"],
+            "train_step_cpu_rank1_over_moments": cmed["rank1"] / cmed["moments"],
+            "train_step_cpu_naive_over_moments": cmed["naive"] / cmed["moments"],
             "inference_rank1_over_moments": imed["rank1"] / imed["moments"],
             "inference_naive_over_moments": imed["naive"] / imed["moments"],
         },

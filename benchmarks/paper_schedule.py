@@ -189,12 +189,13 @@ def main() -> None:
         print(json.dumps(summarise(store, args.out, rows, args.profile, scale, args.lr), indent=2))
         return
     cells = []
-    for cell_scale in (1.0, "sqrt_dim"):
-        for lr in (1e-5, 1e-4, 1e-3):
-            cell = args.out / f"scale-{cell_scale}_lr-{lr:g}"
-            rows = run_schedule(store, cell, args.epochs, cell_scale, lr, args.seed)
-            cells.append(summarise(store, cell, rows, args.profile, cell_scale, lr))
-    _write_atomic(args.out / "grid.json", json.dumps(cells, indent=2))
+    # most informative cells first (each cell's summary is written as soon as it finishes)
+    for cell_scale, lr in (("sqrt_dim", 1e-4), (1.0, 1e-3), ("sqrt_dim", 1e-3), (1.0, 1e-4),
+                           ("sqrt_dim", 1e-5), (1.0, 1e-5)):
+        cell = args.out / f"scale-{cell_scale}_lr-{lr:g}"
+        rows = run_schedule(store, cell, args.epochs, cell_scale, lr, args.seed)
+        cells.append(summarise(store, cell, rows, args.profile, cell_scale, lr))
+        _write_atomic(args.out / "grid.json", json.dumps(cells, indent=2))
     print(json.dumps(cells, indent=2))
 
 
