@@ -14,7 +14,7 @@ The run trains one epoch at a time through ``sgmft.train.train`` (which resumes 
 run's ``lightning/checkpoints/last.ckpt``), then scores the test split, and appends a row
 to ``curve.csv`` (written atomically).  An interrupted run resumes where it stopped: re-run
 the same command.  At the end it writes ``curve.png`` and ``summary.json`` (and prints the
-summary as JSON).  ``--grid`` runs input scale {1, sqrt(D)} x lr {1e-5, 1e-4, 1e-3} at
+summary as JSON; ``--summarise-only`` does that for the epochs so far).  ``--grid`` runs input scale {1, sqrt(D)} x lr {1e-5, 1e-4, 1e-3} at
 ``--epochs`` each, one sub-run per cell, and summarises the final test accuracies.
 """
 
@@ -117,6 +117,7 @@ def plot(rows: list[dict], path: Path, title: str, chance: float, oracle: float 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ep = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -125,6 +126,7 @@ def plot(rows: list[dict], path: Path, title: str, chance: float, oracle: float 
     ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance (majority class)")
     if oracle:
         ax.axhline(oracle, color="green", lw=0.8, ls="-.", label="SimFeat oracle")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -152,7 +154,7 @@ def summarise(store: Path, out: Path, rows: list[dict], profile: str, input_scal
     summary = {"profile": profile, "preset": "paper", "input_scale": input_scale, "lr": lr,
                "epochs": len(rows), "steps": steps[-1] if steps else 0,
                "train_posts": int((split == "train").sum()), "test_posts": int(len(test)),
-               "final_test_acc": float(rows[-1]["test_acc"]) if rows else None,
+               "last_epoch_test_acc": float(rows[-1]["test_acc"]) if rows else None,
                "best_epoch_test_acc": max((float(r["test_acc"]) for r in rows), default=None),
                "chance_majority": chance, "oracle_test_acc": oracle,
                "wall_seconds": sum(secs),
@@ -176,6 +178,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--grid", action="store_true", help="input scale {1, sqrt(D)} x lr {1e-5, 1e-4, 1e-3}")
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="write summary.json and curve.png from the epochs in curve.csv so far (no training)")
     args = ap.parse_args()
 
     import torch
@@ -184,6 +188,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     scale = args.input_scale if args.input_scale == "sqrt_dim" else float(args.input_scale)
     store = ensure_store(args.store or args.out / "store", args.profile)
+    if args.summarise_only:
+        rows = _read_curve(args.out / "curve.csv")
+        print(json.dumps(summarise(store, args.out, rows, args.profile, scale, args.lr), indent=2))
+        return
     if not args.grid:
         rows = run_schedule(store, args.out, args.epochs, scale, args.lr, args.seed)
         print(json.dumps(summarise(store, args.out, rows, args.profile, scale, args.lr), indent=2))

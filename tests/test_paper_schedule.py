@@ -44,5 +44,5 @@ def test_schedule_writes_a_curve_and_resumes(tiny_store, tmp_path, monkeypatch):
     assert 0.0 <= float(rows[1]["test_acc"]) <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["train_posts"] == 80
-    assert summary["final_test_acc"] == float(rows[1]["test_acc"])
+    assert summary["last_epoch_test_acc"] == float(rows[1]["test_acc"])
     assert (out / "curve.png").stat().st_size > 1000
