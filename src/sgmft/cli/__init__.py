@@ -349,7 +349,10 @@ def _common_args(s: argparse.ArgumentParser, verb: Verb) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sgmft", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="sgmft", formatter_class=HelpFormatter,
+        description="Semantic location prediction from social-media posts (SG-MFT and baselines).",
+        epilog="`sgmft VERB --help` lists a verb's options. Docs: README.md and docs/.")
     ap.add_argument("--version", action="version", version=f"sgmft {__version__}",
                     help="print the version and exit")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
