@@ -308,3 +308,24 @@ def test_every_registered_architecture_exports(tmp_path, fmt):
     for ck in cks:
         _check_export(ck, fmt, tmp_path / f"{ck.name}.out")
 
+
+
+# -- TensorBoard --------------------------------------------------------------------------------
+def test_tensorboard_logger_writes_event_files(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="the TensorBoard logger needs 'sgmft[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sgmft.config import TrainConfig, load_preset
+
+    store = make_store(tmp_path / "s", n=120, dim=16, k=4)
+    common = ["--preset", "concat", "--epochs", "2", "--batch-size", "32", "--no-progress"]
+    assert main(["train", str(store), "--out", str(tmp_path / "tb"), "--tensorboard", *common]) == 0
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, sorted(str(p) for p in (tmp_path / "tb").rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"val_acc", "train_loss"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("val_acc")) == 2                        # one value per epoch
+    assert (tmp_path / "tb" / "lightning" / "metrics.csv").is_file()   # the CSV stays
+    # off by default (the recommended preset does not turn it on)
+    assert TrainConfig().tensorboard is False and load_preset("sgmft").train.tensorboard is False

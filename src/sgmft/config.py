@@ -165,6 +165,7 @@ class TrainConfig:
     num_nodes: PositiveInt = 1
     precision: Precision = "32-true"
     progress: bool | None = None    # progress bars; None = on when stderr is a terminal
+    tensorboard: bool = False       # TensorBoard event files in <run>/tensorboard/, beside lightning/metrics.csv
     deterministic: bool = True
     max_steps: Annotated[int, Field(ge=-1)] = -1   # for smoke tests; -1 = run all epochs
     limit_train_batches: Union[int, float] = 1.0

@@ -70,6 +70,11 @@ class RunDir:
         return self.root / "split.npy"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (``train.tensorboard`` / ``sgmft train --tensorboard``)."""
+        return self.root / "tensorboard"
+
+    @property
     def lightning(self) -> Path:
         return self.root / "lightning"
 
@@ -96,7 +101,7 @@ class RunDir:
         return self.root / "run.lock"
 
     # entries of a run folder that sgmft writes (``--overwrite`` removes exactly these)
-    OWNED = ("model", "run.json", "split.npy", "lightning")
+    OWNED = ("model", "run.json", "split.npy", "lightning", "tensorboard")
 
     def owned_entries(self) -> list[Path]:
         """What ``train``/``evaluate`` wrote here (model/, run.json, ..., eval-*/), existing ones only."""
@@ -213,7 +218,7 @@ def ids_digest(ids: np.ndarray) -> str:
 # -- fingerprint ---------------------------------------------------------------------------------
 FINGERPRINT_VERSION = 1
 # train settings that cannot change the trained weights (progress bars, loader processes)
-COSMETIC_TRAIN_FIELDS = ("progress", "num_workers")
+COSMETIC_TRAIN_FIELDS = ("progress", "num_workers", "tensorboard")
 _HASH_CHUNK = 8 * 2**20
 
 

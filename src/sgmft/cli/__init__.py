@@ -63,7 +63,7 @@ def _resolved_preset(args, store=None):
     p.model = apply_overrides(p.model, mo, "model")
     p.train = apply_overrides(p.train, tr, "train")
     flags = {key: getattr(args, key) for key in ("epochs", "seed", "devices", "strategy", "accelerator",
-                                                 "num_nodes", "batch_size", "lr")
+                                                 "num_nodes", "batch_size", "lr", "tensorboard")
              if getattr(args, key, None) is not None}
     if getattr(args, "progress", None) is not None:     # --progress / --no-progress; else: TTY only
         flags["progress"] = args.progress
@@ -259,6 +259,9 @@ def _train_args(s: argparse.ArgumentParser) -> None:
                         "(default: 1)")
     s.add_argument("--strategy", help="Lightning strategy: auto, ddp, ddp_spawn, fsdp (default: auto)")
     s.add_argument("--num-nodes", type=int, dest="num_nodes", help="machines for multi-node training (default: 1)")
+    s.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log to TensorBoard (RUN/tensorboard/, beside lightning/metrics.csv); "
+                        "needs pip install 'sgmft[tensorboard]'")
 
 
 def _evaluate_args(s: argparse.ArgumentParser) -> None:

@@ -246,6 +246,19 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
         return res
 
 
+def _tensorboard_logger(run_dir: RunDir):
+    """Lightning's TensorBoard logger into ``<run>/tensorboard/`` (the metrics of ``self.log``,
+    the ones ``lightning/metrics.csv`` holds); a resumed run adds an event file."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("train.tensorboard (--tensorboard) needs the tensorboard package: "
+                         "pip install 'sgmft[tensorboard]'") from None
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(run_dir.root, name=run_dir.tensorboard.name, version="", default_hp_metric=False)
+
+
 def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, *,
          resume: bool) -> TrainResult:
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
@@ -277,7 +290,8 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
         accelerator=train_cfg.accelerator, devices=train_cfg.devices, strategy=strategy,
         num_nodes=train_cfg.num_nodes, precision=train_cfg.precision,
         deterministic=train_cfg.deterministic, callbacks=callbacks,
-        plugins=[SafeCheckpointIO(preloaded)], logger=False, enable_checkpointing=False,
+        plugins=[SafeCheckpointIO(preloaded)], logger=_tensorboard_logger(run_dir) if train_cfg.tensorboard else False,
+        enable_checkpointing=False, log_every_n_steps=max(1, min(50, len(train_loader))),
         enable_progress_bar=progress, enable_model_summary=False,
         limit_train_batches=train_cfg.limit_train_batches, num_sanity_val_steps=0,
     )
