@@ -208,3 +208,17 @@ def test_evaluate_maps_store_labels_by_name_or_refuses(trained, tmp_path):
     with pytest.raises(ValueError, match=r"other/meta.json: label name\(s\) \['beach'\] are not among the "
                                          r"model's labels .*labels.json"):
         evaluate(run, other, tmp_path / "ev2", split="all")
+
+
+def test_special_files_in_a_model_folder_are_refused(trained, tmp_path):
+    import os
+
+    m = copy_model(trained, tmp_path)
+    (m / "labels.json").unlink()
+    os.mkfifo(m / "labels.json")
+    with pytest.raises(CheckpointError, match=r"labels.json: not a regular file"):
+        load_checkpoint(m)
+    (m / "labels.json").unlink()
+    (m / "labels.json").write_text("[" * 100000 + "]" * 100000)      # deeply nested JSON
+    with pytest.raises(CheckpointError, match=r"labels.json: corrupt JSON"):
+        load_checkpoint(m)

@@ -310,3 +310,31 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     for e in range(3):
         s.set_epoch(e)
         assert torch.cat(list(loader)).tolist() == list(s)
+
+
+# -- hostile run folders: links and special files ------------------------------------------------
+def test_links_and_special_files_in_a_run_folder_are_refused(store, tmp_path):
+    victim = tmp_path / "bashrc"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").symlink_to(victim)                   # opening it for writing would truncate it
+    with pytest.raises(RunError, match="run.lock: cannot be opened as the run's lock file"):
+        train(store, out, tiny_preset(epochs=1))
+    assert victim.read_text() == "precious"
+    (out / "run.lock").unlink()
+
+    run = _interrupted_run(store, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(run.lightning), elsewhere)
+    run.lightning.symlink_to(elsewhere)                     # writes would land outside the run
+    with pytest.raises(RunError, match="lightning: is a symbolic link"):
+        train(store, run.root, tiny_preset(epochs=1))
+    run.lightning.unlink()
+    shutil.move(str(elsewhere), run.lightning)
+
+    run.last_checkpoint.unlink()
+    os.mkfifo(run.last_checkpoint)                          # reading it would block forever
+    with pytest.raises(ResumeCheckpointError, match="last.ckpt: not a regular file"):
+        train(store, run.root, tiny_preset(epochs=1))
+    assert train(store, run.root, tiny_preset(epochs=1), overwrite=True).status == "trained"

@@ -82,7 +82,7 @@ def write_model_folder(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, 
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
 
 
@@ -113,6 +113,12 @@ def load_checkpoint(path, map_location: str = "cpu"):
     missing = [f for f in FILES if not (p / f).exists()]
     if missing:
         raise CheckpointError(f"{p}: not an sgmft checkpoint (missing {', '.join(missing)})")
+    for f in FILES:                          # a FIFO or device would block; a huge JSON exhaust memory
+        q = p / f
+        if not q.is_file():
+            raise CheckpointError(f"{q}: not a regular file")
+        if f.endswith(".json") and q.stat().st_size > 64 * 2**20:
+            raise CheckpointError(f"{q}: {q.stat().st_size} bytes, too large for a checkpoint's JSON file")
     cfg_data = _read_json(p / "config.json")
     labels = _read_json(p / "labels.json")
     features = _read_json(p / "features.json")

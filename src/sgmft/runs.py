@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,9 @@ __all__ = ["RunDir", "RunError", "RunLock", "cleanup_on_failure", "describe_diff
 
 class RunError(ValueError):
     """A run folder that cannot be written as asked; the message names it and says what to do."""
+
+
+MAX_JSON_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ class RunDir:
         siblings ``.NAME.*.tmp`` and ``.NAME.old-*``) in the run folder and lightning/."""
         gone = []
         for folder in (self.root, self.lightning, self.lightning_checkpoints):
-            if not folder.is_dir():
+            if not folder.is_dir() or folder.is_symlink():
                 continue
             for p in folder.iterdir():
                 if _is_temp(p.name):
@@ -147,12 +151,22 @@ class RunDir:
         return self.root / f"eval-{split}"
 
     def read_run_json(self) -> dict | None:
-        """``run.json`` as a dict, or None when it is missing or unreadable."""
+        """``run.json`` as a dict, or None when it is missing, unreadable, not a regular file
+        (a FIFO would block) or larger than 64 MiB."""
         try:
+            if not self.run_json.is_file() or self.run_json.stat().st_size > MAX_JSON_BYTES:
+                return None
             data = json.loads(self.run_json.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
+
+    def symlinked_entries(self) -> list[Path]:
+        """sgmft's files and folders in this run that are symbolic links: writing through them
+        would write (or delete) outside the run, so training refuses them."""
+        paths = [self.root / n for n in self.OWNED] + [
+            self.lock_file, self.lightning_checkpoints, self.metrics_csv, self.last_checkpoint, self.best_weights]
+        return [p for p in paths if p.is_symlink()]
 
     def write_run_json(self, data: dict) -> Path:
         return atomic.write_text(self.run_json, json.dumps(data, indent=2))
@@ -331,7 +345,14 @@ class RunLock:
         if fcntl is None:                                    # pragma: no cover - Windows
             return self._acquire_by_pid(me)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:                                             # never through a symlink (it could
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:                             # truncate someone's file)
+                raise RunError(f"{self.path}: cannot be opened as the run's lock file ({e.strerror}); "
+                               "remove it if it is a link or not a regular file") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise RunError(f"{self.path}: is not a regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -122,6 +122,10 @@ def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
 def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
     """``"fresh"``, ``"resume"`` or ``"complete"`` for a run folder under our lock."""
     root = run_dir.root
+    links = run_dir.symlinked_entries()
+    if links:
+        raise RunError(f"{links[0]}: is a symbolic link; sgmft writes a run only inside its folder. Use "
+                       "--overwrite (which removes the link, not its target) or a new --out")
     if not run_dir.run_json.exists():        # a new run; files of the user's own may be there
 
         owned = run_dir.owned_entries()
@@ -131,8 +135,8 @@ def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
         return "fresh"
     info = run_dir.read_run_json()
     if info is None:
-        raise RunError(f"{run_dir.run_json}: unreadable or not a JSON object; use --overwrite to start the run "
-                       "again, or a new --out")
+        raise RunError(f"{run_dir.run_json}: unreadable, not a regular file, too large or not a JSON object; use "
+                       "--overwrite to start the run again, or a new --out")
     if not info.get("fingerprint"):
         raise RunError(f"{run_dir.run_json}: has no fingerprint (written by an older sgmft), so resuming it "
                        "could mix two configurations; use --overwrite to train it again, or a new --out")
@@ -233,7 +237,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
             return TrainResult(out, run_dir.model, info.get("best_val_acc"), 0.0, status="complete")
         run_dir.remove_orphans()
         resume = decision == "resume" and run_dir.last_checkpoint.exists()
-        if not resume and run_dir.lightning.exists():       # killed before its first epoch ended
+        if not resume and run_dir.lightning.is_dir():       # killed before its first epoch ended
             import shutil
 
             shutil.rmtree(run_dir.lightning)

@@ -125,6 +125,8 @@ def _refuse(path: Path, why: str) -> ResumeCheckpointError:
 def load_state(path) -> dict:
     """Read a file written by :func:`save_state`; anything else is refused without running code."""
     path = Path(path)
+    if not path.is_file():                   # a FIFO or device would block or never end
+        raise _refuse(path, "not a regular file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(META_KEY)
