@@ -338,3 +338,17 @@ def test_links_and_special_files_in_a_run_folder_are_refused(store, tmp_path):
     with pytest.raises(ResumeCheckpointError, match="last.ckpt: not a regular file"):
         train(store, run.root, tiny_preset(epochs=1))
     assert train(store, run.root, tiny_preset(epochs=1), overwrite=True).status == "trained"
+
+
+def test_a_complete_run_can_be_extended_exactly_but_not_shortened(store, tmp_path):
+    out = tmp_path / "run"
+    assert train(store, out, tiny_preset(epochs=2)).status == "trained"
+    res = train(store, out, tiny_preset(epochs=3))
+    assert res.status == "resumed"
+    assert json.loads((out / "run.json").read_text())["train"]["epochs"] == 3
+    ref = train(store, tmp_path / "ref", tiny_preset(epochs=3))
+    for f in ("model/model.safetensors", "lightning/metrics.csv"):
+        assert (out / f).read_bytes() == (ref.run_dir / f).read_bytes(), f
+    with pytest.raises(RunError, match="was started for 3 epochs and cannot be shortened to 2"):
+        train(store, out, tiny_preset(epochs=2))
+    assert train(store, out, tiny_preset(epochs=3)).status == "complete"

@@ -231,8 +231,11 @@ def ids_digest(ids: np.ndarray) -> str:
 
 # -- fingerprint ---------------------------------------------------------------------------------
 FINGERPRINT_VERSION = 1
-# train settings that cannot change the trained weights (progress bars, loader processes)
-COSMETIC_TRAIN_FIELDS = ("progress", "num_workers", "tensorboard")
+# train settings that cannot change the trained weights (progress bars, loader processes,
+# TensorBoard files),
+# and `epochs`: a run may be extended to more epochs (the result equals a run that had the
+# larger count from the start); train() checks it separately
+COSMETIC_TRAIN_FIELDS = ("progress", "num_workers", "tensorboard", "epochs")
 _HASH_CHUNK = 8 * 2**20
 
 

@@ -119,7 +119,7 @@ def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
             "model": asdict(model_cfg), "train": asdict(train_cfg), **extra}
 
 
-def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
+def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
     """``"fresh"``, ``"resume"`` or ``"complete"`` for a run folder under our lock."""
     root = run_dir.root
     links = run_dir.symlinked_entries()
@@ -145,9 +145,14 @@ def _decide(run_dir: RunDir, fp: str, inputs: dict) -> str:
         raise RunError(f"{root}: was started with a different configuration, store or seed "
                        f"({'; '.join(diffs) or 'fingerprint ' + info['fingerprint'] + ' -> ' + fp}); "
                        "use --overwrite to replace it, or a new --out")
-    if info.get("status") == "complete" and all((run_dir.model / f).is_file() for f in MODEL_FILES):
+    before = (info.get("train") or {}).get("epochs")
+    if isinstance(before, int) and epochs < before:
+        raise RunError(f"{root}: was started for {before} epochs and cannot be shortened to {epochs}; use "
+                       "--overwrite to train it again, or a new --out")
+    if (info.get("status") == "complete" and epochs == before
+            and all((run_dir.model / f).is_file() for f in MODEL_FILES)):
         return "complete"
-    return "resume"
+    return "resume"                          # interrupted, or extended to more epochs
 
 
 def _check_resume_state(path: Path, lit: LitClassifier, fp: str) -> dict:
@@ -231,7 +236,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
             run_dir.clear()
             decision = "fresh"
         else:
-            decision = _decide(run_dir, fp, inputs)
+            decision = _decide(run_dir, fp, inputs, train_cfg.epochs)
         if decision == "complete":
             info = run_dir.read_run_json() or {}
             return TrainResult(out, run_dir.model, info.get("best_val_acc"), 0.0, status="complete")
@@ -242,7 +247,8 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
 
             shutil.rmtree(run_dir.lightning)
         with cleanup_on_failure(out):                       # under the lock: only our own files
-            if decision == "fresh":
+            recorded = (run_dir.read_run_json() or {}).get("train") or {}
+            if decision == "fresh" or recorded.get("epochs") != train_cfg.epochs:   # new, or extended
                 run_dir.write_run_json(_run_record(fs, p, model_cfg, train_cfg, fp, inputs))
             res = _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, resume=resume)
         if decision == "resume":
