@@ -13,6 +13,16 @@ model with ViT-B/16 shapes (a realistic forward cost, still no download), and
 ``--backbone chinese-clip:/path`` uses real weights.
 
     python benchmarks/bench_extract.py [--size tiny|base] [--backbone SPEC] [--num-posts 256]
+
+``--precisions fp32,bf16,int8`` switches to the precision comparison: one backbone per
+precision from the SAME checkpoint, the same preprocessed batches (texts and images of
+``--num-posts`` SimPosts posts), timed interleaved (round r runs every precision once, in
+turn, so load from other processes hits them alike) for ``--rounds`` rounds after a one-batch
+warm-up each. Reports each precision's forward throughput, its speed-up over fp32 (total
+time and per round) and the cosine similarity of its features to the fp32 features (text
+and image rows, mean and min). Written to ``--json-out`` as well as printed.
+
+    python benchmarks/bench_extract.py --precisions fp32,bf16,int8 --size base --num-posts 16 --rounds 2
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from pathlib import Path
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default=None, help="backbone spec; default: a random model built here")
-    ap.add_argument("--size", default="tiny", choices=["tiny", "base"], help="random model size when no --backbone")
+    ap.add_argument("--size", default="tiny", choices=["tiny", "base", "huge"], help="random model size when no --backbone")
     ap.add_argument("--num-posts", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=320, help="side of the SimPosts images (pixels)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -39,8 +49,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--precisions", default=None,
+                    help="comma list (fp32,bf16,int8): compare precisions against the first one instead")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (--precisions)")
+    ap.add_argument("--json-out", dest="json_out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.precisions:
+        out = precision_main(args)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+        return out
 
     import numpy as np
     import torch
@@ -131,6 +150,108 @@ def main(argv=None) -> dict:
                               "(try --threads 1)")
     print(json.dumps(out, indent=1))
     return out
+
+
+def _cosines(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def precision_main(args) -> dict:
+    import numpy as np
+    import torch
+
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+    from sgmft.features.backbones import load_backbone
+    from sgmft.features.backbones.base import canonical_precision
+    from sgmft.features.backbones.tiny import build_tiny_chinese_clip
+    from sgmft.ingest.images import load_image
+    from sgmft.ingest.manifest import read_manifest
+    from sgmft.ingest.text import TextCleaner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precs = [canonical_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    with tempfile.TemporaryDirectory(prefix="sgmft-bench-") as td:
+        td = Path(td)
+        if args.backbone:
+            spec, note = args.backbone, "user-supplied backbone"
+        else:
+            spec = f"chinese-clip:{build_tiny_chinese_clip(td / 'model', size=args.size)}"
+            note = f"RANDOM Chinese-CLIP ({args.size} shapes) built for the benchmark: timing only"
+        bbs = {p: load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size) for p in precs}
+        manifest = generate_simposts(td / "corpus", SimPostsConfig(num_posts=args.num_posts,
+                                                                   image_size=args.image_size, seed=1))
+        posts, _ = read_manifest(manifest)
+        cleaner = TextCleaner()
+        texts = [x for x in (cleaner.clean(p.text) for p in posts) if x]
+        ims = [load_image(f) for p in posts for f in p.images]
+    ref = bbs[precs[0]]
+    toks = [ref.tokenize(texts[i:i + args.batch_size]) for i in range(0, len(texts), args.batch_size)]
+    pix = [ref.preprocess_images(ims[i:i + args.batch_size]) for i in range(0, len(ims), args.batch_size)]
+
+    def run(bb):
+        t = time.perf_counter()
+        tf = [bb.forward_text(x) for x in toks]
+        imf = [bb.forward_images(x) for x in pix]
+        return time.perf_counter() - t, np.concatenate(tf), np.concatenate(imf)
+
+    for p in precs:  # warm-up: one small batch per precision (kernels, allocator, oneDNN caches)
+        bbs[p].forward_text({k: v[:2] for k, v in toks[0].items()})
+        bbs[p].forward_images(pix[0][:2])
+    secs = {p: [] for p in precs}
+    feats = {}
+    for r in range(args.rounds):
+        for p in precs:
+            s, tf, imf = run(bbs[p])
+            secs[p].append(s)
+            feats.setdefault(p, (tf, imf))
+    n_items = len(texts) + len(ims)
+    res = {}
+    for p in precs:
+        ct, ci = _cosines(feats[p][0], feats[precs[0]][0]), _cosines(feats[p][1], feats[precs[0]][1])
+        allc = np.concatenate([ct, ci])
+        tot = sum(secs[p])
+        res[p] = {
+            "items_per_s": round(n_items * args.rounds / tot, 3),
+            "posts_per_s": round(len(posts) * args.rounds / tot, 3),
+            "seconds_per_round": [round(x, 2) for x in secs[p]],
+            "speedup_vs_" + precs[0]: round(sum(secs[precs[0]]) / tot, 3),
+            "speedup_per_round": [round(a / b, 3) for a, b in zip(secs[precs[0]], secs[p])],
+            "cosine_mean": round(float(allc.mean()), 6), "cosine_min": round(float(allc.min()), 6),
+            "cosine_text_mean": round(float(ct.mean()), 6), "cosine_text_min": round(float(ct.min()), 6),
+            "cosine_image_mean": round(float(ci.mean()), 6), "cosine_image_min": round(float(ci.min()), 6),
+            "fingerprint": bbs[p].fingerprint()[:16],
+        }
+    out = {
+        "benchmark": "extract-precision",
+        "backbone": spec if args.backbone else f"random-{args.size}-chinese-clip", "backbone_note": note,
+        "dim": ref.dim, "model_image_size": ref.image_size, "device": str(ref.device),
+        "num_posts": len(posts), "num_texts": len(texts), "num_images": len(ims), "batch_size": args.batch_size,
+        "rounds": args.rounds, "timing": "bare forward (forward_text + forward_images) on the same preprocessed "
+                                         "batches, precisions interleaved within each round, one process",
+        "precisions": res,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_1min_end": round(os.getloadavg()[0], 2),
+        "cpu_flags": sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "avx512f")
+                             if f in _cpu_flags()}),
+        "python": platform.python_version(), "torch": torch.__version__,
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def _cpu_flags() -> set:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 if __name__ == "__main__":

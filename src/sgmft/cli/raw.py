@@ -65,6 +65,18 @@ def input_safety_args(s: argparse.ArgumentParser) -> None:
 
 
 # -- extract -------------------------------------------------------------------------------------
+def _extract_dtype(args) -> str:
+    """``--precision`` (fp32/bf16/int8) and the older ``--dtype``: one of them, or both agreeing."""
+    from sgmft.features.backbones.base import canonical_precision
+
+    prec = getattr(args, "precision", None)
+    if prec is None:
+        return args.dtype
+    if args.dtype != "auto" and canonical_precision(args.dtype) != canonical_precision(prec):
+        raise UserError(f"--precision {prec} and --dtype {args.dtype} disagree; give only --precision")
+    return canonical_precision(prec)
+
+
 def cmd_extract(args) -> int:
     from sgmft.cli.output import progress_on, quiet_stdout
     from sgmft.features.extract import extract_features
@@ -78,7 +90,7 @@ def cmd_extract(args) -> int:
             args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
             batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
             on_error="raise" if args.strict else "skip", progress=progress,
-            device=args.device, dtype=args.dtype, num_processes=args.num_processes, threads=args.threads,
+            device=args.device, dtype=_extract_dtype(args), num_processes=args.num_processes, threads=args.threads,
             overwrite=args.overwrite, keep_cache=not args.no_cache_keep, **input_safety_kwargs(args),
             prefetch_bytes=int(args.prefetch_mb * 2**20))
     from sgmft.features import FeatureStore
@@ -118,7 +130,8 @@ def _load_predictor(args):
     # no "Loading weights" bar around a one-post answer
     with _hf_progress_bars(bool(args.manifest) and progress_on(args)):
         pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
-                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch)
+                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch,
+                                precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
     for note in pp.notes:
         print(f"note: {note}", file=sys.stderr)
     return pp
@@ -246,6 +259,10 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, help="torch CPU threads per process")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, ...")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default=None,
+                   help="compute precision of the same checkpoint: fp32, bf16 (autocast), fp16 (GPU), int8 "
+                        "(dynamic quantisation of the Linear layers, CPU); recorded in the store and in models "
+                        "trained on it (docs/scale.md). Default: --dtype")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
     s.add_argument("--show-rejects", dest="show_rejects", type=int, default=10, help="rejects to print")
     s.add_argument("--prefetch-mb", dest="prefetch_mb", type=float, default=512,
@@ -280,6 +297,10 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
     s.add_argument("--ignore-backbone-mismatch", dest="ignore_backbone_mismatch", action="store_true",
                    help="allow a backbone whose fingerprint differs from the training one (a warning instead)")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
+                   help="backbone precision (default: the one the training features were extracted at)")
+    s.add_argument("--allow-precision-mismatch", dest="allow_precision_mismatch", action="store_true",
+                   help="accept a --precision other than the training features' one (a note instead of an error)")
     s.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="posts per backbone batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

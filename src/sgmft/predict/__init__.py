@@ -7,6 +7,6 @@
 """
 
 from sgmft.predict.features import Predictions, Predictor
-from sgmft.predict.posts import BackboneMismatchError, PostPredictor
+from sgmft.predict.posts import BackboneMismatchError, PostPredictor, PrecisionMismatchError
 
-__all__ = ["BackboneMismatchError", "PostPredictor", "Predictions", "Predictor"]
+__all__ = ["BackboneMismatchError", "PostPredictor", "PrecisionMismatchError", "Predictions", "Predictor"]

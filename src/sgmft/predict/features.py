@@ -86,14 +86,24 @@ class Predictor:
     def dim(self) -> int:
         return int(self.features["dim"])
 
-    def check_store(self, store: FeatureStore) -> None:
-        """Refuse features that do not match what the model was trained on."""
+    def check_store(self, store: FeatureStore, *, allow_precision_mismatch: bool = False) -> None:
+        """Refuse features that do not match what the model was trained on (D, backbone, and the
+        extraction precision fp32/bf16/int8 unless ``allow_precision_mismatch``)."""
         if store.dim != self.dim:
             raise ValueError(f"{store.path}: features have D={store.dim}, the model expects D={self.dim}")
         want, got = self.features.get("backbone"), store.backbone
         if want and got and want != got:
             raise ValueError(f"{store.path}: features come from backbone {got!r}, the model was trained "
                              f"on {want!r}; extract features with the same backbone")
+        want_p = (self.features.get("extraction") or {}).get("backbone_precision")
+        got_p = (store.meta.get("extra") or {}).get("backbone_precision")
+        if want_p and got_p and want_p != got_p and not allow_precision_mismatch:
+            from sgmft.predict.posts import PrecisionMismatchError
+
+            raise PrecisionMismatchError(
+                f"{store.path}: features were extracted at precision {got_p}, the model was trained on "
+                f"{want_p} features; re-extract with `sgmft extract --precision {want_p}` or accept the "
+                "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
 
     @torch.inference_mode()
     def predict_features(self, text, image, text_mask=None, image_mask=None, *,
@@ -120,9 +130,9 @@ class Predictor:
                            np.concatenate(fused) if return_fused and fused else None, self.label_names)
 
     def predict_store(self, store, indices=None, *, batch_size: int = 512,
-                      return_fused: bool = False) -> Predictions:
+                      return_fused: bool = False, allow_precision_mismatch: bool = False) -> Predictions:
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        self.check_store(fs)
+        self.check_store(fs, allow_precision_mismatch=allow_precision_mismatch)
         idx = np.arange(len(fs)) if indices is None else np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx, kind="stable")                    # memmap reads in row order
         rows = idx[order]

@@ -50,6 +50,10 @@ class BackboneMismatchError(ValueError):
     """The backbone given for prediction is not the one the model's features came from."""
 
 
+class PrecisionMismatchError(BackboneMismatchError):
+    """The backbone runs at another precision (fp32/bf16/int8) than the training features'."""
+
+
 # -- what the training features were made with -------------------------------------------------
 def training_extract_info(model_dir: Path) -> tuple[dict | None, str | None]:
     """``(store meta or None, store path or None)`` of the store the run was trained on.
@@ -102,7 +106,8 @@ class PostPredictor:
     def load(cls, run_dir, backbone=None, *, device: str = "auto", batch_size: int = 32,
              clean_cfg: CleanConfig | None = None, image_choice: str | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS, check_backbone: bool = True,
-             max_images: int | None = DEFAULT_MAX_IMAGES) -> "PostPredictor":
+             max_images: int | None = DEFAULT_MAX_IMAGES, precision: str | None = None,
+             allow_precision_mismatch: bool = False) -> "PostPredictor":
         """Load a run (or its ``model/`` directory) and the backbone its features came from.
 
         ``backbone``: a spec (``"chinese-clip:/models/cc-vit-h"``) or a loaded ``Backbone``;
@@ -110,6 +115,10 @@ class PostPredictor:
         missing run, :class:`BackboneMismatchError` for a backbone that differs from the
         training one (``check_backbone=False`` turns a fingerprint difference into a note)
         and ``BackboneUnavailableError`` when the weights are not available offline.
+        ``precision`` (fp32/bf16/int8, default: the precision the training features were
+        extracted at, recorded in the contract): another precision than the recorded one raises
+        :class:`PrecisionMismatchError` unless ``allow_precision_mismatch`` (then a note, and
+        the weights are still checked against the fingerprint at the recorded precision).
         """
         from sgmft.features.backbones import BACKBONES, Backbone, BackboneUnavailableError, load_backbone
         from sgmft.features.backbones.base import resolve_device
@@ -168,12 +177,31 @@ class PostPredictor:
                     f"({', '.join(BACKBONES.names())})")
         else:
             spec = backbone if isinstance(backbone, str) else None
-        precision = extra.get("backbone_precision") or "auto"
+        from sgmft.features.backbones.base import canonical_precision
+
+        trained_prec = extra.get("backbone_precision")
+        want_prec = canonical_precision(precision) if precision else None
+
+        def _check_precision(got: str) -> None:
+            if not trained_prec or got == trained_prec:
+                return
+            msg = (f"the model {model_dir} was trained on features extracted at precision {trained_prec}, but the "
+                   f"backbone would run at {got}: features differ slightly between precisions")
+            if not allow_precision_mismatch:
+                raise PrecisionMismatchError(
+                    f"{msg}. Use the training precision (the default; --precision {trained_prec}), or accept the "
+                    "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
+            notes.append(msg + " (allowed by --allow-precision-mismatch)")
+
         if isinstance(backbone, Backbone):
             bb = backbone
+            _check_precision(bb.precision)
         else:
+            if want_prec is not None and want_prec != "auto":
+                _check_precision(want_prec)
             try:
-                bb = load_backbone(spec, device=str(dev), dtype=precision, batch_size=batch_size)
+                bb = load_backbone(spec, device=str(dev), dtype=want_prec or trained_prec or "auto",
+                                   batch_size=batch_size)
             except KeyError as e:                    # no registered backbone makes these features
                 if backbone is not None:
                     raise
@@ -189,12 +217,22 @@ class PostPredictor:
                         "If its weights live elsewhere on this machine, pass --backbone (backbone=) "
                         "with their location.")
                 raise BackboneUnavailableError(f"{e}{hint}") from None
+            if want_prec == "auto":
+                _check_precision(bb.precision)
         if bb.dim != pred.dim:
             raise BackboneMismatchError(
                 f"backbone {bb.spec!r} gives D={bb.dim} features, but the model {model_dir} was trained on "
                 f"D={pred.dim} features from {trained_spec!r}; use that backbone")
         want_fp = extra.get("backbone_fingerprint")
-        if want_fp and bb.fingerprint() != want_fp:
+        if trained_prec and bb.precision != trained_prec:  # allowed above: verify the weights at the trained one
+            got_fp = bb.fingerprint_at(trained_prec)
+            if got_fp is None:
+                notes.append(f"backbone {bb.spec!r} cannot be verified at precision {trained_prec} (its fingerprint "
+                             "is only known at its own precision); make sure it is the training backbone")
+                want_fp = None
+        else:
+            got_fp = bb.fingerprint()
+        if want_fp and got_fp != want_fp:
             msg = (f"backbone {bb.spec!r} is not the one the model {model_dir} was trained on "
                    f"({trained_spec!r}): its fingerprint (weights, tokenizer, preprocessing, precision) "
                    "differs, so its features would not match")

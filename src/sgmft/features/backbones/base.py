@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from sgmft.errors import BackboneUnavailableError  # noqa: F401  (re-exported)
 
+# autocast dtypes; "int8" = dynamic int8 quantisation of the Linear layers (CPU), fp32 elsewhere
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "qint8": "int8"}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -37,15 +40,44 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def canonical_precision(dtype: str) -> str:
+    """``"fp32"``/``"bf16"``/``"fp16"``/``"int8"`` (or the long names, or ``"auto"``) -> the long name."""
+    d = PRECISION_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if d != "auto" and d not in PRECISIONS:
+        raise ValueError(f"precision/dtype must be 'auto' or one of fp32, bf16, fp16, int8 "
+                         f"({', '.join(PRECISIONS)}), got {dtype!r}")
+    return d
+
+
 def resolve_precision(dtype: str, device: torch.device) -> str:
-    """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, fp32 elsewhere."""
-    if dtype == "auto":
+    """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, fp32 elsewhere.
+
+    ``"int8"`` (dynamic int8 quantisation of every ``nn.Linear``, activations quantised per
+    batch) runs on CPU only: PyTorch's dynamic-quantised kernels have no CUDA version.
+    """
+    d = canonical_precision(dtype)
+    if d == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
-    if dtype not in _PRECISIONS:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_PRECISIONS)}, got {dtype!r}")
-    return dtype
+    if d == "int8" and device.type != "cpu":
+        raise ValueError(f"precision int8 (dynamic quantisation) runs on CPU only, not on {device}; "
+                         "use bf16 or fp16 on a GPU")
+    return d
+
+
+def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model to run at ``precision``: int8 swaps every ``nn.Linear`` for a dynamically
+    quantised one (int8 weights, per-tensor; ``torch.ao.quantization.quantize_dynamic``);
+    other precisions return ``model`` unchanged (they autocast in :meth:`Backbone._autocast`)."""
+    if precision != "int8":
+        return model
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def hash_state_dict(module: torch.nn.Module, *, full_limit_bytes: int = 256 << 20) -> str:
@@ -114,10 +146,14 @@ class Backbone(abc.ABC):
     def _image_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unnormalised ``(B, D)`` image embeddings; input already on ``self.device``."""
 
+    def fingerprint_at(self, precision: str) -> str | None:
+        """The fingerprint this backbone would have at ``precision`` (``None``: cannot tell).
+        Lets a consumer that accepts a precision mismatch still verify the weights."""
+        return self.fingerprint() if precision == self.precision else None
+
     def _autocast(self):
-        return torch.autocast(
-            device_type=self.device.type, dtype=_PRECISIONS[self.precision],
-            enabled=self.precision != "float32")
+        dt = _PRECISIONS.get(self.precision, torch.float32)
+        return torch.autocast(device_type=self.device.type, dtype=dt, enabled=dt != torch.float32)
 
     def forward_text(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
         """One batch through the text tower -> float32 L2-normalised ``(B, D)``."""

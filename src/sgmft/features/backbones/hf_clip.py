@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from sgmft.features.backbones.base import (
-    Backbone, BackboneUnavailableError, digest_json, hash_state_dict, resolve_device, resolve_precision,
+    Backbone, BackboneUnavailableError, apply_precision, digest_json, hash_state_dict, resolve_device, resolve_precision,
 )
 
 DEFAULT_CHINESE_CLIP = "OFA-Sys/chinese-clip-vit-huge-patch14"
@@ -127,8 +127,8 @@ class HFClipBackbone(Backbone):
         self.device = resolve_device(device)
         self.precision = resolve_precision(dtype, self.device)
         model.eval().requires_grad_(False)
-        self._weights_digest = hash_state_dict(model)  # before any device move: stable identity
-        self.model = model.to(self.device)
+        self._weights_digest = hash_state_dict(model)  # before any device move / quantisation: stable identity
+        self.model = apply_precision(model.to(self.device), self.precision)
         cfg = model.config
         self.dim = int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
         self.image_size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 224))
@@ -142,20 +142,24 @@ class HFClipBackbone(Backbone):
 
     def fingerprint(self) -> str:
         if self._fp is None:
-            cfg = self.model.config.to_dict()
-            for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-                cfg.pop(k, None)
-            proc = self.processor.to_dict()
-            proc.pop("processor_class", None)
-            vocab = "".join(_file_digest(self.ckpt_dir / f) for f in
-                            ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "spiece.model"))
-            self._fp = digest_json({
-                "backbone": self.name, "model_class": type(self.model).__name__, "config": cfg,
-                "weights": self._weights_digest, "vocab": vocab, "max_length": self.max_length,
-                "tokenizer_class": type(self.tokenizer).__name__,
-                "lower": getattr(self.tokenizer, "do_lower_case", None),
-                "processor": proc, "precision": self.precision})
+            self._fp = self.fingerprint_at(self.precision)
         return self._fp
+
+    def fingerprint_at(self, precision: str) -> str:
+        """Fingerprint at ``precision`` (weights, tokenizer, preprocessing, precision)."""
+        cfg = self.model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            cfg.pop(k, None)
+        proc = self.processor.to_dict()
+        proc.pop("processor_class", None)
+        vocab = "".join(_file_digest(self.ckpt_dir / f) for f in
+                        ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "spiece.model"))
+        return digest_json({
+            "backbone": self.name, "model_class": type(self.model).__name__, "config": cfg,
+            "weights": self._weights_digest, "vocab": vocab, "max_length": self.max_length,
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "lower": getattr(self.tokenizer, "do_lower_case", None),
+            "processor": proc, "precision": precision})
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True,

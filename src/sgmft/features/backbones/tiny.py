@@ -28,6 +28,12 @@ SIZES = {
                  vision=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                              image_size=224, patch_size=16),
                  projection_dim=512),
+    # OFA-Sys/chinese-clip-vit-huge-patch14 shapes (RoBERTa-wwm-large text, ViT-H/14 image, D = 1024):
+    # ~0.95 B parameters, ~3.8 GB in fp32 -- benchmarks only
+    "huge": dict(text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+                 vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+                             image_size=224, patch_size=14),
+                 projection_dim=1024),
 }
 
 
