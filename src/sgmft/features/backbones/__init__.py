@@ -48,7 +48,9 @@ def _cnn_wordemb(ref: str, *, dtype: str = "auto", **kw) -> Backbone:
 
     if ref not in ("", CNN_NAME):
         raise ValueError(f"backbone cnn-wordemb: unknown CNN {ref!r}; the only one is {CNN_NAME!r}")
-    if dtype not in ("auto", "float32"):
+    from sgmft.features.backbones.base import canonical_precision
+
+    if canonical_precision(dtype) not in ("auto", "float32"):
         raise ValueError(f"backbone cnn-wordemb runs in float32 only, got dtype={dtype!r}")
     return CNNWordEmbBackbone(**kw)
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, hash_state_dict
-from sgmft.features.backbones.base import resolve_device, resolve_precision
+from sgmft.features.backbones.base import apply_precision, resolve_device, resolve_precision
 
 _DIMS = {"RN50": 1024, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024}
 
@@ -54,7 +54,7 @@ class CnClipBackbone(Backbone):
                 "and copy ckpt/ here (set CN_CLIP_HOME to it).") from None
         model = model.float().eval().requires_grad_(False)
         self._weights_digest = hash_state_dict(model)
-        self.model = model.to(self.device)
+        self.model = apply_precision(model.to(self.device), self.precision)
         self.image_size = int(getattr(model.visual, "input_resolution", 224))
         self.dim = _DIMS.get(ref) or int(self.encode_text(["维"]).shape[1])
         self._fp: str | None = None
