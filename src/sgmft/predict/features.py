@@ -22,6 +22,14 @@ from sgmft.models import forward_batch
 from sgmft.predict.output import PredictionWriter, prediction_format
 
 
+class BackboneMismatchError(ValueError):
+    """The backbone given for prediction is not the one the model's features came from."""
+
+
+class PrecisionMismatchError(BackboneMismatchError):
+    """Features or a backbone at another precision (fp32/bf16/int8) than the training features'."""
+
+
 @dataclass
 class Predictions:
     probs: np.ndarray              # (N, K) softmax probabilities
@@ -98,8 +106,6 @@ class Predictor:
         want_p = (self.features.get("extraction") or {}).get("backbone_precision")
         got_p = (store.meta.get("extra") or {}).get("backbone_precision")
         if want_p and got_p and want_p != got_p and not allow_precision_mismatch:
-            from sgmft.predict.posts import PrecisionMismatchError
-
             raise PrecisionMismatchError(
                 f"{store.path}: features were extracted at precision {got_p}, the model was trained on "
                 f"{want_p} features; re-extract with `sgmft extract --precision {want_p}` or accept the "

@@ -39,19 +39,13 @@ from sgmft.features.encode import DEFAULT_MAX_IMAGES, IMAGE_CHOICES, check_image
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
-from sgmft.predict.features import Predictor
+from sgmft.predict.features import BackboneMismatchError, PrecisionMismatchError, Predictor  # noqa: F401
 from sgmft.predict.output import PredictionWriter, prediction_format
 from sgmft.runs import RunDir
 
 __all__ = ["BackboneMismatchError", "PostPredictor", "training_extract_info"]
 
 
-class BackboneMismatchError(ValueError):
-    """The backbone given for prediction is not the one the model's features came from."""
-
-
-class PrecisionMismatchError(BackboneMismatchError):
-    """The backbone runs at another precision (fp32/bf16/int8) than the training features'."""
 
 
 # -- what the training features were made with -------------------------------------------------
