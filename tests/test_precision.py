@@ -133,6 +133,13 @@ def test_cli_precision_errors(env, capsys, tmp_path):
     assert main(["predict", run, "--text", "看电影", "--precision", "int8", "--allow-precision-mismatch",
                  "--json"]) == 0
     assert "note:" in capsys.readouterr().err
+    # predicting a feature store extracted at another precision
+    assert main(["predict", run, "--store", str(env["stores"]["int8"]), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "--allow-precision-mismatch" in capsys.readouterr().err
+    assert main(["predict", run, "--store", str(env["stores"]["int8"]), "--out", str(tmp_path / "p.csv"),
+                 "--allow-precision-mismatch"]) == 0
+    assert (tmp_path / "p.csv").is_file()
+    capsys.readouterr()
     assert main(["extract", str(env["manifest"]), "--out", str(tmp_path / "s"), "--backbone", env["spec"],
                  "--precision", "bf16", "--dtype", "float32", "--no-progress"]) == 2
     assert "disagree" in capsys.readouterr().err

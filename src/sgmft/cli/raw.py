@@ -164,7 +164,8 @@ def _predict_store(args) -> int:
     pred = Predictor.load(args.run_dir, device=str(resolve_device(args.device)))
     from sgmft.cli.output import progress_on
 
-    s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=progress_on(args))
+    s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=progress_on(args),
+                                   allow_precision_mismatch=args.allow_precision_mismatch)
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0

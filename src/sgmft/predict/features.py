@@ -155,7 +155,8 @@ class Predictor:
         return Predictions(probs, fused, self.label_names)
 
     def predict_store_to_file(self, store, out_path, *, split: str = "all", batch_size: int = 512,
-                              chunk: int = 8192, progress: bool = False) -> dict:
+                              chunk: int = 8192, progress: bool = False,
+                              allow_precision_mismatch: bool = False) -> dict:
         """Predict every post of a feature store (labelled or not) into ``out_path``.
 
         Rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
@@ -167,7 +168,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        self.check_store(fs)
+        self.check_store(fs, allow_precision_mismatch=allow_precision_mismatch)
         if split == "all":
             rows = np.arange(len(fs))
         elif fs.split is None:
@@ -189,7 +190,8 @@ class Predictor:
                 writer = PredictionWriter(f, prediction_format(out_path), self.label_names, with_true=with_true)
                 for s in range(0, len(rows), chunk):
                     r = rows[s:s + chunk]
-                    probs = self.predict_store(fs, r, batch_size=batch_size).probs
+                    probs = self.predict_store(fs, r, batch_size=batch_size,
+                                               allow_precision_mismatch=allow_precision_mismatch).probs
                     top = probs.argmax(1)
                     counts.update(self.label_names[i] for i in top)
                     true = None
