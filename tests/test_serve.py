@@ -276,6 +276,11 @@ def test_never_reads_a_server_path(client, env):
     assert "never as paths" in e["message"]
     e = _err(client.post("/v1/predict", data={"text": "x", "images": img}), 422, "wrong_type", "images[0]")
     assert "never given as paths" in e["message"]
+    # the static mounts serve their own folder only
+    for u in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static-offline-docs/../core.py",
+              "/static//etc/hostname"):
+        r = client.get(u)
+        assert r.status_code == 404 and "import" not in r.text, u
     # even the path of a real image that happens to be valid base64 is decoded as bytes, not opened
     real = Path(f"/tmp/sgmft{os.getpid() % 100000:05d}0")          # 16 characters of the base64 alphabet
     real.write_bytes(png_bytes())
