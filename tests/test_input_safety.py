@@ -266,6 +266,22 @@ def test_field_limit_flags(bb, tmp_path, capsys):
     assert [(r["line"], r["field"]) for r in rej] == [(1, "user")]
 
 
+def test_long_user_does_not_pad_ids(bb, tmp_path):
+    """ids.npy and users.npy are sized by their own longest value (issue 9: one 50,000-char
+    user made ids.npy 60 MB); the field limit caps users.npy at 256 characters per row."""
+    _img(tmp_path / "a.png")
+    rows = [{"id": f"p{i}", "user": ("u" * 250 if i == 0 else f"u{i}"), "text": "学校", "images": ["a.png"]}
+            for i in range(20)]
+    rows.append({"id": "huge", "user": "y" * 50_000, "text": "学校", "images": ["a.png"]})
+    m = _write(tmp_path / "m.jsonl", rows)
+    res = extract_features(m, tmp_path / "s", backbone=bb, progress=False, rejects_path=tmp_path / "r.jsonl")
+    fs = FeatureStore.open(res.store_path)
+    assert len(fs) == 20 and fs.ids.dtype == np.dtype("<U3") and fs.users.dtype == np.dtype("<U250")
+    assert (tmp_path / "s" / "ids.npy").stat().st_size < 1000
+    rej = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["field"]) for r in rej] == [(21, "user")]
+
+
 # -- 4. corrupt cache shards --------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_shard_warned_and_recomputed(bb, tmp_path, caplog, damage):

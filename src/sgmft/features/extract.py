@@ -418,7 +418,9 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
     with_split = n > 0 and all(splits) and {"train", "test"} <= set(splits)
     if any(splits) and not with_split:
         log.warning("split field omitted from the store: only some posts have one, or train/test is empty")
-    width = max([1] + [len(p.id) for p in posts] + [len(p.user) for p in posts])
+    # ids and users each get their own fixed width (field limits cap both: --max-id-chars, --max-user-chars)
+    width = max([1] + [len(p.id) for p in posts])
+    uwidth = max([1] + [len(p.user) for p in posts])
     extra = {"clean_config": asdict(cleaner.cfg), "clean_fingerprint": cleaner.fingerprint(),
              "image_choice": image_choice, "manifest": str(Path(manifest).resolve()),
              "backbone_fingerprint": bb.fingerprint(), "backbone_precision": bb.precision}
@@ -426,7 +428,8 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
     n_text_missing = n_image_missing = 0
     with FeatureStoreWriter(out_store, num_posts=n, dim=bb.dim, label_names=label_names, backbone=bb.spec,
                             normalization="l2", with_labels=True, with_users=True, with_split=with_split,
-                            with_masks=True, extra=extra, overwrite=overwrite, id_width=width) as w:
+                            with_masks=True, extra=extra, overwrite=overwrite, id_width=width,
+                            user_width=uwidth) as w:
         start = 0
         for keys in batch_keys:
             try:

@@ -324,7 +324,8 @@ def _as_str(values, width: int, what: str, start: int, path: Path) -> np.ndarray
     arr = np.asarray(values).astype(str)
     if arr.size and int(np.char.str_len(arr).max()) > width:
         r = int(np.argmax(np.char.str_len(arr) > width))
-        raise _fail(path / f"{what}.npy", f"{what} {str(arr[r])!r} in row {start + r} is longer than id_width={width}")
+        raise _fail(path / f"{what}.npy", f"{what} {str(arr[r])!r} in row {start + r} is longer than "
+                    f"{'user' if what == 'users' else 'id'}_width={width}")
     return arr
 
 
@@ -339,7 +340,7 @@ class FeatureStoreWriter:
                  normalization: str = "l2", dtype: str = "float32", with_labels: bool = True,
                  with_users: bool = True, with_split: bool = False, with_masks: bool = False,
                  extra: dict | None = None, overwrite: bool = False, id_width: int = 64,
-                 regime_names: Sequence[str] | None = None):
+                 regime_names: Sequence[str] | None = None, user_width: int | None = None):
         self.path, self.overwrite = Path(path), overwrite
         self._check_target()
         if dtype not in FLOAT_DTYPES:
@@ -357,6 +358,8 @@ class FeatureStoreWriter:
                 raise _fail(self.path / "meta.json", "more than 32767 regime_names")
             self._regime_index = {name: i for i, name in enumerate(self.meta["regime_names"])}
         self.id_width, n = int(id_width), int(num_posts)
+        # users get their own width (default: id_width), so a long user name does not pad ids.npy
+        self.user_width = int(user_width) if user_width is not None else self.id_width
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.orphans_removed = clean_orphan_tmp(self.path)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -365,7 +368,7 @@ class FeatureStoreWriter:
         self._done: Path | None = None
         specs = {"ids": (f"<U{self.id_width}", (n,)), "text": (dtype, (n, dim)), "image": (dtype, (n, dim))}
         if with_users:
-            specs["users"] = (f"<U{self.id_width}", (n,))
+            specs["users"] = (f"<U{self.user_width}", (n,))
         if with_labels:
             specs["labels"] = ("<i8", (n,))
         if with_split:
@@ -419,7 +422,7 @@ class FeatureStoreWriter:
         if regime is not None:
             out["regime"] = self._regime_codes(regime, start)
         if users is not None:
-            out["users"] = _as_str(users, self.id_width, "users", start, tmp)
+            out["users"] = _as_str(users, self.user_width, "users", start, tmp)
         if split is not None:
             out["split"] = np.asarray(split).astype(str)
             if not np.isin(out["split"], SPLITS).all():
@@ -528,8 +531,9 @@ def write_feature_store(path, *, ids, text, image, label_names, labels=None, use
     text = np.asarray(text)
     if text.ndim != 2:
         raise FeatureStoreError(f"{path}/text.npy: text must be 2-D (N, D), got shape {text.shape}")
-    strs = [ids] + ([np.asarray(users).astype(str)] if users is not None else [])
-    width = max([1] + [int(np.char.str_len(s).max()) for s in strs if s.size])
+    users_s = np.asarray(users).astype(str) if users is not None else None
+    width = max([1] + ([int(np.char.str_len(ids).max())] if ids.size else []))
+    uwidth = max([1] + ([int(np.char.str_len(users_s).max())] if users_s is not None and users_s.size else []))
     if regime is not None and regime_names is None:
         reg = np.asarray(regime)
         if reg.dtype.kind not in "USO":
@@ -542,7 +546,8 @@ def write_feature_store(path, *, ids, text, image, label_names, labels=None, use
                             with_labels=labels is not None, with_users=users is not None,
                             with_split=split is not None,
                             with_masks=text_mask is not None or image_mask is not None,
-                            extra=extra, overwrite=overwrite, id_width=width, regime_names=regime_names) as w:
+                            extra=extra, overwrite=overwrite, id_width=width, regime_names=regime_names,
+                            user_width=uwidth) as w:
         w.write(0, ids=ids, text=text, image=image, labels=labels, users=users, split=split,
                 text_mask=text_mask, image_mask=image_mask, regime=regime)
     return Path(path)
