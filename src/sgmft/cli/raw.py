@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from sgmft.cli.output import emit
 from sgmft.errors import UserError
 from sgmft.ingest.text import CleanConfig
 
@@ -166,16 +167,19 @@ def _predict_store(args) -> int:
 
     s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=progress_on(args),
                                    allow_precision_mismatch=args.allow_precision_mismatch)
-    if args.json:
-        print(json.dumps(s, ensure_ascii=False, indent=2))
-        return 0
-    print(f"predicted {s['posts']} posts of {s['store']} -> {s['out']}  ({s['seconds']:.1f} s)")
+    emit(args, s, "\n".join(_summary_lines(s, f"predicted {s['posts']} posts of {s['store']} -> {s['out']}")))
+    return 0
+
+
+def _summary_lines(s: dict, head: str) -> list[str]:
+    """The human summary shared by ``predict --store`` and ``predict --manifest``."""
+    lines = [f"{head}  ({s['seconds']:.1f} s)"]
     if s["predicted"]:
         top = sorted(s["predicted"].items(), key=lambda kv: -kv[1])
-        print("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
+        lines.append("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
     if "accuracy" in s:
-        print(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
-    return 0
+        lines.append(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
+    return lines
 
 
 def cmd_predict(args) -> int:
@@ -207,18 +211,12 @@ def cmd_predict(args) -> int:
     from sgmft.cli.output import progress_on
 
     s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args), **kw)
-    if args.json:
-        print(json.dumps(s, ensure_ascii=False, indent=2))
-        return 0
-    print(f"predicted {s['posts']} posts -> {s['out']}  ({s['seconds']:.1f} s)")
-    if s["predicted"]:
-        top = sorted(s["predicted"].items(), key=lambda kv: -kv[1])
-        print("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
-    if "accuracy" in s:
-        print(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
-    print(f"  masks: {s['text_missing']} post(s) without usable text, {s['image_missing']} without a usable image")
-    print(f"  rejects: {s['rejects']} ({s['rows_rejected']} manifest row(s) skipped, {s['images_rejected']} "
-          f"image file(s) unusable) -> {s['rejects_path']}")
+    lines = _summary_lines(s, f"predicted {s['posts']} posts -> {s['out']}")
+    lines.append(f"  masks: {s['text_missing']} post(s) without usable text, {s['image_missing']} without a "
+                 "usable image")
+    lines.append(f"  rejects: {s['rejects']} ({s['rows_rejected']} manifest row(s) skipped, "
+                 f"{s['images_rejected']} image file(s) unusable) -> {s['rejects_path']}")
+    emit(args, s, "\n".join(lines))
     return 0
 
 

@@ -418,6 +418,15 @@ def _run_info(pp) -> dict:
 
 
 # -- the app -------------------------------------------------------------------------------------
+
+def _check_batch_size(n: int, cfg) -> None:
+    """422 when a batch request carries more posts than ``--max-batch-posts``."""
+    if n > cfg.max_batch_posts:
+        raise ApiError(422, "too_many_posts", f"posts: {n} posts, over the limit of "
+                       f"{cfg.max_batch_posts} (server flag --max-batch-posts)", field="posts",
+                       limit=cfg.max_batch_posts)
+
+
 def create_app(pp, config: ServeConfig | None = None) -> "FastAPIOffline":
     """A FastAPI app serving ``pp`` (a loaded :class:`~sgmft.predict.PostPredictor`)."""
     cfg = config or ServeConfig()
@@ -487,10 +496,7 @@ def create_app(pp, config: ServeConfig | None = None) -> "FastAPIOffline":
     async def predict_batch(request: Request):
         """Several raw posts (JSON, images in base64), at most ``--max-batch-posts``."""
         body = _parse_json(BatchIn, await request.body())
-        if len(body.posts) > cfg.max_batch_posts:
-            raise ApiError(422, "too_many_posts", f"posts: {len(body.posts)} posts, over the limit of "
-                           f"{cfg.max_batch_posts} (server flag --max-batch-posts)", field="posts",
-                           limit=cfg.max_batch_posts)
+        _check_batch_size(len(body.posts), cfg)
         posts = [_post_from_json(p, f"posts[{i}]", cfg) for i, p in enumerate(body.posts)]
         res = await submit(svc.posts, posts)
         return {"predictions": [_prediction(r, p) for r, p in zip(res, posts)]}
@@ -501,10 +507,7 @@ def create_app(pp, config: ServeConfig | None = None) -> "FastAPIOffline":
     async def predict_features(request: Request):
         """Posts as D-vectors from the run's backbone (for clients that run the encoder themselves)."""
         body = _parse_json(FeaturesIn, await request.body())
-        if len(body.posts) > cfg.max_batch_posts:
-            raise ApiError(422, "too_many_posts", f"posts: {len(body.posts)} posts, over the limit of "
-                           f"{cfg.max_batch_posts} (server flag --max-batch-posts)", field="posts",
-                           limit=cfg.max_batch_posts)
+        _check_batch_size(len(body.posts), cfg)
         d = pp.predictor.dim
         items, notes = [], []
         for i, p in enumerate(body.posts):
