@@ -104,6 +104,11 @@ class Batcher:
                 results = await loop.run_in_executor(self.executor, self.fn, [it for it, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:  # stop() while this batch runs: its requests get an error, not a hang
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(RuntimeError(f"the {self.name} batcher stopped"))
+                raise
             except Exception as e:  # every waiting request gets the error (a 500), the worker goes on
                 for _, f in batch:
                     if not f.done():
