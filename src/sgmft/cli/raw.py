@@ -93,7 +93,7 @@ def cmd_extract(args) -> int:
             on_error="raise" if args.strict else "skip", progress=progress,
             device=args.device, dtype=_extract_dtype(args), num_processes=args.num_processes, threads=args.threads,
             overwrite=args.overwrite, keep_cache=not args.no_cache_keep, **input_safety_kwargs(args),
-            prefetch_bytes=int(args.prefetch_mb * 2**20))
+            prefetch_bytes=int(args.prefetch_mb * 2**20), **engine_kwargs(args))
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)
@@ -102,7 +102,10 @@ def cmd_extract(args) -> int:
         print(json.dumps({
             "store": str(res.store_path), "num_posts": res.num_posts, "backbone": fs.backbone, "dim": fs.dim,
             "image_choice": args.image_choice, "encoded": res.encoded, "cached": res.cached_hits,
-            "seconds": round(res.seconds, 2), "processes": res.world_size, "text_missing": res.text_missing,
+            "seconds": round(res.seconds, 2), "processes": res.world_size, "engine": args.engine,
+            **({"ray": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.engine.items()}}
+               if res.engine else {}),
+            "text_missing": res.text_missing,
             "image_missing": res.image_missing, "rejects": res.num_rejects, "rows_rejected": n_rows,
             "images_rejected": res.images_rejected, "rejects_path": str(rejects),
             "first_rejects": [r.to_dict() for r in res.rejects[:args.show_rejects]]}, ensure_ascii=False, indent=2))
@@ -110,7 +113,9 @@ def cmd_extract(args) -> int:
     print(f"extracted {res.num_posts} posts -> {res.store_path}  (backbone {fs.backbone}, D={fs.dim}, "
           f"image choice {args.image_choice})")
     print(f"  encoded {res.encoded}, from cache {res.cached_hits}  ({res.seconds:.1f} s, "
-          f"{res.world_size} process{'es' if res.world_size > 1 else ''})")
+          + (f"ray: {res.engine['actors']} replica(s) x {res.engine['threads']} thread(s)"
+             f"{' on GPUs' if res.engine['gpu'] else ''}, start-up {res.engine['startup_s']:.1f} s)"
+             if res.engine else f"{res.world_size} process{'es' if res.world_size > 1 else ''})"))
     print(f"  masks: {res.text_missing} post(s) without usable text (text_mask False), "
           f"{res.image_missing} without a usable image (image_mask False)")
     print(f"  rejects: {res.num_rejects} ({n_rows} manifest row(s) dropped, {res.images_rejected} image "
@@ -120,6 +125,25 @@ def cmd_extract(args) -> int:
     if res.num_rejects > args.show_rejects:
         print(f"    ... {res.num_rejects - args.show_rejects} more in {rejects}")
     return 0
+
+
+def engine_kwargs(args) -> dict:
+    """``engine``, ``ray_address``, ``ray_num_cpus``, ``ray_actors`` from :func:`engine_args`'s flags."""
+    if args.engine != "ray" and (args.address or args.ray_cpus or args.actors):
+        raise UserError("--address, --ray-cpus and --actors need --engine ray")
+    return dict(engine=args.engine, ray_address=args.address, ray_num_cpus=args.ray_cpus, ray_actors=args.actors)
+
+
+def engine_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("engine (docs/scale.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (and --num-processes); ray: Ray Data, on a local Ray instance or a "
+                        "cluster (pip install 'sgmft[ray]'); same results either way")
+    g.add_argument("--address", help="ray: the cluster to join ('auto' = the one this node was `ray start`ed in, "
+                                     "or ray://HOST:10001); default: start a local Ray instance")
+    g.add_argument("--ray-cpus", dest="ray_cpus", type=int, help="ray: CPUs of the local Ray instance (default: all)")
+    g.add_argument("--actors", type=int, help="ray: backbone replicas (default: one per GPU; on CPUs, "
+                                             "CPUs // (threads + 1), with --threads torch threads each, default min(4, CPUs))")
 
 
 # -- predict -------------------------------------------------------------------------------------
@@ -267,6 +291,7 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefetch-mb", dest="prefetch_mb", type=float, default=512,
                    help="memory for prepared batches waiting for the model, in MiB (default 512)")
     input_safety_args(s)
+    engine_args(s)
     g = s.add_argument_group("text cleaning (docs/text-cleaning.md; every step is on by default)")
     for step in CLEAN_STEPS:
         g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")

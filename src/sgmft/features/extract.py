@@ -103,6 +103,7 @@ class ExtractResult:
     cache_dir: Path | None = None
     rejects_path: Path | None = None
     rejects: list[Reject] = field(default_factory=list, repr=False)
+    engine: dict | None = None  # --engine ray: replicas, threads, start-up and run seconds
 
 
 # -- distributed helpers -----------------------------------------------------------------------
@@ -238,7 +239,9 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
                      overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
                      max_images: int | None = DEFAULT_MAX_IMAGES, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
                      image_root: str | Path | None = None, allow_any_path: bool = False,
-                     field_limits: dict | None = None, _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
+                     field_limits: dict | None = None, engine: str = "local", ray_address: str | None = None,
+                     ray_num_cpus: int | None = None, ray_actors: int | None = None,
+                     _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
     ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``.
@@ -260,6 +263,10 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     ``field_limits``: ``max_id_chars`` / ``max_user_chars`` / ``max_text_chars`` for
     :func:`~sgmft.ingest.manifest.read_manifest`. Output paths (the store, its cache, the
     rejects file) may not be the manifest (checked before anything is written).
+    ``engine="ray"``: the same pipeline on Ray Data (:mod:`sgmft.features.ray_engine`;
+    ``ray_address`` joins a cluster, else a local Ray with ``ray_num_cpus`` CPUs;
+    ``ray_actors`` backbone replicas, default one per GPU); the same shards and a
+    byte-identical store at equal ``threads``.
     """
     check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
@@ -275,6 +282,15 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
               overwrite=overwrite, keep_cache=keep_cache, threads=threads, max_images=max_images,
               prefetch_bytes=prefetch_bytes, image_root=image_root, allow_any_path=allow_any_path,
               field_limits=field_limits)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        if num_processes > 1:
+            raise ValueError("--num-processes is for --engine local; with --engine ray, Ray places the replicas")
+        from sgmft.features.ray_engine import extract_features_ray
+
+        return extract_features_ray(Path(manifest), out_store, backbone, address=ray_address, num_cpus=ray_num_cpus,
+                                    actors=ray_actors, **kw)
     if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
             raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
@@ -303,16 +319,11 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
 
         bb: Backbone = backbone if not isinstance(backbone, str) else load_backbone(
             backbone, device=device, dtype=dtype, batch_size=batch_size)
-        cleaner = TextCleaner(clean_cfg)
+        cleaner, posts, row_rejects, prefix, cache = _plan(
+            manifest, bb, clean_cfg=clean_cfg, image_choice=image_choice, cache_dir=cache_dir, on_error=on_error,
+            label_names=label_names, max_pixels=max_pixels, max_images=max_images, image_root=image_root,
+            allow_any_path=allow_any_path, field_limits=field_limits)
         base = manifest.resolve().parent
-        posts, row_rejects = read_manifest(manifest, label_names=label_names, check_images=True,
-                                           on_error="raise" if on_error == "raise" else "skip",
-                                           image_root=image_root, allow_any_path=allow_any_path,
-                                           **(field_limits or {}))
-        prefix = json.dumps({"v": CACHE_VERSION, "backbone": bb.fingerprint(), "clean": cleaner.fingerprint(),
-                             "choice": image_choice, "max_pixels": max_pixels, "max_images": max_images,
-                             "reduce_to": reduce_side(bb)}, sort_keys=True).encode()
-        cache = _Cache(cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
         n_batches = (len(posts) + batch_size - 1) // batch_size
         mine = [b for b in range(n_batches) if b % world == rank]
         tok_lock = threading.Lock()
@@ -384,12 +395,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             d.barrier()
         result = None
         if rank == 0:
-            for f in cache.shards.glob(".*.tmp"):  # partial writes of killed earlier runs
-                try:
-                    if f.stat().st_mtime < started:
-                        f.unlink()
-                except OSError:
-                    pass
+            _remove_stale_tmp(cache, started)
             result = _assemble(out_store, posts, [batch_keys[b] for b in range(n_batches)], row_rejects, cache,
                                bb, cleaner, image_choice, label_names, manifest, rejects_path, overwrite,
                                hits, encoded, world, t0)
@@ -407,6 +413,33 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _plan(manifest: Path, bb, *, clean_cfg, image_choice, cache_dir, on_error, label_names, max_pixels, max_images,
+          image_root, allow_any_path, field_limits):
+    """What every engine (local, torch.distributed, Ray) starts from: the text cleaner, the
+    valid posts and the manifest-row rejects, the cache-key prefix and the shard cache.
+    Batch ``b`` is always ``posts[b*batch_size:(b+1)*batch_size]``."""
+    cleaner = TextCleaner(clean_cfg)
+    posts, row_rejects = read_manifest(manifest, label_names=label_names, check_images=True,
+                                       on_error="raise" if on_error == "raise" else "skip",
+                                       image_root=image_root, allow_any_path=allow_any_path,
+                                       **(field_limits or {}))
+    prefix = json.dumps({"v": CACHE_VERSION, "backbone": bb.fingerprint(), "clean": cleaner.fingerprint(),
+                         "choice": image_choice, "max_pixels": max_pixels, "max_images": max_images,
+                         "reduce_to": reduce_side(bb)}, sort_keys=True).encode()
+    cache = _Cache(cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
+    return cleaner, posts, row_rejects, prefix, cache
+
+
+def _remove_stale_tmp(cache: "_Cache", started: float) -> None:
+    """Partial shard writes of killed earlier runs (older than this run's start)."""
+    for f in cache.shards.glob(".*.tmp"):
+        try:
+            if f.stat().st_mtime < started:
+                f.unlink()
+        except OSError:
+            pass
 
 
 def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, image_choice, label_names,

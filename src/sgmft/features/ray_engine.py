@@ -1,0 +1,328 @@
+"""``--engine ray``: the extraction (and batch prediction) pipeline on Ray Data.
+
+The same batches as the local engine (batch ``b`` = posts ``[b*B, (b+1)*B)`` of the
+validated manifest), through the same code (:mod:`sgmft.features.encode`), into the same
+content-addressed shards (:class:`sgmft.features.extract._Cache`) and the same store
+assembly (``_assemble``); only *where* each stage runs changes:
+
+1. the driver reads and validates the manifest (the same rejects as ``--engine local``);
+2. CPU tasks (``Dataset.map``): per batch, the content keys (image bytes are hashed here,
+   not on the driver), a check for a finished shard (resume), and
+   :func:`~sgmft.features.encode.prepare_batch` (clean, decode, tokenize, preprocess) with
+   a copy of the backbone that has no model weights (:func:`cpu_stage`);
+3. an actor pool of backbone replicas (``Dataset.map_batches`` with a callable class, one
+   batch per call; one replica per GPU when the cluster has GPUs, else ``actors`` CPU
+   replicas with ``threads`` torch threads each): :func:`~sgmft.features.encode.encode_prepared`,
+   then the shard is written atomically by the replica;
+4. the driver assembles the store from the shards, in post order.
+
+So the store is byte-identical to ``--engine local`` for the same backbone, precision and
+torch thread count (float sums depend on the thread count in the last bits), and a killed
+job loses only the shards that were not yet written. The shard cache must be on a path
+every node sees (a shared filesystem); see docs/scale.md. Ray is imported lazily: only
+this module needs it (``pip install 'sgmft[ray]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger("sgmft.ray")
+
+INSTALL_HINT = "--engine ray needs Ray Data: pip install 'sgmft[ray]' (or pip install 'ray[data]==2.60.0')"
+# object store of a Ray instance started here (not of a cluster joined with --address): bounded, so
+# prepared batches waiting for a replica cannot take the machine's memory (Ray Data backpressures)
+DEFAULT_OBJECT_STORE_MB = 1024
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                object_store_mb: int | None = DEFAULT_OBJECT_STORE_MB, progress: bool = False):
+    """Ray for the duration of the block: joins ``address`` (``"auto"``: the cluster this node
+    belongs to, started by ``ray start``; ``"ray://host:10001"``: Ray Client), or starts a
+    local instance with ``num_cpus`` (default: all cores) and shuts it down afterwards. An
+    already initialised Ray (e.g. in a notebook) is used as it is."""
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
+                                  log_to_driver=progress)
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=num_cpus, object_store_memory=(int(object_store_mb) << 20) if object_store_mb else None,
+                     **kw)
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cpu_stage(backbone):
+    """A copy of ``backbone`` for the CPU stage (tokenize, preprocess_images): the same object
+    with every ``torch.nn.Module`` attribute dropped, so shipping it to CPU tasks does not
+    ship the weights. The forward is never called on it."""
+    import torch
+
+    shim = copy.copy(backbone)
+    for k, v in list(vars(shim).items()):
+        if isinstance(v, torch.nn.Module):
+            setattr(shim, k, None)
+    return shim
+
+
+@dataclass
+class BackboneInfo:
+    """What the driver needs of a backbone it does not load (a replica reports it)."""
+
+    spec: str
+    dim: int
+    precision: str
+    batch_size: int
+    image_size: int
+    fp: str
+
+    def fingerprint(self) -> str:
+        return self.fp
+
+    @classmethod
+    def of(cls, bb) -> "BackboneInfo":
+        return cls(bb.spec, int(bb.dim), bb.precision, int(bb.batch_size), int(getattr(bb, "image_size", 0) or 0),
+                   bb.fingerprint())
+
+
+def cluster_plan(ray, device: str, actors: int | None, threads: int | None) -> dict:
+    """Replicas and their resources: one per GPU (``num_gpus=1``) when the cluster has GPUs and
+    ``device`` allows them; else ``actors`` CPU replicas of ``threads`` torch threads
+    (default ``threads = min(4, CPUs)`` and ``actors = max(1, CPUs // (threads + 1))``, so one
+    core per replica is left to the CPU tasks). Each replica reserves ``threads`` CPUs, but
+    never all of them (a CPU task must be able to run)."""
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    use_gpu = gpus > 0 and not str(device).startswith("cpu")
+    if use_gpu:
+        n = int(actors or gpus)
+        t = int(threads or 1)
+        return dict(actors=n, threads=t, num_gpus=1, num_cpus=1, gpu=True, cluster_cpus=cpus, cluster_gpus=gpus)
+    t = int(threads or min(4, cpus))
+    n = int(actors or max(1, cpus // (t + 1)))
+    return dict(actors=n, threads=t, num_gpus=0, num_cpus=max(1, min(t, cpus - 1)), gpu=False,
+                cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+# -- the CPU stage (a Ray task per block of batches) ------------------------------------------
+_CTX_CACHE: dict[str, Any] = {}
+
+
+def _context(ref) -> dict:
+    """The prepare context (shipped once through the object store), cached per worker process."""
+    key = ref.hex() if hasattr(ref, "hex") else str(id(ref))
+    if key not in _CTX_CACHE:
+        _CTX_CACHE.clear()
+        if isinstance(ref, dict):
+            ctx = ref
+        else:
+            import ray
+
+            ctx = ray.get(ref)
+        from sgmft.ingest.text import TextCleaner
+
+        ctx = dict(ctx, cleaner=TextCleaner(ctx["clean_cfg"]))
+        if ctx.get("cache_root") is not None:
+            from sgmft.features.extract import _Cache
+
+            ctx["cache"] = _Cache(ctx["cache_root"], salt=ctx["cache_salt"])
+        _CTX_CACHE[key] = ctx
+    return _CTX_CACHE[key]
+
+
+def _prepare_row(row: dict, ctx_ref) -> dict:
+    """One batch: content keys, finished-shard check (extract only), then ``prepare_batch``."""
+    from sgmft.features.encode import prepare_batch
+
+    ctx = _context(ctx_ref)
+    posts = pickle.loads(row["posts"])
+    keys: list[str] = []
+    if ctx.get("prefix") is not None:
+        from sgmft.features.extract import _post_key
+
+        keys = [_post_key(ctx["prefix"], p) for p in posts]
+        if ctx["cache"].valid(keys):
+            return {"b": int(row["b"]), "keys": json.dumps(keys), "payload": b""}
+    pr = prepare_batch(ctx["stage"], ctx["cleaner"], posts, ctx["image_choice"], max_pixels=ctx["max_pixels"],
+                       base=ctx["base"], on_error=ctx["on_error"], max_images=ctx["max_images"])
+    return {"b": int(row["b"]), "keys": json.dumps(keys), "payload": pickle.dumps(pr, protocol=5)}
+
+
+# -- the replicas (a Ray Data actor pool) -----------------------------------------------------
+class _Replica:
+    """Base of the actor classes: torch threads set once, one prepared batch per call."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {}
+        for b, keys, payload in zip(batch["b"], batch["keys"], batch["payload"]):
+            for k, v in self.one(int(b), str(keys), bytes(payload)).items():
+                out.setdefault(k, []).append(v)
+        return {k: np.asarray(v) if k in ("b", "n") else np.asarray(v, dtype=object) for k, v in out.items()}
+
+    def one(self, b: int, keys: str, payload: bytes) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _ExtractReplica(_Replica):
+    """Loads the backbone once, checks it is the driver's (same fingerprint on every node),
+    encodes each prepared batch and writes its shard."""
+
+    def __init__(self, spec: str, device: str, dtype: str, batch_size: int, threads: int, image_choice: str,
+                 cache_root: str, cache_salt: str, fingerprint: str):
+        super().__init__(threads)
+        from sgmft.features.backbones import load_backbone
+        from sgmft.features.extract import _Cache
+
+        self.bb = load_backbone(spec, device=device, dtype=dtype, batch_size=batch_size)
+        if self.bb.fingerprint() != fingerprint:
+            raise RuntimeError(f"backbone {spec!r} on this node ({os.uname().nodename}) has fingerprint "
+                               f"{self.bb.fingerprint()[:12]}, the job's is {fingerprint[:12]}: the nodes hold "
+                               "different weights, tokenizer, preprocessing or precision")
+        self.image_choice = image_choice
+        self.cache = _Cache(Path(cache_root), salt=cache_salt)
+
+    def one(self, b: int, keys: str, payload: bytes) -> dict:
+        from sgmft.features.encode import encode_prepared
+
+        if not payload:  # a finished shard (resume)
+            return {"b": b, "keys": keys, "n": 0}
+        e = encode_prepared(self.bb, pickle.loads(payload), self.image_choice)
+        self.cache.put(json.loads(keys), e.text, e.image, e.text_mask, e.image_mask, e.rejects)
+        return {"b": b, "keys": keys, "n": len(e.text)}
+
+
+def _probe_backbone(spec: str, device: str, dtype: str, batch_size: int):
+    """(BackboneInfo, CPU-stage copy) of the backbone as a replica loads it (same device kind)."""
+    from sgmft.features.backbones import load_backbone
+
+    bb = load_backbone(spec, device=device, dtype=dtype, batch_size=batch_size)
+    return BackboneInfo.of(bb), cpu_stage(bb)
+
+
+def _cpu_task_args() -> dict:
+    return {"num_cpus": 1}
+
+
+def run_batches(ray, batches: Sequence[tuple[int, list]], ctx: dict, replica_cls: type, replica_kwargs: dict,
+                plan: dict, *, progress: bool = False) -> Iterator[dict]:
+    """Stream ``batches`` (``(b, posts)``) through CPU tasks and the replica pool; yields each
+    replica's result row (in completion order, not post order)."""
+    if not batches:
+        return
+    ctx_ref = ray.put(ctx)
+    rows = [{"b": b, "posts": pickle.dumps(p, protocol=5)} for b, p in batches]
+    # many small blocks: a batch is prepared, encoded and written as soon as possible (and a
+    # kill loses little); capped so a huge manifest does not make a huge task graph
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4096)))
+    # CPU tasks; a ray_remote_args_fn keeps Ray Data from fusing them into the replicas (it fuses
+    # a task map into the next actor map when their resources match), so decoding runs beside
+    # the forward instead of inside the replica, before it
+    ds = ds.map(_prepare_row, fn_kwargs={"ctx_ref": ctx_ref}, num_cpus=1, ray_remote_args_fn=_cpu_task_args)
+    ds = ds.map_batches(replica_cls, fn_constructor_kwargs=replica_kwargs, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=plan["actors"]), num_cpus=plan["num_cpus"],
+                        num_gpus=plan["num_gpus"])
+    for row in ds.iter_rows():
+        yield row
+
+
+def extract_features_ray(manifest: Path, out_store: Path, backbone: str, *, address: str | None = None,
+                         num_cpus: int | None = None, actors: int | None = None,
+                         object_store_mb: int | None = DEFAULT_OBJECT_STORE_MB, clean_cfg, image_choice,
+                         batch_size, cache_dir, rejects_path, on_error, progress, label_names, device, dtype,
+                         max_pixels, overwrite, keep_cache, threads=None, max_images=None, image_root=None,
+                         allow_any_path=False, field_limits=None, _on_plan: Callable[[dict], None] | None = None,
+                         **_ignored):
+    """:func:`sgmft.features.extract.extract_features` with ``engine="ray"`` (see the module doc)."""
+    from sgmft.features.extract import _assemble, _plan, _remove_stale_tmp
+
+    if not isinstance(backbone, str):
+        raise ValueError("--engine ray needs the backbone as a spec string (every replica loads it)")
+    t0, started = time.perf_counter(), time.time()
+    manifest, out_store, cache_dir = Path(manifest), Path(out_store), Path(cache_dir)
+    if out_store.exists() and not overwrite:
+        raise FileExistsError(f"{out_store} already exists; pass overwrite=True (--overwrite) to replace it")
+    with ray_session(address, num_cpus, object_store_mb, progress) as ray:
+        plan = cluster_plan(ray, device, actors, threads)
+        t_probe = time.perf_counter()
+        probe = ray.remote(_probe_backbone).options(num_cpus=1, num_gpus=plan["num_gpus"])
+        info, stage = ray.get(probe.remote(backbone, device, dtype, batch_size))
+        plan.update(startup_s=t_probe - t0, probe_s=time.perf_counter() - t_probe)
+        cleaner, posts, row_rejects, prefix, cache = _plan(
+            manifest, info, clean_cfg=clean_cfg, image_choice=image_choice, cache_dir=cache_dir, on_error=on_error,
+            label_names=label_names, max_pixels=max_pixels, max_images=max_images, image_root=image_root,
+            allow_any_path=allow_any_path, field_limits=field_limits)
+        n_batches = (len(posts) + batch_size - 1) // batch_size
+        batches = [(b, posts[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]
+        ctx = dict(stage=stage, clean_cfg=cleaner.cfg, image_choice=image_choice, max_pixels=max_pixels,
+                   base=manifest.resolve().parent, on_error=on_error, max_images=max_images, prefix=prefix,
+                   cache_root=str(cache.root), cache_salt=cache.salt)
+        kwargs = dict(spec=backbone, device=device, dtype=dtype, batch_size=batch_size, threads=plan["threads"],
+                      image_choice=image_choice, cache_root=str(cache.root), cache_salt=cache.salt,
+                      fingerprint=info.fingerprint())
+        if _on_plan is not None:
+            _on_plan(plan)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(posts), unit="post", desc=f"extract[ray x{plan['actors']}]", disable=not progress,
+                   dynamic_ncols=True)
+        batch_keys: dict[int, list[str]] = {}
+        hits = encoded = 0
+        t_run = time.perf_counter()
+        try:
+            for row in run_batches(ray, batches, ctx, _ExtractReplica, kwargs, plan, progress=progress):
+                b, n = int(row["b"]), int(row["n"])
+                batch_keys[b] = json.loads(row["keys"])
+                encoded += n
+                hits += len(batch_keys[b]) - n
+                bar.update(len(batch_keys[b]))
+        finally:
+            bar.close()
+        plan["run_s"] = time.perf_counter() - t_run
+    missing = [b for b in range(n_batches) if b not in batch_keys]
+    if missing:
+        raise RuntimeError(f"--engine ray: {len(missing)} batch(es) produced no result (first: {missing[0]}); "
+                           "run the same command again to finish them")
+    _remove_stale_tmp(cache, started)
+    res = _assemble(out_store, posts, [batch_keys[b] for b in range(n_batches)], row_rejects, cache, info, cleaner,
+                    image_choice, label_names, manifest, rejects_path, overwrite, hits, encoded, plan["actors"], t0)
+    if not keep_cache:
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    res.engine = dict(plan, engine="ray")
+    return res
