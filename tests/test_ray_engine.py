@@ -124,14 +124,15 @@ def _np_batch(row):
 
 
 def test_engine_option_checks(env, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="engine"):
-        extract_features(env["manifest"], tmp_path / "s", backbone=env["spec"], engine="spark", progress=False)
     with pytest.raises(ValueError, match="num-processes"):
-        extract_features(env["manifest"], tmp_path / "s", backbone=env["spec"], engine="ray", num_processes=2,
-                         progress=False)
+        R.extract_features_ray(env["manifest"], tmp_path / "s", backbone=env["spec"], num_processes=2, progress=False)
+    with pytest.raises(ValueError, match="image_choice"):      # extract_features' own checks apply
+        R.extract_features_ray(env["manifest"], tmp_path / "s", backbone=env["spec"], image_choice="best")
+    with pytest.raises(ValueError, match="the manifest"):      # an output naming the manifest, before anything runs
+        R.extract_features_ray(env["manifest"], tmp_path / "s", backbone=env["spec"], rejects_path=env["manifest"])
     monkeypatch.setitem(sys.modules, "ray", None)                  # Ray not installed
     with pytest.raises(ImportError, match=r"sgmft\[ray\]"):
-        extract_features(env["manifest"], tmp_path / "s", backbone=env["spec"], engine="ray", progress=False)
+        R.extract_features_ray(env["manifest"], tmp_path / "s", backbone=env["spec"], progress=False)
     assert not (tmp_path / "s").exists()
 
 

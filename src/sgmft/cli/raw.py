@@ -82,6 +82,8 @@ def cmd_extract(args) -> int:
     from sgmft.cli.output import progress_on, quiet_stdout
     from sgmft.features.extract import extract_features
 
+    if args.engine == "ray":
+        from sgmft.features.ray_engine import extract_features_ray as extract_features  # noqa: F811
     cfg = clean_config_from_args(args)
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
@@ -128,10 +130,13 @@ def cmd_extract(args) -> int:
 
 
 def engine_kwargs(args) -> dict:
-    """``engine``, ``ray_address``, ``ray_num_cpus``, ``ray_actors`` from :func:`engine_args`'s flags."""
-    if args.engine != "ray" and (args.address or args.ray_cpus or args.actors):
-        raise UserError("--address, --ray-cpus and --actors need --engine ray")
-    return dict(engine=args.engine, ray_address=args.address, ray_num_cpus=args.ray_cpus, ray_actors=args.actors)
+    """``address``, ``num_cpus``, ``actors`` of the Ray engine from :func:`engine_args`'s flags
+    (empty for ``--engine local``)."""
+    if args.engine != "ray":
+        if args.address or args.ray_cpus or args.actors:
+            raise UserError("--address, --ray-cpus and --actors need --engine ray")
+        return {}
+    return dict(address=args.address, num_cpus=args.ray_cpus, actors=args.actors)
 
 
 def engine_args(s: argparse.ArgumentParser) -> None:

@@ -239,9 +239,8 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
                      overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
                      max_images: int | None = DEFAULT_MAX_IMAGES, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
                      image_root: str | Path | None = None, allow_any_path: bool = False,
-                     field_limits: dict | None = None, engine: str = "local", ray_address: str | None = None,
-                     ray_num_cpus: int | None = None, ray_actors: int | None = None,
-                     _after_batch: Callable[[int], None] | None = None) -> ExtractResult:
+                     field_limits: dict | None = None, _after_batch: Callable[[int], None] | None = None,
+                     _engine: Callable[..., ExtractResult] | None = None) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
     ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``.
@@ -263,10 +262,8 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     ``field_limits``: ``max_id_chars`` / ``max_user_chars`` / ``max_text_chars`` for
     :func:`~sgmft.ingest.manifest.read_manifest`. Output paths (the store, its cache, the
     rejects file) may not be the manifest (checked before anything is written).
-    ``engine="ray"``: the same pipeline on Ray Data (:mod:`sgmft.features.ray_engine`;
-    ``ray_address`` joins a cluster, else a local Ray with ``ray_num_cpus`` CPUs;
-    ``ray_actors`` backbone replicas, default one per GPU); the same shards and a
-    byte-identical store at equal ``threads``.
+    The same pipeline on Ray Data: :func:`sgmft.features.ray_engine.extract_features_ray`
+    (same arguments; the same shards and a byte-identical store at equal ``threads``).
     """
     check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
@@ -282,15 +279,10 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
               overwrite=overwrite, keep_cache=keep_cache, threads=threads, max_images=max_images,
               prefetch_bytes=prefetch_bytes, image_root=image_root, allow_any_path=allow_any_path,
               field_limits=field_limits)
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
-    if engine == "ray":
+    if _engine is not None:  # another engine (sgmft.features.ray_engine) on the checked arguments
         if num_processes > 1:
             raise ValueError("--num-processes is for --engine local; with --engine ray, Ray places the replicas")
-        from sgmft.features.ray_engine import extract_features_ray
-
-        return extract_features_ray(Path(manifest), out_store, backbone, address=ray_address, num_cpus=ray_num_cpus,
-                                    actors=ray_actors, **kw)
+        return _engine(Path(manifest), out_store, backbone, **kw)
     if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
             raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")

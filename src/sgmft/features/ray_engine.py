@@ -260,14 +260,28 @@ def run_batches(ray, batches: Sequence[tuple[int, list]], ctx: dict, replica_cls
         yield row
 
 
-def extract_features_ray(manifest: Path, out_store: Path, backbone: str, *, address: str | None = None,
+def extract_features_ray(manifest, out_store, *, backbone: str, address: str | None = None,
                          num_cpus: int | None = None, actors: int | None = None,
-                         object_store_mb: int | None = DEFAULT_OBJECT_STORE_MB, clean_cfg, image_choice,
-                         batch_size, cache_dir, rejects_path, on_error, progress, label_names, device, dtype,
-                         max_pixels, overwrite, keep_cache, threads=None, max_images=None, image_root=None,
-                         allow_any_path=False, field_limits=None, _on_plan: Callable[[dict], None] | None = None,
-                         **_ignored):
-    """:func:`sgmft.features.extract.extract_features` with ``engine="ray"`` (see the module doc)."""
+                         object_store_mb: int | None = DEFAULT_OBJECT_STORE_MB, **options):
+    """:func:`sgmft.features.extract.extract_features` (same ``options``, same checks) run on
+    Ray Data (see the module doc). ``address``: a cluster to join (``"auto"``, ``"ray://..."``),
+    else a local Ray instance with ``num_cpus`` CPUs; ``actors``: backbone replicas (default:
+    one per GPU, see :func:`cluster_plan`); ``threads``: torch threads per CPU replica.
+    ``result.engine`` holds the plan and the start-up / run seconds."""
+    import functools
+
+    from sgmft.features.extract import extract_features
+
+    run = functools.partial(_extract_ray, address=address, num_cpus=num_cpus, actors=actors,
+                            object_store_mb=object_store_mb, _on_plan=options.pop("_on_plan", None))
+    return extract_features(manifest, out_store, backbone=backbone, _engine=run, **options)
+
+
+def _extract_ray(manifest: Path, out_store: Path, backbone: str, *, address, num_cpus, actors, object_store_mb,
+                 clean_cfg, image_choice, batch_size, cache_dir, rejects_path, on_error, progress, label_names,
+                 device, dtype, max_pixels, overwrite, keep_cache, threads=None, max_images=None, image_root=None,
+                 allow_any_path=False, field_limits=None, _on_plan: Callable[[dict], None] | None = None,
+                 **_local_only):
     from sgmft.features.extract import _assemble, _plan, _remove_stale_tmp
 
     if not isinstance(backbone, str):
