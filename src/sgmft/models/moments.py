@@ -67,19 +67,23 @@ def n_terms(z0: float, eps: float = EPS) -> int:
 K = n_terms(Z0)  # 31 terms for Z0 = 3 (fewer where the actual bound is smaller)
 
 
-def _powers(t: torch.Tensor, k: int, factorial: bool) -> torch.Tensor:
-    """(B, m, k) tensor of t^i (/ i! if factorial), i = 0..k-1, for t (B, m), by doubling:
-    columns [h, 2h) are columns [0, h) times t^h (log2(k) tensor ops)."""
-    out = t.new_empty(*t.shape, k)
-    out[..., 0] = 1
-    h, th = 1, t.unsqueeze(-1)                                                    # th = t^h
+def _powers(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k, m) tensor of t^i, i = 0..k-1, for t (B, m), by doubling: rows [h, 2h) are rows
+    [0, h) times t^h (log2(k) tensor ops).  The power index is the middle axis so every op
+    writes contiguous blocks; ``.transpose(1, 2)`` gives the (B, m, k) view."""
+    out = t.new_empty(t.shape[0], k, t.shape[1])
+    out[:, 0].fill_(1)
+    h, th = 1, t.unsqueeze(1)                                                     # th = t^h
     while h < k:
         w = min(h, k - h)
-        torch.mul(out[..., :w], th, out=out[..., h:h + w])
+        torch.mul(out[:, :w], th, out=out[:, h:h + w])
         h, th = 2 * h, th * th
-    if factorial:
-        out *= torch.exp(-torch.lgamma(torch.arange(1, k + 1, dtype=t.dtype, device=t.device)))
     return out
+
+
+def _inv_factorial(k: int, like: torch.Tensor) -> torch.Tensor:
+    """(k,) tensor of 1 / i!, i = 0..k-1."""
+    return torch.exp(-torch.lgamma(torch.arange(1, k + 1, dtype=like.dtype, device=like.device)))
 
 
 class _Bins:
@@ -96,22 +100,17 @@ class _Bins:
         self.unit = (x - self.centres.gather(1, self.idx)) / (safe / 2)           # in [-1, 1]
 
     def moments(self, vals: torch.Tensor, k: int) -> torch.Tensor:
-        """M[b, i, c*nb + bin] = sum_{l in bin} unit_l^i vals[b, l, c]  -> (B, k, ch*nb)."""
-        b, n, ch = vals.shape
+        """M[b, c*nb + bin, i] = sum_{l in bin} unit_l^i vals[b, c, l] / i!  -> (B, ch*nb, k).
+
+        ``vals`` is (B, ch, n); the 1/i! of the series is folded in here (a small table)."""
+        b, ch, n = vals.shape
         if self.nb == 1:
             spread = vals
-        else:   # vals placed in their bin's columns: (B, n, ch, nb), zero elsewhere
-            spread = vals.new_zeros(b, n, ch, self.nb)
-            spread.scatter_(3, self.idx[:, :, None, None].expand(b, n, ch, 1), vals.unsqueeze(3))
-        return torch.bmm(_powers(self.unit, k, False).transpose(1, 2), spread.reshape(b, n, -1))
-
-
-def _series(at: torch.Tensor, scale: torch.Tensor, mom: torch.Tensor, nb: int):
-    """sum_i (at*scale)^i / i! * mom[:, i, c*nb + bin] for every point -> (B, m, ch, nb), and
-    the scaled powers (B, m, k) themselves (kept for the backward)."""
-    b, k, w = mom.shape
-    tp = _powers(at * scale, k, True)
-    return torch.bmm(tp, mom).view(b, -1, w // nb, nb), tp
+        else:   # vals placed in their bin's rows: (B, ch, nb, n), zero elsewhere
+            spread = vals.new_zeros(b, ch, self.nb, n)
+            spread.scatter_(2, self.idx[:, None, None, :].expand(b, ch, 1, n), vals.unsqueeze(2))
+        mom = torch.bmm(spread.reshape(b, -1, n), _powers(self.unit, k).transpose(1, 2))
+        return mom * _inv_factorial(k, mom)
 
 
 def _forward(cd, xd, vd, need_dc: bool, keep: bool):
@@ -119,8 +118,10 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
 
     Queries are sorted by the integer number of bins they need and answered in segments,
     each with the fewest bins its own largest |c| allows (most |c| are far below the max).
-    Returns out, out' (centred), d out/d c (or None), den, v', and (if ``keep``) what the
-    backward needs: the order and per segment (bins, scaled powers T, bin weights E).
+    Everything per query is kept in that sorted order (planar: channel-major), and only the
+    results are put back in the queries' order.  Returns out, d out/d c (or None), and for
+    the backward: the order (or None), the sorted c, out' (centred), den, v', and (if
+    ``keep``) per segment (slice, bins, powers T (B, k, Qs), bin weights E (B, nb, Qs)).
     """
     vbar = vd.mean(-1, keepdim=True)
     vc = vd - vbar
@@ -128,15 +129,17 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
     if need_dc:  # E_j[y] and E_j[y v'] for d out / d c (y centred on the keys' mid-range)
         y = xd - (xd.amin(-1, keepdim=True) + xd.amax(-1, keepdim=True)) / 2
         chans += [y, y * vc]
-    vals = torch.stack(chans, -1)
+    vals = torch.stack(chans, 1)                                                  # (B, ch, n)
+    ch = vals.shape[1]
     half_span = (xd.amax(-1) - xd.amin(-1)) / 2                                   # (B,)
-    q = cd.shape[1]
+    bsz, q = cd.shape
     sort = float((cd.abs().amax(-1) * half_span).max()) > 2 * Z0                 # > 2 bins somewhere
     # sort by the integer bin count each query needs (an integer sort is ~4x cheaper than a float one)
     order = (cd.abs() * (half_span / Z0).unsqueeze(-1)).ceil().long().argsort(-1) if sort else None
     cs = cd.gather(1, order) if sort else cd
     seg = max(SEGMENT, -(-q // SEGMENTS)) if sort else q
-    sums, shifts, tables, segments = [], [], {}, []
+    sums = cd.new_empty(bsz, ch, q)                 # e^{-s_j} sum_l e^{c_j x_l} vals_l, sorted order
+    tables, segments = {}, []
     for i in range(0, q, seg):
         cq = cs[:, i:i + seg]
         z = float((cq.abs().amax(-1) * half_span).max())                           # max |c| * half-range
@@ -146,56 +149,59 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
             tables[nb] = (kb, kb.moments(vals, K))   # every segment using nb bins needs <= K terms
         kb, mom = tables[nb]
         k = n_terms(float((cq.abs().amax(-1) * kb.half[:, 0]).max()))
-        series, tp = _series(cq, kb.half, mom[:, :k], nb)                        # (B, Qs, ch, nb)
-        first, last = kb.centres[:, :1], kb.centres[:, -1:]
-        shift = torch.maximum(cq * first, cq * last)   # max_b c m_b: first or last bin (both non-empty)
+        tp = _powers(cq * kb.half, k)                                             # (B, k, Qs)
+        series = torch.bmm(mom[:, :, :k], tp)                                     # (B, ch*nb, Qs)
         if nb == 1:
             weight = None
-            sums.append(series[..., 0])
+            sums[:, :, i:i + seg] = series
         else:
-            weight = torch.exp(cq.unsqueeze(-1) * kb.centres.unsqueeze(1) - shift.unsqueeze(-1))  # <= 1
-            sums.append((series * weight.unsqueeze(2)).sum(-1))
-        shifts.append(shift)
+            # bin weights e^{c m_b - s}, s = max_b c m_b: first or last bin (both non-empty)
+            cm = kb.centres.unsqueeze(-1) * cq.unsqueeze(1)                        # (B, nb, Qs)
+            weight = torch.exp(cm - torch.maximum(cm[:, :1], cm[:, -1:]))          # <= 1
+            torch.sum(series.view(bsz, ch, nb, -1) * weight.unsqueeze(1), 2, out=sums[:, :, i:i + seg])
         if keep:
             segments.append((slice(i, i + seg), kb, tp, weight))
-    sums, shift = torch.cat(sums, 1), torch.cat(shifts, 1)
+    den = sums[:, 0]
+    out_c = sums[:, 1] / den
+    dc = (sums[:, 3] - out_c * sums[:, 2]) / den if need_dc else None
+    out = out_c + vbar
     if sort:   # back to the queries' order
-        sums = torch.empty_like(sums).scatter_(1, order.unsqueeze(-1).expand_as(sums), sums)
-        shift = torch.empty_like(shift).scatter_(1, order, shift)
-    den = sums[..., 0]                                      # e^{-s_j} sum_l e^{c_j x_l}
-    out_c = sums[..., 1] / den
-    dc = (sums[..., 3] - out_c * sums[..., 2]) / den if need_dc else None
-    return out_c + vbar, out_c, dc, den, vc, (order, segments)
+        out = torch.empty_like(out).scatter_(1, order, out)
+        dc = None if dc is None else torch.empty_like(dc).scatter_(1, order, dc)
+    return out, dc, (order, cs, out_c, den, vc, segments)
 
 
-def _key_sums(w, den, state, n: int):
-    """S_l = sum_j w_j p_jl for every key l and weight channel (w: (B, Q, ch)) -> (B, n, ch).
+def _key_sums(w, state, n: int):
+    """S_l = sum_j w_j p_jl for every key l and weight channel (w: (B, ch, Q) in the forward's
+    sorted order) -> (B, ch, n).
 
-    With the forward's expansion, p_jl = E_jb / den_j * sum_i T_ji u_l^i for l in bin b, so
-    S_l = sum_i u_l^i A_{b,i} with A_{b,i} = sum_j (w_j / den_j) E_jb T_ji: one matrix product
-    over the queries per segment, then a short series at each key.  E_jb / den_j =
-    exp(c_j m_b - log sum_l e^{c_j x_l}) <= 1, and the truncation error relative to
-    sum_j |w_j| p_jl is again <= Z0^K / K! e^{2 Z0}.
+    With the forward's expansion, p_jl = E_jb / den_j * sum_i T_ji u_l^i / i! for l in bin b,
+    so S_l = sum_i u_l^i / i! A_{b,i} with A_{b,i} = sum_j (w_j / den_j) E_jb T_ji: one matrix
+    product over the queries per segment, then a short series at each key.
+    E_jb / den_j = exp(c_j m_b - log sum_l e^{c_j x_l}) <= 1, and the truncation error
+    relative to sum_j |w_j| p_jl is again <= Z0^K / K! e^{2 Z0}.
     """
-    order, segments = state
-    wd = w / den.unsqueeze(-1)
-    if order is not None:
-        wd = wd.gather(1, order.unsqueeze(-1).expand_as(wd))
-    b, _, ch = wd.shape
-    tables: dict[int, tuple] = {}                          # per bin layout: (bins, A (B, K, nb*ch))
+    _, _, _, den, _, segments = state
+    wd = w / den.unsqueeze(1)
+    b, ch, _ = wd.shape
+    tables: dict[int, list] = {}                            # per bin layout: [bins, A (B, ch*nb, K), used]
     for sl, kb, tp, weight in segments:
-        ws = wd[:, sl]                                                            # (B, Qs, ch)
-        x = ws.unsqueeze(2) if weight is None else weight.unsqueeze(-1) * ws.unsqueeze(2)  # (B, Qs, nb, ch)
-        k = tp.shape[-1]
-        part = torch.bmm(tp.transpose(1, 2), x.reshape(b, x.shape[1], -1))         # (B, k, nb*ch)
+        ws = wd[:, :, sl]                                                         # (B, ch, Qs)
+        x = ws if weight is None else (weight.unsqueeze(1) * ws.unsqueeze(2)).view(b, -1, ws.shape[-1])
+        k = tp.shape[1]
+        part = torch.bmm(x, tp.transpose(1, 2))                                   # (B, ch*nb, k)
         if kb.nb not in tables:
-            tables[kb.nb] = (kb, part.new_zeros(b, K, part.shape[-1]), [0])
-        tables[kb.nb][1][:, :k] += part
-        tables[kb.nb][2][0] = max(tables[kb.nb][2][0], k)
-    out = wd.new_zeros(b, n, ch)
-    for kb, table, (used,) in tables.values():
-        at_keys = torch.bmm(_powers(kb.unit, used, False), table[:, :used]).view(b, n, kb.nb, ch)
-        out += at_keys.gather(2, kb.idx[:, :, None, None].expand(b, n, 1, ch)).squeeze(2)
+            tables[kb.nb] = [kb, part.new_zeros(b, part.shape[1], K), 0]
+        tables[kb.nb][1][:, :, :k] += part
+        tables[kb.nb][2] = max(tables[kb.nb][2], k)
+    out = wd.new_zeros(b, ch, n)
+    for kb, table, used in tables.values():
+        table = table[:, :, :used] * _inv_factorial(used, table)                 # T's 1/i!
+        at_keys = torch.bmm(table, _powers(kb.unit, used))                       # (B, ch*nb, n)
+        if kb.nb == 1:
+            out += at_keys
+        else:
+            out += at_keys.view(b, ch, kb.nb, n).gather(2, kb.idx[:, None, None, :].expand(b, ch, 1, n)).squeeze(2)
     return out
 
 
@@ -205,27 +211,29 @@ class _MomentsMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, k, v):
         need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        out, out_c, dc, den, vc, state = _forward(c.double(), k.double(), v.double(),
-                                                  need_dc=ctx.needs_input_grad[0], keep=need_kv)
+        out, dc, state = _forward(c.double(), k.double(), v.double(),
+                                  need_dc=ctx.needs_input_grad[0], keep=need_kv)
         if any(ctx.needs_input_grad):
             ctx.state = state
-            ctx.save_for_backward(c, out_c, dc, den, vc)
+            ctx.save_for_backward(dc)
         return out.to(c.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        c, out_c, dc, den, vc = ctx.saved_tensors
+        (dc,) = ctx.saved_tensors
         g = grad_out.double()
         dt = grad_out.dtype
         gc = (g * dc).to(dt) if ctx.needs_input_grad[0] else None                # d out_j / d c_j
         gk = gv = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gcw = g * c.double()
+            order, cs, out_c, _, vc, _ = ctx.state
+            gs = g if order is None else g.gather(1, order)                      # sorted order
+            gcw = gs * cs
             # d out_j / d v_l = p_jl;  d out_j / d x_l = c_j p_jl (v'_l - out'_j)
-            s = _key_sums(torch.stack([g, gcw, gcw * out_c], -1), den, ctx.state, vc.shape[-1])
-            gv = s[..., 0].to(dt) if ctx.needs_input_grad[2] else None
-            gk = (vc * s[..., 1] - s[..., 2]).to(dt) if ctx.needs_input_grad[1] else None
+            s = _key_sums(torch.stack([gs, gcw, gcw * out_c], 1), ctx.state, vc.shape[-1])
+            gv = s[:, 0].to(dt) if ctx.needs_input_grad[2] else None
+            gk = (vc * s[:, 1] - s[:, 2]).to(dt) if ctx.needs_input_grad[1] else None
         ctx.state = None
         return gc, gk, gv
 
@@ -295,8 +303,8 @@ class _AffineMix(torch.autograd.Function):
         vc = vd - vbar
         y = kd - centre
         need_c = any(ctx.needs_input_grad[:3])
-        vals = torch.stack([torch.ones_like(vc), vc] + ([y, y * vc] if need_c else []), -1)   # (B, n, ch)
-        mom = torch.bmm(_powers(unit, nterms, False).transpose(1, 2), vals)        # (B, K, ch)
+        vals = torch.stack([torch.ones_like(vc), vc] + ([y, y * vc] if need_c else []), 1)   # (B, ch, n)
+        mom = torch.bmm(vals, _powers(unit, nterms).transpose(1, 2))              # (B, ch, K)
         bsz, n = xd.shape
         heads = al.shape[0]
         # coef[b, h, i, k] = a^i / i! * b^(k-i) / (k-i)!  (k >= i), a = rho alpha X, b = rho beta
@@ -307,12 +315,12 @@ class _AffineMix(torch.autograd.Function):
         idx = torch.arange(nterms, device=xd.device)
         diff = idx[None, :] - idx[:, None]                                         # k - i
         coef = pa.unsqueeze(-1) * pb[..., diff.clamp_min(0)] * (diff >= 0)         # (B, H, K, K)
-        r = torch.einsum("bhik,bkc->bihc", coef, mom)                              # R: (B, K, H, ch)
-        xi = _powers(xd / scale, nterms, False)                                    # (B, n, K)
-        sums = torch.bmm(xi, r.reshape(bsz, nterms, -1)).view(bsz, n, heads, -1).transpose(1, 2)  # (B, H, n, ch)
-        den = sums[..., 0]                                                         # sum_l e^{c (x_l - centre)}
-        out_c = sums[..., 1] / den
-        dc = (sums[..., 3] - out_c * sums[..., 2]) / den if need_c else None
+        r = torch.einsum("bhik,bck->bhci", coef, mom)                              # R: (B, H, ch, K)
+        xi = _powers(xd / scale, nterms)                                           # (B, K, n)
+        sums = torch.bmm(r.reshape(bsz, -1, nterms), xi).view(bsz, heads, -1, n)   # (B, H, ch, n)
+        den = sums[:, :, 0]                                                        # sum_l e^{c (x_l - centre)}
+        out_c = sums[:, :, 1] / den
+        dc = (sums[:, :, 3] - out_c * sums[:, :, 2]) / den if need_c else None
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(xd, al, be, unit, xi, out_c, dc, den, vc, coef)
         return (out_c + vbar.unsqueeze(1)).to(xq.dtype)
@@ -337,13 +345,13 @@ class _AffineMix(torch.autograd.Function):
             # sum_{h,j} (w/den)_hj T_hjk = sum_h sum_i coef[h, i, k] G[h, i],  G[h, i] = sum_j (w/den)_hj xi_j^i
             c = al[None, :, None] * xd[:, None, :] + be[None, :, None]
             gcw = g * c
-            w = torch.stack([g, gcw, gcw * out_c], -1) / den.unsqueeze(-1)           # (B, H, n, 3)
-            bsz, heads, n, _ = w.shape
-            big_g = torch.bmm(xi.transpose(1, 2), w.permute(0, 2, 1, 3).reshape(bsz, n, heads * 3))
-            a_k = torch.einsum("bhik,bihc->bkc", coef, big_g.view(bsz, -1, heads, 3))   # (B, K, 3)
-            s = torch.bmm(_powers(unit, a_k.shape[1], False), a_k)                 # (B, n, 3)
-            gv = s[..., 0].to(dt) if ctx.needs_input_grad[4] else None
-            gk = (vc * s[..., 1] - s[..., 2]).to(dt) if ctx.needs_input_grad[3] else None
+            w = torch.stack([g, gcw, gcw * out_c], 2) / den.unsqueeze(2)             # (B, H, 3, n)
+            bsz, heads, _, n = w.shape
+            big_g = torch.bmm(w.view(bsz, heads * 3, n), xi.transpose(1, 2))         # G: (B, H*3, K)
+            a_k = torch.einsum("bhik,bhci->bck", coef, big_g.view(bsz, heads, 3, -1))   # (B, 3, K)
+            s = torch.bmm(a_k, _powers(unit, a_k.shape[-1]))                        # (B, 3, n)
+            gv = s[:, 0].to(dt) if ctx.needs_input_grad[4] else None
+            gk = (vc * s[:, 1] - s[:, 2]).to(dt) if ctx.needs_input_grad[3] else None
         return gx, ga, gb, gk, gv, None, None
 
 
