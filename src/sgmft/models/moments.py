@@ -53,6 +53,7 @@ from sgmft.models.rank1 import rank1_softmax_mix
 Z0 = 3.0  # bound on |c_j (x_l - m_b)| inside a bin (and on |delta_j y_l| in the backward)
 EPS = 2.0 ** -53  # float64 unit roundoff: the truncation target
 SEGMENTS, SEGMENT = 8, 256  # queries sorted by |c| are answered in SEGMENTS parts (>= SEGMENT each)
+SORT_STEPS = 8  # resolution of the sort key |c| * half-range
 
 
 def n_terms(z0: float, eps: float = EPS) -> int:
@@ -134,8 +135,9 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
     half_span = (xd.amax(-1) - xd.amin(-1)) / 2                                   # (B,)
     bsz, q = cd.shape
     sort = float((cd.abs().amax(-1) * half_span).max()) > 2 * Z0                 # > 2 bins somewhere
-    # sort by the integer bin count each query needs (an integer sort is ~4x cheaper than a float one)
-    order = (cd.abs() * (half_span / Z0).unsqueeze(-1)).ceil().long().argsort(-1) if sort else None
+    # sort by |c_j| * half-range in steps of 1/SORT_STEPS (an integer sort is ~4x cheaper than a
+    # float one): it sets both the bins (z / Z0) and the terms (n_terms) a segment needs
+    order = (cd.abs() * (half_span * SORT_STEPS).unsqueeze(-1)).ceil().long().argsort(-1) if sort else None
     cs = cd.gather(1, order) if sort else cd
     seg = max(SEGMENT, -(-q // SEGMENTS)) if sort else q
     sums = cd.new_empty(bsz, ch, q)                 # e^{-s_j} sum_l e^{c_j x_l} vals_l, sorted order
