@@ -141,16 +141,24 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
     cs = cd.gather(1, order) if sort else cd
     seg = max(SEGMENT, -(-q // SEGMENTS)) if sort else q
     sums = cd.new_empty(bsz, ch, q)                 # e^{-s_j} sum_l e^{c_j x_l} vals_l, sorted order
-    tables, segments = {}, []
+    # plan: per segment the bins (half-width rho = half-range / nb) and the series length
+    plan = []
     for i in range(0, q, seg):
+        zmax = float((cs[:, i:i + seg].abs().amax(-1) * half_span).max())         # max |c| * half-range
+        nb = max(1, int(math.ceil(zmax / Z0)))
+        zb = float((cs[:, i:i + seg].abs().amax(-1) * (half_span / nb)).max())   # max |c| * rho
+        plan.append((i, nb, n_terms(zb)))
+    need = {}
+    for _, nb, k in plan:
+        need[nb] = max(need.get(nb, 0), k)
+    tables = {}
+    for nb, k in need.items():      # one moment table per bin layout, as long as its longest series
+        kb = _Bins(xd, nb)
+        tables[nb] = (kb, kb.moments(vals, k))
+    segments = []
+    for i, nb, k in plan:
         cq = cs[:, i:i + seg]
-        z = float((cq.abs().amax(-1) * half_span).max())                           # max |c| * half-range
-        nb = max(1, int(math.ceil(z / Z0)))
-        if nb not in tables:
-            kb = _Bins(xd, nb)
-            tables[nb] = (kb, kb.moments(vals, K))   # every segment using nb bins needs <= K terms
         kb, mom = tables[nb]
-        k = n_terms(float((cq.abs().amax(-1) * kb.half[:, 0]).max()))
         tp = _powers(cq * kb.half, k)                                             # (B, k, Qs)
         series = torch.bmm(mom[:, :, :k], tp)                                     # (B, ch*nb, Qs)
         if nb == 1:
