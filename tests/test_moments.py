@@ -179,3 +179,36 @@ def test_attention_entry_affine_and_general_paths(x_scale, affine, monkeypatch):
     theirs = torch.autograd.grad(ref, (xq, alpha, beta, k, v), go)
     for name, a, b in zip(["xq", "alpha", "beta", "k", "v"], ours, theirs):
         assert _rel(a, b) < 1e-12, (name, _rel(a, b))
+
+
+def test_queries_grouped_through_their_token_many_bins():
+    """The general path of moments_attention groups the H*n queries through their token
+    (_order_by_token) when several bins are needed: values and all five gradients still match
+    the textbook, and the grouping is a permutation of the queries of every sample."""
+    import sgmft.models.moments as mm
+
+    g = torch.Generator().manual_seed(5)
+    xq = (1.0 * torch.randn(3, 300, generator=g, dtype=torch.float64)).requires_grad_()
+    k = (1.0 * torch.randn(3, 300, generator=g, dtype=torch.float64)).requires_grad_()
+    v = (torch.randn(3, 300, generator=g, dtype=torch.float64) - 1).requires_grad_()
+    alpha = torch.tensor([0.05, -0.5, 1.0, -1.5], dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor([0.3, -1.0, 0.2, 1.5], dtype=torch.float64, requires_grad=True)
+    c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]
+    assert 2 < float(bins_needed(c, k).max()) <= 300 // n_terms(Z0)   # grouped (sorted) path, no fallback
+    orders = []
+    real = mm._order_by_token
+    mm_order = lambda *a: orders.append(real(*a)) or orders[-1]    # noqa: E731
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mm, "_order_by_token", mm_order)
+    try:
+        out = mm.moments_attention(xq, alpha, beta, k, v)
+    finally:
+        mp.undo()
+    assert orders and all(torch.equal(o.sort(-1).values, torch.arange(4 * 300).expand(3, -1)) for o in orders)
+    ref = rank1_softmax_mix_reference(c, k, v)
+    assert _rel(out, ref) < 1e-12
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(out, (xq, alpha, beta, k, v), go)
+    theirs = torch.autograd.grad(ref, (xq, alpha, beta, k, v), go)
+    for name, a, b in zip(["xq", "alpha", "beta", "k", "v"], ours, theirs):
+        assert _rel(a, b) < 1e-12, (name, _rel(a, b))

@@ -54,6 +54,7 @@ Z0 = 3.0  # bound on |c_j (x_l - m_b)| inside a bin (and on |delta_j y_l| in the
 EPS = 2.0 ** -53  # float64 unit roundoff: the truncation target
 SEGMENTS, SEGMENT = 8, 256  # queries sorted by |c| are answered in SEGMENTS parts (>= SEGMENT each)
 SORT_STEPS = 8  # resolution of the sort key |c| * half-range
+TOKEN_CHUNKS = 16  # chunks per head when queries are grouped through their token (_order_by_token)
 
 
 def n_terms(z0: float, eps: float = EPS) -> int:
@@ -114,7 +115,27 @@ class _Bins:
         return mom * _inv_factorial(k, mom)
 
 
-def _forward(cd, xd, vd, need_dc: bool, keep: bool):
+def _order_by_token(cd: torch.Tensor, xq: torch.Tensor, half_span: torch.Tensor) -> torch.Tensor:
+    """A query order grouping similar |c| for c[b, h*n + j] = alpha_h xq[b, j] + beta_h, without
+    sorting all H*n queries: sort the n tokens once; along the sorted tokens each head's c is
+    monotone, so every chunk of TOKEN_CHUNKS consecutive tokens has its largest |c| at an end.
+    Chunks (the same for the whole batch) are then ordered by that bound (max over the batch).
+    Any order gives the same result; this one only decides how well segments are packed."""
+    bsz, q = cd.shape
+    n = xq.shape[1]
+    heads = q // n
+    xs = xq.argsort(-1)                                                           # (B, n)
+    idx = (xs.unsqueeze(1) + n * torch.arange(heads, device=xs.device).view(1, -1, 1)).view(bsz, q)
+    ends = torch.tensor(sorted({min(n, i * n // TOKEN_CHUNKS) for i in range(TOKEN_CHUNKS + 1)}))
+    csort = cd.gather(1, idx).view(bsz, heads, n).abs()
+    bound = torch.maximum(csort[:, :, ends[:-1]], csort[:, :, ends[1:] - 1])      # (B, H, chunks)
+    bound = (bound * half_span.view(-1, 1, 1)).amax(0).flatten()                  # (H * chunks,)
+    starts = [(h * n + int(a), int(b - a)) for h in range(heads) for a, b in zip(ends[:-1], ends[1:])]
+    cols = torch.cat([torch.arange(starts[i][0], starts[i][0] + starts[i][1]) for i in bound.argsort().tolist()])
+    return idx[:, cols.to(idx.device)]
+
+
+def _forward(cd, xd, vd, need_dc: bool, keep: bool, hint=None):
     """Forward for c (B, Q), keys x and values v (B, n), all float64.
 
     Queries are sorted by the integer number of bins they need and answered in segments,
@@ -137,7 +158,12 @@ def _forward(cd, xd, vd, need_dc: bool, keep: bool):
     sort = float((cd.abs().amax(-1) * half_span).max()) > 2 * Z0                 # > 2 bins somewhere
     # sort by |c_j| * half-range in steps of 1/SORT_STEPS (an integer sort is ~4x cheaper than a
     # float one): it sets both the bins (z / Z0) and the terms (n_terms) a segment needs
-    order = (cd.abs() * (half_span * SORT_STEPS).unsqueeze(-1)).ceil().long().argsort(-1) if sort else None
+    if not sort:
+        order = None
+    elif hint is not None:   # c affine in one token per head: cheaper grouping (_order_by_token)
+        order = _order_by_token(cd, hint, half_span)
+    else:
+        order = (cd.abs() * (half_span * SORT_STEPS).unsqueeze(-1)).ceil().long().argsort(-1)
     cs = cd.gather(1, order) if sort else cd
     seg = max(SEGMENT, -(-q // SEGMENTS)) if sort else q
     sums = cd.new_empty(bsz, ch, q)                 # e^{-s_j} sum_l e^{c_j x_l} vals_l, sorted order
@@ -219,10 +245,10 @@ class _MomentsMix(torch.autograd.Function):
     """out[b, j] = sum_l softmax_l(c[b, j] k[b, l]) v[b, l] for c (B, Q), k, v (B, n)."""
 
     @staticmethod
-    def forward(ctx, c, k, v):
+    def forward(ctx, c, k, v, hint=None):
         need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         out, dc, state = _forward(c.double(), k.double(), v.double(),
-                                  need_dc=ctx.needs_input_grad[0], keep=need_kv)
+                                  need_dc=ctx.needs_input_grad[0], keep=need_kv, hint=hint)
         if any(ctx.needs_input_grad):
             ctx.state = state
             ctx.save_for_backward(dc)
@@ -245,7 +271,7 @@ class _MomentsMix(torch.autograd.Function):
             gv = s[:, 0].to(dt) if ctx.needs_input_grad[2] else None
             gk = (vc * s[:, 1] - s[:, 2]).to(dt) if ctx.needs_input_grad[1] else None
         ctx.state = None
-        return gc, gk, gv
+        return gc, gk, gv, None
 
 
 def bins_needed(c: torch.Tensor, k: torch.Tensor, z0: float = Z0) -> torch.Tensor:
@@ -263,10 +289,12 @@ def default_max_bins(n_keys: int) -> int:
 
 
 def moments_softmax_mix(c: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        max_bins: int | None = None) -> torch.Tensor:
+                        max_bins: int | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
     """out[b,h,j] = sum_l softmax_l(c[b,h,j] * k[b,l]) * v[b,l]; same contract as rank1_softmax_mix.
 
-    Samples whose bound needs more than ``max_bins`` bins go to the fused kernel.
+    Samples whose bound needs more than ``max_bins`` bins go to the fused kernel.  ``token``
+    (B, nq), optional: a scalar per query token such that every head's c[b, h, :] is monotone
+    in it (c = alpha_h token + beta_h); it only speeds up the grouping of queries.
     """
     if c.dim() != 3 or k.dim() != 2 or v.shape != k.shape or c.shape[0] != k.shape[0]:
         raise ValueError(f"moments_softmax_mix: bad shapes c={tuple(c.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
@@ -277,9 +305,10 @@ def moments_softmax_mix(c: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not bool(ok.any()):
         return rank1_softmax_mix(c, k, v)
     if bool(ok.all()):
-        return _MomentsMix.apply(c.reshape(b, h * nq), k, v).view(b, h, nq)
+        return _MomentsMix.apply(c.reshape(b, h * nq), k, v, token).view(b, h, nq)
     i_ok, i_fb = ok.nonzero().squeeze(1), (~ok).nonzero().squeeze(1)
-    fast = _MomentsMix.apply(c[i_ok].reshape(-1, h * nq), k[i_ok], v[i_ok]).view(-1, h, nq)
+    fast = _MomentsMix.apply(c[i_ok].reshape(-1, h * nq), k[i_ok], v[i_ok],
+                             None if token is None else token[i_ok]).view(-1, h, nq)
     slow = rank1_softmax_mix(c[i_fb], k[i_fb], v[i_fb])
     out = c.new_zeros(b, h, nq)
     return out.index_copy(0, i_ok, fast).index_copy(0, i_fb, slow.to(out.dtype))
@@ -380,4 +409,4 @@ def moments_attention(xq: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
     if math.isfinite(z) and z <= AFFINE_Z:
         return _AffineMix.apply(xq, alpha, beta, k, v, scale, n_terms(z))
     c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]
-    return moments_softmax_mix(c, k, v)
+    return moments_softmax_mix(c, k, v, token=xq.detach())
