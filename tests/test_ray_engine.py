@@ -143,6 +143,13 @@ def test_cli_ray_flags_need_engine_ray(env, tmp_path, capsys):
                "--address", "auto"])
     assert rc == 2 and "--engine ray" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    (tmp_path / "run").mkdir()
+    rc = main(["predict", str(tmp_path / "run"), "--store", str(tmp_path / "x"), "--out", str(tmp_path / "p.csv"),
+               "--engine", "ray"])
+    assert rc == 2 and "--engine ray is for --manifest" in capsys.readouterr().err
+    rc = main(["predict", str(tmp_path / "run"), "--manifest", str(env["manifest"]), "--out", str(tmp_path / "p.csv"),
+               "--actors", "2"])
+    assert rc == 2 and "need --engine ray" in capsys.readouterr().err
 
 
 # -- the real thing -----------------------------------------------------------------------------
@@ -207,3 +214,32 @@ def test_ray_engine_byte_identical_and_resumes_after_sigkill(tmp_path):
     assert sorted(p.name for p in shards.glob("*.npz")) == \
         sorted(p.name for p in (tmp_path / "local.cache" / "shards").glob("*.npz"))
     assert filecmp.cmp(tmp_path / "local.rejects.jsonl", tmp_path / "ray.rejects.jsonl", shallow=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_manifest_ray_writes_the_local_files(tmp_path):
+    """`sgmft predict RUN --manifest M --engine ray` writes the predictions and rejects files
+    of the local engine, byte for byte, on a dirty corpus (bad rows and images included)."""
+    pytest.importorskip("ray.data", reason="Ray Data not installed (pip install 'sgmft[ray]')")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    spec = f"chinese-clip:{build_tiny_chinese_clip(tmp_path / 'tinycc')}"
+    clean = generate_simposts(tmp_path / "clean", SimPostsConfig(num_posts=80, seed=2))
+    dirty = generate_simposts(tmp_path / "dirty", SimPostsConfig(num_posts=60, dirty=True, seed=4))
+
+    def run(*args, timeout=400):
+        r = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run("extract", clean, "--out", tmp_path / "store", "--backbone", spec, "--batch-size", BS, "--no-progress")
+    run("train", tmp_path / "store", "--out", tmp_path / "run", "--set", "model.n_tokens=8", "--epochs", 2,
+        "--batch-size", 32, "--no-progress")
+    for fmt in ("csv", "jsonl"):
+        common = ["predict", tmp_path / "run", "--manifest", dirty, "--batch-size", BS, "--threads", 1,
+                  "--no-progress", "--json"]
+        loc = json.loads(run(*common, "--out", tmp_path / f"local.{fmt}"))
+        ray = json.loads(run(*common, "--out", tmp_path / f"ray.{fmt}", "--engine", "ray", "--ray-cpus", 2))
+        assert ray["ray"]["actors"] == 1 and loc["posts"] == ray["posts"] > 0 and loc["rejects"] == ray["rejects"] > 0
+        assert filecmp.cmp(tmp_path / f"local.{fmt}", tmp_path / f"ray.{fmt}", shallow=False)
+        assert filecmp.cmp(tmp_path / "local.rejects.jsonl", tmp_path / "ray.rejects.jsonl", shallow=False)

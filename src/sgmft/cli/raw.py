@@ -152,6 +152,11 @@ def engine_args(s: argparse.ArgumentParser) -> None:
 
 
 # -- predict -------------------------------------------------------------------------------------
+def _predictor_kwargs(args) -> dict:
+    return dict(backbone=args.backbone, batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch,
+                precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
+
+
 def _load_predictor(args):
     from sgmft.predict import PostPredictor
 
@@ -159,9 +164,7 @@ def _load_predictor(args):
 
     # no "Loading weights" bar around a one-post answer
     with _hf_progress_bars(bool(args.manifest) and progress_on(args)):
-        pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
-                                batch_size=args.batch_size, check_backbone=not args.ignore_backbone_mismatch,
-                                precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
+        pp = PostPredictor.load(args.run_dir, device=args.device, **_predictor_kwargs(args))
     for note in pp.notes:
         print(f"note: {note}", file=sys.stderr)
     return pp
@@ -214,6 +217,9 @@ def _summary_lines(s: dict, head: str) -> list[str]:
 def cmd_predict(args) -> int:
     if not Path(args.run_dir).exists():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
+    ray_kw = engine_kwargs(args)
+    if args.engine == "ray" and not args.manifest:
+        raise UserError("--engine ray is for --manifest (batch prediction of raw posts)")
     if args.store:
         return _predict_store(args)
     single = args.text is not None or bool(args.image)
@@ -239,7 +245,14 @@ def cmd_predict(args) -> int:
         return 0
     from sgmft.cli.output import progress_on
 
-    s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args), **kw)
+    if args.engine == "ray":
+        from sgmft.predict.ray_predict import predict_manifest_ray
+
+        s = predict_manifest_ray(pp, args.manifest, args.out, args.rejects, run_dir=args.run_dir,
+                                 load_kwargs=_predictor_kwargs(args), device=args.device, threads=args.threads,
+                                 progress=progress_on(args), **ray_kw, **kw)
+    else:
+        s = pp.predict_manifest(args.manifest, args.out, args.rejects, progress=progress_on(args), **kw)
     lines = _summary_lines(s, f"predicted {s['posts']} posts -> {s['out']}")
     lines.append(f"  masks: {s['text_missing']} post(s) without usable text, {s['image_missing']} without a "
                  "usable image")
@@ -334,6 +347,7 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     input_safety_args(s)
+    engine_args(s)
 
 
 DEMO_RAW_HELP = "offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict"

@@ -316,8 +316,16 @@ class PostPredictor:
                 "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects}
 
     # -- manifests ---------------------------------------------------------------------------
+    def _encode_batches(self, batches, base):
+        """``(EncodedBatch, probs)`` of each batch of posts, in order, in this process."""
+        for batch in batches:
+            enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels,
+                               base=base, max_images=self.max_images)
+            yield enc, self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask).probs
+
     def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False,
-                         image_root=None, allow_any_path: bool = False, field_limits: dict | None = None) -> dict:
+                         image_root=None, allow_any_path: bool = False, field_limits: dict | None = None,
+                         _encoded=None) -> dict:
         """Predict every valid post of a manifest; write one row per post to ``out_path``.
 
         The rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
@@ -328,6 +336,7 @@ class PostPredictor:
         and counted, never raised. Returns a summary dict. Image paths are confined as in
         ``sgmft extract`` (``image_root``, ``allow_any_path``; docs/posts-manifest.md), and an
         output naming the manifest is refused before anything is written.
+        The same on Ray Data: :func:`sgmft.predict.ray_predict.predict_manifest_ray`.
         """
         t0 = time.perf_counter()
         manifest, out_path = Path(manifest), Path(out_path)
@@ -354,12 +363,10 @@ class PostPredictor:
             with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
                 writer = PredictionWriter(f, prediction_format(out_path), names, with_true=with_true,
                                           extras=("text_mask", "image_mask"))
-                for s in range(0, len(posts), self.batch_size):
-                    batch = posts[s:s + self.batch_size]
-                    enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice,
-                                       max_pixels=self.max_pixels, base=base, max_images=self.max_images)
-                    probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask,
-                                                            enc.image_mask).probs
+                batches = [posts[s:s + self.batch_size] for s in range(0, len(posts), self.batch_size)]
+                # per batch, in order: (its masks and image rejects, its probabilities)
+                encoded = (_encoded or self._encode_batches)(batches, base)
+                for batch, (enc, probs) in zip(batches, encoded):
                     for r, p in enumerate(batch):
                         img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
                                            for _, reason in enc.rejects[r])
