@@ -178,3 +178,27 @@ def test_cnn_wordemb_store_through_extract_features(tmp_path):
 
 def _b(bb, tok):
     return int(bb.tokenize([tok])["ids"][0, 0])
+
+
+def test_sampled_weights_digest_independent_of_torch_threads():
+    """Large models hash a sample plus each tensor's sum; that sum must not depend on the torch
+    thread count (torch's parallel reduction does), or a replica with other --threads than the
+    driver (or a predict run with other threads than the extraction) sees another fingerprint."""
+    import torch
+
+    from sgmft.features.backbones.base import hash_state_dict
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.Linear(3072, 768))
+    old = torch.get_num_threads()
+    try:
+        digests = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            digests.add(hash_state_dict(m, full_limit_bytes=0))  # 0: the sampled path
+    finally:
+        torch.set_num_threads(old)
+    assert len(digests) == 1
+    with torch.no_grad():
+        m[1].weight[5, 7] += 1e-3                                     # a weight outside the sample
+    assert hash_state_dict(m, full_limit_bytes=0) not in digests

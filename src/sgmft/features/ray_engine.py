@@ -293,8 +293,11 @@ def _extract_ray(manifest: Path, out_store: Path, backbone: str, *, address, num
     with ray_session(address, num_cpus, object_store_mb, progress) as ray:
         plan = cluster_plan(ray, device, actors, threads)
         t_probe = time.perf_counter()
-        probe = ray.remote(_probe_backbone).options(num_cpus=1, num_gpus=plan["num_gpus"])
-        info, stage = ray.get(probe.remote(backbone, device, dtype, batch_size))
+        if plan["gpu"]:  # the fingerprint depends on the device kind (precision "auto"): ask a GPU
+            probe = ray.remote(_probe_backbone).options(num_cpus=1, num_gpus=plan["num_gpus"])
+            info, stage = ray.get(probe.remote(backbone, device, dtype, batch_size))
+        else:            # CPU replicas: the driver loads it as they will
+            info, stage = _probe_backbone(backbone, "cpu" if device == "auto" else device, dtype, batch_size)
         plan.update(startup_s=t_probe - t0, probe_s=time.perf_counter() - t_probe)
         cleaner, posts, row_rejects, prefix, cache = _plan(
             manifest, info, clean_cfg=clean_cfg, image_choice=image_choice, cache_dir=cache_dir, on_error=on_error,

@@ -97,7 +97,9 @@ def hash_state_dict(module: torch.nn.Module, *, full_limit_bytes: int = 256 << 2
         flat = t.reshape(-1)
         if total > full_limit_bytes and flat.numel() > 65536:
             flat = flat[:: flat.numel() // 65536][:65536].contiguous()
-            h.update(repr(float(t.double().sum())).encode())
+            # numpy's (pairwise, single-threaded) sum: torch's parallel sum differs in the last bits
+            # with the thread count, which made the fingerprint depend on torch.set_num_threads
+            h.update(repr(float(t.double().numpy().sum())).encode())
         h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
