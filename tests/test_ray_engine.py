@@ -78,6 +78,10 @@ def test_cluster_plan():
     assert (p["actors"], p["threads"], p["num_cpus"]) == (12, 4, 4)
     p = R.cluster_plan(_FakeRay(64), "auto", 3, 8)
     assert (p["actors"], p["threads"], p["num_cpus"]) == (3, 8, 8)
+    # replicas never reserve every CPU, whatever --actors/--threads say (CPU tasks must run)
+    for cpus, actors, threads in ((16, 8, 2), (2, 4, 1), (2, 2, 2), (4, 1, 8), (1, 1, 1)):
+        p = R.cluster_plan(_FakeRay(cpus), "auto", actors, threads)
+        assert p["actors"] * p["num_cpus"] <= max(cpus - 1, 0.01 * actors) and p["num_cpus"] > 0, (cpus, actors, p)
 
 
 def test_stages_by_hand_write_the_local_shard(env, tmp_path):

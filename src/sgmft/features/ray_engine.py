@@ -119,8 +119,9 @@ def cluster_plan(ray, device: str, actors: int | None, threads: int | None) -> d
     """Replicas and their resources: one per GPU (``num_gpus=1``) when the cluster has GPUs and
     ``device`` allows them; else ``actors`` CPU replicas of ``threads`` torch threads
     (default ``threads = min(4, CPUs)`` and ``actors = max(1, CPUs // (threads + 1))``, so one
-    core per replica is left to the CPU tasks). Each replica reserves ``threads`` CPUs, but
-    never all of them (a CPU task must be able to run)."""
+    core per replica is left to the CPU tasks). Each replica reserves up to ``threads`` CPUs,
+    and all replicas together never all of them (a CPU task must always be able to run, or
+    the pipeline would wait forever)."""
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
     use_gpu = gpus > 0 and not str(device).startswith("cpu")
@@ -130,7 +131,9 @@ def cluster_plan(ray, device: str, actors: int | None, threads: int | None) -> d
         return dict(actors=n, threads=t, num_gpus=1, num_cpus=1, gpu=True, cluster_cpus=cpus, cluster_gpus=gpus)
     t = int(threads or min(4, cpus))
     n = int(actors or max(1, cpus // (t + 1)))
-    return dict(actors=n, threads=t, num_gpus=0, num_cpus=max(1, min(t, cpus - 1)), gpu=False,
+    # the replicas together reserve at most CPUs - 1 (fractions where needed): a CPU task can always run
+    per = min(float(t), max(0.01, (cpus - 1) / n))
+    return dict(actors=n, threads=t, num_gpus=0, num_cpus=int(per) if per >= 1 else round(per, 2), gpu=False,
                 cluster_cpus=cpus, cluster_gpus=gpus)
 
 
