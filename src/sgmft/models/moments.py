@@ -44,6 +44,7 @@ where O(n) exps per query are cheaper) falls back to the fused kernel of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -79,13 +80,20 @@ def _powers(t: torch.Tensor, k: int) -> torch.Tensor:
     while h < k:
         w = min(h, k - h)
         torch.mul(out[:, :w], th, out=out[:, h:h + w])
-        h, th = 2 * h, th * th
+        h, th = 2 * h, (th * th if 2 * h < k else None)
     return out
 
 
 def _inv_factorial(k: int, like: torch.Tensor) -> torch.Tensor:
     """(k,) tensor of 1 / i!, i = 0..k-1."""
-    return torch.exp(-torch.lgamma(torch.arange(1, k + 1, dtype=like.dtype, device=like.device)))
+    if k > 2 * K:
+        return torch.exp(-torch.lgamma(torch.arange(1, k + 1, dtype=like.dtype, device=like.device)))
+    return _INV_FACTORIAL(like.dtype, like.device)[:k]
+
+
+@functools.lru_cache(maxsize=None)
+def _INV_FACTORIAL(dtype, device) -> torch.Tensor:   # noqa: N802  (a cached constant table)
+    return torch.exp(-torch.lgamma(torch.arange(1, 2 * K + 1, dtype=dtype, device=device)))
 
 
 class _Bins:
@@ -126,12 +134,17 @@ def _order_by_token(cd: torch.Tensor, xq: torch.Tensor, half_span: torch.Tensor)
     heads = q // n
     xs = xq.argsort(-1)                                                           # (B, n)
     idx = (xs.unsqueeze(1) + n * torch.arange(heads, device=xs.device).view(1, -1, 1)).view(bsz, q)
-    ends = torch.tensor(sorted({min(n, i * n // TOKEN_CHUNKS) for i in range(TOKEN_CHUNKS + 1)}))
+    ends = sorted({i * n // TOKEN_CHUNKS for i in range(TOKEN_CHUNKS + 1)})       # python ints
+    first, last = torch.tensor(ends[:-1]), torch.tensor(ends[1:]) - 1
     csort = cd.gather(1, idx).view(bsz, heads, n).abs()
-    bound = torch.maximum(csort[:, :, ends[:-1]], csort[:, :, ends[1:] - 1])      # (B, H, chunks)
+    bound = torch.maximum(csort[:, :, first], csort[:, :, last])                  # (B, H, chunks)
     bound = (bound * half_span.view(-1, 1, 1)).amax(0).flatten()                  # (H * chunks,)
-    starts = [(h * n + int(a), int(b - a)) for h in range(heads) for a, b in zip(ends[:-1], ends[1:])]
-    cols = torch.cat([torch.arange(starts[i][0], starts[i][0] + starts[i][1]) for i in bound.argsort().tolist()])
+    start = (first + n * torch.arange(heads).view(-1, 1)).flatten()               # chunk starts in idx
+    size = (last + 1 - first).repeat(heads)
+    perm = bound.argsort().cpu()
+    start, size = start[perm], size[perm]
+    # column p of the new order is start[c] + (p - offset[c]) for the chunk c it falls in
+    cols = torch.arange(q) + torch.repeat_interleave(start - (size.cumsum(0) - size), size)
     return idx[:, cols.to(idx.device)]
 
 
