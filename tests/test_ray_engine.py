@@ -124,7 +124,33 @@ def local_max_pixels():
 
 def _np_batch(row):
     return {"b": np.asarray([row["b"]]), "keys": np.asarray([row["keys"]], dtype=object),
-            "payload": np.asarray([row["payload"]], dtype=object)}
+            "payload": np.asarray([row["payload"]], dtype=object), "error": np.asarray([row["error"]], dtype=object)}
+
+
+def test_user_error_in_a_task_reaches_the_driver_as_itself(env, tmp_path):
+    """--strict: a bad image in a CPU task comes back as the ImageLoadError itself (the CLI
+    then prints `sgmft extract: error: ...`, exit 2, as with the local engine), through the
+    replica, instead of as Ray's wrapper that loses the type."""
+    import pickle
+
+    from sgmft.errors import ImageLoadError
+    from sgmft.ingest.manifest import read_manifest
+    from sgmft.ingest.text import CleanConfig
+
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"id": "a", "text": "学校", "images": ["bad.jpg"]}) + "\n", encoding="utf-8")
+    posts, _ = read_manifest(m)
+    bb = load_backbone(env["spec"], batch_size=BS)
+    ctx = dict(stage=R.cpu_stage(bb), clean_cfg=CleanConfig(), image_choice="similar", max_pixels=local_max_pixels(),
+               base=tmp_path, on_error="raise", max_images=9, prefix=None, cache_root=None)
+    row = R._prepare_row({"b": 0, "posts": pickle.dumps(posts)}, ctx)
+    assert row["error"] and row["payload"] == b""
+    e = pickle.loads(row["error"])
+    assert isinstance(e, ImageLoadError) and e.reason.startswith("not an image") and e.path.name == "bad.jpg"
+    rep = R._Replica.__new__(R._Replica)          # the error row passes any replica untouched
+    out = rep(_np_batch(row))
+    assert int(out["n"][0]) == 0 and pickle.loads(out["error"][0]).reason == e.reason
 
 
 def test_engine_option_checks(env, tmp_path, monkeypatch):

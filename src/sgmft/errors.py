@@ -27,6 +27,9 @@ class ImageLoadError(Exception):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # picklable (it crosses processes: Ray tasks, spawned workers)
+        return type(self), (self.path, self.reason)
+
 
 class SgmftWarning(UserWarning):
     """Something the user should know that does not stop the command (a class with no

@@ -163,8 +163,30 @@ def _context(ref) -> dict:
     return _CTX_CACHE[key]
 
 
+def _pack_error(e: BaseException) -> bytes:
+    """A user error (bad input under ``--strict``, ...) as bytes for the driver to raise
+    again, so the CLI reports it as the local engine does (``sgmft extract: error: ...``);
+    Ray's own wrappers would lose its type."""
+    try:
+        b = pickle.dumps(e)
+        pickle.loads(b)
+        return b
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+
+
 def _prepare_row(row: dict, ctx_ref) -> dict:
-    """One batch: content keys, finished-shard check (extract only), then ``prepare_batch``."""
+    """One batch: content keys, finished-shard check (extract only), then ``prepare_batch``.
+    A user error (:data:`sgmft.errors.USER_ERRORS`) travels in the row's ``error`` field."""
+    from sgmft.errors import USER_ERRORS
+
+    try:
+        return dict(_prepare(row, ctx_ref), error=b"")
+    except USER_ERRORS as e:
+        return {"b": int(row["b"]), "keys": "[]", "payload": b"", "error": _pack_error(e)}
+
+
+def _prepare(row: dict, ctx_ref) -> dict:
     from sgmft.features.encode import prepare_batch
 
     ctx = _context(ctx_ref)
@@ -190,10 +212,21 @@ class _Replica:
 
         torch.set_num_threads(max(1, int(threads)))
 
+    extra_fields: dict = {}   # the result fields of ``one`` beyond b, keys, n (for error rows)
+
     def __call__(self, batch: dict) -> dict:
+        from sgmft.errors import USER_ERRORS
+
         out: dict[str, list] = {}
-        for b, keys, payload in zip(batch["b"], batch["keys"], batch["payload"]):
-            for k, v in self.one(int(b), str(keys), bytes(payload)).items():
+        for b, keys, payload, err in zip(batch["b"], batch["keys"], batch["payload"], batch["error"]):
+            if not err:
+                try:
+                    res = dict(self.one(int(b), str(keys), bytes(payload)), error=b"")
+                except USER_ERRORS as e:
+                    err = _pack_error(e)
+            if err:
+                res = {"b": int(b), "keys": str(keys), "n": 0, **self.extra_fields, "error": bytes(err)}
+            for k, v in res.items():
                 out.setdefault(k, []).append(v)
         return {k: np.asarray(v) if k in ("b", "n") else np.asarray(v, dtype=object) for k, v in out.items()}
 
@@ -260,6 +293,8 @@ def run_batches(ray, batches: Sequence[tuple[int, list]], ctx: dict, replica_cls
                         compute=ray.data.ActorPoolStrategy(size=plan["actors"]), num_cpus=plan["num_cpus"],
                         num_gpus=plan["num_gpus"])
     for row in ds.iter_rows():
+        if row.get("error"):  # a user error in a task or replica: raised here as itself
+            raise pickle.loads(row["error"])
         yield row
 
 

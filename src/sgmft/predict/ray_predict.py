@@ -25,6 +25,8 @@ from sgmft.features import ray_engine as R
 class _PredictReplica(R._Replica):
     """The backbone and the trained model, loaded once per replica (the driver's arguments)."""
 
+    extra_fields = {"res": b""}
+
     def __init__(self, run_dir: str, load_kwargs: dict, threads: int, fingerprint: str):
         super().__init__(threads)
         from sgmft.predict.posts import PostPredictor
