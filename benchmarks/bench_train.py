@@ -19,10 +19,17 @@ its time is about linear in the batch.  Inference (one forward of the batch) is 
 
 **Agreement.**  Before timing, on ``--check-batch`` posts in float64 and the preset's raw
 L2-normalised inputs: logits, the gradients of both inputs and of every parameter, moments vs
-textbook (and rank1 vs textbook).  Key biases cancel in the softmax (exact gradient 0; the
-textbook returns rounding noise, reported).  For each parameter it also reports the textbook's
-own "ulp jitter": how much its gradient moves when its weights are perturbed by one ulp (the
-rounding limit of any float64 implementation of that gradient).
+textbook (and rank1 vs textbook), per tensor as max|a-b|/max|b| and ||a-b||/||b||.  Key biases
+cancel in the softmax (exact gradient 0; the textbook returns rounding noise, reported).  For
+each parameter it also reports each side's own "ulp jitter": how far that implementation's
+gradient moves when its weights are perturbed by one ulp (a stable implementation moves by
+~1e-15; a large jitter means that implementation loses digits there).
+
+**Which side is right.**  Where the two differ (SIM's attention parameters at the raw ~0.03
+feature scale) float64 cannot say which is correct, so ``--hp-dim`` n (default 64) recomputes
+those gradients with the textbook formula in 40-digit arithmetic (mpmath,
+tests/hp_attention.py) on an n-token model and reports every implementation's error against
+that reference.
 """
 
 from __future__ import annotations
@@ -84,42 +91,94 @@ def _grads(model, t, i, y):
             **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
+def _norm_rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _ulp_jitter(model, t, i, y, ref, runs: int) -> dict:
+    """Per tensor, how far the model's own float64 result moves when every weight is multiplied
+    by (1 + 2^-52 * N(0,1)): the rounding sensitivity of that implementation (max over runs)."""
+    import torch
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    jitter = dict.fromkeys(ref, 0.0)
+    for s in range(runs):
+        gen = torch.Generator().manual_seed(100 + s)
+        model.load_state_dict({k: v * (1 + 2.0 ** -52 * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+                               for k, v in state.items()})
+        for k, g in _grads(model, t, i, y).items():
+            if k in jitter:
+                jitter[k] = max(jitter[k], _rel(g, ref[k]))
+    model.load_state_dict(state)
+    return jitter
+
+
 def check_float64(dim: int, batch: int, jitter_runs: int = 2) -> dict:
-    """Every gradient of moments (and rank1) vs the textbook, in float64."""
+    """Every gradient of moments (and rank1) vs the textbook, in float64, with each side's
+    own rounding sensitivity (ulp jitter) to show which one is ill-conditioned."""
     import torch
 
     models, _ = _models(dim, dtype=torch.float64)
     t, i, y = _inputs(batch, dim, seed=2, dtype=torch.float64)
     ref = _grads(models["naive"], t, i, y)
-    state = {k: v.clone() for k, v in models["naive"].state_dict().items()}
-    jitter = dict.fromkeys(ref, 0.0)
-    for s in range(jitter_runs):
-        gen = torch.Generator().manual_seed(100 + s)
-        models["naive"].load_state_dict({k: v * (1 + 2.0 ** -52 * torch.randn(v.shape, generator=gen, dtype=v.dtype))
-                                         for k, v in state.items()})
-        for k, g in _grads(models["naive"], t, i, y).items():
-            if k in jitter:
-                jitter[k] = max(jitter[k], _rel(g, ref[k]))
-    res = {"dtype": "float64", "batch": batch, "n_tokens": dim, "inputs": "raw L2-normalised (paper scale)"}
+    jitter = {impl: _ulp_jitter(models[impl], t, i, y, _grads(models[impl], t, i, y), jitter_runs)
+              for impl in ("naive", "moments")}
+    res = {"dtype": "float64", "batch": batch, "n_tokens": dim, "inputs": "raw L2-normalised (paper scale)",
+           "metrics": "rel = max|a-b| / max|b| per tensor; norm_rel = ||a-b|| / ||b|| per tensor (b = textbook); "
+                      "ulp jitter = how far an implementation's own result moves under 1-ulp weight perturbations"}
     for impl in ("moments", "rank1"):
         ours = _grads(models[impl], t, i, y)
         per = {k: _rel(ours[k], ref[k]) for k in ours}
         cancelled = sorted(k for k in ref if k not in ours)
-        above = {k: {"rel": per[k], "textbook_ulp_jitter": jitter[k]} for k in per if per[k] > 1e-12}
+        above = {k: {"rel": per[k], "norm_rel": _norm_rel(ours[k], ref[k]),
+                     "textbook_ulp_jitter": jitter["naive"][k], "moments_ulp_jitter": jitter["moments"][k]}
+                 for k in per if per[k] > 1e-12}
         res[impl] = {
             "max_rel_logits": per["logits"],
             "max_rel_input_grads": max(per["input_text"], per["input_image"]),
             "max_rel_param_grads": max(v for k, v in per.items() if k not in ("logits", "input_text", "input_image")),
             "params_compared": len(per) - 3,
             "params_above_1e-12": above,
-            "all_within_1e-12_or_10x_textbook_jitter": all(v <= max(1e-12, 10 * jitter[k]) for k, v in per.items()),
+            "all_within_1e-12_or_10x_textbook_jitter": all(v <= max(1e-12, 10 * jitter["naive"][k]) for k, v in per.items()),
             "key_bias_params_absent": cancelled,
             "textbook_key_bias_grad_max": max((float(ref[k].abs().max()) for k in cancelled), default=0.0),
         }
     ours, other = _grads(models["moments"], t, i, y), _grads(models["rank1"], t, i, y)
     res["moments_vs_rank1_max_rel_any"] = max(_rel(ours[k], other[k]) for k in ours)   # the two exact forms
-    res["textbook_ulp_jitter_max"] = max(jitter.values())
+    res["textbook_ulp_jitter_max_excl_key_bias"] = max(v for k, v in jitter["naive"].items() if not k.endswith("k.bias"))
+    res["moments_ulp_jitter_max"] = max(jitter["moments"].values())
     return res
+
+
+def check_high_precision(dim: int, batch: int, dps: int = 40) -> dict:
+    """Which side is right: every SIM attention parameter gradient (the only ones where moments
+    and textbook differ beyond 1e-12) against a 40-digit mpmath evaluation of the textbook
+    formula (tests/hp_attention.py), on a reduced size (the mpmath cost is O(H n^2 d_h))."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hp_attention import sim_attention_reference
+
+    models, _ = _models(dim, dtype=torch.float64)
+    t, i, y = _inputs(batch, dim, seed=2, dtype=torch.float64)
+    t0 = time.perf_counter()
+    ref = sim_attention_reference(models["moments"], t, i, y, dps)
+    seconds = time.perf_counter() - t0
+    out = {"n_tokens": dim, "batch": batch, "digits": dps, "reference_s": seconds,
+           "params": sorted(k for k in ref if not k.endswith("k.bias")), "per_impl": {}}
+    for impl, model in models.items():
+        g = _grads(model, t, i, y)
+        per = {k: {"rel": _rel(g[k], ref[k]), "norm_rel": _norm_rel(g[k], ref[k])} for k in out["params"]}
+        worst = max(per, key=lambda k: per[k]["rel"])
+        out["per_impl"][impl] = {"max_rel": per[worst]["rel"], "worst_param": worst,
+                                 "max_norm_rel": max(v["norm_rel"] for v in per.values()),
+                                 "all_within_1e-12": all(v["rel"] <= 1e-12 for v in per.values()),
+                                 "per_param": per}
+    out["closest_to_reference"] = min(out["per_impl"], key=lambda k: out["per_impl"][k]["max_rel"])
+    return out
 
 
 def time_kernels(dim: int, batch: int, rounds: int, naive_micro: int) -> dict:
@@ -194,6 +253,9 @@ def main() -> None:
     ap.add_argument("--check-batch", type=int, default=2, help="posts in the float64 agreement check")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--hp-dim", type=int, default=64,
+                    help="tokens in the mpmath high-precision reference check (0: skip; cost ~ n^2)")
+    ap.add_argument("--hp-batch", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -202,6 +264,8 @@ def main() -> None:
            "interleaved": True}
     if not args.skip_check:
         out["float64_check"] = check_float64(args.dim, args.check_batch)
+        if args.hp_dim:
+            out["high_precision_check"] = check_high_precision(args.hp_dim, args.hp_batch)
     out["timing"] = time_kernels(args.dim, args.batch, args.rounds, args.naive_micro)
     r = out["timing"]["ratios"]
     out["acceptance"] = {"train_step_>=5x_rank1": r["train_step_rank1_over_moments"] >= 5,
