@@ -52,6 +52,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--precisions", default=None,
                     help="comma list (fp32,bf16,int8): compare precisions against the first one instead")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (--precisions)")
+    ap.add_argument("--variants", action="store_true",
+                    help="(--precisions) also time the other ways to compute bf16 / int8 that sgmft does not "
+                         "use (bf16 autocast over fp32 weights, oneDNN bf16 fast-math, other quantized engines)")
+    ap.add_argument("--compile", default="",
+                    help="(--precisions) comma list of precisions to ALSO time under torch.compile "
+                         "(e.g. fp32,int8); reports compile time (first pass) and steady-state speed")
+    ap.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                    help="(--precisions) skip the hardware GEMM ceiling check")
     ap.add_argument("--json-out", dest="json_out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,13 +167,66 @@ def _cosines(a, b):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+class _Variant:
+    """A backbone whose forward runs inside ``ctx()`` (a benchmark-only way to compute a precision)."""
+
+    def __init__(self, bb, ctx):
+        self.bb, self.ctx = bb, ctx
+
+    def forward_text(self, x):
+        with self.ctx():
+            return self.bb.forward_text(x)
+
+    def forward_images(self, x):
+        with self.ctx():
+            return self.bb.forward_images(x)
+
+
+def _variants(spec, args, load_backbone):
+    """The alternatives to sgmft's bf16 / int8 recipes, for ``--variants``."""
+    import contextlib
+    import warnings
+
+    import torch
+
+    from sgmft.features.backbones.base import int8_engine
+
+    out = {}
+    bb = load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size)
+    bb.precision = "bfloat16"  # fp32 weights, bf16 autocast (sgmft's bf16 before this change)
+    out["bf16:autocast-fp32-weights"] = bb
+
+    @contextlib.contextmanager
+    def fast_math():
+        prev = torch.backends.mkldnn.fp32_precision
+        torch.backends.mkldnn.fp32_precision = "bf16"  # oneDNN may run fp32 matmuls/convs in bf16
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.fp32_precision = prev
+    out["bf16:onednn-fastmath-fp32-model"] = _Variant(
+        load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size), fast_math)
+    for eng in ("x86", "fbgemm"):
+        if eng == int8_engine() or eng not in torch.backends.quantized.supported_engines:
+            continue
+        bb = load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size)
+        prev, torch.backends.quantized.engine = torch.backends.quantized.engine, eng
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bb.model = torch.ao.quantization.quantize_dynamic(bb.model, {torch.nn.Linear}, dtype=torch.qint8,
+                                                              inplace=True)
+        torch.backends.quantized.engine = prev
+        out[f"int8:engine-{eng}"] = bb
+    return out
+
+
 def precision_main(args) -> dict:
     import numpy as np
     import torch
 
     from sgmft.data.simposts import SimPostsConfig, generate_simposts
     from sgmft.features.backbones import load_backbone
-    from sgmft.features.backbones.base import canonical_precision
+    from sgmft.features.backbones.base import canonical_precision, precision_recipe
     from sgmft.features.backbones.tiny import build_tiny_chinese_clip
     from sgmft.ingest.images import load_image
     from sgmft.ingest.manifest import read_manifest
@@ -174,6 +235,8 @@ def precision_main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     precs = [canonical_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    compiled = [canonical_precision(p.strip()) for p in args.compile.split(",") if p.strip()]
+    ceiling = hardware_ceiling() if args.ceiling else None
     with tempfile.TemporaryDirectory(prefix="sgmft-bench-") as td:
         td = Path(td)
         if args.backbone:
@@ -182,13 +245,20 @@ def precision_main(args) -> dict:
             spec = f"chinese-clip:{build_tiny_chinese_clip(td / 'model', size=args.size)}"
             note = f"RANDOM Chinese-CLIP ({args.size} shapes) built for the benchmark: timing only"
         bbs = {p: load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size) for p in precs}
+        if args.variants:
+            bbs.update(_variants(spec, args, load_backbone))
+        for p in compiled:
+            bb = load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size)
+            bb._text_embed, bb._image_embed = torch.compile(bb._text_embed), torch.compile(bb._image_embed)
+            bbs[f"{p}+compile"] = bb
         manifest = generate_simposts(td / "corpus", SimPostsConfig(num_posts=args.num_posts,
                                                                    image_size=args.image_size, seed=1))
         posts, _ = read_manifest(manifest)
         cleaner = TextCleaner()
         texts = [x for x in (cleaner.clean(p.text) for p in posts) if x]
         ims = [load_image(f) for p in posts for f in p.images]
-    ref = bbs[precs[0]]
+    ref_name = precs[0]
+    ref = bbs[ref_name]
     toks = [ref.tokenize(texts[i:i + args.batch_size]) for i in range(0, len(texts), args.batch_size)]
     pix = [ref.preprocess_images(ims[i:i + args.batch_size]) for i in range(0, len(ims), args.batch_size)]
 
@@ -198,33 +268,44 @@ def precision_main(args) -> dict:
         imf = [bb.forward_images(x) for x in pix]
         return time.perf_counter() - t, np.concatenate(tf), np.concatenate(imf)
 
-    for p in precs:  # warm-up: one small batch per precision (kernels, allocator, oneDNN caches)
-        bbs[p].forward_text({k: v[:2] for k, v in toks[0].items()})
-        bbs[p].forward_images(pix[0][:2])
-    secs = {p: [] for p in precs}
+    first_pass = {}
+    for name, bb in bbs.items():
+        if name.endswith("+compile"):  # compiles for every batch shape: a whole first pass, timed
+            first_pass[name] = run(bb)[0]
+        else:  # warm-up: one small batch (kernels, allocator, oneDNN caches)
+            bb.forward_text({k: v[:2] for k, v in toks[0].items()})
+            bb.forward_images(pix[0][:2])
+    secs = {p: [] for p in bbs}
     feats = {}
     for r in range(args.rounds):
-        for p in precs:
-            s, tf, imf = run(bbs[p])
-            secs[p].append(s)
-            feats.setdefault(p, (tf, imf))
+        for name, bb in bbs.items():
+            s, tf, imf = run(bb)
+            secs[name].append(s)
+            feats.setdefault(name, (tf, imf))
     n_items = len(texts) + len(ims)
     res = {}
-    for p in precs:
-        ct, ci = _cosines(feats[p][0], feats[precs[0]][0]), _cosines(feats[p][1], feats[precs[0]][1])
+    for name in bbs:
+        ct, ci = _cosines(feats[name][0], feats[ref_name][0]), _cosines(feats[name][1], feats[ref_name][1])
         allc = np.concatenate([ct, ci])
-        tot = sum(secs[p])
-        res[p] = {
+        tot = sum(secs[name])
+        res[name] = {
             "items_per_s": round(n_items * args.rounds / tot, 3),
             "posts_per_s": round(len(posts) * args.rounds / tot, 3),
-            "seconds_per_round": [round(x, 2) for x in secs[p]],
-            "speedup_vs_" + precs[0]: round(sum(secs[precs[0]]) / tot, 3),
-            "speedup_per_round": [round(a / b, 3) for a, b in zip(secs[precs[0]], secs[p])],
+            "seconds_per_round": [round(x, 2) for x in secs[name]],
+            "speedup_vs_" + ref_name: round(sum(secs[ref_name]) / tot, 3),
+            "speedup_per_round": [round(a / b, 3) for a, b in zip(secs[ref_name], secs[name])],
             "cosine_mean": round(float(allc.mean()), 6), "cosine_min": round(float(allc.min()), 6),
             "cosine_text_mean": round(float(ct.mean()), 6), "cosine_text_min": round(float(ct.min()), 6),
             "cosine_image_mean": round(float(ci.mean()), 6), "cosine_image_min": round(float(ci.min()), 6),
-            "fingerprint": bbs[p].fingerprint()[:16],
         }
+        if name in precs:
+            res[name]["fingerprint"] = bbs[name].fingerprint()[:16]
+            res[name]["recipe"] = precision_recipe(name) or "model as stored"
+        elif ":" in name:
+            res[name]["recipe"] = "alternative (--variants), not what sgmft runs"
+        if name in first_pass:
+            res[name]["first_pass_s_incl_compile"] = round(first_pass[name], 2)
+            res[name]["compile_s_approx"] = round(first_pass[name] - min(secs[name]), 2)
     out = {
         "benchmark": "extract-precision",
         "backbone": spec if args.backbone else f"random-{args.size}-chinese-clip", "backbone_note": note,
@@ -233,12 +314,12 @@ def precision_main(args) -> dict:
         "rounds": args.rounds, "timing": "bare forward (forward_text + forward_images) on the same preprocessed "
                                          "batches, precisions interleaved within each round, one process",
         "precisions": res,
+        "hardware_ceiling": ceiling,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_1min_end": round(os.getloadavg()[0], 2),
-        "cpu_flags": sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "avx512f")
-                             if f in _cpu_flags()}),
         "python": platform.python_version(), "torch": torch.__version__,
+        "command": "python benchmarks/bench_extract.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(out, indent=1))
     return out
@@ -252,6 +333,113 @@ def _cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+_ISA_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+              "avx_vnni", "avx512f")
+
+
+def _onednn_kernels() -> dict:
+    """Which oneDNN implementation runs a bf16 / fp16 matmul and an int8 (onednn engine)
+    dynamic Linear here (``ONEDNN_VERBOSE`` in a child process): ``...avx512_core_amx...``
+    means AMX tiles, ``avx512_core_bf16`` the AVX-512 BF16 dot-product instructions."""
+    import subprocess
+
+    code = ("import warnings; warnings.simplefilter('ignore'); import torch\n"
+            "a = torch.randn(256, 256); print('@@bf16', flush=True); a.bfloat16() @ a.bfloat16()\n"
+            "print('@@fp16', flush=True); a.half() @ a.half()\n"
+            "torch.backends.quantized.engine = 'onednn'\n"
+            "q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 256)), "
+            "{torch.nn.Linear}, dtype=torch.qint8)\n"
+            "print('@@int8', flush=True); q(a)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    out, tag, isa = {}, None, None
+    for line in r.stdout.splitlines():
+        if line.startswith("@@"):
+            tag = line[2:]
+        parts = line.split(",")
+        if len(parts) > 4 and parts[2] == "info" and parts[4].startswith("isa:"):
+            isa = parts[4][4:]
+        if tag and tag not in out and len(parts) > 6 and parts[3] == "exec" and parts[5] == "matmul":
+            out[tag] = parts[6]
+    return {"isa": isa, "matmul_impl": out}
+
+
+def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> dict:
+    """GEMM rates of this CPU with the current torch threads: an n x n x n matmul in fp32,
+    bf16 and fp16, fp32 with oneDNN's bf16 fast-math (``torch.backends.mkldnn.fp32_precision``),
+    and an n -> n Linear on n rows dynamically quantised to int8 (each quantized engine, and
+    the one sgmft's int8 uses). Kernels are interleaved over ``rounds`` rounds; the best rate
+    of each is kept (the one least disturbed by other processes). Plus the CPU's AMX /
+    AVX-512 flags and the oneDNN kernels chosen, so a reader can tell whether a precision
+    that is slow in the model is slow because of the hardware or because of the code."""
+    import warnings
+
+    import torch
+
+    from sgmft.features.backbones.base import int8_engine
+
+    flops = 2.0 * n ** 3
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ab, bb, ah, bh = a.bfloat16(), b.bfloat16(), a.half(), b.half()
+    kernels = {"fp32_matmul": lambda: a @ b, "bf16_matmul": lambda: ab @ bb, "fp16_matmul": lambda: ah @ bh}
+
+    def fast_math():
+        prev = torch.backends.mkldnn.fp32_precision
+        torch.backends.mkldnn.fp32_precision = "bf16"
+        try:
+            a @ b
+        finally:
+            torch.backends.mkldnn.fp32_precision = prev
+    kernels["fp32_matmul_onednn_bf16_fastmath"] = fast_math
+    prev_engine = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for eng in ("x86", "fbgemm", "onednn"):
+            if eng in torch.backends.quantized.supported_engines:
+                torch.backends.quantized.engine = eng
+                q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
+                                                           {torch.nn.Linear}, dtype=torch.qint8)
+                kernels[f"int8_dynamic_linear_{eng}"] = (lambda q=q: q(a))
+    torch.backends.quantized.engine = prev_engine
+    best = {k: 0.0 for k in kernels}
+    with torch.inference_mode():
+        for f in kernels.values():
+            f()  # warm-up: oneDNN primitive creation, weight packing
+        for _ in range(rounds):
+            for k, f in kernels.items():
+                t, reps = time.perf_counter(), 0
+                while True:
+                    f()
+                    reps += 1
+                    dt = time.perf_counter() - t
+                    if dt >= seconds:
+                        break
+                best[k] = max(best[k], flops * reps / dt / 1e9)
+    gf = {k: round(v, 1) for k, v in best.items()}
+    flags = _cpu_flags()
+    has = {f: f in flags for f in _ISA_FLAGS}
+    ours = f"int8_dynamic_linear_{int8_engine()}"
+    ratio = {"bf16_over_fp32": round(best["bf16_matmul"] / best["fp32_matmul"], 3),
+             "fp16_over_fp32": round(best["fp16_matmul"] / best["fp32_matmul"], 3),
+             "fastmath_over_fp32": round(best["fp32_matmul_onednn_bf16_fastmath"] / best["fp32_matmul"], 3)}
+    if ours in best:
+        ratio["int8_sgmft_over_fp32"] = round(best[ours] / best["fp32_matmul"], 3)
+    amx = has["amx_bf16"] and has["amx_tile"]
+    if amx:
+        verdict = "AMX present: bf16 GEMMs can run on AMX tiles (see onednn.matmul_impl.bf16)."
+    elif has["avx512_bf16"]:
+        verdict = (f"no AMX (amx_bf16/amx_tile absent): bf16 GEMMs run on AVX-512 BF16 dot products at "
+                   f"{ratio['bf16_over_fp32']}x the fp32 GEMM rate, which bounds what a bf16 forward can gain here")
+    else:
+        verdict = (f"neither AMX nor AVX-512 BF16: bf16 GEMMs are emulated ({ratio['bf16_over_fp32']}x fp32)")
+    return {"matrix": f"{n}x{n}x{n}", "gflops": gf, "ratio": ratio, "int8_engine_sgmft": int8_engine(),
+            "cpu_flags": has, "amx": amx, "onednn": _onednn_kernels(), "torch_threads": torch.get_num_threads(),
+            "verdict": verdict, "method": f"best of {rounds} interleaved rounds of >= {seconds}s per kernel"}
 
 
 if __name__ == "__main__":

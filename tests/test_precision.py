@@ -143,3 +143,77 @@ def test_cli_precision_errors(env, capsys, tmp_path):
     assert main(["extract", str(env["manifest"]), "--out", str(tmp_path / "s"), "--backbone", env["spec"],
                  "--precision", "bf16", "--dtype", "float32", "--no-progress"]) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_bf16_runs_bf16_weights_and_returns_float32(env):
+    """bf16 = weights cast to bfloat16 + autocast (no per-batch re-cast of fp32 weights); the
+    features are still float32, L2-normalised and close to fp32's."""
+    fp32, bf16 = load_backbone(env["spec"], dtype="fp32"), load_backbone(env["spec"], dtype="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    texts = ["今天在电影院看电影", "去公园跑步"]
+    a, b = fp32.encode_text(texts), bf16.encode_text(texts)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert not np.array_equal(a, b) and (a * b).sum(1).min() > 0.999
+    from PIL import Image
+
+    ims = [Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (10, 120, 240))]
+    ia, ib = fp32.encode_images(ims), bf16.encode_images(ims)
+    assert ib.dtype == np.float32 and (ia * ib).sum(1).min() > 0.999
+
+
+def test_precision_recipe_in_fingerprint(env, monkeypatch):
+    """How bf16/int8 are computed is part of the fingerprint (fp32's has no recipe, so fp32
+    fingerprints did not change); int8 weights are packed for the preferred quantized engine,
+    the global engine is left as it was, and the forward does not depend on it."""
+    from sgmft.features.backbones import base
+
+    assert base.precision_recipe("float32") is None and base.precision_recipe("float16") is None
+    assert base.precision_recipe("bfloat16") == "bf16-weights+autocast"
+    assert base.precision_recipe("int8") == f"dynamic-int8-linear:{base.int8_engine()}"
+    supported = torch.backends.quantized.supported_engines
+    assert base.int8_engine() == next(e for e in base.INT8_ENGINE_PREFERENCE if e in supported)
+    before = torch.backends.quantized.engine
+    int8 = load_backbone(env["spec"], dtype="int8")
+    assert torch.backends.quantized.engine == before
+    texts = ["今天在电影院看电影", "去公园跑步"]
+    ref = int8.encode_text(texts)
+    for eng in supported:
+        if eng in ("x86", "fbgemm", "onednn"):
+            torch.backends.quantized.engine = eng
+            np.testing.assert_array_equal(int8.encode_text(texts), ref)
+    torch.backends.quantized.engine = before
+    others = [e for e in ("fbgemm", "x86", "onednn") if e in supported and e != base.int8_engine()]
+    if not others:
+        pytest.skip("only one quantized engine in this torch build")
+    monkeypatch.setattr(base, "INT8_ENGINE_PREFERENCE", (others[0],))
+    other = load_backbone(env["spec"], dtype="int8")
+    assert other.fingerprint() != int8.fingerprint()  # another engine, another recipe
+    assert other.fingerprint_at("float32") == int8.fingerprint_at("float32")  # same weights
+    assert (other.encode_text(texts) * ref).sum(1).min() > 0.999
+
+
+def test_bench_hardware_ceiling_reports_rates_flags_and_verdict(monkeypatch):
+    """bench_extract's hardware check: GEMM rates of every kind, the AMX/AVX-512 flags read
+    from /proc/cpuinfo and a verdict that follows them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
+    spec = importlib.util.spec_from_file_location("bench_extract_t", path)
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+    monkeypatch.setattr(be, "_onednn_kernels", lambda: {"isa": None, "matmul_impl": {}})
+    monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    r = be.hardware_ceiling(n=128, rounds=1, seconds=0.01)
+    assert {"fp32_matmul", "bf16_matmul", "fp16_matmul", "fp32_matmul_onednn_bf16_fastmath"} <= set(r["gflops"])
+    assert f"int8_dynamic_linear_{r['int8_engine_sgmft']}" in r["gflops"]
+    assert all(v > 0 for v in r["gflops"].values())
+    assert r["ratio"]["bf16_over_fp32"] == pytest.approx(r["gflops"]["bf16_matmul"] / r["gflops"]["fp32_matmul"],
+                                                          rel=0.01)
+    assert r["amx"] is False and r["cpu_flags"]["avx512_bf16"] and "no AMX" in r["verdict"]
+    monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    r = be.hardware_ceiling(n=128, rounds=1, seconds=0.01)
+    assert r["amx"] is True and r["verdict"].startswith("AMX present")
+    if Path("/proc/cpuinfo").is_file():
+        assert be._cpu_flags()  # really parsed

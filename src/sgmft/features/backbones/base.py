@@ -66,18 +66,70 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
     return d
 
 
+# How each non-fp32 precision is computed. Part of the backbone fingerprint (see
+# ``precision_recipe``): two recipes give (slightly) different features, so the extraction
+# cache and the feature contract must not mix them. fp32 has no entry, so fp32
+# fingerprints are unchanged.
+#   bf16: weights stored in bfloat16 (``model.to(bfloat16)``) AND the forward under bf16
+#         autocast (casts the float32 pixel input for the patch conv). Faster than autocast
+#         over fp32 weights, which re-casts every weight matrix on every batch (autocast's
+#         cast cache only keeps casts of leaf tensors that require grad) and keeps every
+#         activation in fp32; measured in benchmarks/bench_extract.py --precisions.
+#   int8: torch.ao dynamic quantisation of every nn.Linear (int8 weights per tensor,
+#         activations quantised per batch), packed for the quantized engine named here
+#         (oneDNN where available: faster than fbgemm/x86 on AVX-512-VNNI in
+#         bench_extract's ceiling check, no reduce_range, and AMX-int8 kernels on CPUs
+#         with AMX; fbgemm has none).
+INT8_ENGINE_PREFERENCE = ("onednn", "x86", "fbgemm", "qnnpack")
+
+
+def int8_engine() -> str:
+    """The quantized engine int8 weights are packed for: the first of
+    :data:`INT8_ENGINE_PREFERENCE` that this torch build supports."""
+    supported = set(torch.backends.quantized.supported_engines)
+    for eng in INT8_ENGINE_PREFERENCE:
+        if eng in supported:
+            return eng
+    raise RuntimeError(f"precision int8: this torch build has no quantized engine "
+                       f"(supported: {sorted(supported)})")
+
+
+def precision_recipe(precision: str) -> str | None:
+    """How ``precision`` is computed (``None`` for fp32/fp16: the stored model, autocast for fp16).
+    Backbones put it in their fingerprint next to the precision name."""
+    if precision == "bfloat16":
+        return "bf16-weights+autocast"
+    if precision == "int8":
+        return f"dynamic-int8-linear:{int8_engine()}"
+    return None
+
+
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The model to run at ``precision``: int8 swaps every ``nn.Linear`` for a dynamically
-    quantised one (int8 weights, per-tensor; ``torch.ao.quantization.quantize_dynamic``);
-    other precisions return ``model`` unchanged (they autocast in :meth:`Backbone._autocast`)."""
+    """The model to run at ``precision`` (modified in place; pass a model nobody else uses).
+
+    * ``int8``: every ``nn.Linear`` becomes a dynamically quantised one (int8 weights, per
+      tensor; ``torch.ao.quantization.quantize_dynamic``), packed for :func:`int8_engine`.
+      The packed weights carry their engine, so the forward does not depend on the global
+      ``torch.backends.quantized.engine``, which is restored afterwards.
+    * ``bfloat16``: parameters and buffers cast to bfloat16 (halves the weights' memory);
+      the forward also runs under bf16 autocast (:meth:`Backbone._autocast`).
+    * others: ``model`` unchanged (fp16 autocasts in :meth:`Backbone._autocast`).
+    """
+    if precision == "bfloat16":
+        return model.to(torch.bfloat16)
     if precision != "int8":
         return model
     import warnings
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    eng, prev = int8_engine(), torch.backends.quantized.engine
+    torch.backends.quantized.engine = eng
+    try:
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    finally:
+        torch.backends.quantized.engine = prev
 
 
 def hash_state_dict(module: torch.nn.Module, *, full_limit_bytes: int = 256 << 20) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, hash_state_dict
-from sgmft.features.backbones.base import apply_precision, resolve_device, resolve_precision
+from sgmft.features.backbones.base import apply_precision, precision_recipe, resolve_device, resolve_precision
 
 _DIMS = {"RN50": 1024, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024}
 
@@ -55,17 +55,20 @@ class CnClipBackbone(Backbone):
         model = model.float().eval().requires_grad_(False)
         self._weights_digest = hash_state_dict(model)
         self.model = apply_precision(model.to(self.device), self.precision)
+        self._recipe = precision_recipe(self.precision)  # as applied now (the int8 engine is chosen here)
         self.image_size = int(getattr(model.visual, "input_resolution", 224))
         self.dim = _DIMS.get(ref) or int(self.encode_text(["维"]).shape[1])
         self._fp: str | None = None
 
     def fingerprint(self) -> str:
         if self._fp is None:
-            self._fp = digest_json({"backbone": self.name, "weights": self._weights_digest,
-                                    "context_length": self.context_length, "image_size": self.image_size,
-                                    "preprocess": repr(self._preprocess), "precision": self.precision,
-                                    "vocab": hashlib.sha256(repr(sorted(self._cnc._tokenizer.vocab.items()))
-                                                            .encode()).hexdigest()})
+            ident = {"backbone": self.name, "weights": self._weights_digest,
+                     "context_length": self.context_length, "image_size": self.image_size,
+                     "preprocess": repr(self._preprocess), "precision": self.precision,
+                     "vocab": hashlib.sha256(repr(sorted(self._cnc._tokenizer.vocab.items())).encode()).hexdigest()}
+            if self._recipe is not None:  # bf16/int8 recipe; fp32 fingerprint unchanged
+                ident["precision_recipe"] = self._recipe
+            self._fp = digest_json(ident)
         return self._fp
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

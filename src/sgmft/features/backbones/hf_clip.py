@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from sgmft.features.backbones.base import (
-    Backbone, BackboneUnavailableError, apply_precision, digest_json, hash_state_dict, resolve_device, resolve_precision,
+    Backbone, BackboneUnavailableError, apply_precision, digest_json, hash_state_dict, precision_recipe, resolve_device,
+    resolve_precision,
 )
 
 DEFAULT_CHINESE_CLIP = "OFA-Sys/chinese-clip-vit-huge-patch14"
@@ -128,7 +129,9 @@ class HFClipBackbone(Backbone):
         self.precision = resolve_precision(dtype, self.device)
         model.eval().requires_grad_(False)
         self._weights_digest = hash_state_dict(model)  # before any device move / quantisation: stable identity
+        self._model_class = type(model).__name__
         self.model = apply_precision(model.to(self.device), self.precision)
+        self._recipe = precision_recipe(self.precision)  # as applied now (the int8 engine is chosen here)
         cfg = model.config
         self.dim = int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
         self.image_size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 224))
@@ -154,12 +157,16 @@ class HFClipBackbone(Backbone):
         proc.pop("processor_class", None)
         vocab = "".join(_file_digest(self.ckpt_dir / f) for f in
                         ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "spiece.model"))
-        return digest_json({
-            "backbone": self.name, "model_class": type(self.model).__name__, "config": cfg,
+        ident = {
+            "backbone": self.name, "model_class": self._model_class, "config": cfg,
             "weights": self._weights_digest, "vocab": vocab, "max_length": self.max_length,
             "tokenizer_class": type(self.tokenizer).__name__,
             "lower": getattr(self.tokenizer, "do_lower_case", None),
-            "processor": proc, "precision": precision})
+            "processor": proc, "precision": precision}
+        recipe = self._recipe if precision == self.precision else precision_recipe(precision)
+        if recipe is not None:  # how bf16/int8 are computed (absent for fp32: fingerprint unchanged)
+            ident["precision_recipe"] = recipe
+        return digest_json(ident)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
