@@ -220,6 +220,33 @@ def _variants(spec, args, load_backbone):
     return out
 
 
+def _rss_breakdown() -> dict:
+    """Resident memory now, split into anonymous and file-backed pages (MiB). The weights of
+    a safetensors checkpoint are memory-mapped: every backbone loaded from the same file maps
+    the same page-cache pages, which RSS counts once per mapping but RAM holds once."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile"):
+                out[k] = round(int(v.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def _release_memory() -> None:
+    """Hand freed memory (a load's transient fp32 copy) back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def precision_main(args) -> dict:
     import numpy as np
     import torch
@@ -227,7 +254,6 @@ def precision_main(args) -> dict:
     from sgmft.data.simposts import SimPostsConfig, generate_simposts
     from sgmft.features.backbones import load_backbone
     from sgmft.features.backbones.base import canonical_precision, precision_recipe
-    from sgmft.features.backbones.tiny import build_tiny_chinese_clip
     from sgmft.ingest.images import load_image
     from sgmft.ingest.manifest import read_manifest
     from sgmft.ingest.text import TextCleaner
@@ -241,10 +267,21 @@ def precision_main(args) -> dict:
         td = Path(td)
         if args.backbone:
             spec, note = args.backbone, "user-supplied backbone"
-        else:
-            spec = f"chinese-clip:{build_tiny_chinese_clip(td / 'model', size=args.size)}"
+        else:  # built in a child process, so its memory (4 GB for huge) is returned before the loads
+            import subprocess
+
+            subprocess.run([sys.executable, "-c", "import sys; from sgmft.features.backbones.tiny import "
+                            "build_tiny_chinese_clip as b; b(sys.argv[1], size=sys.argv[2])",
+                            str(td / "model"), args.size], check=True)
+            spec = f"chinese-clip:{td / 'model'}"
             note = f"RANDOM Chinese-CLIP ({args.size} shapes) built for the benchmark: timing only"
-        bbs = {p: load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size) for p in precs}
+        # reduced precisions first: each load holds a transient fp32 copy, so the peak RAM is one fp32 model
+        # on top of the smaller ones (matters for --size huge)
+        loaded = {}
+        for p in sorted(precs, key=lambda p: p == "float32"):
+            loaded[p] = load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size)
+            _release_memory()
+        bbs = {p: loaded[p] for p in precs}
         if args.variants:
             bbs.update(_variants(spec, args, load_backbone))
         for p in compiled:
@@ -316,6 +353,7 @@ def precision_main(args) -> dict:
         "precisions": res,
         "hardware_ceiling": ceiling,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_end_mib": _rss_breakdown(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_1min_end": round(os.getloadavg()[0], 2),
         "python": platform.python_version(), "torch": torch.__version__,

@@ -301,7 +301,8 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, ...")
     s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default=None,
-                   help="compute precision of the same checkpoint: fp32, bf16 (autocast), fp16 (GPU), int8 "
+                   help="compute precision of the same checkpoint: fp32, bf16 (bf16 weights + autocast), fp16 "
+                        "(autocast), int8 "
                         "(dynamic quantisation of the Linear layers, CPU); recorded in the store and in models "
                         "trained on it (docs/scale.md). Default: --dtype")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
