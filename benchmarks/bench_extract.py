@@ -206,17 +206,19 @@ def _variants(spec, args, load_backbone):
             torch.backends.mkldnn.fp32_precision = prev
     out["bf16:onednn-fastmath-fp32-model"] = _Variant(
         load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size), fast_math)
-    for eng in ("x86", "fbgemm"):
-        if eng == int8_engine() or eng not in torch.backends.quantized.supported_engines:
-            continue
+    qc = torch.ao.quantization
+    engines = [e for e in ("onednn", "x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
+    for eng, scheme in ([(int8_engine(), "per-tensor")] +
+                        [(e, "per-channel") for e in engines if e != int8_engine()]):
         bb = load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size)
         prev, torch.backends.quantized.engine = torch.backends.quantized.engine, eng
+        cfg = qc.per_channel_dynamic_qconfig if scheme == "per-channel" else qc.default_dynamic_qconfig
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bb.model = torch.ao.quantization.quantize_dynamic(bb.model, {torch.nn.Linear}, dtype=torch.qint8,
-                                                              inplace=True)
+            bb.model = qc.quantize_dynamic(bb.model, {torch.nn.Linear: cfg}, dtype=torch.qint8, inplace=True)
         torch.backends.quantized.engine = prev
-        out[f"int8:engine-{eng}"] = bb
+        out[f"int8:{scheme}-{eng}"] = bb
+        _release_memory()
     return out
 
 
@@ -410,8 +412,8 @@ def _onednn_kernels() -> dict:
 def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> dict:
     """GEMM rates of this CPU with the current torch threads: an n x n x n matmul in fp32,
     bf16 and fp16, fp32 with oneDNN's bf16 fast-math (``torch.backends.mkldnn.fp32_precision``),
-    and an n -> n Linear on n rows dynamically quantised to int8 (each quantized engine, and
-    the one sgmft's int8 uses). Kernels are interleaved over ``rounds`` rounds; the best rate
+    and an n -> n Linear on n rows dynamically quantised to int8 with per-channel weights (each
+    quantized engine, and the one sgmft's int8 uses). Kernels are interleaved over ``rounds`` rounds; the best rate
     of each is kept (the one least disturbed by other processes). Plus the CPU's AMX /
     AVX-512 flags and the oneDNN kernels chosen, so a reader can tell whether a precision
     that is slow in the model is slow because of the hardware or because of the code."""
@@ -440,8 +442,9 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
         for eng in ("x86", "fbgemm", "onednn"):
             if eng in torch.backends.quantized.supported_engines:
                 torch.backends.quantized.engine = eng
-                q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
-                                                           {torch.nn.Linear}, dtype=torch.qint8)
+                q = torch.ao.quantization.quantize_dynamic(  # per-channel weights, as sgmft's int8
+                    torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
+                    {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
                 kernels[f"int8_dynamic_linear_{eng}"] = (lambda q=q: q(a))
     torch.backends.quantized.engine = prev_engine
     best = {k: 0.0 for k in kernels}
@@ -458,7 +461,7 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
                     if dt >= seconds:
                         break
                 best[k] = max(best[k], flops * reps / dt / 1e9)
-    gf = {k: round(v, 1) for k, v in best.items()}
+    gf = {k: round(v, 2) for k, v in best.items()}
     flags = _cpu_flags()
     has = {f: f in flags for f in _ISA_FLAGS}
     ours = f"int8_dynamic_linear_{int8_engine()}"

@@ -71,6 +71,8 @@ def test_int8_quantises_linears_and_stays_close(env):
 
     assert sum(isinstance(m, DynamicQuantizedLinear) for m in int8.model.modules()) > 10
     assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())
+    assert {m.weight().qscheme() for m in int8.model.modules() if isinstance(m, DynamicQuantizedLinear)} == \
+        {torch.per_channel_affine}  # one scale per output channel
     assert any(type(m) is torch.nn.Linear for m in fp32.model.modules())  # fp32 untouched
     texts = ["今天在电影院看电影", "去公园跑步", "图书馆里很安静"]
     a, b, c = fp32.encode_text(texts), int8.encode_text(texts), bf16.encode_text(texts)
@@ -170,7 +172,7 @@ def test_precision_recipe_in_fingerprint(env, monkeypatch):
 
     assert base.precision_recipe("float32") is None and base.precision_recipe("float16") is None
     assert base.precision_recipe("bfloat16") == "bf16-weights+autocast"
-    assert base.precision_recipe("int8") == f"dynamic-int8-linear:{base.int8_engine()}"
+    assert base.precision_recipe("int8") == f"dynamic-int8-linear-per-channel:{base.int8_engine()}"
     supported = torch.backends.quantized.supported_engines
     assert base.int8_engine() == next(e for e in base.INT8_ENGINE_PREFERENCE if e in supported)
     before = torch.backends.quantized.engine
@@ -205,12 +207,12 @@ def test_bench_hardware_ceiling_reports_rates_flags_and_verdict(monkeypatch):
     spec.loader.exec_module(be)
     monkeypatch.setattr(be, "_onednn_kernels", lambda: {"isa": None, "matmul_impl": {}})
     monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    r = be.hardware_ceiling(n=128, rounds=1, seconds=0.01)
+    r = be.hardware_ceiling(n=256, rounds=1, seconds=0.02)
     assert {"fp32_matmul", "bf16_matmul", "fp16_matmul", "fp32_matmul_onednn_bf16_fastmath"} <= set(r["gflops"])
     assert f"int8_dynamic_linear_{r['int8_engine_sgmft']}" in r["gflops"]
     assert all(v > 0 for v in r["gflops"].values())
     assert r["ratio"]["bf16_over_fp32"] == pytest.approx(r["gflops"]["bf16_matmul"] / r["gflops"]["fp32_matmul"],
-                                                          rel=0.01)
+                                                          rel=0.05, abs=0.01)
     assert r["amx"] is False and r["cpu_flags"]["avx512_bf16"] and "no AMX" in r["verdict"]
     monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     r = be.hardware_ceiling(n=128, rounds=1, seconds=0.01)
