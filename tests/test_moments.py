@@ -65,6 +65,39 @@ def test_keys_shared_with_values_and_degenerate_inputs():
     _check_against_textbook(zero_c, k, k, 1e-12)
 
 
+def test_empty_bins_dropped_heavy_tailed_keys():
+    """Keys with a few far outliers (as trained weights give): most equal-width bins are empty
+    and are dropped, rows with fewer occupied bins are padded; values and every gradient
+    still match the textbook, and bin layouts that compact to the same size stay apart."""
+    from sgmft.models.moments import _Bins
+
+    c, k, v = _case(3, 4, 80, 4.0, 0.3, 0.0, seed=3)
+    with torch.no_grad():
+        k[0, :3] = torch.tensor([12.0, -9.0, 15.0], dtype=k.dtype)   # outliers: range ~24, bulk ~1
+        k[1, 5] = 8.0
+    bins = _Bins(k.detach(), 40)
+    assert 2 < bins.nb < 40                                      # compacted
+    occ = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, ((k.detach() - k.detach().amin(-1, keepdim=True))
+                                                             / ((k.detach().amax(-1, keepdim=True)
+                                                                 - k.detach().amin(-1, keepdim=True)) / 40))
+                                                         .floor().clamp(0, 39).long(), True)
+    assert bins.nb == int(occ.sum(1).max())
+    assert float(bins.unit.abs().max()) <= 1 + 1e-12
+    _check_against_textbook(c, k, v, 1e-12, max_bins=10 ** 6)
+    _check_against_textbook(c, k, k, 1e-12, max_bins=10 ** 6)
+
+
+def test_large_batches_run_in_sample_chunks():
+    """Batches above SAMPLE_CHUNK are split (each chunk planned for its own |c|); the result
+    and every gradient still match the textbook, with one very peaked sample in one chunk."""
+    from sgmft.models.moments import SAMPLE_CHUNK
+
+    c, k, v = _case(SAMPLE_CHUNK + 7, 2, 24, 1.0, 1.0, 0.0, seed=5)
+    with torch.no_grad():
+        c[SAMPLE_CHUNK + 3] *= 30
+    _check_against_textbook(c, k, v, 1e-12)
+
+
 def test_fallback_to_fused_kernel_per_sample():
     c, k, v = _case(4, 2, 50, 1.0, 1.0, 0.0)
     with torch.no_grad():
