@@ -278,7 +278,8 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp)
         preloaded[str(run_dir.last_checkpoint)] = state
         done = [r["epoch"] for r in (state["callbacks"][RunRecorder.STATE_KEY].get("history") or [])]
-        warnings.warn(f"{run_dir.root}: resuming after epoch {max(done) if done else '?'} "
+        n_done = f"{max(done) + 1}" if done else "?"      # history epochs count from 0, as in metrics.csv
+        warnings.warn(f"{run_dir.root}: resuming after {n_done} finished epoch(s) of {train_cfg.epochs} "
                       f"({run_dir.last_checkpoint.name})", SgmftNote, stacklevel=3)
     lim = train_cfg.limit_train_batches
     full = lim == 1.0 or (isinstance(lim, int) and lim >= -(-len(tr) // train_cfg.batch_size))
