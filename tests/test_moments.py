@@ -38,6 +38,19 @@ def _check_against_textbook(c, k, v, tol, floor=0.0, **kw):
         assert _rel(a, b, floor) < tol, (name, _rel(a, b, floor))
 
 
+def _check_attention_against_textbook(out, c, inputs, g, tol=1e-12):
+    """``out`` = moments_attention(xq, alpha, beta, k, v) against the textbook on c = alpha xq + beta:
+    the value and the gradients of all five inputs, relative max-norm < tol."""
+    xq, alpha, beta, k, v = inputs
+    ref = rank1_softmax_mix_reference(c, k, v)
+    assert _rel(out, ref) < tol
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(out, inputs, go)
+    theirs = torch.autograd.grad(ref, inputs, go)
+    for name, a, b in zip(["xq", "alpha", "beta", "k", "v"], ours, theirs):
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
 def test_series_length_bounds_truncation_below_float64_rounding():
     k = n_terms(Z0)
     assert Z0 ** k / math.factorial(k) * math.exp(2 * Z0) <= 2.0 ** -53
@@ -205,13 +218,7 @@ def test_attention_entry_affine_and_general_paths(x_scale, affine, monkeypatch):
     out = mm.moments_attention(xq, alpha, beta, k, v)
     assert bool(used) == affine
     c = xq[:, None, :] * alpha[None, :, None] + beta[None, :, None]
-    ref = rank1_softmax_mix_reference(c, k, v)
-    assert _rel(out, ref) < 1e-12
-    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    ours = torch.autograd.grad(out, (xq, alpha, beta, k, v), go)
-    theirs = torch.autograd.grad(ref, (xq, alpha, beta, k, v), go)
-    for name, a, b in zip(["xq", "alpha", "beta", "k", "v"], ours, theirs):
-        assert _rel(a, b) < 1e-12, (name, _rel(a, b))
+    _check_attention_against_textbook(out, c, (xq, alpha, beta, k, v), g)
 
 
 def test_queries_grouped_through_their_token_many_bins():
@@ -238,13 +245,7 @@ def test_queries_grouped_through_their_token_many_bins():
     finally:
         mp.undo()
     assert orders and all(torch.equal(o.sort(-1).values, torch.arange(4 * 300).expand(3, -1)) for o in orders)
-    ref = rank1_softmax_mix_reference(c, k, v)
-    assert _rel(out, ref) < 1e-12
-    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    ours = torch.autograd.grad(out, (xq, alpha, beta, k, v), go)
-    theirs = torch.autograd.grad(ref, (xq, alpha, beta, k, v), go)
-    for name, a, b in zip(["xq", "alpha", "beta", "k", "v"], ours, theirs):
-        assert _rel(a, b) < 1e-12, (name, _rel(a, b))
+    _check_attention_against_textbook(out, c, (xq, alpha, beta, k, v), g)
 
 
 def test_paper_preset_sim_attention_gradients_match_high_precision_reference():
