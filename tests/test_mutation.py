@@ -24,6 +24,24 @@ def test_mutation_table_matches_the_source():
             "classifier_without_relu"} <= names
 
 
+def test_a_lost_fork_status_is_rerun_not_guessed(tmp_path, monkeypatch):
+    """The fork server answers 255 when it loses a child's exit status (seen once in CI with
+    the child's pytest log complete): that run is repeated in a fresh interpreter, and its
+    verdict is the one reported, survived included."""
+    calls = []
+    monkeypatch.setattr(check_mutants, "_run_forked", lambda ctx, site, tests, timeout: (255, ""))
+    for verdict, status in ((1, "killed"), (0, "survived")):
+        monkeypatch.setattr(check_mutants, "_run_subprocess",
+                            lambda site, tests, timeout, v=verdict: calls.append(site) or (v, "log"))
+        m = check_mutants.MUTANTS[0]
+        r = check_mutants._run(m.name, m, tmp_path / status, ["tests/test_equations.py"], 5.0, ctx=object())
+        assert (r["status"], r["returncode"], r["retried"]) == (status, verdict, True)
+    assert len(calls) == 2
+    monkeypatch.setattr(check_mutants, "_run_forked", lambda ctx, site, tests, timeout: (1, ""))
+    r = check_mutants._run(m.name, m, tmp_path / "direct", ["tests/test_equations.py"], 5.0, ctx=object())
+    assert (r["status"], r["retried"], len(calls)) == ("killed", False, 2)
+
+
 @pytest.mark.slow
 def test_equation_tests_kill_every_mutant(tmp_path):
     report_path = tmp_path / "mutants.json"

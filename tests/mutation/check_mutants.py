@@ -269,13 +269,20 @@ def _run(label: str, mutant: Mutant | None, workdir: Path, tests: list[str], tim
         path.write_text(text.replace(mutant.pattern, mutant.replacement, 1), encoding="utf-8")
     t0 = time.monotonic()
     rc, out = _run_forked(ctx, site, tests, timeout) if ctx is not None else _run_subprocess(site, tests, timeout)
+    retried = False
+    if ctx is not None and rc == 255:
+        # multiprocessing's forkserver reports 255 when it cannot read the child's exit status
+        # back (seen once in CI, with the child's pytest log complete): the status is lost, not
+        # the verdict.  Run this one again in a fresh interpreter rather than guess it.
+        rc, out = _run_subprocess(site, tests, timeout)
+        retried = True
     secs = time.monotonic() - t0
     first_fail = next((ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))), "")
     if mutant is None:
         status = "passed" if rc == 0 else "failed"
     else:
         status = {0: "survived", 1: "killed"}.get(rc, "error")   # 3: imported the wrong sgmft
-    return {"name": label, "status": status, "returncode": rc, "seconds": round(secs, 2),
+    return {"name": label, "status": status, "returncode": rc, "seconds": round(secs, 2), "retried": retried,
             "first_failure": first_fail[:300], **({"log_tail": out[-2000:]} if status in ("failed", "error") else {})}
 
 
