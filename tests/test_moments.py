@@ -81,23 +81,48 @@ def test_keys_shared_with_values_and_degenerate_inputs():
 def test_empty_bins_dropped_heavy_tailed_keys():
     """Keys with a few far outliers (as trained weights give): most equal-width bins are empty
     and are dropped, rows with fewer occupied bins are padded; values and every gradient
-    still match the textbook, and bin layouts that compact to the same size stay apart."""
+    still match the textbook."""
     from sgmft.models.moments import _Bins
 
     c, k, v = _case(3, 4, 80, 4.0, 0.3, 0.0, seed=3)
     with torch.no_grad():
         k[0, :3] = torch.tensor([12.0, -9.0, 15.0], dtype=k.dtype)   # outliers: range ~24, bulk ~1
         k[1, 5] = 8.0
-    bins = _Bins(k.detach(), 40)
+    kd = k.detach()
+    bins = _Bins(kd, 40)
     assert 2 < bins.nb < 40                                      # compacted
-    occ = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, ((k.detach() - k.detach().amin(-1, keepdim=True))
-                                                             / ((k.detach().amax(-1, keepdim=True)
-                                                                 - k.detach().amin(-1, keepdim=True)) / 40))
-                                                         .floor().clamp(0, 39).long(), True)
+    lo, hi = kd.amin(-1, keepdim=True), kd.amax(-1, keepdim=True)
+    idx = ((kd - lo) / ((hi - lo) / 40)).floor().clamp(0, 39).long()
+    occ = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, idx, True)
     assert bins.nb == int(occ.sum(1).max())
     assert float(bins.unit.abs().max()) <= 1 + 1e-12
     _check_against_textbook(c, k, v, 1e-12, max_bins=10 ** 6)
     _check_against_textbook(c, k, k, 1e-12, max_bins=10 ** 6)
+
+
+def test_layouts_compacting_to_one_size_keep_their_own_tables(monkeypatch):
+    """Two outlying keys and a tight bulk: queries whose |c| differs need different equal-width
+    layouts, and every layout compacts to the same few occupied bins.  The backward must
+    still sum each layout's segments into that layout's own table (a table keyed by the
+    compacted size mixes them: the key gradient is then off by ~1e-8)."""
+    import sgmft.models.moments as mm
+
+    c, k, v = _case(2, 2, 600, 1.0, 0.001, 0.0, seed=7)
+    with torch.no_grad():
+        mags = torch.linspace(0.3, 6.0, 600, dtype=c.dtype)[torch.randperm(600, generator=torch.Generator().manual_seed(7))]
+        c.copy_(mags * torch.randn(2, 2, 600, generator=torch.Generator().manual_seed(8), dtype=c.dtype).sign())
+        k[:, 0], k[:, 1] = -10.0, 10.0
+    compacted = {}
+    init = mm._Bins.__init__
+
+    def recording_init(self, x, nb):
+        init(self, x, nb)
+        compacted[nb] = self.nb
+
+    monkeypatch.setattr(mm._Bins, "__init__", recording_init)
+    _check_against_textbook(c, k, v, 1e-12, max_bins=10 ** 6)
+    shared = [nb for nb in compacted if list(compacted.values()).count(compacted[nb]) > 1]
+    assert len(shared) >= 2, compacted                           # the case really shares a size
 
 
 def test_large_batches_run_in_sample_chunks():

@@ -262,10 +262,11 @@ def _key_sums(w, state, n: int):
         x = ws if weight is None else (weight.unsqueeze(1) * ws.unsqueeze(2)).view(b, -1, ws.shape[-1])
         k = tp.shape[1]
         part = torch.bmm(x, tp.transpose(1, 2))                                   # (B, ch*nb, k)
-        if id(kb) not in tables:    # one table per bin layout (layouts may share a compacted nb)
-            tables[id(kb)] = [kb, part.new_zeros(b, part.shape[1], K), 0]
-        tables[id(kb)][1][:, :, :k] += part
-        tables[id(kb)][2] = max(tables[id(kb)][2], k)
+        entry = tables.get(id(kb))  # one table per bin layout (layouts may share a compacted nb)
+        if entry is None:
+            entry = tables[id(kb)] = [kb, part.new_zeros(b, part.shape[1], K), 0]
+        entry[1][:, :, :k] += part
+        entry[2] = max(entry[2], k)
     out = wd.new_zeros(b, ch, n)
     for kb, table, used in tables.values():
         table = table[:, :, :used] * _inv_factorial(used, table)                 # T's 1/i!
