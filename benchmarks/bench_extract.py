@@ -288,8 +288,7 @@ def precision_main(args) -> dict:
             bbs.update(_variants(spec, args, load_backbone))
         for p in compiled:
             bb = load_backbone(spec, device=args.device, dtype=p, batch_size=args.batch_size)
-            bb._text_embed, bb._image_embed = torch.compile(bb._text_embed), torch.compile(bb._image_embed)
-            bbs[f"{p}+compile"] = bb
+            bbs[f"{p}+compile"] = bb.compile_forward()  # what SGMFT_COMPILE=1 extraction runs (precision.maybe_compile)
         manifest = generate_simposts(td / "corpus", SimPostsConfig(num_posts=args.num_posts,
                                                                    image_size=args.image_size, seed=1))
         posts, _ = read_manifest(manifest)
@@ -307,6 +306,7 @@ def precision_main(args) -> dict:
         imf = [bb.forward_images(x) for x in pix]
         return time.perf_counter() - t, np.concatenate(tf), np.concatenate(imf)
 
+    flops = _model_flops(ref, toks, pix)
     first_pass = {}
     for name, bb in bbs.items():
         if name.endswith("+compile"):  # compiles for every batch shape: a whole first pass, timed
@@ -322,6 +322,7 @@ def precision_main(args) -> dict:
             secs[name].append(s)
             feats.setdefault(name, (tf, imf))
     n_items = len(texts) + len(ims)
+    gemm = _ceiling_rates(ceiling)
     res = {}
     for name in bbs:
         ct, ci = _cosines(feats[name][0], feats[ref_name][0]), _cosines(feats[name][1], feats[ref_name][1])
@@ -337,6 +338,11 @@ def precision_main(args) -> dict:
             "cosine_text_mean": round(float(ct.mean()), 6), "cosine_text_min": round(float(ct.min()), 6),
             "cosine_image_mean": round(float(ci.mean()), 6), "cosine_image_min": round(float(ci.min()), 6),
         }
+        best = min(secs[name])
+        res[name]["gflops_model_best_round"] = round(flops / best / 1e9, 1)
+        rate = gemm.get(name.split(":")[0].split("+")[0])
+        if rate:  # achieved model FLOP rate / this precision's 2048^3 GEMM rate
+            res[name]["fraction_of_gemm_ceiling"] = round(flops / best / 1e9 / rate, 3)
         if name in precs:
             res[name]["fingerprint"] = bbs[name].fingerprint()[:16]
             res[name]["recipe"] = precision_recipe(name) or "model as stored"
@@ -350,7 +356,7 @@ def precision_main(args) -> dict:
         "backbone": spec if args.backbone else f"random-{args.size}-chinese-clip", "backbone_note": note,
         "dim": ref.dim, "model_image_size": ref.image_size, "device": str(ref.device),
         "num_posts": len(posts), "num_texts": len(texts), "num_images": len(ims), "batch_size": args.batch_size,
-        "rounds": args.rounds, "timing": "bare forward (forward_text + forward_images) on the same preprocessed "
+        "model_gflop_per_round": round(flops / 1e9, 2), "rounds": args.rounds, "timing": "bare forward (forward_text + forward_images) on the same preprocessed "
                                          "batches, precisions interleaved within each round, one process",
         "precisions": res,
         "hardware_ceiling": ceiling,
@@ -365,122 +371,34 @@ def precision_main(args) -> dict:
     return out
 
 
-def _cpu_flags() -> set:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _model_flops(bb, toks, pix) -> float:
+    """FLOPs of one round (every text and image batch), counted by torch's FlopCounterMode on
+    the fp32-free path of ``bb`` (matmuls, convolutions and SDPA; element-wise ops are not
+    counted, as in any GEMM-ceiling comparison)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        for x in toks:
+            bb.forward_text(x)
+        for x in pix:
+            bb.forward_images(x)
+    return float(fc.get_total_flops())
 
 
-_ISA_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni",
-              "avx_vnni", "avx512f")
+def _ceiling_rates(ceiling) -> dict:
+    """precision -> the GEMM rate (GFLOP/s) it can reach here (None: no ceiling measured)."""
+    if not ceiling:
+        return {}
+    g = ceiling["gflops"]
+    return {"float32": g.get("fp32_matmul"), "bfloat16": g.get("bf16_matmul"), "float16": g.get("fp16_matmul"),
+            "int8": g.get(f"int8_dynamic_linear_{ceiling['int8_engine_sgmft']}")}
 
 
-def _onednn_kernels() -> dict:
-    """Which oneDNN implementation runs a bf16 / fp16 matmul and an int8 (onednn engine)
-    dynamic Linear here (``ONEDNN_VERBOSE`` in a child process): ``...avx512_core_amx...``
-    means AMX tiles, ``avx512_core_bf16`` the AVX-512 BF16 dot-product instructions."""
-    import subprocess
+def hardware_ceiling(**kw) -> dict:
+    """The GEMM ceiling report (moved into the library for ``sgmft extract --explain-hardware``)."""
+    from sgmft.features.backbones.precision import hardware_ceiling as hc
 
-    code = ("import warnings; warnings.simplefilter('ignore'); import torch\n"
-            "a = torch.randn(256, 256); print('@@bf16', flush=True); a.bfloat16() @ a.bfloat16()\n"
-            "print('@@fp16', flush=True); a.half() @ a.half()\n"
-            "torch.backends.quantized.engine = 'onednn'\n"
-            "q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 256)), "
-            "{torch.nn.Linear}, dtype=torch.qint8)\n"
-            "print('@@int8', flush=True); q(a)\n")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
-    except (OSError, subprocess.SubprocessError) as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    out, tag, isa = {}, None, None
-    for line in r.stdout.splitlines():
-        if line.startswith("@@"):
-            tag = line[2:]
-        parts = line.split(",")
-        if len(parts) > 4 and parts[2] == "info" and parts[4].startswith("isa:"):
-            isa = parts[4][4:]
-        if tag and tag not in out and len(parts) > 6 and parts[3] == "exec" and parts[5] == "matmul":
-            out[tag] = parts[6]
-    return {"isa": isa, "matmul_impl": out}
-
-
-def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> dict:
-    """GEMM rates of this CPU with the current torch threads: an n x n x n matmul in fp32,
-    bf16 and fp16, fp32 with oneDNN's bf16 fast-math (``torch.backends.mkldnn.fp32_precision``),
-    and an n -> n Linear on n rows dynamically quantised to int8 with per-channel weights (each
-    quantized engine, and the one sgmft's int8 uses). Kernels are interleaved over ``rounds`` rounds; the best rate
-    of each is kept (the one least disturbed by other processes). Plus the CPU's AMX /
-    AVX-512 flags and the oneDNN kernels chosen, so a reader can tell whether a precision
-    that is slow in the model is slow because of the hardware or because of the code."""
-    import warnings
-
-    import torch
-
-    from sgmft.features.backbones.base import int8_engine
-
-    flops = 2.0 * n ** 3
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ab, bb, ah, bh = a.bfloat16(), b.bfloat16(), a.half(), b.half()
-    kernels = {"fp32_matmul": lambda: a @ b, "bf16_matmul": lambda: ab @ bb, "fp16_matmul": lambda: ah @ bh}
-
-    def fast_math():
-        prev = torch.backends.mkldnn.fp32_precision
-        torch.backends.mkldnn.fp32_precision = "bf16"
-        try:
-            a @ b
-        finally:
-            torch.backends.mkldnn.fp32_precision = prev
-    kernels["fp32_matmul_onednn_bf16_fastmath"] = fast_math
-    prev_engine = torch.backends.quantized.engine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for eng in ("x86", "fbgemm", "onednn"):
-            if eng in torch.backends.quantized.supported_engines:
-                torch.backends.quantized.engine = eng
-                q = torch.ao.quantization.quantize_dynamic(  # per-channel weights, as sgmft's int8
-                    torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
-                    {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
-                kernels[f"int8_dynamic_linear_{eng}"] = (lambda q=q: q(a))
-    torch.backends.quantized.engine = prev_engine
-    best = {k: 0.0 for k in kernels}
-    with torch.inference_mode():
-        for f in kernels.values():
-            f()  # warm-up: oneDNN primitive creation, weight packing
-        for _ in range(rounds):
-            for k, f in kernels.items():
-                t, reps = time.perf_counter(), 0
-                while True:
-                    f()
-                    reps += 1
-                    dt = time.perf_counter() - t
-                    if dt >= seconds:
-                        break
-                best[k] = max(best[k], flops * reps / dt / 1e9)
-    gf = {k: round(v, 2) for k, v in best.items()}
-    flags = _cpu_flags()
-    has = {f: f in flags for f in _ISA_FLAGS}
-    ours = f"int8_dynamic_linear_{int8_engine()}"
-    ratio = {"bf16_over_fp32": round(best["bf16_matmul"] / best["fp32_matmul"], 3),
-             "fp16_over_fp32": round(best["fp16_matmul"] / best["fp32_matmul"], 3),
-             "fastmath_over_fp32": round(best["fp32_matmul_onednn_bf16_fastmath"] / best["fp32_matmul"], 3)}
-    if ours in best:
-        ratio["int8_sgmft_over_fp32"] = round(best[ours] / best["fp32_matmul"], 3)
-    amx = has["amx_bf16"] and has["amx_tile"]
-    if amx:
-        verdict = "AMX present: bf16 GEMMs can run on AMX tiles (see onednn.matmul_impl.bf16)."
-    elif has["avx512_bf16"]:
-        verdict = (f"no AMX (amx_bf16/amx_tile absent): bf16 GEMMs run on AVX-512 BF16 dot products at "
-                   f"{ratio['bf16_over_fp32']}x the fp32 GEMM rate, which bounds what a bf16 forward can gain here")
-    else:
-        verdict = (f"neither AMX nor AVX-512 BF16: bf16 GEMMs are emulated ({ratio['bf16_over_fp32']}x fp32)")
-    return {"matrix": f"{n}x{n}x{n}", "gflops": gf, "ratio": ratio, "int8_engine_sgmft": int8_engine(),
-            "cpu_flags": has, "amx": amx, "onednn": _onednn_kernels(), "torch_threads": torch.get_num_threads(),
-            "verdict": verdict, "method": f"best of {rounds} interleaved rounds of >= {seconds}s per kernel"}
+    return hc(**kw)
 
 
 if __name__ == "__main__":

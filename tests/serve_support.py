@@ -23,6 +23,16 @@ def build_tiny_run(root: Path) -> dict:
             "results": json.loads((root / "results.json").read_text(encoding="utf-8"))}
 
 
+_SHARED: dict = {}
+
+
+def shared_tiny_run(tmp_path_factory) -> dict:
+    """:func:`build_tiny_run` once per test session, shared by the service test modules (read only)."""
+    if "run" not in _SHARED:
+        _SHARED["run"] = build_tiny_run(tmp_path_factory.mktemp("serve-run"))
+    return _SHARED["run"]
+
+
 def reuse_demo(root: Path) -> dict:
     """The same dict for an existing ``sgmft demo-raw --out ROOT`` folder."""
     from sgmft.ingest.manifest import read_manifest
@@ -54,3 +64,107 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LiveServer:
+    """``sgmft.serve.server.make_server(app)`` on 127.0.0.1 in a thread of this process (the real
+    uvicorn + httptools stack, header limit included); ``with LiveServer(app) as s: s.url``."""
+
+    def __init__(self, app, **kw):
+        from sgmft.serve.server import make_server
+
+        self.port = free_port()
+        self.server = make_server(app, "127.0.0.1", self.port, log_level="warning", **kw)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def raw_http(port: int, data: bytes, *, read: bool = True, timeout: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh connection to 127.0.0.1:``port``; the whole answer (until close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if not read:
+            return b""
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+        return out
+
+
+def screenshots(demo: Path, out: Path, tag: str) -> list[Path]:
+    """The page after a prediction (a post with 2+ images of a `sgmft demo-raw --out DEMO` folder) at
+    1280 and 360 px, saved as ``serve-page-TAG-WIDTH.png`` (docs/img). Needs Chromium and playwright:
+
+        python tests/serve_support.py DEMO docs/img after
+    """
+    import http.client
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    env = reuse_demo(demo)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(env["run"]), "--port", str(port),
+                             "--threads", "1"], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    saved = []
+    try:
+        for _ in range(600):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", "/v1/ready")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        post = next(p for p in env["posts"] if len(p.images) >= 2 and len(p.text) > 8)
+        with sync_playwright() as pw:
+            b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-dev-shm-usage"])
+            for w in (1280, 360):
+                page = b.new_page(viewport={"width": w, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_function("document.getElementById('model-info').textContent.includes('places')")
+                page.fill("#text", post.text)
+                page.set_input_files("#files", [str(x) for x in post.images])
+                page.click("#predict")
+                page.wait_for_selector("#results:not([hidden]) .bar-row.top")
+                page.wait_for_timeout(500)
+                saved.append(out / f"serve-page-{tag}-{w}.png")
+                page.screenshot(path=str(saved[-1]), full_page=True)
+                page.close()
+            b.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    return saved
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(screenshots(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))

@@ -24,10 +24,10 @@ def test_every_verb_of_the_table_is_a_subcommand_running_its_function():
 
 
 def test_user_errors_are_one_tuple():
-    for exc in (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError,
-                BackboneUnavailableError, ImageLoadError):
+    for exc in (UserError, FileNotFoundError, FileExistsError, BackboneUnavailableError, ImageLoadError):
         assert issubclass(exc, USER_ERRORS), exc
-    assert not issubclass(TypeError, USER_ERRORS)   # a bug keeps its traceback
+    for bug in (TypeError, KeyError, AttributeError):   # a bug keeps its traceback (tests/test_errors.py)
+        assert not issubclass(bug, USER_ERRORS), bug
 
 
 def test_user_error_ends_with_exit_2_and_the_verb(tmp_path, capsys):
@@ -64,3 +64,27 @@ def test_simfeat_module_has_no_parser_of_its_own():
 def test_bad_set_is_a_user_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--set", "lr=1"]) == 2
     assert capsys.readouterr().err.startswith("sgmft train: error: --set 'lr=1': write model.")
+
+
+def test_presets_marks_the_default_and_the_docs_agree(capsys):
+    """New-user item 5 of issue 19: `sgmft presets` marks the default preset, and "recommended"
+    always names the SG-MFT reading (`sgmft`), never the default `trust`."""
+    import re
+    from pathlib import Path
+
+    from sgmft.config import DEFAULT_PRESET
+
+    assert main(["presets", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["default"] == DEFAULT_PRESET
+    assert [p["name"] for p in doc["presets"] if p["default"]] == [DEFAULT_PRESET]
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    marked = [line.split()[1] for line in out.splitlines() if line.startswith("* ") and "arch=" in line]
+    assert marked == [DEFAULT_PRESET] and f"default preset: {DEFAULT_PRESET}" in out
+    root = Path(__file__).resolve().parents[1]
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    bad = [f"{p.name}: {line.strip()[:100]}" for p in texts if p.is_file()
+           for line in p.read_text(encoding="utf-8").splitlines()
+           if re.search(r"recommended preset", line, re.I) and not re.search(r"sgmft|SG-MFT", line)]
+    assert bad == [], bad

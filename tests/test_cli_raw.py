@@ -5,7 +5,6 @@ errors, and the raw demo."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ def env(tmp_path_factory):
         assert rc == 0
         out[name] = store
     run = root / "run"
-    assert main(["train", str(out["clean"]), "--out", str(run), "--set", "model.n_tokens=8", "--epochs", "2",
+    assert main(["train", str(out["clean"]), "--out", str(run), "--preset", "sgmft", "--set", "model.n_tokens=8", "--epochs", "2",
                  "--batch-size", "32", "--no-progress"]) == 0
     yield dict(root=root, spec=spec, clean=clean, dirty=dirty, store=out["clean"], dirty_store=out["dirty"],
                run=run)
@@ -195,7 +194,8 @@ def test_predict_manifest_jsonl_and_csv(env, capsys, tmp_path):
     with open(tmp_path / "p.csv", encoding="utf-8", newline="") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 80 and [r["id"] for r in recs] == ids
-    assert list(recs[0]) == ["id", "pred", *[f"prob_{n}" for n in names], "true", "text_mask", "image_mask"]
+    assert list(recs[0]) == ["id", "pred", *[f"prob_{n}" for n in names], "true", "text_mask", "image_mask",
+                             "uncertain", "explanation_decided_by", "explanation_text", "explanation_image"]
     got = np.array([[float(r[f"prob_{n}"]) for n in names] for r in recs])
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
@@ -306,51 +306,8 @@ def test_predict_manifest_confines_paths_and_caps_images(env, capsys, tmp_path):
     assert [json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()] == ["a"]
 
 
-def test_post_predictor_settings_come_from_the_checkpoint(env, pp, tmp_path):
-    from sgmft.ingest.text import CleanConfig
-    from sgmft.predict import PostPredictor
-
-    assert pp.backbone.spec == env["spec"] and pp.image_choice == "similar" and pp.notes == []
-    assert pp.cleaner.cfg == CleanConfig()
-    # the feature contract travels in model/features.json, copied from the training store
-    feats = json.loads((env["run"] / "model" / "features.json").read_text())
-    extra = FeatureStore.open(env["store"]).meta["extra"]
-    assert feats["extraction"] == {k: extra[k] for k in ("backbone_fingerprint", "backbone_precision",
-                                                         "clean_config", "clean_fingerprint", "image_choice")}
-    # the training store is gone: the model folder alone still predicts, with the same settings
-    gone = tmp_path / "run3"
-    shutil.copytree(env["run"] / "model", gone / "model")
-    (gone / "run.json").write_text(json.dumps({"store": str(tmp_path / "no-store")}))
-    p2 = PostPredictor.load(gone / "model")
-    assert p2.notes == [] and p2.cleaner.cfg == pp.cleaner.cfg and p2.image_choice == pp.image_choice
-    assert p2.predict_post("看电影", []) == pp.predict_post("看电影", [])
-    # an older checkpoint without the contract: the old lookup through run.json, with a clear note
-    del feats["extraction"]
-    (gone / "model" / "features.json").write_text(json.dumps(feats))
-    p3 = PostPredictor.load(gone / "model")
-    assert p3.notes and "predates the feature contract" in p3.notes[0] and "not readable" in p3.notes[0]
-    assert p3.predict_post("看电影", [])["label"] in p3.label_names
-    # ... which still finds the settings while its training store exists
-    shutil.copy(env["run"] / "run.json", gone / "run.json")
-    p4 = PostPredictor.load(gone / "model")
-    assert p4.notes == [] and p4.cleaner.cfg == pp.cleaner.cfg
-
-
-def test_contract_records_non_default_cleaning(tmp_path):
-    from sgmft.checkpoint import feature_contract
-    from sgmft.ingest.text import CleanConfig, TextCleaner
-    from sgmft.predict.posts import _clean_cfg_from
-
-    cfg = CleanConfig(urls=False, stopwords=False)
-    meta = {"backbone": "chinese-clip:x", "dim": 32, "normalization": "l2",
-            "extra": {"clean_config": dataclasses.asdict(cfg), "clean_fingerprint": TextCleaner(cfg).fingerprint(),
-                      "image_choice": "first", "backbone_fingerprint": "abc", "backbone_precision": "float32",
-                      "manifest": "/somewhere/manifest.jsonl"}}
-    c = json.loads(json.dumps(feature_contract(meta)))   # as read back from features.json
-    assert c["backbone"] == "chinese-clip:x" and c["dim"] == 32 and "manifest" not in c["extraction"]
-    assert _clean_cfg_from(c["extraction"]["clean_config"]) == cfg and c["extraction"]["image_choice"] == "first"
-    # features not made by sgmft extract (SimFeat, the user's own): an explicit null
-    assert feature_contract({"backbone": "simfeat", "dim": 8, "normalization": "l2", "extra": {}})["extraction"] is None
+# the feature-contract tests (settings from the checkpoint, versions, migration) are in
+# tests/test_checkpoint.py
 
 
 def test_help_lists_raw_verbs(capsys):

@@ -174,7 +174,7 @@ def test_presets_json_lists_presets_architectures_and_fusions(capsys):
 
 
 def test_user_error_with_json_still_gives_one_json_document(capsys):
-    assert main(["train", "--print-config", "--json", "--set", "model.use_sim=maybe"]) == 2
+    assert main(["train", "--print-config", "--json", "--preset", "sgmft", "--set", "model.use_sim=maybe"]) == 2
     cap = capsys.readouterr()
     assert "maybe" in json.loads(cap.out)["error"] and cap.err.startswith("sgmft train: error:")
 

@@ -43,7 +43,10 @@ def test_every_preset_validates_and_round_trips(name):
     p = load_preset(name)
     d = p.to_dict()
     json.dumps(d)                                                   # plain types only
-    assert model_config_from_dict(d["model"]) == p.model
+    if p.candidates:                                                # a selecting preset: no model of its own
+        assert "model" not in d and d["candidates"] == p.candidates
+    else:
+        assert model_config_from_dict(d["model"]) == p.model
     assert train_config_from_dict(d["train"]) == p.train
 
 
@@ -133,18 +136,18 @@ def test_user_yaml_with_a_bad_value_names_the_file_section_and_field(tmp_path):
 
 # -- through the CLI ------------------------------------------------------------------------
 def test_cli_set_maybe_is_a_user_error_listing_allowed_values(capsys):
-    assert main(["train", "--print-config", "--set", "model.use_sim=maybe"]) == 2
+    assert main(["train", "--print-config", "--preset", "sgmft", "--set", "model.use_sim=maybe"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sgmft train: error: ") and "true or false" in err and "Traceback" not in err
 
 
 def test_cli_set_classifier_hidden_scalar_is_coerced(capsys):
-    assert main(["train", "--print-config", "--json", "--set", "model.classifier_hidden=64"]) == 0
+    assert main(["train", "--print-config", "--preset", "sgmft", "--json", "--set", "model.classifier_hidden=64"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["classifier_hidden"] == [64]
 
 
 def test_cli_unknown_fusion_lists_registered_ones(capsys):
-    assert main(["train", "--print-config", "--set", "model.fusion=bogus"]) == 2
+    assert main(["train", "--print-config", "--preset", "sgmft", "--set", "model.fusion=bogus"]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "sfm" in err and "concat" in err
 
@@ -162,4 +165,8 @@ def test_print_config_shows_the_resolved_config_and_exits_0(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main(["train", "--print-config", "--json"]) == 0           # no --preset: DEFAULT_PRESET
     doc = json.loads(capsys.readouterr().out)
-    assert doc["model"] == json.loads(json.dumps(dataclasses.asdict(load_preset(DEFAULT_PRESET).model)))
+    default = load_preset(DEFAULT_PRESET)
+    if default.candidates:                                            # `auto`: what it chooses between
+        assert doc["candidates"] == default.candidates and "model" not in doc
+    else:
+        assert doc["model"] == json.loads(json.dumps(dataclasses.asdict(default.model)))

@@ -9,6 +9,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from sgmft.eval import (
+    calibration_metrics,
     classification_metrics,
     plot_confusion,
     plot_tsne,
@@ -158,7 +159,8 @@ def test_write_eval_report(tmp_path):
                           tsne_max_iter=250)
     out = tmp_path / "rep"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "tsne.png",
-                                              "tsne_coords.npz", "predictions.csv"}
+                                              "tsne_coords.npz", "predictions.csv", "reliability.png",
+                                              "risk_coverage.png"}
     z = np.load(out / "tsne_coords.npz")
     assert z["coords"].shape == (50, 2) and np.array_equal(z["labels"], y[z["rows"]])
     loaded = json.loads((out / "metrics.json").read_text())
@@ -167,6 +169,13 @@ def test_write_eval_report(tmp_path):
     assert loaded["accuracy"] == pytest.approx(np.mean(pred == y))
     _assert_real_png(out / "confusion.png")
     _assert_real_png(out / "tsne.png")
+    _assert_real_png(out / "reliability.png")
+    _assert_real_png(out / "risk_coverage.png")
+    cal = calibration_metrics(y, probs)
+    assert loaded["ece"] == pytest.approx(cal["ece"]) and loaded["ece_bins"] == 15
+    assert loaded["nll"] == pytest.approx(cal["nll"]) and loaded["brier"] == pytest.approx(cal["brier"])
+    assert set(loaded["risk_coverage"]["coverage_at_accuracy"]) == {"0.95", "0.90"}
+    assert "calibration" not in loaded                        # no uncalibrated probabilities given
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 80
@@ -185,3 +194,66 @@ def test_write_eval_report_without_fused_or_probs(tmp_path):
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert lines[0] == ",".join(["id", "pred"] + [f"prob_{n}" for n in NAMES] + ["true"])
     assert lines[1].split(",")[1] == NAMES[y[0]] and float(lines[1].split(",")[2 + y[0]]) == 1.0   # one-hot
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_calibration_metrics_by_hand():
+    # 4 posts, 2 classes: confidences 0.9 (right), 0.8 (wrong), 0.6 (right), 0.6 (right)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.4, 0.6]])
+    y = np.array([0, 0, 0, 1])
+    m = calibration_metrics(y, probs, n_bins=10)
+    # bins (0.5, 0.6]: conf 0.6, acc 1 (two posts); (0.7, 0.8]: 0.8 vs 0; (0.8, 0.9]: 0.9 vs 1
+    assert m["ece"] == pytest.approx((2 * 0.4 + 0.8 + 0.1) / 4, abs=1e-6)
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.2, 0.6, 0.6])))
+    assert m["brier"] == pytest.approx(np.mean([2 * 0.1 ** 2, 2 * 0.8 ** 2, 2 * 0.4 ** 2, 2 * 0.4 ** 2]))
+    assert m["mean_confidence"] == pytest.approx(np.mean([0.9, 0.8, 0.6, 0.6]))
+    assert m["accuracy"] == 0.75 and m["ece_bins"] == 10 and m["ece_norm"] == "l1"
+    with pytest.raises(ValueError, match="probs must be"):
+        calibration_metrics(y, probs[:, :1])
+    with pytest.raises(ValueError, match="differ in length"):
+        calibration_metrics(y[:3], probs)
+
+
+def test_reliability_bins_give_the_torchmetrics_ece():
+    """The diagram draws the same bins the reported ECE is computed on."""
+    from sgmft.eval.plots import reliability_bins
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(5) * 0.4, 500)
+    y = rng.integers(0, 5, 500)
+    b = reliability_bins(y, probs, 15)
+    ok = b["count"] > 0
+    ece = np.sum(b["count"][ok] / 500 * np.abs(b["accuracy"][ok] - b["confidence"][ok]))
+    assert ece == pytest.approx(calibration_metrics(y, probs)["ece"], abs=1e-5)
+    assert b["count"].sum() == 500
+
+
+def test_risk_coverage_by_hand():
+    from sgmft.eval.metrics import coverage_at_accuracy, risk_coverage
+
+    # confidences 0.9 0.8 0.7 0.7 0.6, correct: yes no yes yes no
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([0, 0, 0, 1, 1])
+    c = risk_coverage(y, probs)
+    assert c["coverage"] == [0.2, 0.4, 0.8, 1.0]                 # the two 0.7s are kept together
+    assert c["accuracy"] == pytest.approx([1.0, 0.5, 0.75, 0.6])
+    assert c["threshold"] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert coverage_at_accuracy(c, 0.95) == {"target_accuracy": 0.95, "coverage": 0.2,
+                                             "min_confidence": pytest.approx(0.9), "accuracy": 1.0}
+    assert coverage_at_accuracy(c, 0.7)["coverage"] == 0.8
+    assert coverage_at_accuracy(risk_coverage([1], [[0.9, 0.1]]), 0.5)["min_confidence"] is None
+
+
+def test_explanation_agreement_counts_single_modality_posts_classified_right():
+    from sgmft.eval.metrics import explanation_agreement, informative_modality
+
+    assert [informative_modality(r) for r in ("text", "image", "both", "neither", "text_generic",
+                                              "text_other_place", "image_generic", "image_other_place")] == \
+        [None if r is None else r for r in ("text", "image", None, None, "image", "image", "text", "text")]
+    regimes = ["text_generic", "image_generic", "image_other_place", "both", "text_generic", "text"]
+    correct = [True, True, True, True, False, True]
+    expl = [{"decided_by": d} for d in ("image", "both", "text", "both", "image", "text")]
+    a = explanation_agreement(regimes, correct, expl)
+    assert (a["n"], a["agree"]) == (4, 3) and a["fraction"] == 0.75
+    assert a["by_regime"]["image_generic"] == {"n": 1, "agree": 0, "fraction": 0.0}
+    assert "both" not in a["by_regime"]

@@ -37,9 +37,18 @@ def make_data(n=20, d=6, seed=0):
 
 @pytest.fixture
 def good(tmp_path):
-    """A valid store with every optional array, plus its source data."""
+    """A valid version-1 store (fixed-width ids.npy/users.npy, as written before version 2 and
+    by numpy-only producers) with every optional array, plus its source data."""
     data = make_data()
-    path = write_feature_store(tmp_path / "store", label_names=NAMES, backbone="test-bb", **data)
+    path = write_feature_store(tmp_path / "store", label_names=NAMES, backbone="test-bb", version=1, **data)
+    return path, data
+
+
+@pytest.fixture
+def good2(tmp_path):
+    """The same store written at version 2 (the default: ids/users as UTF-8 bytes + offsets)."""
+    data = make_data()
+    path = write_feature_store(tmp_path / "store2", label_names=NAMES, backbone="test-bb", **data)
     return path, data
 
 
@@ -57,6 +66,7 @@ def test_round_trip(good):
     np.testing.assert_array_equal(s.indices("val"), [14, 15])
     meta = json.loads((path / "meta.json").read_text())
     assert meta["format"] == "sgmft-features" and meta["version"] == 1 and meta["num_posts"] == 20
+    assert (path / "ids.npy").is_file() and not (path / "ids.utf8.npy").exists()
     assert meta["dim"] == 6 and meta["dtype"] == "float32" and meta["normalization"] == "l2"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
 
@@ -77,7 +87,7 @@ def test_streaming_writer_equals_one_shot(tmp_path, good):
     path, data = good
     n = len(data["ids"])
     with FeatureStoreWriter(tmp_path / "stream", num_posts=n, dim=6, label_names=NAMES, backbone="test-bb",
-                            with_split=True, with_masks=True, id_width=8) as w:
+                            with_split=True, with_masks=True, id_width=8, version=1) as w:
         for start in (14, 0, 7):  # out of order on purpose
             sl = slice(start, min(n, start + 7))
             w.write(start, **{k: v[sl] for k, v in data.items()})
@@ -118,7 +128,8 @@ def test_writer_incomplete_rows_rejected(tmp_path):
 
 def test_writer_rejects_bad_chunks(tmp_path):
     d = make_data(n=4, d=2)
-    w = FeatureStoreWriter(tmp_path / "s", num_posts=4, dim=2, label_names=NAMES, with_users=False, id_width=3)
+    w = FeatureStoreWriter(tmp_path / "s", num_posts=4, dim=2, label_names=NAMES, with_users=False, id_width=3,
+                           version=1)
     base = dict(text=d["text"][:2], image=d["image"][:2], labels=[0, 1])
     with pytest.raises(FeatureStoreError, match=r"ids 'toolong' in row 1 is longer than id_width=3"):
         w.write(0, ids=["a", "toolong"], **base)
@@ -214,7 +225,7 @@ def _save(path, name, arr):
     (lambda p, d: (p / "meta.json").write_text("{not json"), "meta.json", "invalid JSON"),
     (lambda p, d: (p / "meta.json").write_text("[1, 2]"), "meta.json", "must be a JSON object"),
     (lambda p, d: _set_meta(p, format="other"), "meta.json", "format must be 'sgmft-features'"),
-    (lambda p, d: _set_meta(p, version=2), "meta.json", "unsupported version 2"),
+    (lambda p, d: _set_meta(p, version=3), "meta.json", "unsupported version 3"),
     (lambda p, d: _set_meta(p, dim="6"), "meta.json", "dim must be an integer"),
     (lambda p, d: _set_meta(p, dtype="float64"), "meta.json", "dtype must be one of"),
     (lambda p, d: _set_meta(p, label_names=["a", "b", "a"]), "meta.json", "label_names are not unique ('a'"),
@@ -300,3 +311,125 @@ def test_writer_rejects_bad_label_names_early(tmp_path):
     with pytest.raises(FeatureStoreError, match=r"meta\.json: label_names are not unique \('home'"):
         FeatureStoreWriter(tmp_path / "s", num_posts=2, dim=2, label_names=["home", "home"])
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- version 2 strings, upgrade
+
+def test_v2_round_trip_strings_as_utf8_and_offsets(good2):
+    path, data = good2
+    s = FeatureStore.open(path)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["version"] == 2 and meta["string_chars"] == {"ids": 3, "users": 2}
+    assert not (path / "ids.npy").exists() and not (path / "users.npy").exists()
+    off = np.load(path / "ids.offsets.npy")
+    assert off.dtype == np.int64 and off[0] == 0 and off[-1] == np.load(path / "ids.utf8.npy").size
+    assert bytes(np.load(path / "ids.utf8.npy")).decode() == "".join(data["ids"])
+    for key, value in data.items():
+        np.testing.assert_array_equal(np.asarray(getattr(s, key)), value, err_msg=key)
+    ids = s.ids
+    assert len(ids) == 20 and ids.shape == (20,) and ids.ndim == 1 and ids.dtype == np.dtype("<U3")
+    assert ids[3] == "p3" and ids[-1] == "p19" and isinstance(ids[0], np.str_)
+    np.testing.assert_array_equal(ids[5:8], ["p5", "p6", "p7"])
+    np.testing.assert_array_equal(ids[[12, 0]], ["p12", "p0"])
+    np.testing.assert_array_equal(ids[np.arange(20) % 7 == 0], ["p0", "p7", "p14"])
+    np.testing.assert_array_equal(ids[::9], ["p0", "p9", "p18"])
+    assert list(ids) == list(data["ids"]) and ids[20:].size == 0
+    with pytest.raises(IndexError):
+        ids[20]
+
+
+def test_v2_long_value_costs_only_its_row(tmp_path):
+    """Version 1 pads every row to the longest id (<U width x 4 bytes); version 2 stores bytes."""
+    n = 1000
+    ids = np.array([f"p{i}" for i in range(n - 1)] + ["x" * 5000])
+    users = np.array(["用户" + str(i % 7) for i in range(n)])   # multi-byte UTF-8
+    kw = dict(ids=ids, users=users, text=np.zeros((n, 2), np.float32), image=np.zeros((n, 2), np.float32),
+              label_names=NAMES)
+    v1, v2 = write_feature_store(tmp_path / "v1", version=1, **kw), write_feature_store(tmp_path / "v2", **kw)
+    assert (v1 / "ids.npy").stat().st_size > n * 5000 * 4
+    assert (v2 / "ids.utf8.npy").stat().st_size < 10_000 and (v2 / "ids.offsets.npy").stat().st_size < 9_000
+    a, b = FeatureStore.open(v1), FeatureStore.open(v2)
+    np.testing.assert_array_equal(np.asarray(a.users), np.asarray(b.users))
+    assert b.ids[n - 1] == "x" * 5000 and b.users[8] == "用户1" and b.users.dtype == np.dtype("<U3")
+
+
+def test_v2_streaming_writer_out_of_order_and_overlap(tmp_path, good2):
+    path, data = good2
+    n = len(data["ids"])
+    with FeatureStoreWriter(tmp_path / "stream", num_posts=n, dim=6, label_names=NAMES, backbone="test-bb",
+                            with_split=True, with_masks=True) as w:
+        for start in (14, 0, 7):  # out of order: the chunk at 14 waits until 7..13 arrive
+            sl = slice(start, min(n, start + 7))
+            w.write(start, **{k: v[sl] for k, v in data.items()})
+    a, b = FeatureStore.open(path), FeatureStore.open(tmp_path / "stream")
+    for key in ("text", "image", "labels", "split", "text_mask", "image_mask", "users", "ids"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, key)), np.asarray(getattr(b, key)), err_msg=key)
+    assert a.meta == b.meta
+    assert not [p for p in (tmp_path / "stream").iterdir() if p.name.startswith(".")]   # no raw temp file
+    w = FeatureStoreWriter(tmp_path / "s", num_posts=4, dim=2, label_names=NAMES, with_users=False)
+    w.write(0, ids=["a", "b"], text=np.zeros((2, 2)), image=np.zeros((2, 2)), labels=[0, 1])
+    with pytest.raises(FeatureStoreError, match="rows from 1 were already written"):
+        w.write(1, ids=["b", "c"], text=np.zeros((2, 2)), image=np.zeros((2, 2)), labels=[0, 1])
+    w.abort()
+
+
+@pytest.mark.parametrize("corrupt, file, problem", [
+    (lambda p: (p / "ids.offsets.npy").unlink(), "ids.offsets.npy", "missing required array ids.offsets.npy"),
+    (lambda p: _save(p, "ids.offsets", np.load(p / "ids.offsets.npy")[:-1]), "ids.offsets.npy",
+     "expected (21,) (N + 1 offsets): wrong row count"),
+    (lambda p: _save(p, "ids.offsets", np.load(p / "ids.offsets.npy").astype(np.int32)), "ids.offsets.npy",
+     "1-D int64 array of row offsets"),
+    (lambda p: _save(p, "users.utf8", np.load(p / "users.utf8.npy")[:-1]), "users.offsets.npy",
+     "end at the byte count of users.utf8.npy"),
+    (lambda p: _save(p, "ids.utf8", np.load(p / "ids.utf8.npy").astype(np.int16)), "ids.utf8.npy",
+     "1-D uint8 array of UTF-8 bytes"),
+    (lambda p: _save(p, "ids.offsets", np.load(p / "ids.offsets.npy")[[0, 2, 1, *range(3, 21)]]),
+     "ids.offsets.npy", "offsets decrease at row 1"),
+    (lambda p: _save(p, "ids.utf8", np.where(np.arange(np.load(p / "ids.utf8.npy").size) == 4, 0xFF,
+                                              np.load(p / "ids.utf8.npy")).astype(np.uint8)),
+     "ids.utf8.npy", "row 2 is not valid UTF-8"),
+    (lambda p: _save(p, "ids.utf8", np.frombuffer(b"p0p1p2p3p4p5p6p7p8p9p11p11p12p13p14p15p16p17p18p19", np.uint8)),
+     "ids.utf8.npy", "duplicate id 'p11' (rows 10 and 11)"),
+])
+def test_v2_validation_rejects(good2, corrupt, file, problem):
+    path, _ = good2
+    corrupt(path)
+    with pytest.raises(FeatureStoreError) as info:
+        validate_feature_store(path)
+    msg = str(info.value)
+    assert str(path / file) in msg and problem in msg, msg
+
+
+def test_upgrade_v1_to_v2_keeps_features_byte_identical(good, tmp_path):
+    from sgmft.features.store import upgrade_store
+
+    path, data = good
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    meta1 = _meta(path)
+    out = upgrade_store(path, tmp_path / "up")
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before   # the source is untouched
+    for name in ("text.npy", "image.npy", "labels.npy", "split.npy", "text_mask.npy", "image_mask.npy"):
+        assert (out / name).read_bytes() == before[name], name
+    meta2 = _meta(out)
+    assert meta2.pop("version") == 2 and meta2.pop("string_chars") == {"ids": 3, "users": 2}
+    assert meta2 == {k: v for k, v in meta1.items() if k != "version"}
+    a, b = FeatureStore.open(path), FeatureStore.open(out)
+    for key in ("ids", "users"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, key)), np.asarray(getattr(b, key)))
+    assert upgrade_store(out) == out and _meta(out)["version"] == 2      # already v2: left alone
+    upgrade_store(path)                                                   # in place
+    assert _meta(path)["version"] == 2 and not (path / "ids.npy").exists()
+    assert (path / "text.npy").read_bytes() == before["text.npy"]
+
+
+def test_cli_store_upgrade(good, tmp_path, capsys):
+    from sgmft.cli import main
+
+    path, _ = good
+    assert main(["store", "upgrade", str(path), "--out", str(tmp_path / "up"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["version_before"] == 1 and doc["version"] == 2 and doc["changed"] and doc["num_posts"] == 20
+    assert main(["store", "upgrade", str(tmp_path / "up")]) == 0
+    assert "already version 2; nothing to do" in capsys.readouterr().out
+    assert main(["store", "upgrade", str(tmp_path / "missing")]) == 2
+    assert "feature store directory does not exist" in capsys.readouterr().err

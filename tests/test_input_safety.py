@@ -225,8 +225,11 @@ def test_image_root_and_allow_any_path(escaping):
 def test_extract_cli_rejects_escaping_paths(bb, escaping, capsys):
     m, root = escaping
     out = root / "store"
+    # 4 of 5 rows rejected is over --max-rejected's default 0.5 (an error, exit 2); keep the store here
     assert main(["extract", str(m), "--out", str(out), "--backbone", f"chinese-clip:{bb.spec_path}",
-                 "--no-progress"]) == 0
+                 "--no-progress"]) == 2
+    assert main(["extract", str(m), "--out", str(out), "--backbone", f"chinese-clip:{bb.spec_path}",
+                 "--no-progress", "--max-rejected", "1", "--overwrite"]) == 0
     assert len(FeatureStore.open(out)) == 1
     rej = [json.loads(x) for x in (root / "store.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {(r["line"], r["field"]) for r in rej} == {(2, "images"), (3, "image"), (4, "images"), (5, "images")}
@@ -277,7 +280,7 @@ def test_long_user_does_not_pad_ids(bb, tmp_path):
     res = extract_features(m, tmp_path / "s", backbone=bb, progress=False, rejects_path=tmp_path / "r.jsonl")
     fs = FeatureStore.open(res.store_path)
     assert len(fs) == 20 and fs.ids.dtype == np.dtype("<U3") and fs.users.dtype == np.dtype("<U250")
-    assert (tmp_path / "s" / "ids.npy").stat().st_size < 1000
+    assert (tmp_path / "s" / "ids.utf8.npy").stat().st_size < 1000   # store v2: UTF-8 bytes + offsets
     rej = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["line"], r["field"]) for r in rej] == [(21, "user")]
 
@@ -354,7 +357,8 @@ def test_orphan_tmp_folder_cleaned_with_note(tmp_path, caplog):
     w.write(0, ids=["x"], text=np.ones((1, 2)), image=np.ones((1, 2)), labels=[0], users=["u"])
     w.close()
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
-        ["ids.npy", "text.npy", "image.npy", "users.npy", "labels.npy", "meta.json"])
+        ["ids.utf8.npy", "ids.offsets.npy", "text.npy", "image.npy", "users.utf8.npy", "users.offsets.npy",
+         "labels.npy", "meta.json"])
     live.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["store"]  # no lock files left behind
 

@@ -61,8 +61,8 @@ def test_exploding_lr_stops_with_epoch_and_step_and_exports_nothing(tmp_path, ca
 
     orig = LitClassifier._loss
 
-    def nan_in_epoch_1(self, out, y):
-        loss = orig(self, out, y)
+    def nan_in_epoch_1(self, out, y, index=None):
+        loss = orig(self, out, y, index)
         return loss * float("nan") if self.current_epoch == 1 and self.global_step >= 8 else loss
 
     LitClassifier._loss = nan_in_epoch_1

@@ -125,6 +125,7 @@ LAYERS = [
     ("run folder", ("sgmft.runs", "sgmft.checkpoint", "sgmft.card")),
     ("train", ("sgmft.train",)),
     ("predict", ("sgmft.predict",)),
+    ("runner", ("sgmft.runner",)),     # torch-free: imports ingest/ only (docs/backbones.md, Whole-post ONNX)
     ("eval", ("sgmft.eval",)),
     ("experiments", ("sgmft.experiments",)),
     ("serve", ("sgmft.serve",)),

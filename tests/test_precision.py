@@ -43,7 +43,8 @@ def env(tmp_path_factory):
         assert main(["extract", str(man), "--out", str(stores[prec]), "--backbone", spec, "--batch-size", "16",
                      "--precision", prec, "--no-progress"]) == 0
     run = root / "run"
-    assert main(["train", str(stores["fp32"]), "--out", str(run), "--set", "model.n_tokens=8", "--epochs", "1",
+    assert main(["train", str(stores["fp32"]), "--out", str(run), "--preset", "sgmft", "--set", "model.n_tokens=8",
+                 "--epochs", "1",
                  "--batch-size", "32", "--no-progress"]) == 0
     yield dict(root=root, ckpt=ckpt, spec=spec, manifest=man, stores=stores, run=run)
     torch.set_num_threads(old_threads)
@@ -188,34 +189,153 @@ def test_precision_recipe_in_fingerprint(env, monkeypatch):
     others = [e for e in ("fbgemm", "x86", "onednn") if e in supported and e != base.int8_engine()]
     if not others:
         pytest.skip("only one quantized engine in this torch build")
-    monkeypatch.setattr(base, "INT8_ENGINE_PREFERENCE", (others[0],))
+    from sgmft.features.backbones import precision as pr   # where int8_engine reads its preference
+
+    monkeypatch.setattr(pr, "INT8_ENGINE_PREFERENCE", (others[0],))
     other = load_backbone(env["spec"], dtype="int8")
     assert other.fingerprint() != int8.fingerprint()  # another engine, another recipe
     assert other.fingerprint_at("float32") == int8.fingerprint_at("float32")  # same weights
     assert (other.encode_text(texts) * ref).sum(1).min() > 0.999
 
 
-def test_bench_hardware_ceiling_reports_rates_flags_and_verdict(monkeypatch):
-    """bench_extract's hardware check: GEMM rates of every kind, the AMX/AVX-512 flags read
-    from /proc/cpuinfo and a verdict that follows them."""
-    import importlib.util
+def test_hardware_ceiling_reports_rates_flags_verdict_and_choice(monkeypatch):
+    """The hardware check (bench_extract's ceiling, `sgmft extract --explain-hardware`): GEMM
+    rates of every kind, the AMX/AVX-512 flags read from /proc/cpuinfo, a verdict and the auto
+    precision that follow the flags."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
-    spec = importlib.util.spec_from_file_location("bench_extract_t", path)
-    be = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(be)
-    monkeypatch.setattr(be, "_onednn_kernels", lambda: {"isa": None, "matmul_impl": {}})
-    monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    r = be.hardware_ceiling(n=256, rounds=1, seconds=0.02)
+    from sgmft.features.backbones import precision as pr
+
+    real_flags = pr.cpu_flags.__wrapped__
+    monkeypatch.setattr(pr, "onednn_kernels", lambda: {"isa": None, "matmul_impl": {}})
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    r = pr.hardware_ceiling(n=256, rounds=1, seconds=0.02)
     assert {"fp32_matmul", "bf16_matmul", "fp16_matmul", "fp32_matmul_onednn_bf16_fastmath"} <= set(r["gflops"])
     assert f"int8_dynamic_linear_{r['int8_engine_sgmft']}" in r["gflops"]
     assert all(v > 0 for v in r["gflops"].values())
     assert r["ratio"]["bf16_over_fp32"] == pytest.approx(r["gflops"]["bf16_matmul"] / r["gflops"]["fp32_matmul"],
                                                           rel=0.05, abs=0.01)
     assert r["amx"] is False and r["cpu_flags"]["avx512_bf16"] and "no AMX" in r["verdict"]
-    monkeypatch.setattr(be, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    r = be.hardware_ceiling(n=128, rounds=1, seconds=0.01)
+    assert r["auto_precision"]["cpu"] == "int8" and "VNNI" in r["auto_precision"]["reason"]
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    r = pr.hardware_ceiling(n=128, rounds=1, seconds=0.01)
     assert r["amx"] is True and r["verdict"].startswith("AMX present")
+    assert r["auto_precision"]["cpu"] == "bfloat16"
+    text = pr.explain_hardware(n=128, rounds=1, seconds=0.01)
+    assert "amx_bf16" in text and "bf16_matmul" in text and "--precision auto on CPU: bfloat16" in text
     if Path("/proc/cpuinfo").is_file():
-        assert be._cpu_flags()  # really parsed
+        assert real_flags()  # really parsed
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"amx_bf16", "amx_tile", "amx_int8", "avx512_vnni"}, "bfloat16"),  # AMX: bf16 tiles
+    ({"avx512_vnni", "avx512_bf16", "avx512f"}, "int8"),                # VNNI without AMX
+    ({"avx_vnni", "avx2"}, "int8"),
+    ({"amx_int8", "amx_tile", "avx512_vnni"}, "int8"),                  # AMX without bf16 tiles
+    ({"avx2", "fma"}, "float32"),
+    (set(), "float32"),                                                  # no /proc/cpuinfo
+])
+def test_auto_cpu_precision_follows_the_flags(flags, want):
+    from sgmft.features.backbones.precision import COSINE_BAR, MEASURED_COSINE, auto_cpu_precision
+
+    prec, reason = auto_cpu_precision(flags)
+    assert prec == want and reason
+    if prec != "float32":  # only a precision measured within the cosine bar of fp32
+        assert min(MEASURED_COSINE[prec].values()) >= COSINE_BAR
+
+
+def test_auto_resolves_to_the_machine_choice_and_is_announced_once(monkeypatch, recwarn):
+    from sgmft.errors import SgmftNote
+    from sgmft.features.backbones import precision as pr
+
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512f"}))
+    monkeypatch.setattr(pr, "_announced", False)
+    assert resolve_precision("auto", torch.device("cpu")) == "int8"
+    assert resolve_precision("auto", torch.device("cpu")) == "int8"
+    assert resolve_precision("fp32", torch.device("cpu")) == "float32"   # explicit choices stay
+    notes = [w for w in recwarn if issubclass(w.category, SgmftNote)]
+    assert len(notes) == 1 and "chose int8" in str(notes[0].message) and "VNNI" in str(notes[0].message)
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    assert resolve_precision("auto", torch.device("cpu")) == "bfloat16"
+
+
+def test_extract_auto_records_the_chosen_precision(env, tmp_path, monkeypatch, capsys):
+    """`--precision auto` stores what it picked (here: bf16, as on an AMX CPU) in the store, so
+    predict and serve run the same precision."""
+    from sgmft.features.backbones import precision as pr
+
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    monkeypatch.setattr(pr, "_announced", False)
+    out = tmp_path / "auto"
+    assert main(["extract", str(env["manifest"]), "--out", str(out), "--backbone", env["spec"], "--batch-size", "16",
+                 "--precision", "auto", "--no-progress"]) == 0
+    fs = FeatureStore.open(out)
+    assert fs.meta["extra"]["backbone_precision"] == "bfloat16"
+    assert "note: --precision auto chose bfloat16" in capsys.readouterr().err
+
+
+def test_cli_explain_hardware_prints_report_without_extracting(monkeypatch, capsys):
+    from sgmft.features.backbones import precision as pr
+
+    monkeypatch.setattr(pr, "explain_hardware", lambda: "CEILING REPORT\n--precision auto on CPU: int8 (why)")
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--explain-hardware"])
+    assert e.value.code == 0
+    assert "CEILING REPORT" in capsys.readouterr().out
+
+
+def test_compile_choice_rules(monkeypatch):
+    """torch.compile is off by default; SGMFT_COMPILE=auto turns it on for bf16 on CPU, a big
+    model and a long job; SGMFT_COMPILE=1 forces it."""
+    from types import SimpleNamespace
+
+    from sgmft.features.backbones.precision import COMPILE_MIN_POSTS, compile_choice
+
+    big = torch.nn.Linear(8000, 8000)    # 64 M parameters
+    bb = SimpleNamespace(model=big, device=torch.device("cpu"), precision="bfloat16")
+    monkeypatch.delenv("SGMFT_COMPILE", raising=False)
+    assert compile_choice(bb, COMPILE_MIN_POSTS) == (False, compile_choice(bb, 10 ** 6)[1])   # off by default
+    assert "off by default" in compile_choice(bb, 10 ** 6)[1]
+    monkeypatch.setenv("SGMFT_COMPILE", "auto")
+    assert compile_choice(bb, COMPILE_MIN_POSTS)[0] is True
+    assert compile_choice(bb, COMPILE_MIN_POSTS - 1)[0] is False
+    assert "short job" in compile_choice(bb, 10)[1]
+    assert compile_choice(SimpleNamespace(model=big, device=torch.device("cpu"), precision="int8"), 10 ** 6)[0] is False
+    small = SimpleNamespace(model=torch.nn.Linear(10, 10), device=torch.device("cpu"), precision="bfloat16")
+    assert "small model" in compile_choice(small, 10 ** 6)[1]
+    monkeypatch.setenv("SGMFT_COMPILE", "1")
+    assert compile_choice(small, 1)[0] is True
+    monkeypatch.setenv("SGMFT_COMPILE", "0")
+    assert compile_choice(bb, 10 ** 6)[0] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    """A tiny random Chinese-CLIP alone (no store, no training)."""
+    return f"chinese-clip:{build_tiny_chinese_clip(tmp_path_factory.mktemp('tinyonly') / 'tinycc')}"
+
+
+def test_compiled_forward_pads_to_buckets(tiny_spec):
+    """Compiled, a batch is padded to one of four bucket sizes and sliced back; eager is untouched."""
+    bb = load_backbone(tiny_spec, dtype="fp32", batch_size=32)
+    assert [bb._bucket(n) for n in (1, 5, 32)] == [1, 5, 32]
+    bb.compiled = True   # the bucket rule only (no compile here)
+    assert [bb._bucket(n) for n in (1, 4, 5, 9, 16, 17, 32)] == [4, 4, 8, 16, 16, 32, 32]
+    from sgmft.features.backbones.base import _pad_rows
+
+    x = torch.arange(6.0).reshape(3, 2)
+    assert _pad_rows(x, 5).tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]] and _pad_rows(x, 3) is x
+
+
+@pytest.mark.slow
+def test_compiled_bf16_forward_matches_eager(tiny_spec):
+    """compile_forward (Inductor, freezing, padded buckets) gives the eager bf16 features to
+    bf16 rounding, for full and ragged batches."""
+    eager = load_backbone(tiny_spec, dtype="bf16", batch_size=8)
+    comp = load_backbone(tiny_spec, dtype="bf16", batch_size=8).compile_forward()
+    assert comp.fingerprint() == eager.fingerprint()   # an execution detail, like the thread count
+    texts = ["学校 上课", "电影 很好看", "健身房", "旅行 去 海边", "吃饭"]
+    for n in (5, 8):
+        t = (texts * 2)[:n]
+        a, b = eager.encode_text(t), comp.encode_text(t)
+        assert a.shape == b.shape == (n, eager.dim) and (a * b).sum(1).min() > 0.999

@@ -112,8 +112,14 @@ def test_stages_by_hand_write_the_local_shard(env, tmp_path):
         again = R._prepare_row({"b": b, "posts": pickle.dumps(posts[b * BS:(b + 1) * BS])}, ctx)
         assert again["payload"] == b"" and json.loads(again["keys"]) == keys   # resume: found by content
         assert int(rep(_np_batch(again))["n"][0]) == 0
-    with pytest.raises(RuntimeError, match="fingerprint"):   # a node with other weights is refused
-        R._ExtractReplica(env["spec"], "cpu", "auto", BS, 1, "similar", str(cache.root), cache.salt, "0" * 64)
+    from sgmft.errors import BackboneMismatchError      # the same class as the local engine's
+
+    # a node with other weights is refused: every batch comes back with the error, which the
+    # driver raises as itself (an exception in the actor's constructor would be Ray's ActorDiedError)
+    bad = R._ExtractReplica(env["spec"], "cpu", "auto", BS, 1, "similar", str(cache.root), cache.salt, "0" * 64)
+    row = R._prepare_row({"b": 0, "posts": pickle.dumps(posts[:BS])}, ctx)
+    err = pickle.loads(bad(_np_batch(row))["error"][0])
+    assert type(err) is BackboneMismatchError and "fingerprint" in str(err)
 
 
 def local_max_pixels():
@@ -263,7 +269,7 @@ def test_predict_manifest_ray_writes_the_local_files(tmp_path):
         return r.stdout
 
     run("extract", clean, "--out", tmp_path / "store", "--backbone", spec, "--batch-size", BS, "--no-progress")
-    run("train", tmp_path / "store", "--out", tmp_path / "run", "--set", "model.n_tokens=8", "--epochs", 2,
+    run("train", tmp_path / "store", "--out", tmp_path / "run", "--preset", "sgmft", "--set", "model.n_tokens=8", "--epochs", 2,
         "--batch-size", 32, "--no-progress")
     for fmt in ("csv", "jsonl"):
         common = ["predict", tmp_path / "run", "--manifest", dirty, "--batch-size", BS, "--threads", 1,
@@ -273,3 +279,55 @@ def test_predict_manifest_ray_writes_the_local_files(tmp_path):
         assert ray["ray"]["actors"] == 1 and loc["posts"] == ray["posts"] > 0 and loc["rejects"] == ray["rejects"] > 0
         assert filecmp.cmp(tmp_path / f"local.{fmt}", tmp_path / f"ray.{fmt}", shallow=False)
         assert filecmp.cmp(tmp_path / "local.rejects.jsonl", tmp_path / "ray.rejects.jsonl", shallow=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_predict_ray_resumes_after_sigkill(tmp_path):
+    """`sgmft predict --engine ray` killed mid-way (SIGKILL of the whole job) and run again
+    reuses the finished feature shards and writes the local engine's output byte for byte."""
+    pytest.importorskip("ray.data", reason="Ray Data not installed (pip install 'sgmft[ray]')")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    spec = f"chinese-clip:{build_tiny_chinese_clip(tmp_path / 'tinycc')}"
+    clean = generate_simposts(tmp_path / "clean", SimPostsConfig(num_posts=60, seed=2))
+    posts = generate_simposts(tmp_path / "posts", SimPostsConfig(num_posts=240, seed=6))
+
+    def run(*args, timeout=900):
+        r = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run("extract", clean, "--out", tmp_path / "store", "--backbone", spec, "--batch-size", BS, "--no-progress")
+    run("train", tmp_path / "store", "--out", tmp_path / "run", "--preset", "sgmft", "--set", "model.n_tokens=8",
+        "--epochs", 1,
+        "--batch-size", 32, "--no-progress")
+    common = ["predict", tmp_path / "run", "--manifest", posts, "--batch-size", BS, "--threads", 1,
+              "--no-progress", "--json"]
+    loc = json.loads(run(*common, "--out", tmp_path / "local.csv"))
+    n_batches = (loc["posts"] + BS - 1) // BS
+    ray_args = _cli(*common, "--out", tmp_path / "ray.csv", "--engine", "ray", "--ray-cpus", 2)
+    shards = tmp_path / "ray.csv.cache" / "shards"
+    proc = subprocess.Popen(ray_args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if shards.is_dir() and len(list(shards.glob("*.npz"))) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the Ray job ended before it could be killed: {proc.stderr.read()[-3000:]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    done = len(list(shards.glob("*.npz")))
+    assert 3 <= done < n_batches and not (tmp_path / "ray.csv").exists()
+    again = json.loads(run(*ray_args[3:], timeout=600))
+    assert again["ray"]["cached"] >= (done - 1) * BS and again["ray"]["encoded"] == loc["posts"] - again["ray"]["cached"]
+    assert again["ray"]["encoded"] > 0 and again["posts"] == loc["posts"]
+    assert filecmp.cmp(tmp_path / "local.csv", tmp_path / "ray.csv", shallow=False)
+    assert filecmp.cmp(tmp_path / "local.rejects.jsonl", tmp_path / "ray.rejects.jsonl", shallow=False)
+    assert not (tmp_path / "ray.csv.cache").exists()   # removed after the successful run

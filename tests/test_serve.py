@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_support import build_tiny_run, free_port, png_bytes, png_claiming  # noqa: E402
+from serve_support import free_port, png_bytes, png_claiming, shared_tiny_run  # noqa: E402
 from sgmft.serve import ServeConfig, create_app  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def env(tmp_path_factory):
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield build_tiny_run(tmp_path_factory.mktemp("serve"))
+    yield shared_tiny_run(tmp_path_factory)
     torch.set_num_threads(old)
 
 
@@ -43,12 +43,15 @@ def pp(env):
 
 @pytest.fixture(scope="module")
 def client(pp):
-    with TestClient(create_app(pp)) as c:
+    with TestClient(create_app(pp), base_url=BASE) as c:
         yield c
 
 
+BASE = "http://127.0.0.1"      # an allowed Host (--allowed-hosts defaults to the bind address and localhost)
+
+
 def _app(pp, **cfg):
-    return TestClient(create_app(pp, ServeConfig(**cfg)))
+    return TestClient(create_app(pp, ServeConfig(**cfg)), base_url=BASE)
 
 
 def _multi_image_post(env):
@@ -70,7 +73,7 @@ def _err(r, status, code, field=None, limit=None):
     if field is not None:
         assert e["field"] == field, e
     if limit is not None:
-        assert e["limit"] == limit and str(limit) in e["message"], e
+        assert e["limit"] == limit, e
     return e
 
 
@@ -97,7 +100,7 @@ def test_predict_base64_json_and_data_url(client, pp, env):
     r = client.post("/v1/predict", json={"text": p.text, "images": imgs})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(list(r.json()["probs"].values()), list(want["probs"].values()), atol=1e-6, rtol=0)
-    assert r.json()["image_name"] == f"images[{r.json()['image_index']}]"
+    assert r.json()["image_name"] == f"image {r.json()['image_index'] + 1}"
 
 
 def test_predict_text_only_and_image_only(client, pp, env):
@@ -127,7 +130,7 @@ def test_predict_batch(client, pp, env):
     # a bad image in post 2 names the post and the image
     body["posts"][2]["images"] = [_b64(b"GIF89a not really")]
     e = _err(client.post("/v1/predict/batch", json=body), 422, "not_an_image", "posts[2].images[0]")
-    assert "posts[2].images[0]" in e["message"]
+    assert e["message"].startswith("Image 1 of post 3 is not an image file")
 
 
 def test_predict_features_equals_predictor(client, pp, env):
@@ -150,20 +153,37 @@ def test_predict_features_equals_predictor(client, pp, env):
     _err(client.post("/v1/predict/features", json={"posts": [{"text": [0.1] * 5}]}), 422, "wrong_dimension",
          "posts[0].text", pp.predictor.dim)
     _err(client.post("/v1/predict/features", content=b'{"posts": [{"image": [NaN' + b', 0.1' * 31 + b']}]}',
-                     headers={"content-type": "application/json"}), 422, "invalid_value", "posts[0].image")
+                     headers={"content-type": "application/json"}), 422, "invalid_value", "posts[0].image[0]")
     _err(client.post("/v1/predict/features", json={"posts": [{"text": "abc"}]}), 422, "wrong_type", "posts[0].text")
+    # strict numbers: no strings, no booleans, no Infinity
+    d = pp.predictor.dim
+    _err(client.post("/v1/predict/features", json={"posts": [{"text": ["1"] * d}]}), 422, "wrong_type",
+         "posts[0].text[0]")
+    _err(client.post("/v1/predict/features", json={"posts": [{"text": [True] * d}]}), 422, "wrong_type",
+         "posts[0].text[0]")
+    _err(client.post("/v1/predict/features", content=b'{"posts": [{"text": [Infinity' + b', 0.1' * (d - 1) + b']}]}',
+                     headers={"content-type": "application/json"}), 422, "invalid_value", "posts[0].text[0]")
 
 
 # -- service endpoints ---------------------------------------------------------------------------
 def test_model_health_ready(client, pp, env):
     m = client.get("/v1/model").json()
     assert m["labels"] == pp.label_names and len(m["labels"]) == 8
-    assert m["dim"] == pp.backbone.dim and m["backbone"] == pp.backbone.spec and m["preset"] == "sgmft"
+    assert m["dim"] == pp.backbone.dim and m["preset"] == "sgmft"
+    # no file-system paths unless --expose-paths (issue 21, item 6)
+    folder = pp.backbone.spec.partition(":")[2]
+    assert m["backbone"] == "chinese-clip:" + Path(folder).name and folder not in json.dumps(m)
+    assert str(env["root"]) not in json.dumps(m)
+    with _app(pp, expose_paths=True) as c:
+        assert c.get("/v1/model").json()["backbone"] == pp.backbone.spec
     assert m["training"]["best_val_acc"] == pytest.approx(env["results"]["best_val_acc"])
     assert m["evaluation"]["test"]["accuracy"] == pytest.approx(env["results"]["test_accuracy"])
     assert m["limits"]["max_images_per_post"] == ServeConfig().max_images_per_post
     assert client.get("/v1/health").json() == {"status": "ok"}
     assert client.get("/v1/ready").json() == {"status": "ready"}
+    for u in ("/v1/health", "/v1/ready"):            # HEAD too (load balancers), without a body
+        r = client.head(u)
+        assert r.status_code == 200 and r.content == b""
 
 
 def test_metrics_prometheus_text(pp):
@@ -265,7 +285,7 @@ def test_bad_images(client, env):
     r = client.post("/v1/predict", data={"text": "看电影", "on_bad_image": "skip"},
                     files=[("images", ("cut.jpg", good[: len(good) // 2], "image/jpeg"))])
     assert r.status_code == 200 and r.json()["image_mask"] is False
-    assert any("cut.jpg" in w and "truncated" in w for w in r.json()["warnings"])
+    assert any("cut.jpg" in w and "cut off" in w for w in r.json()["warnings"])
     assert client.post("/v1/predict", json={"text": "看电影"}).status_code == 200
 
 
@@ -365,7 +385,7 @@ def _in_threads(c, n, body):
 def test_dynamic_batching_groups_requests(pp):
     app = create_app(pp, ServeConfig(max_batch_size=4, max_wait_ms=0))
     svc = app.state.service
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         gate = _Gate(svc)
         gate.open.clear()
         first, out1 = _in_threads(c, 1, {"text": "看电影"})
@@ -385,7 +405,7 @@ def test_dynamic_batching_groups_requests(pp):
 def test_queue_full_is_503_with_retry_after(pp):
     app = create_app(pp, ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2))
     svc = app.state.service
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         gate = _Gate(svc)
         gate.open.clear()
         # One at a time, so the queue never holds 3 before the worker takes the first (that race
@@ -405,7 +425,7 @@ def test_queue_full_is_503_with_retry_after(pp):
             t.join(30)
         assert [x.status_code for x in out + out2] == [200, 200, 200]   # read after the joins
         assert c.post("/v1/predict", json={"text": "x"}).status_code == 200
-        assert "max-queue" in e["message"]
+        assert "max-queue" in e["hint"] and "Retry in" in e["message"]
 
 
 def test_draining_refuses_new_requests_and_waits_for_in_flight(pp):
@@ -413,7 +433,7 @@ def test_draining_refuses_new_requests_and_waits_for_in_flight(pp):
 
     app = create_app(pp, ServeConfig(max_wait_ms=0))
     svc = app.state.service
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         gate = _Gate(svc)
         gate.open.clear()
         held, out = _in_threads(c, 1, {"text": "看电影"})
@@ -435,51 +455,64 @@ def test_draining_refuses_new_requests_and_waits_for_in_flight(pp):
 
 @pytest.mark.slow   # ~15 s: starts a real server process
 def test_sigterm_drains_a_real_server(env, tmp_path):
-    """`sgmft serve` in its own process: SIGTERM while a request waits in the batcher -> that request
-    still gets its answer, a new one gets 503, and the process exits 0."""
+    """`sgmft serve` in its own process: SIGTERM while a request waits in the batcher -> /v1/ready is
+    503 at once while requests are still served for --drain-seconds; after that a new request gets
+    503; the requests in flight get their answers, and the process exits 0."""
     import http.client
 
     port = free_port()
     envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(env["run"]), "--port", str(port),
-                             "--max-wait-ms", "2500", "--max-batch-size", "8", "--threads", "1"],
+                             "--max-wait-ms", "4000", "--max-batch-size", "8", "--threads", "1",
+                             "--drain-seconds", "1.0"],
                             env=envv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def get(path):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", path)
+        return c.getresponse().status
+
     try:
         deadline = time.time() + 90
         while True:
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/v1/ready")
-                if conn.getresponse().status == 200:
+                if get("/v1/ready") == 200:
                     break
             except OSError:
                 pass
             assert proc.poll() is None and time.time() < deadline, "server did not start"
             time.sleep(0.2)
-        result = {}
+        results = {}
 
-        def slow():   # waits up to 2.5 s for batch-mates: in flight when SIGTERM comes
+        def slow(name):   # waits up to 4 s for batch-mates: in flight when SIGTERM comes
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             c.request("POST", "/v1/predict", body=json.dumps({"text": "看电影"}),
                       headers={"Content-Type": "application/json"})
             resp = c.getresponse()
-            result["status"], result["body"] = resp.status, json.loads(resp.read())
+            results[name] = (resp.status, json.loads(resp.read()))
 
-        t = threading.Thread(target=slow)
-        t.start()
+        first = threading.Thread(target=slow, args=("before",))
+        first.start()
         time.sleep(0.8)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
+        assert get("/v1/ready") == 503                               # the load balancer sees it at once
+        second = threading.Thread(target=slow, args=("grace",))       # ... but requests are still served
+        second.start()
+        time.sleep(1.5)                                              # the grace is over
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         c.request("POST", "/v1/predict", body=json.dumps({"text": "x"}), headers={"Content-Type": "application/json"})
         resp = c.getresponse()
         assert resp.status == 503 and json.loads(resp.read())["error"]["code"] == "shutting_down"
-        t.join(30)
-        assert result["status"] == 200 and result["body"]["label"] in result["body"]["probs"]
+        for t in (first, second):
+            t.join(30)
+        for name in ("before", "grace"):
+            status, body = results[name]
+            assert status == 200 and body["label"] in body["probs"], name
         assert proc.wait(30) == 0
         out = proc.stdout.read()
-        assert "draining (1 request(s) in flight" in out, out
+        assert "draining (1 request(s) in flight; /v1/ready is 503 for 1 s" in out, out
     finally:
         if proc.poll() is None:
             proc.kill()

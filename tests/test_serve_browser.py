@@ -125,6 +125,12 @@ def test_page_predicts_like_sgmft_predict(server, browser, tmp_path, capsys):
     assert chosen == [images.index(want["image_used"])]
     assert page.is_visible("#thumbs li.chosen .badge")
     assert page.inner_text("#text-used") == want["text_used"]
+    sentence = (want.get("explanation") or {}).get("sentence")      # issue 18: the account, in one sentence
+    if sentence:
+        assert page.is_visible("#explanation") and page.inner_text("#explanation") == sentence
+    else:
+        assert page.is_hidden("#explanation")
+    assert page.is_visible("#uncertain") == bool(want.get("uncertain"))
     page.screenshot(path=str(_shots(tmp_path) / "serve-page.png"), full_page=True)
 
     # a file that is not an image: a readable message, not JSON, and the page keeps working
@@ -136,11 +142,17 @@ def test_page_predicts_like_sgmft_predict(server, browser, tmp_path, capsys):
     msg = page.inner_text("#error")
     assert "not an image" in msg and "notes.jpg" in msg and f"Image {len(images) + 1}" in msg and not msg.lstrip().startswith("{")
     page.screenshot(path=str(_shots(tmp_path) / "serve-page-error.png"), full_page=True)
+    names = page.eval_on_selector_all("#thumbs .remove", "bs => bs.map(b => b.getAttribute('aria-label'))")
+    assert len(set(names)) == len(names) and "notes.jpg" in names[-1]        # remove buttons named by file
     page.click(f"#thumbs li:nth-child({len(images) + 1}) .remove")
+    # removing the image the result used: the result stays, dimmed, and its label says so
+    page.click(f"#thumbs li:nth-child({chosen[0] + 1}) .remove")
+    assert "removed" in page.inner_text("#image-used") and "stale" in page.get_attribute("#results", "class")
+    page.set_input_files("#files", [images[chosen[0]]])
     page.click("#predict")
-    page.wait_for_selector("#results:not([hidden]) .bar-row.top")
+    page.wait_for_selector("#post-form[aria-busy='false'] ~ #results:not([hidden]):not(.stale) .bar-row.top")
     assert page.is_hidden("#error")
-    assert page.get_attribute("#top-label", "data-label") == want["label"]
+    assert "removed" not in page.inner_text("#image-used")
 
     # offline: every request went to this server (or stayed inside the page)
     assert requested and all(u.startswith(server["url"] + "/") or u.split(":")[0] in ("data", "blob")
@@ -155,4 +167,37 @@ def test_docs_page_renders_offline(server, browser):
     page.goto(server["url"] + "/docs")
     page.get_by_text("/v1/predict/features", exact=True).wait_for(timeout=30000)
     assert all(u.startswith(server["url"] + "/") or u.split(":")[0] in ("data", "blob") for u in requested), requested
+    page.close()
+
+
+def test_page_busy_state_and_narrow_layout(server, browser, tmp_path):
+    """While a prediction runs the page says so and keeps the previous result dimmed; at 360 px
+    the bars keep most of the width and nothing scrolls sideways."""
+    post = next(p for p in server["posts"] if len(p.images) >= 2 and len(p.text) > 8)
+    page = browser.new_page(viewport={"width": 360, "height": 800})
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('8 places')")
+    page.fill("#text", post.text)
+    page.set_input_files("#files", [str(x) for x in post.images])
+    page.click("#predict")
+    page.wait_for_selector("#results:not([hidden]) .bar-row.top")
+    track = page.eval_on_selector("#bars .bar-track", "t => t.getBoundingClientRect().width")
+    assert track >= 250, track                                   # was 65 px with a fixed 150 px label column
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    footer = page.eval_on_selector("footer", "f => { const r = f.getBoundingClientRect(); return [r.left, r.right]; }")
+    assert abs(footer[0] - (360 - footer[1])) < 2                  # centred like the rest
+    page.screenshot(path=str(_shots(tmp_path) / "serve-page-360.png"), full_page=True)
+
+    held = []
+    page.route("**/v1/predict", lambda route: held.append(route))  # hold the next answer
+    page.click("#predict")
+    page.wait_for_function("document.getElementById('post-form').getAttribute('aria-busy') === 'true'")
+    assert page.is_disabled("#predict") and page.is_disabled("#clear")
+    assert "Predicting" in page.inner_text("#predict") and "Predicting" in page.inner_text("#status")
+    assert page.is_visible("#results .bar-row.top") and "stale" in page.get_attribute("#results", "class")
+    page.wait_for_function("true")                               # let the route handler run
+    assert len(held) == 1
+    held[0].continue_()
+    page.wait_for_function("document.getElementById('post-form').getAttribute('aria-busy') === 'false'")
+    assert page.is_enabled("#clear") and "stale" not in (page.get_attribute("#results", "class") or "")
     page.close()

@@ -66,7 +66,8 @@ def test_predict_store_labelled_csv_and_jsonl(trained, tmp_path, capsys):
                  str(tmp_path / "p.csv"), "--no-progress", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     rows = read_predictions(tmp_path / "p.csv")
-    assert list(rows[0]) == ["id", "pred", *[f"prob_{n}" for n in fs.label_names], "true"]
+    assert list(rows[0]) == ["id", "pred", *[f"prob_{n}" for n in fs.label_names], "true", "uncertain",
+                             "explanation_decided_by", "explanation_text", "explanation_image"]   # issue 18
     assert [r["id"] for r in rows] == list(np.asarray(fs.ids))
     got = np.array([[float(r[f"prob_{n}"]) for n in fs.label_names] for r in rows])
     np.testing.assert_allclose(got, want, atol=1e-7, rtol=0)
@@ -113,11 +114,12 @@ def test_evaluate_and_predict_write_the_same_schema(trained, tmp_path, capsys):
         ev = list(csv.reader(f))
     with open(tmp_path / "p.csv", newline="") as f:
         pr = list(csv.reader(f))
-    assert ev[0] == pr[0] and ev[0][:2] == ["id", "pred"] and ev[0][-1] == "true"
+    k = len(ev[0]) - 4                      # the last 4: uncertain and the explanation (issue 18)
+    assert ev[0] == pr[0] and ev[0][:2] == ["id", "pred"] and ev[0][k - 1] == "true"
     assert len(ev) == len(pr) == 41
     for a, b in zip(ev[1:], pr[1:]):
-        assert a[0] == b[0] and a[1] == b[1] and a[-1] == b[-1]
-        np.testing.assert_allclose([float(x) for x in a[2:-1]], [float(x) for x in b[2:-1]], atol=1e-7)
+        assert a[0] == b[0] and a[1] == b[1] and a[k - 1:] == b[k - 1:]
+        np.testing.assert_allclose([float(x) for x in a[2:k - 1]], [float(x) for x in b[2:k - 1]], atol=1e-7)
 
 
 def test_raw_post_predict_on_feature_only_run_says_to_use_store(trained, capsys):

@@ -76,6 +76,31 @@ def hetero():
     return generate_simfeat(profile_config("hetero", **HETERO_SMALL))
 
 
+# Recorded from the generator before the issue-17 phenomena existed (commit 0d7cf0b).
+HETERO_PIN = dict(
+    digest="d44d547cabf2d5cf",
+    text=[[-0.02572500891983509, 0.051216721534729004, 0.000984091660939157],
+          [0.10449312627315521, 0.07154766470193863, 0.24387051165103912],
+          [-0.13316811621189117, -0.0886571928858757, 0.18686196208000183]],
+    image5=[-0.08028057962656021, 0.0646325945854187, 0.02488376945257187],
+    post9=[0.0008908078307285905, 0.0005546093452721834, 0.9953228831291199, 0.00042495669913478196,
+           0.0010712468065321445, 0.0004886353272013366, 0.0007432737038470805, 0.0005035712383687496],
+    test_accuracy=0.916, expected=0.90410434602339,
+    regimes={"both": 444, "text_generic": 218, "text_other_place": 8, "image_generic": 130,
+             "image_other_place": 165, "neither": 35})
+
+
+def test_hetero_generator_is_unchanged(hetero):
+    pin = HETERO_PIN
+    assert _int_digest(hetero) == pin["digest"]
+    np.testing.assert_allclose(hetero.text[[0, 7, 123], :3], pin["text"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(hetero.image[5, :3], pin["image5"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(hetero.oracle_posterior[9], pin["post9"], rtol=1e-4, atol=1e-7)
+    assert hetero.oracle["test_accuracy"] == pin["test_accuracy"]
+    assert hetero.oracle["test_regime_counts"] == pin["regimes"]
+    assert hetero.oracle["expected_accuracy"] == pytest.approx(pin["expected"], abs=1e-9)
+
+
 def test_default_profile_is_the_plain_config():
     assert PROFILES["default"] == {}
     assert profile_config() == SimFeatConfig()
@@ -86,7 +111,7 @@ def test_default_profile_is_the_plain_config():
 
 
 def test_unknown_profile_or_field_is_a_clear_error():
-    with pytest.raises(ValueError, match="known profiles: default, hetero"):
+    with pytest.raises(ValueError, match="known profiles: aniso, conflict, default, hetero, looks, wide"):
         profile_config("nope")
     with pytest.raises(ValueError, match="no_such_field"):
         profile_config("hetero", no_such_field=1)

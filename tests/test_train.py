@@ -120,3 +120,62 @@ def test_distributed_training_two_cpu_processes(tmp_path, small_store):
     assert run["train"]["devices"] == 2 and run["train"]["strategy"] == "ddp"
     m = evaluate(tmp_path / "ddp", small_store, tmp_path / "ev", tsne_max_points=50)
     assert m["accuracy"] > 0.4
+
+
+# -- a budget that fits the data size, a line per epoch, a warning when nothing was learnt (issue 17) --
+def test_min_steps_raises_epochs_on_small_stores_only():
+    from sgmft.config import TrainConfig
+    from sgmft.train.fit import resolve_budget
+
+    cfg = TrainConfig(epochs=10, batch_size=128, min_steps=1000)
+    assert resolve_budget(cfg, 216).epochs == 500                 # 2 steps an epoch
+    assert resolve_budget(cfg, 12240).epochs == 11                # 96 steps an epoch
+    assert resolve_budget(cfg, 200000).epochs == 10               # never fewer than asked
+    assert resolve_budget(TrainConfig(epochs=10, min_steps=0), 216).epochs == 10
+
+
+def test_epoch_lines_on_a_non_terminal_and_recorded_epochs(tmp_path, capsys):
+    store = make_store(tmp_path / "s", n=120, dim=16, k=4)
+    p = quick_preset("concat", epochs=2, min_steps=12)
+    p.train.progress = None                                       # auto: stderr is not a terminal here
+    train(store, tmp_path / "r", p)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("sgmft train: epoch ")]
+    assert len(lines) == 4 and lines[-1].startswith("sgmft train: epoch 4/4") and "val_acc" in lines[-1]
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["train"]["epochs"] == 4 and run["train"]["min_steps"] == 12   # 3 steps an epoch -> 4 epochs
+
+
+def test_a_run_that_learnt_nothing_says_so(tmp_path):
+    from sgmft.errors import SgmftWarning
+    from sgmft.features import write_feature_store
+
+    rng = np.random.default_rng(0)
+    n = 200
+    write_feature_store(tmp_path / "s", ids=np.array([f"p{i}" for i in range(n)]),
+                        text=rng.normal(size=(n, 16)).astype(np.float32), image=rng.normal(size=(n, 16)).astype(np.float32),
+                        labels=rng.integers(0, 4, n), label_names=["a", "b", "c", "d"], backbone="test")
+    with pytest.warns(SgmftWarning, match="did not learn"):
+        train(tmp_path / "s", tmp_path / "r", quick_preset("concat", epochs=2))
+
+
+@pytest.mark.slow
+def test_default_learns_from_300_simposts_without_flags(tmp_path):
+    """A new user's 300 posts (SimPosts, a tiny random Chinese-CLIP): `sgmft train` with no flags
+    ends clearly above the majority-class rate on the run's own test split (issue 17)."""
+    from sgmft.cli import main
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+    from sgmft.features.backbones.tiny import build_tiny_chinese_clip
+
+    torch.set_num_threads(1)
+    spec = f"chinese-clip:{build_tiny_chinese_clip(tmp_path / 'tinycc')}"
+    man = generate_simposts(tmp_path / "posts", SimPostsConfig(num_posts=300, seed=3))
+    assert main(["extract", str(man), "--out", str(tmp_path / "store"), "--backbone", spec, "--no-progress"]) == 0
+    assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    m = evaluate(tmp_path / "run", tmp_path / "store", tmp_path / "ev", tsne_max_points=20)
+    fs = FeatureStore.open(tmp_path / "store")
+    split = np.load(tmp_path / "run" / "split.npy", allow_pickle=False).astype(str)
+    y = np.asarray(fs.labels)
+    majority = np.bincount(y[split == "train"]).argmax()
+    rate = float((y[split == "test"] == majority).mean())
+    assert m["accuracy"] >= rate + 0.25, (m["accuracy"], rate)    # measured: 0.59 against about 0.15

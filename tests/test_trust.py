@@ -156,6 +156,32 @@ def test_trains_learns_and_round_trips_on_a_small_hetero_store(hetero_store, tmp
     model, info = load_checkpoint(res.checkpoint)
     assert info["model_cfg"].arch == "trust"
     x = torch.as_tensor(data.text[test[:50]]), torch.as_tensor(data.image[test[:50]])
+    from sgmft.checkpoint import calibrated_probs      # predict applies the checkpoint's calibration (issue 18)
+
+    cal = info["calibration"]
     with torch.no_grad():
-        again = torch.softmax(model(*x).logits, -1).numpy()
+        again = calibrated_probs(model(*x).logits, cal["temperature"], cal["uniform_weight"]).numpy()
     np.testing.assert_allclose(again, probs[:50], rtol=1e-5, atol=1e-6)
+
+
+def test_looks_and_learnt_conflict_table_against_a_direct_computation():
+    """eq T0 (a place's evidence is a logsumexp over its looks) and eq T1' (the other place follows
+    Q_m(c | y)); with Q uniform, eq T1' is eq T1."""
+    torch.manual_seed(1)
+    m = build_model(_cfg(gate=False, input_dropout=0.0, looks=3, conflict="learnt")).eval()
+    K, L = 5, 3
+    x = m.text_in(_x(), None)
+    with torch.no_grad():
+        z = m.ev_t.linear(x)
+        l, _ = m.ev_t(x)
+        torch.testing.assert_close(l, z[:, :K * L].view(-1, K, L).logsumexp(-1))          # eq T0
+        uniform = m.state_evidence(l, torch.zeros(6, 2), None)
+        torch.testing.assert_close(m.state_evidence(l, torch.zeros(6, 2), m.conflict_t), uniform)
+        m.conflict_t.copy_(torch.randn(K, K))
+        got = m.state_evidence(l, torch.zeros(6, 2), m.conflict_t)[:, 2]
+        for y in range(K):
+            others = [c for c in range(K) if c != y]
+            q = torch.log_softmax(m.conflict_t[y, others], 0)
+            torch.testing.assert_close(got[:, y], (l[:, others] + q).logsumexp(-1))         # eq T1'
+    with pytest.raises(ValueError, match="conflict"):
+        build_model(_cfg(conflict="sometimes"))

@@ -23,11 +23,14 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["OutputCollisionError", "atomic_dir", "atomic_file", "check_outputs", "replace_dir", "write_bytes",
-           "write_json", "write_text"]
+__all__ = ["OutputCollisionError", "atomic_dir", "atomic_file", "check_outputs", "file_mode", "replace_dir",
+           "share_tree", "write_bytes", "write_json", "write_text"]
 
 
-class OutputCollisionError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class OutputCollisionError(InputError):
     """An output path names an input (or another output): refused before anything is written."""
 
 
@@ -66,6 +69,44 @@ def check_outputs(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
                 raise OutputCollisionError(f"{a} and {b} are the same file {outs[a]}; choose different paths")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux
+    /proc/self/status), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` / ``mkdir()`` would give under the user's umask (0644 /
+    0755 with the usual 022): what every output file and folder gets, so a colleague given a
+    copy can read it. ``mkstemp``/``mkdtemp`` and safetensors would leave 0600 / 0700."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give ``root`` and every file and folder below it :func:`file_mode` (symbolic links are
+    left alone). For folders that libraries write (``save_pretrained``, safetensors)."""
+    root = Path(root)
+    fmode, dmode = file_mode(), file_mode(directory=True)
+    if root.is_file() and not root.is_symlink():
+        os.chmod(root, fmode)
+        return
+    for dirpath, dirnames, files in os.walk(root):
+        os.chmod(dirpath, dmode)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
 def _fsync_dir(path: Path) -> None:
     """Persist a rename in ``path`` (a folder); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -82,10 +123,11 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = None,
-                newline: str | None = None, perms: int = 0o644) -> Iterator[IO[Any]]:
+                newline: str | None = None, perms: int | None = None) -> Iterator[IO[Any]]:
     """``with atomic_file(p, "w", encoding="utf-8") as f: f.write(...)``; ``"wb"`` for bytes.
 
-    The file gets ``perms`` (``mkstemp`` would leave 0600; outputs are meant to be shared).
+    The file gets ``perms``, by default :func:`file_mode` (what ``open()`` gives under the
+    umask; ``mkstemp`` would leave 0600, and outputs are meant to be shared).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_file: mode must be 'w' or 'wb', got {mode!r}")
@@ -101,7 +143,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, perms)
+        os.chmod(tmp, file_mode() if perms is None else perms)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -169,13 +211,14 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_dir(p) as tmp: <write files into tmp>``; on success ``tmp`` replaces ``p``."""
+    """``with atomic_dir(p) as tmp: <write files into tmp>``; on success ``tmp`` replaces ``p``,
+    its files and folders readable under the umask (:func:`share_tree`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        share_tree(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from sgmft.runs import RunDir, locate
+from sgmft.runs import RunDir
 
 __all__ = ["CARD", "model_card", "write_model_card"]
 
@@ -24,70 +24,51 @@ CARD = "README.md"
 
 
 def _run_facts(run: RunDir | None) -> tuple[dict, list[dict]]:
-    """``(run.json, [evaluation metrics with their split])`` of a run folder (empty without one)."""
+    """``(run.json, [evaluation metrics with their split and store])`` of a run folder (empty
+    without one). Each evaluation gets ``store_name``: the evaluated store's folder name, marked
+    as the training store when its post ids are the training store's."""
     if run is None:
         return {}, []
+    runj = run.read_run_json() or {}
     evals = []
-    for d in sorted(run.root.glob("eval-*")):
-        try:
-            m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(m, dict) and "accuracy" in m:
-            evals.append({"split": d.name.removeprefix("eval-"), **m})
-    return run.read_run_json() or {}, evals
+    for m in run.evaluations():
+        store = m.get("store")
+        same = bool(m.get("store_ids")) and m.get("store_ids") == runj.get("store_ids")
+        name = Path(store).name if store else "unknown store (evaluated by an older sgmft)"
+        evals.append({**m, "store_name": name, "training_store": same})
+    return runj, evals
 
 
 def _fmt(v, pct: bool = True) -> str:
     return "–" if v is None else (f"{100 * v:.2f} %" if pct else str(v))
 
 
-def model_card(info: dict, run: RunDir | None = None, *, name: str | None = None) -> str:
-    """The README.md model card of a checkpoint (``info`` as returned by ``load_checkpoint``),
-    with the data, validation and evaluation figures of its run folder when there is one."""
-    cfg = info["model_cfg"]
-    labels = list(info["label_names"])
-    feats = info.get("features") or {}
-    extraction = feats.get("extraction")
-    train = info.get("train") or {}
-    preset = info.get("preset") or "custom"
-    runj, evals = _run_facts(run)
-    store = runj.get("store")
-    store_name = Path(store).name if store else "unknown"
-    backbone = feats.get("backbone") or "unknown"
-    name = name or (f"sgmft-{preset}-{store_name}" if preset != "sgmft" else f"sgmft-{store_name}")
-    synthetic = backbone == "simfeat"
+_TASK = {"type": "multimodal-classification", "name": "semantic location prediction"}
 
+
+def _model_index(evals: list[dict], runj: dict, store_name: str) -> list[dict]:
+    """The ``model-index`` results of the front matter: one per evaluation, each naming its
+    store; else the best validation accuracy on the training store."""
     results = []
     for m in evals:
         metrics = [{"type": "accuracy", "value": round(float(m["accuracy"]), 6), "name": "accuracy"}]
         if m.get("macro_f1") is not None:
             metrics.append({"type": "f1", "value": round(float(m["macro_f1"]), 6), "name": "macro-F1",
                             "args": {"average": "macro"}})
-        results.append({"task": {"type": "multimodal-classification", "name": "semantic location prediction"},
-                        "dataset": {"name": store_name, "type": "sgmft-feature-store", "split": m["split"]},
-                        "metrics": metrics})
+        results.append({"task": dict(_TASK), "metrics": metrics,
+                        "dataset": {"name": m["store_name"], "type": "sgmft-feature-store", "split": m["split"]}})
     if not results and runj.get("best_val_acc") is not None:
-        results.append({"task": {"type": "multimodal-classification", "name": "semantic location prediction"},
+        results.append({"task": dict(_TASK),
                         "dataset": {"name": store_name, "type": "sgmft-feature-store", "split": "validation"},
                         "metrics": [{"type": "accuracy", "name": "best validation accuracy",
                                      "value": round(float(runj["best_val_acc"]), 6)}]})
-    front = {"library_name": "sgmft",
-             "tags": list(dict.fromkeys(["sgmft", "sg-mft", "multimodal", "semantic-location-prediction",
-                                         "social-media", cfg.arch, *(["synthetic-data"] if synthetic else [])])),
-             "model_name": name}
-    if results:
-        front["model-index"] = [{"name": name, "results": results}]
+    return results
 
-    L = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-         f"# {name}", "",
-         f"A `{cfg.arch}` model (preset `{preset}`) of the [sgmft](https://arxiv.org/abs/2405.05760) toolkit: "
-         f"it predicts where the author of a social-media post is, one of {len(labels)} places, from the "
-         "post's text and image features. This card was written by sgmft from the checkpoint and its run "
-         "folder.", "",
-         "## Labels", "",
-         "Index order of the model's outputs: " + ", ".join(f"{i} `{n}`" for i, n in enumerate(labels)) + ".", "",
-         "## Data", ""]
+
+def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, preset: str) -> list[str]:
+    """The Data and "Preset and configuration" sections."""
+    cfg, feats, train = info["model_cfg"], info.get("features") or {}, info.get("train") or {}
+    L = ["## Data", ""]
     if runj:
         L += [f"* training store: `{store_name}` (backbone `{backbone}`, D = {feats.get('dim')})",
               f"* posts: {runj.get('num_train')} train, {runj.get('num_val')} validation, "
@@ -96,31 +77,52 @@ def model_card(info: dict, run: RunDir | None = None, *, name: str | None = None
     else:
         L.append(f"* features from backbone `{backbone}`, D = {feats.get('dim')}; the training run folder "
                  "was not available when this card was written")
-    if synthetic:
+    if backbone == "simfeat":
         L.append("* **synthetic data**: SimFeat, sgmft's simulated feature benchmark. The model has no "
                  "meaning for real posts.")
+    fusion = getattr(cfg, "fusion", None) if cfg.arch == "sgmft" else None
     L += ["", "## Preset and configuration", "",
-          f"* preset `{preset}`, architecture `{cfg.arch}`, fusion `{cfg.fusion}`",
-          "* model: " + ", ".join(f"{k} = {v}" for k, v in sorted(dataclasses.asdict(cfg).items())),
-          ]
+          f"* preset `{preset}`, architecture `{cfg.arch}`" + (f", fusion `{fusion}`" if fusion else ""),
+          "* model: " + ", ".join(f"{k} = {v}" for k, v in sorted(dataclasses.asdict(cfg).items()))]
+    norm = getattr(cfg, "input_norm", "none")
+    L.append("* input normalisation: " + ("none (raw features)" if norm == "none" else
+             f"`{norm}`, fitted on the training split only and stored in the weights (buffers), so "
+             "predict, serve and export apply it"))
+    sel = runj.get("selection") or {}
+    if sel.get("chosen"):                   # a selecting preset (auto): what was chosen and why
+        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}`, by {sel.get('rule')} on the "
+                 "validation split (" + ", ".join(f"`{n}` {_fmt(c.get('val_acc'))}" for n, c in
+                                                 (sel.get("candidates") or {}).items()) + ")")
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))
-    L += ["", "## Metrics", ""]
-    if evals or runj.get("best_val_acc") is not None:
-        L += ["| split | posts | accuracy | macro-F1 | accuracy / oracle |", "|---|---|---|---|---|"]
-        if runj.get("best_val_acc") is not None:
-            L.append(f"| validation (best epoch, model selection) | {runj.get('num_val')} | "
-                     f"{_fmt(runj['best_val_acc'])} | – | – |")
-        for m in evals:
-            L.append(f"| {m['split']} (`sgmft evaluate`) | {m.get('num_samples', '–')} | {_fmt(m['accuracy'])} | "
-                     f"{_fmt(m.get('macro_f1'))} | "
-                     f"{'–' if m.get('accuracy_over_oracle') is None else format(m['accuracy_over_oracle'], '.3f')} |")
-    else:
-        L.append("No figures recorded (the run folder was not available, or the model was not evaluated).")
-    L += ["", "## Feature contract", "",
-          "The model's inputs must be made exactly like its training features (`features.json`):", "",
-          f"* backbone `{backbone}`, D = {feats.get('dim')}, normalisation `{feats.get('normalization')}`"]
+    return L
+
+
+def _metrics(evals: list[dict], runj: dict, store_name: str) -> list[str]:
+    """The Metrics table: every row names the store its figure was measured on."""
+    L = ["## Metrics", ""]
+    if not evals and runj.get("best_val_acc") is None:
+        return L + ["No figures recorded (the run folder was not available, or the model was not evaluated)."]
+    L += ["| store | split | posts | accuracy | macro-F1 | accuracy / oracle |", "|---|---|---|---|---|---|"]
+    if runj.get("best_val_acc") is not None:
+        L.append(f"| `{store_name}` (training store) | validation (best epoch, model selection) | "
+                 f"{runj.get('num_val')} | {_fmt(runj['best_val_acc'])} | – | – |")
+    for m in evals:
+        where = f"`{m['store_name']}`" + (" (training store)" if m["training_store"] else "")
+        ratio = m.get("accuracy_over_oracle")
+        L.append(f"| {where} | {m['split']} (`sgmft evaluate`) | {m.get('num_samples', '–')} | "
+                 f"{_fmt(m['accuracy'])} | {_fmt(m.get('macro_f1'))} | "
+                 f"{'–' if ratio is None else format(ratio, '.3f')} |")
+    return L
+
+
+def _contract_and_usage(feats: dict, backbone: str) -> list[str]:
+    """The Feature contract and How to use sections."""
+    extraction = feats.get("extraction")
+    L = ["## Feature contract", "",
+         "The model's inputs must be made exactly like its training features (`features.json`):", "",
+         f"* backbone `{backbone}`, D = {feats.get('dim')}, normalisation `{feats.get('normalization')}`"]
     if extraction:
         cc = extraction.get("clean_config")
         L += [f"* backbone fingerprint `{extraction.get('backbone_fingerprint')}`, precision "
@@ -138,34 +140,61 @@ def model_card(info: dict, run: RunDir | None = None, *, name: str | None = None
           "sgmft predict PATH --store features/new --out preds.csv"]
     if extraction:
         L.append('sgmft predict PATH --text "..." --image photo.jpg     # raw posts, same backbone')
-    L += ["```", "",
-          "## Intended use", "",
-          "Research and aggregate analysis of semantic location (home, work, school, ...) in social-media "
-          "posts, on features made with the backbone above; a reference for comparing fusion models "
-          "(SG-MFT, arXiv 2405.05760).", "",
-          "## Limits", "",
-          "* Only valid on features from the same backbone, precision, text cleaning and image choice "
-          "(the feature contract); `sgmft predict` refuses a different D or backbone fingerprint.",
-          f"* The place set is fixed to the {len(labels)} labels above; every post gets one of them, "
-          "including posts from none of these places.",
-          "* Accuracy holds for data like the training store; other platforms, languages, years or user "
-          "groups may differ. The figures above are on the store named in Data.",
-          "* Inferring where a person is can be sensitive: do not use it to track or identify individuals, "
-          "and follow the platform's terms and the applicable privacy law.",
-          ""]
-    return "\n".join(L)
+    return L + ["```"]
+
+
+def _use_and_limits(n_labels: int) -> list[str]:
+    return ["## Intended use", "",
+            "Research and aggregate analysis of semantic location (home, work, school, ...) in social-media "
+            "posts, on features made with the backbone above; a reference for comparing fusion models "
+            "(SG-MFT, arXiv 2405.05760).", "",
+            "## Limits", "",
+            "* Only valid on features from the same backbone, precision, text cleaning and image choice "
+            "(the feature contract); `sgmft predict` refuses a different D or backbone fingerprint.",
+            f"* The place set is fixed to the {n_labels} labels above; every post gets one of them, "
+            "including posts from none of these places.",
+            "* Accuracy holds for data like the evaluated store; other platforms, languages, years or user "
+            "groups may differ. Each figure above is on the store named in its row.",
+            "* Inferring where a person is can be sensitive: do not use it to track or identify individuals, "
+            "and follow the platform's terms and the applicable privacy law.",
+            ""]
+
+
+def model_card(info: dict, run: RunDir | None = None, *, name: str | None = None) -> str:
+    """The README.md model card of a checkpoint (``info`` as returned by ``load_checkpoint``),
+    with the data, validation and evaluation figures of its run folder when there is one."""
+    cfg, labels = info["model_cfg"], list(info["label_names"])
+    feats = info.get("features") or {}
+    preset = info.get("preset") or "custom"
+    runj, evals = _run_facts(run)
+    store_name = Path(runj["store"]).name if runj.get("store") else "unknown"
+    backbone = feats.get("backbone") or "unknown"
+    name = name or (f"sgmft-{preset}-{store_name}" if preset != "sgmft" else f"sgmft-{store_name}")
+    tags = ["sgmft", "sg-mft", "multimodal", "semantic-location-prediction", "social-media", cfg.arch,
+            *(["synthetic-data"] if backbone == "simfeat" else [])]
+    front = {"library_name": "sgmft", "tags": list(dict.fromkeys(tags)), "model_name": name}
+    results = _model_index(evals, runj, store_name)
+    if results:
+        front["model-index"] = [{"name": name, "results": results}]
+    L = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+         f"# {name}", "",
+         f"A `{cfg.arch}` model (preset `{preset}`) of the [sgmft](https://arxiv.org/abs/2405.05760) toolkit: "
+         f"it predicts where the author of a social-media post is, one of {len(labels)} places, from the "
+         "post's text and image features. This card was written by sgmft from the checkpoint and its run "
+         "folder.", "",
+         "## Labels", "",
+         "Index order of the model's outputs: " + ", ".join(f"{i} `{n}`" for i, n in enumerate(labels)) + ".", ""]
+    L += _data_and_config(info, runj, store_name, backbone, preset) + [""]
+    L += _metrics(evals, runj, store_name) + [""]
+    L += _contract_and_usage(feats, backbone) + [""]
+    return "\n".join(L + _use_and_limits(len(labels)))
 
 
 def write_model_card(model_dir, *, name: str | None = None) -> Path:
     """(Re)write ``README.md`` in a checkpoint folder from its JSON files and its run folder
     (training calls this, and ``evaluate`` after writing a report inside the run). Atomic."""
     from sgmft.atomic import write_text
-    from sgmft.config import model_config_from_dict
+    from sgmft.checkpoint import read_checkpoint
 
-    p, run = locate(model_dir)
-    cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    info = {"model_cfg": model_config_from_dict(cfg["model"], f"{p / 'config.json'}: model"),
-            "label_names": json.loads((p / "labels.json").read_text(encoding="utf-8")),
-            "features": json.loads((p / "features.json").read_text(encoding="utf-8")),
-            "preset": cfg.get("preset", ""), "train": cfg.get("train")}
-    return write_text(p / CARD, model_card(info, run, name=name))
+    info = read_checkpoint(model_dir)          # the checked, migrated contract (no weights read)
+    return write_text(info["path"] / CARD, model_card(info, info["run"], name=name))

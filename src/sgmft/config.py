@@ -31,10 +31,10 @@ from pydantic.dataclasses import dataclass as checked_dataclass
 
 _CHECKED = ConfigDict(validate_assignment=True)
 
-#: The preset ``sgmft train`` (and :func:`sgmft.train.train`) uses when none is given: the
-#: best model by the measurements in docs/design.md ("TrustMix"). The ``sgmft`` and ``paper``
-#: presets remain the paper's method.
-DEFAULT_PRESET = "trust"
+#: The preset ``sgmft train`` (and :func:`sgmft.train.train`) uses when none is given: ``auto``
+#: trains TrustMix and the shrinkage-LDA bar and keeps the better on the validation split
+#: (docs/design.md, "The default model"). The ``sgmft`` and ``paper`` presets remain the paper's method.
+DEFAULT_PRESET = "auto"
 
 
 def _one_or_many(value):
@@ -92,7 +92,12 @@ class ModelConfig:
     n_tokens: PositiveInt = 16      # n
     attn_dim: PositiveInt = 64      # d_model of every multi-head attention (divisible by heads)
     heads: PositiveInt = 8          # h
-    input_scale: Union[Literal["sqrt_dim"], float] = "sqrt_dim"  # multiply features by this; "sqrt_dim" = sqrt(D)
+    input_scale: Union[Literal["sqrt_dim"], float] = "sqrt_dim"  # multiply features by this; "sqrt_dim" = unit-
+                                    # variance coordinates: sqrt(D) on raw L2-normalised features, 1 after input_norm
+    # input normalisation fitted on the training split (models/input_norm.py; docs/design.md "Input
+    # normalisation"): "none" (raw features, the paper), "standardize" (mean, per-dimension scale) or
+    # "whiten" (mean, Ledoit-Wolf shrinkage whitening)
+    input_norm: Literal["none", "standardize", "whiten"] = "none"
     # -- SIM (section 3.2.1)
     use_sim: bool = True
     pm_norm: Literal["softmax", "sigmoid"] = "softmax"   # eq 3: softmax over the n positions (paper) or sigmoid
@@ -127,7 +132,7 @@ class ModelConfig:
 
     def resolved_input_scale(self) -> float:
         if self.input_scale == "sqrt_dim":
-            return float(self.dim) ** 0.5
+            return 1.0 if self.input_norm != "none" else float(self.dim) ** 0.5
         return float(self.input_scale)
 
     def validate(self) -> "ModelConfig":
@@ -168,7 +173,14 @@ class TrainConfig:
     tensorboard: bool = False       # TensorBoard event files in <run>/tensorboard/, beside lightning/metrics.csv
     deterministic: bool = True
     max_steps: Annotated[int, Field(ge=-1)] = -1   # for smoke tests; -1 = run all epochs
+    # a budget that fits the data size (docs/training.md, "Budget"): at least this many optimiser steps, so
+    # `epochs` is raised on small stores (300 posts at batch 128 would otherwise give 20 steps); 0 = off
+    min_steps: Annotated[int, Field(ge=0)] = 0
     limit_train_batches: Union[int, float] = 1.0
+    # post-hoc calibration fitted on the validation split after training (docs/predict.md):
+    # "temperature_uniform": p = (1 - eps) softmax(z / T) + eps / K, T and eps fitted by NLL;
+    # "temperature": eps = 0 (Guo et al. 2017); "none". The argmax never changes.
+    calibration: Literal["temperature_uniform", "temperature", "none"] = "temperature_uniform"
 
 
 def progress_enabled(flag: bool | None) -> bool:
@@ -187,9 +199,15 @@ class Preset:
     description: str
     model: ModelConfig
     train: TrainConfig
+    # a selecting preset (``auto``): train each of these presets and keep the one with the best
+    # validation accuracy (sgmft.train.select); its own ``train`` section gives the shared split and seed
+    candidates: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples become lists)."""
+        if self.candidates:
+            return json.loads(json.dumps({"name": self.name, "description": self.description,
+                                          "candidates": list(self.candidates), "train": asdict(self.train)}))
         return json.loads(json.dumps({"name": self.name, "description": self.description,
                                       "model": asdict(self.model), "train": asdict(self.train)}))
 
@@ -292,7 +310,9 @@ def load_preset(name_or_path: str | Path) -> Preset:
     else:
         res = _preset_dir() / f"{name_or_path}.yaml"
         if not res.is_file():
-            raise KeyError(f"unknown preset {str(name_or_path)!r}; known: {', '.join(list_presets())} "
+            from sgmft.errors import UnknownNameError
+
+            raise UnknownNameError(f"unknown preset {str(name_or_path)!r}; known: {', '.join(list_presets())} "
                            "(or give a path to a .yaml file)")
         text, name = res.read_text(encoding="utf-8"), str(name_or_path)
     try:
@@ -301,7 +321,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
         raise ValueError(f"preset {name}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"preset {name}: expected a mapping with model/train sections")
-    unknown = set(data) - {"description", "model", "train"}
+    unknown = set(data) - {"description", "model", "train", "candidates"}
     if unknown:
         raise ValueError(f"preset {name}: unknown section(s) {sorted(unknown)}")
     return Preset(
@@ -309,7 +329,20 @@ def load_preset(name_or_path: str | Path) -> Preset:
         description=str(data.get("description", "")).strip(),
         model=model_config_from_dict(data.get("model") or {}, f"preset {name}: model"),
         train=train_config_from_dict(data.get("train") or {}, f"preset {name}: train"),
+        candidates=_candidates(data.get("candidates"), name),
     )
+
+
+def _candidates(value, name: str) -> list[str]:
+    """A selecting preset's candidate presets: a list of packaged preset names, none selecting."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"preset {name}: candidates must be a non-empty list of preset names")
+    for v in value:
+        if load_preset(v).candidates:
+            raise ValueError(f"preset {name}: candidate {v!r} selects itself; candidates must be plain presets")
+    return list(value)
 
 
 def parse_value(text: str):

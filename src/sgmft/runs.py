@@ -42,10 +42,13 @@ except ImportError:                   # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["RunDir", "RunError", "RunLock", "cleanup_on_failure", "describe_differences", "fingerprint",
-           "ids_digest", "locate", "store_digest"]
+           "ids_digest", "locate", "split_rows", "store_digest"]
 
 
-class RunError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class RunError(InputError):
     """A run folder that cannot be written as asked; the message names it and says what to do."""
 
 
@@ -105,7 +108,7 @@ class RunDir:
         return self.root / "run.lock"
 
     # entries of a run folder that sgmft writes (``--overwrite`` removes exactly these)
-    OWNED = ("model", "run.json", "split.npy", "lightning", "tensorboard")
+    OWNED = ("model", "run.json", "split.npy", "lightning", "tensorboard", "candidates")   # candidates: train/select.py
 
     def owned_entries(self) -> list[Path]:
         """What ``train``/``evaluate`` wrote here (model/, run.json, ..., eval-*/), existing ones only."""
@@ -149,6 +152,26 @@ class RunDir:
 
     def eval_dir(self, split: str = "test") -> Path:
         return self.root / f"eval-{split}"
+
+    def evaluations(self) -> list[dict]:
+        """The reports of ``sgmft evaluate`` kept in this run: one dict per readable
+        ``eval-*/metrics.json`` that holds an ``accuracy``, in folder order, with its metrics,
+        ``report`` (the folder), ``split`` (recorded, else the folder's name after ``eval-``) and
+        ``store`` (the evaluated store's path as recorded, else None). The one reader of these
+        reports (the model card and the service use it)."""
+        out = []
+        for d in sorted(self.root.glob("eval-*")):
+            f = d / "metrics.json"
+            try:
+                if not f.is_file() or f.stat().st_size > MAX_JSON_BYTES:
+                    continue
+                m = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                continue
+            if isinstance(m, dict) and "accuracy" in m:
+                out.append({**m, "report": str(d), "split": m.get("split") or d.name.removeprefix("eval-"),
+                            "store": m.get("store")})
+        return out
 
     def read_run_json(self) -> dict | None:
         """``run.json`` as a dict, or None when it is missing, unreadable, not a regular file
@@ -214,6 +237,28 @@ def locate(path) -> tuple[Path, RunDir | None]:
     if (p.parent / "run.json").is_file():
         return p, RunDir(p.parent)
     return p, None
+
+
+def split_rows(store, run: "RunDir | None", split: str) -> np.ndarray:
+    """Rows of ``split`` (``all``, ``train``, ``val``, ``test``) of a feature store (any object
+    with ``path``, ``ids``, ``split``, ``indices()`` and ``len()``), as ``evaluate`` and
+    ``predict --store`` both take them: the run's own saved split when the run was trained on
+    this very store (same post ids; its ``val`` is the part carved for model selection), else
+    the store's ``split.npy``. ``all``: every row."""
+    if split == "all":
+        return np.arange(len(store))
+    saved = None if run is None else run.split
+    if saved is not None and saved.exists():
+        if (run.read_run_json() or {}).get("store_ids") == ids_digest(store.ids):
+            return np.flatnonzero(np.load(saved) == split)
+    if store.split is not None:
+        return store.indices(split)
+    if saved is None or not saved.exists():
+        raise RunError(f"{store.path}: the store has no split.npy and no training-run split was found next to "
+                       f"the checkpoint, so split {split!r} is undefined; use split 'all' (--split all) or give "
+                       "the run folder")
+    raise RunError(f"{store.path}: not the store this model was trained on (post ids differ), so the run's "
+                   f"saved split does not apply and the store has no split.npy; use split 'all' (--split all)")
 
 
 def _is_temp(name: str) -> bool:

@@ -3,8 +3,10 @@
 :data:`VERBS` is the one verb table: each verb maps to a command function that calls one
 API function, and to the function that declares its options. The feature verbs live here,
 the raw-post verbs in :mod:`sgmft.cli.raw` and the experiment suite in
-:mod:`sgmft.cli.experiments`. Every exception in :data:`sgmft.errors.USER_ERRORS` ends
-as ``sgmft VERB: error: <message>`` with exit status 2.
+:mod:`sgmft.cli.experiments`. Every exception in :data:`sgmft.errors.USER_ERRORS` (errors
+a user can fix: :class:`sgmft.errors.SgmftError` and the OS's file errors) ends as
+``sgmft VERB: error: <message>`` with exit status 2; any other exception is a bug and keeps its
+traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Callable
 
 from sgmft import __version__
 
+from sgmft.cli import cn_clip as _cn_clip
 from sgmft.cli import experiments as _experiments
 from sgmft.cli import export as _export
 from sgmft.cli import raw as _raw
 from sgmft.cli import serve as _serve
+from sgmft.cli import zero_shot as _zero_shot
+from sgmft.cli import store as _store
 from sgmft.cli.output import emit, progress_on, quiet_stdout
 from sgmft.errors import USER_ERRORS, UserError
 
@@ -60,6 +65,10 @@ def _resolved_preset(args, store=None):
 
     p = load_preset(args.preset or DEFAULT_PRESET)
     mo, tr = _overrides(args.set)
+    if p.candidates and mo:                 # a selecting preset has no model of its own
+        raise UserError(f"preset {p.name!r} chooses between the presets {', '.join(p.candidates)} and has no model "
+                        f"options of its own; to set {', '.join('model.' + m.split('=')[0] for m in mo)}, train "
+                        f"one of them: --preset {p.candidates[0]} --set ...")
     p.model = apply_overrides(p.model, mo, "model")
     p.train = apply_overrides(p.train, tr, "train")
     flags = {key: getattr(args, key) for key in ("epochs", "seed", "devices", "strategy", "accelerator",
@@ -80,21 +89,26 @@ def _resolved_preset(args, store=None):
 
 
 def cmd_presets(args) -> int:
-    from sgmft.config import list_presets, load_preset
+    from sgmft.config import DEFAULT_PRESET, list_presets, load_preset
     from sgmft.models import FUSIONS, list_models
 
     presets = []
     for name in list_presets():
         p = load_preset(name)
-        presets.append({"name": name, "arch": p.model.arch, "fusion": p.model.fusion if p.model.arch == "sgmft"
-                        else None, "description": p.description})
-    doc = {"presets": presets, "architectures": list_models(), "fusions": FUSIONS.names()}
-    def short(text: str, width: int = 80) -> str:
+        arch = "select:" + "|".join(p.candidates) if p.candidates else p.model.arch   # auto: no model of its own
+        presets.append({"name": name, "arch": arch, "fusion": getattr(p.model, "fusion", None)
+                        if arch == "sgmft" else None, "default": name == DEFAULT_PRESET,
+                        "candidates": list(p.candidates) or None, "description": p.description})
+    doc = {"default": DEFAULT_PRESET, "presets": presets, "architectures": list_models(), "fusions": FUSIONS.names()}
+    def short(text: str, width: int = 78) -> str:
         text = " ".join(text.split())
         return text if len(text) <= width else text[:width - 3].rsplit(" ", 1)[0] + " ..."
 
-    lines = [f"{p['name']:14s} arch={p['arch']:14s} {short(p['description'])}" for p in presets]
-    lines += ["", "registered architectures: " + ", ".join(doc["architectures"]),
+    lines = [f"{'*' if p['default'] else ' '} {p['name']:14s} arch={p['arch']:14s} {short(p['description'])}"
+             for p in presets]
+    lines += ["", f"* default preset: {DEFAULT_PRESET} (what `sgmft train` uses without --preset); "
+              "sgmft is the recommended reading of the paper's SG-MFT, paper its literal reading",
+              "", "registered architectures: " + ", ".join(doc["architectures"]),
               "registered fusions (model.fusion, with arch sgmft): " + ", ".join(doc["fusions"])]
     emit(args, doc, "\n".join(lines))
     return 0
@@ -146,7 +160,8 @@ def cmd_train(args) -> int:
         import yaml
 
         d = p.to_dict()
-        doc = {"preset": p.name, "model": d["model"], "train": d["train"]}
+        doc = ({"preset": p.name, "candidates": d["candidates"], "train": d["train"]} if p.candidates else
+               {"preset": p.name, "model": d["model"], "train": d["train"]})
         emit(args, doc, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip("\n"))
         return 0
     if args.store is None or args.out is None:
@@ -172,15 +187,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sgmft.eval.run import evaluate
+    from sgmft.eval.run import default_report_dir, evaluate
 
-    from sgmft.runs import RunDir
-
-    out = args.out or str(RunDir(args.checkpoint).eval_dir(args.split))
+    out = args.out or str(default_report_dir(args.checkpoint, args.split))
     with quiet_stdout(args):
-        m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points)
+        m = evaluate(args.checkpoint, args.store, out, split=args.split, tsne_max_points=args.tsne_points,
+                     progress=progress_on(args))
     keep = {k: m[k] for k in ("accuracy", "macro_f1", "num_samples", "oracle_accuracy",
-                              "accuracy_over_oracle") if k in m}
+                              "accuracy_over_oracle", "ece", "ece_bins", "nll", "brier", "calibration",
+                              "risk_coverage") if k in m}
     if m.get("accuracy_by_regime"):
         keep["accuracy_by_regime"] = m["accuracy_by_regime"]
     emit(args, {**keep, "split": args.split, "report": str(out)})   # stdout: one JSON document
@@ -190,6 +205,11 @@ def cmd_evaluate(args) -> int:
         note = "" if m.get("oracle_accuracy") is not None else " (known only on a generator's own test split)"
         print("\naccuracy by regime (%):\n" + regime_table({"model": m["accuracy_by_regime"]}, note),
               file=sys.stderr)
+    if m.get("risk_coverage"):                                       # stderr: abstention, in words
+        for t, c in m["risk_coverage"]["coverage_at_accuracy"].items():
+            how = (f"{100 * c['coverage']:.1f} % of posts (--min-confidence {c['min_confidence']:.3f})"
+                   if c["min_confidence"] is not None else "no posts")
+            print(f"coverage at {100 * float(t):g} % accuracy: {how}", file=sys.stderr)
     print(f"report written to {out}", file=sys.stderr)
     return 0
 
@@ -267,7 +287,7 @@ def _train_args(s: argparse.ArgumentParser) -> None:
 def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("checkpoint", help="run directory or its model/ directory")
     s.add_argument("store", help="feature-store directory")
-    s.add_argument("--out", help="report directory (default: <checkpoint>/eval-<split>)")
+    s.add_argument("--out", help="report directory (default: eval-<split> in the run folder)")
     s.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="which posts: a split of the run's own saved split (else the store's), or all")
     s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points",
@@ -310,9 +330,13 @@ VERBS: dict[str, Verb] = {
                   "holds the exported model, run.json and the split (docs/training.md).", True),
     "evaluate": Verb(cmd_evaluate, _evaluate_args, "metrics, confusion matrix and t-SNE of a trained model",
                      "Evaluate a run on a feature store: metrics.json, predictions, confusion.png and "
-                     "tsne.png in the report folder; the key metrics as JSON on stdout."),
+                     "tsne.png in the report folder; the key metrics as JSON on stdout.", True),
     "predict": Verb(_raw.cmd_predict, _raw.predict_args, _raw.PREDICT_HELP, _raw.PREDICT_DESCRIPTION, True),
     "export": Verb(_export.cmd_export, _export.export_args, _export.HELP, _export.DESCRIPTION),
+    "convert-cn-clip": Verb(_cn_clip.cmd_convert_cn_clip, _cn_clip.convert_cn_clip_args, _cn_clip.HELP,
+                            _cn_clip.DESCRIPTION),
+    "zero-shot": Verb(_zero_shot.cmd_zero_shot, _zero_shot.zero_shot_args, _zero_shot.HELP, _zero_shot.DESCRIPTION),
+    "store": Verb(_store.cmd_store, _store.store_args, _store.HELP, _store.DESCRIPTION),
     "demo": Verb(cmd_demo, _demo_args, "offline end-to-end demo on SimFeat, profiles default and hetero",
                  "Simulate SimFeat (profiles default and hetero) at the paper's scale, train the default "
                  "model, SG-MFT, concatenation and the single-modality baselines, evaluate them overall "
@@ -387,12 +411,15 @@ def _show_warnings(verb: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. An error the user can fix (:data:`sgmft.errors.USER_ERRORS`: an
+    :class:`~sgmft.errors.SgmftError` or the OS's file errors) prints one line and returns 2;
+    anything else is a bug and propagates with its traceback (exit status 1)."""
     args = build_parser().parse_args(argv)
     _show_warnings(args.verb)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = " ".join(str(e).split("\n", 1)[0].split()) if isinstance(e, OSError) else str(e)
         print(f"sgmft {args.verb}: error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):        # scripts still get one JSON document
             print(json.dumps({"error": str(msg), "verb": args.verb}, ensure_ascii=False))

@@ -37,7 +37,8 @@ def clean_config_from_args(args) -> CleanConfig:
     off = {step: False for step in CLEAN_STEPS if getattr(args, f"no_{step}", False)}
     if args.user_dict and not Path(args.user_dict).is_file():
         raise FileNotFoundError(f"--user-dict: file not found: {args.user_dict}")
-    return CleanConfig(**off, user_dict=str(Path(args.user_dict).resolve()) if args.user_dict else None)
+    return CleanConfig(**off, user_dict=str(Path(args.user_dict).resolve()) if args.user_dict else None,
+                       long_text=getattr(args, "long_text", None) or "truncate")
 
 
 def input_safety_kwargs(args) -> dict:
@@ -95,22 +96,17 @@ def cmd_extract(args) -> int:
             on_error="raise" if args.strict else "skip", progress=progress,
             device=args.device, dtype=_extract_dtype(args), num_processes=args.num_processes, threads=args.threads,
             overwrite=args.overwrite, keep_cache=not args.no_cache_keep, **input_safety_kwargs(args),
-            prefetch_bytes=int(args.prefetch_mb * 2**20), **engine_kwargs(args))
+            prefetch_bytes=int(args.prefetch_mb * 2**20), **engine_kwargs(args),
+            **({"label_names": label_names_arg(args.label_names)} if args.label_names else {}))
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)
     n_rows = len({r.line for r in res.rejects if r.stage == "manifest"})
-    if args.json:
-        print(json.dumps({
-            "store": str(res.store_path), "num_posts": res.num_posts, "backbone": fs.backbone, "dim": fs.dim,
-            "image_choice": args.image_choice, "encoded": res.encoded, "cached": res.cached_hits,
-            "seconds": round(res.seconds, 2), "processes": res.world_size, "engine": args.engine,
-            **({"ray": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.engine.items()}}
-               if res.engine else {}),
-            "text_missing": res.text_missing,
-            "image_missing": res.image_missing, "rejects": res.num_rejects, "rows_rejected": n_rows,
-            "images_rejected": res.images_rejected, "rejects_path": str(rejects),
-            "first_rejects": [r.to_dict() for r in res.rejects[:args.show_rejects]]}, ensure_ascii=False, indent=2))
+    _check_rejected_rows(res, n_rows, args.max_rejected, rejects)
+    if args.json:     # the Python result's one JSON form (ExtractResult.to_dict), plus what the CLI chose
+        print(json.dumps({**res.to_dict(args.show_rejects), "backbone": fs.backbone, "dim": fs.dim,
+                          "image_choice": args.image_choice, "engine": args.engine, "rejects_path": str(rejects)},
+                         ensure_ascii=False, indent=2))
         return 0
     print(f"extracted {res.num_posts} posts -> {res.store_path}  (backbone {fs.backbone}, D={fs.dim}, "
           f"image choice {args.image_choice})")
@@ -120,6 +116,8 @@ def cmd_extract(args) -> int:
              if res.engine else f"{res.world_size} process{'es' if res.world_size > 1 else ''})"))
     print(f"  masks: {res.text_missing} post(s) without usable text (text_mask False), "
           f"{res.image_missing} without a usable image (image_mask False)")
+    print(f"  long texts: {res.text_over} post(s) longer than the text encoder's context, {res.text_cut} "
+          f"of them seen only in part (--long-text {getattr(args, 'long_text', None) or 'truncate'})")
     print(f"  rejects: {res.num_rejects} ({n_rows} manifest row(s) dropped, {res.images_rejected} image "
           f"file(s) unusable) -> {rejects}")
     for r in res.rejects[:args.show_rejects]:
@@ -127,6 +125,40 @@ def cmd_extract(args) -> int:
     if res.num_rejects > args.show_rejects:
         print(f"    ... {res.num_rejects - args.show_rejects} more in {rejects}")
     return 0
+
+
+def label_names_arg(value: str) -> list[str]:
+    """``--label-names``: ``a,b,c`` or ``@FILE`` (one name a line, UTF-8); unique, non-empty."""
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"--label-names: file not found: {path}")
+        names = [x.strip() for x in path.read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+    else:
+        names = [x.strip() for x in value.split(",")]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if len(names) < 2 or not all(names) or dup:
+        raise UserError(f"--label-names {value!r}: give at least two distinct, non-empty names "
+                        f"(comma-separated or @FILE){f'; repeated: {dup}' if dup else ''}")
+    return names
+
+
+def _check_rejected_rows(res, n_rows: int, max_rejected: float, rejects: Path) -> None:
+    """A manifest whose rows are (almost) all rejected is an error, not a store of the few
+    left: more than ``max_rejected`` (a fraction) of the rows dropped ends with exit status 2."""
+    total = res.num_posts + n_rows
+    if total == 0 or n_rows / total <= max_rejected:
+        return
+    from collections import Counter
+
+    from sgmft.errors import InputError
+
+    why = Counter(f"{r.field}: {r.reason}" for r in res.rejects if r.stage == "manifest").most_common(3)
+    raise InputError(
+        f"{n_rows} of {total} manifest rows were rejected ({100 * n_rows / total:.0f} %, over --max-rejected "
+        f"{max_rejected:g}); most common: " + "; ".join(f"{w} (x{c})" for w, c in why)
+        + f". The store {res.store_path} holds only {res.num_posts} post(s); fix the manifest "
+        f"(docs/posts-manifest.md; every reject is in {rejects}) or pass --max-rejected 1 to keep it")
 
 
 def engine_kwargs(args) -> dict:
@@ -165,19 +197,24 @@ def _load_predictor(args):
     # no "Loading weights" bar around a one-post answer
     with _hf_progress_bars(bool(args.manifest) and progress_on(args)):
         pp = PostPredictor.load(args.run_dir, device=args.device, **_predictor_kwargs(args))
-    for note in pp.notes:
-        print(f"note: {note}", file=sys.stderr)
+    from sgmft.errors import note
+
+    for text in pp.notes:          # the one warning channel: `sgmft predict: note: ...`
+        note(text)
     return pp
 
 
 def format_prediction(res: dict, width: int = 30) -> str:
     """A small table: the top place, then every place with its probability and a bar."""
-    lines = [f"top place: {res['label']}  (p = {res['prob']:.3f})", "", f"{'place':<12s} {'prob':>6s}"]
+    flag = "  UNCERTAIN (below --min-confidence)" if res.get("uncertain") else ""
+    lines = [f"top place: {res['label']}  (p = {res['prob']:.3f}){flag}", "", f"{'place':<12s} {'prob':>6s}"]
     for name, p in sorted(res["probs"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{name:<12s} {p:6.3f}  {'#' * int(round(p * width))}")
     img = res["image_used"]
     img = ", ".join(img) if isinstance(img, list) else img
     lines += ["", f"text used : {res['text_used'] or '(none)'}", f"image used: {img or '(none)'}"]
+    if res.get("explanation"):
+        lines.append(f"why       : {res['explanation']['sentence']}")
     lines += [f"warning: {w}" for w in res["warnings"]]
     return "\n".join(lines)
 
@@ -198,7 +235,8 @@ def _predict_store(args) -> int:
     from sgmft.cli.output import progress_on
 
     s = pred.predict_store_to_file(args.store, args.out, split=args.split, progress=progress_on(args),
-                                   allow_precision_mismatch=args.allow_precision_mismatch)
+                                   allow_precision_mismatch=args.allow_precision_mismatch,
+                                   min_confidence=args.min_confidence)
     emit(args, s, "\n".join(_summary_lines(s, f"predicted {s['posts']} posts of {s['store']} -> {s['out']}")))
     return 0
 
@@ -209,6 +247,8 @@ def _summary_lines(s: dict, head: str) -> list[str]:
     if s["predicted"]:
         top = sorted(s["predicted"].items(), key=lambda kv: -kv[1])
         lines.append("  top places: " + ", ".join(f"{k} {v}" for k, v in top))
+    if "uncertain" in s:
+        lines.append(f"  uncertain (top probability below {s['min_confidence']:g}): {s['uncertain']} of {s['posts']}")
     if "accuracy" in s:
         lines.append(f"  accuracy on the {s['labelled']} labelled posts: {s['accuracy']:.4f}")
     return lines
@@ -239,8 +279,9 @@ def cmd_predict(args) -> int:
     pp = _load_predictor(args)
     kw = input_safety_kwargs(args)
     pp.max_images = kw.pop("max_images")
+    kw["min_confidence"] = args.min_confidence
     if not args.manifest:
-        res = pp.predict_post(args.text or "", args.image or [])
+        res = pp.predict_post(args.text or "", args.image or [], min_confidence=args.min_confidence)
         print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else format_prediction(res))
         return 0
     from sgmft.cli.output import progress_on
@@ -282,6 +323,16 @@ EXTRACT_DESCRIPTION = ("Clean texts, load images robustly, encode both with a fr
     "See docs/extract.md.")
 
 
+class _ExplainHardware(argparse.Action):
+    """``--explain-hardware``: print the report and exit, like ``--version`` (no manifest needed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from sgmft.features.backbones.precision import explain_hardware
+
+        print(explain_hardware(), flush=True)
+        parser.exit(0)
+
+
 def extract_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("manifest", help="post manifest (.jsonl or .csv; docs/posts-manifest.md)")
     s.add_argument("--out", required=True, help="feature-store directory to write")
@@ -299,14 +350,26 @@ def extract_args(s: argparse.ArgumentParser) -> None:
                    help="local worker processes (GPUs: one per device)")
     s.add_argument("--threads", type=int, help="torch CPU threads per process")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, ...")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default=None,
+    s.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA; on CPU bf16 with AMX, int8 with "
+                   "VNNI, else fp32), float32, ...")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
                    help="compute precision of the same checkpoint: fp32, bf16 (bf16 weights + autocast), fp16 "
                         "(autocast), int8 "
-                        "(dynamic quantisation of the Linear layers, CPU); recorded in the store and in models "
+                        "(dynamic quantisation of the Linear layers, CPU), auto (the machine's choice, printed "
+                        "with its reason); recorded in the store and in models "
                         "trained on it (docs/scale.md). Default: --dtype")
+    s.add_argument("--explain-hardware", action=_ExplainHardware, nargs=0,
+                   help="print this CPU's GEMM ceiling (fp32/bf16/fp16/int8), its AMX/VNNI flags and the "
+                        "precision --precision auto picks, with the reason, then exit without extracting")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
     s.add_argument("--show-rejects", dest="show_rejects", type=int, default=10, help="rejects to print")
+    s.add_argument("--max-rejected", dest="max_rejected", type=float, default=0.5, metavar="FRACTION",
+                   help="fail (exit 2) when more than this fraction of the manifest's rows are rejected "
+                        "(default 0.5; 1 = never); the store is still written")
+    s.add_argument("--label-names", dest="label_names", metavar="NAMES",
+                   help="the place names a row's 'label' may take, comma-separated (e.g. 家,餐厅,学校), or @FILE "
+                        "with one name a line; their order is the label index order (default: the 8 names of "
+                        "docs/posts-manifest.md)")
     s.add_argument("--prefetch-mb", dest="prefetch_mb", type=float, default=512,
                    help="memory for prepared batches waiting for the model, in MiB (default 512)")
     input_safety_args(s)
@@ -315,6 +378,9 @@ def extract_args(s: argparse.ArgumentParser) -> None:
     for step in CLEAN_STEPS:
         g.add_argument(f"--no-{step}", dest=f"no_{step}", action="store_true", help=f"skip the '{step}' step")
     g.add_argument("--user-dict", dest="user_dict", help="jieba user dictionary file")
+    g.add_argument("--long-text", dest="long_text", default="truncate", metavar="POLICY",
+                   help="a text longer than the encoder's context (52 tokens): truncate, head-tail[:H] or "
+                        "chunk-mean[:K] (docs/backbones.md, Long posts)")
 
 
 PREDICT_HELP = ("predict the place of a raw post (--text/--image), of every post of a manifest, "
@@ -333,8 +399,9 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--image", action="append", metavar="PATH", help="an image of the post (repeatable)")
     s.add_argument("--manifest", help="predict every post of this manifest instead")
     s.add_argument("--store", help="predict every post of this feature store (no backbone needed)")
-    s.add_argument("--split", default="all",
-                   help="store mode: all posts, or one split of the store's split.npy (train, val, test)")
+    s.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                   help="store mode: all posts, or one split taken as `sgmft evaluate` takes it (the run's own "
+                        "saved split when the run was trained on this store, else the store's split.npy)")
     s.add_argument("--out", help="manifest / store mode: output file, .csv or .jsonl (any other suffix)")
     s.add_argument("--rejects", help="manifest mode: rejects JSONL (default: <out stem>.rejects.jsonl)")
     s.add_argument("--backbone", help="backbone spec (default: the one recorded in the checkpoint)")
@@ -347,8 +414,21 @@ def predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="posts per backbone batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--min-confidence", dest="min_confidence", type=_probability, default=None, metavar="P",
+                   help="mark posts whose top (calibrated) probability is below P (0..1) as uncertain; their "
+                        "probabilities are kept (docs/predict.md, 'When to trust a probability')")
     input_safety_args(s)
     engine_args(s)
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return v
 
 
 DEMO_RAW_HELP = "offline raw-post demo: SimPosts -> extract -> train -> evaluate -> predict"

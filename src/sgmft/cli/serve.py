@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ def cmd_serve(args) -> int:
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     try:
         cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in ServeConfig.fields()})
+        if not cfg.allowed_hosts:   # default: the bind address and localhost
+            cfg = dataclasses.replace(cfg, allowed_hosts=",".join(cfg.hosts(args.host)))
     except ValueError as e:
         raise UserError(f"--{str(e).replace('_', '-')}") from None
     if args.threads:
@@ -29,13 +32,17 @@ def cmd_serve(args) -> int:
     with hf_progress_bars(False):
         pp = PostPredictor.load(args.run_dir, backbone=args.backbone, device=args.device,
                                 batch_size=cfg.max_batch_size, check_backbone=not args.ignore_backbone_mismatch)
-    for note in pp.notes:
-        print(f"note: {note}", file=sys.stderr)
+    from sgmft.errors import note
+
+    for text in pp.notes:          # the one warning channel: `sgmft serve: note: ...`
+        note(text)
     app = create_app(pp, cfg)
     print(f"sgmft serve: {args.run_dir} ({pp.backbone.spec}, D={pp.backbone.dim}) on http://{args.host}:{args.port}/ "
-          "(API docs at /docs)", file=sys.stderr, flush=True)
-    serve(app, args.host, args.port, drain_seconds=cfg.drain_seconds, log_level=args.log_level,
-          access_log=args.access_log)
+          f"(API docs at /docs; Host headers accepted: {cfg.allowed_hosts})", file=sys.stderr, flush=True)
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        note("listening on every interface, but only localhost Host headers are accepted; give the "
+             "names clients use with --allowed-hosts")
+    serve(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
     return 0
 
 
@@ -43,7 +50,8 @@ HELP = "serve a trained run over HTTP (JSON API + a web page at /)"
 DESCRIPTION = ("An HTTP service around the same predictor as `sgmft predict`: POST /v1/predict (multipart "
                "or base64 JSON), /v1/predict/batch, /v1/predict/features, GET /v1/model, /v1/health, "
                "/v1/ready, /metrics (Prometheus), API docs at /docs and a page at /. Concurrent requests "
-               "are batched. SIGTERM drains: in-flight requests finish, new ones get 503. See docs/serve.md.")
+               "are batched; images are decoded off the inference thread. SIGTERM drains: /v1/ready turns 503 for "
+               "--drain-seconds, then in-flight requests finish and new ones get 503. See docs/serve.md.")
 
 
 def serve_args(s: argparse.ArgumentParser) -> None:
@@ -58,7 +66,10 @@ def serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"], help="server log level")
     s.add_argument("--access-log", dest="access_log", action="store_true", help="log every request")
-    g = s.add_argument_group("limits and batching (docs/serve.md)")
+    g = s.add_argument_group("limits, exposure, batching, shutdown (docs/serve.md)")
     for f in ServeConfig.fields():
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
-                       help=f.metadata["help"])
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            g.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            g.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f.metadata["help"])

@@ -16,6 +16,10 @@ what SG-MFT is meant to handle (see docs/simfeat.md):
   user-disjoint splits are meaningful. Features do not depend on the user given the class.
 * **Label noise.** A fraction ``label_noise`` of labels is redrawn uniformly at random.
 * **CLIP-like storage.** Stored features are the L2-normalised latent vectors, float32.
+* **Held-out phenomena** (issue 17, off by default): spiked (anisotropic) noise inside and
+  outside the content subspace, places with several looks per modality, conflict tables that
+  make the distractor place depend on the post's place, 10 places. The ``aniso``, ``looks``,
+  ``conflict``, ``wide`` and ``wide768`` profiles combine them (docs/simfeat.md).
 
 Latent text vector: ``t = E @ (s_t * P_T[c_t] + nu_t * z) + m + (gap/2) * g + sigma * n``,
 with ``E`` an orthonormal basis of the content subspace, ``c_t`` the post's text component
@@ -48,8 +52,9 @@ import numpy as np
 
 from sgmft.labels import DEFAULT_LABELS
 
-__all__ = ["REGIMES", "FINE_REGIMES", "PROFILES", "SimFeatConfig", "SimFeatData", "generate_simfeat",
-           "write_simfeat", "oracle_posteriors", "profile_config", "regime_names", "proxy_report"]
+__all__ = ["REGIMES", "FINE_REGIMES", "PROFILES", "EXTRA_LABELS", "label_names", "SimFeatConfig",
+           "SimFeatData", "generate_simfeat", "write_simfeat", "oracle_posteriors", "profile_config",
+           "regime_names", "proxy_report", "textbook_report"]
 
 # Coarse regimes (which modalities show the post's place); the ``default`` profile uses these.
 REGIMES: tuple[str, ...] = ("both", "text", "image", "neither")
@@ -103,6 +108,20 @@ class SimFeatConfig:
                                              # (uniform over the K - 1 others); False: any place
     fine_regimes: bool = False      # name regimes by what each uninformative modality shows (FINE_REGIMES)
     profile: str = "default"        # the PROFILES entry this config was built from (a record only)
+    # -- phenomena of real CLIP features (issue 17; all off by default, docs/simfeat.md)
+    # anisotropic ("spiked") noise: a few directions carry much more variance than the rest
+    content_spikes: int = 0         # directions of the content subspace whose noise std is x content_spike_scale
+    content_spike_scale: float = 1.0  # std multiplier of those directions (both modalities, same directions)
+    outside_spikes: int = 0         # class-free directions outside the content with std outside_spike_std
+    outside_spike_std: float = 0.0  # their std (latent units; the prototypes have norm 1)
+    # places with several looks (a restaurant photo shows food, a table or a sign)
+    text_looks: int = 1             # prototypes per place, text
+    image_looks: int = 1            # prototypes per place, image
+    look_cosine: float = 0.6        # cosine between a look and its place's centre (looks share this much)
+    look_concentration: float = 0.0  # Dirichlet concentration of each place's look weights; <= 0: uniform
+    # structured conflicts: the place a distractor shows depends on the post's place
+    conflict_concentration: float = 0.0  # > 0: per place and modality, P(distractor place | y) ~ Dirichlet;
+                                         # <= 0: uniform (the original)
 
     def distractor_prob(self, modality: str) -> float:
         """P(an uninformative ``modality`` shows a place rather than a generic theme)."""
@@ -136,6 +155,22 @@ class SimFeatConfig:
             raise ValueError("text_noise, image_noise must be > 0 and nuisance >= 0")
         if not -1 <= self.alignment <= 1:
             raise ValueError("alignment is a cosine, in [-1, 1]")
+        self._check_phenomena()
+
+    def _check_phenomena(self) -> None:
+        if not 0 <= self.content_spikes <= self.content_dim or self.content_spike_scale <= 0:
+            raise ValueError(f"content_spikes must be in [0, content_dim={self.content_dim}] and "
+                             f"content_spike_scale > 0, got {self.content_spikes}, {self.content_spike_scale}")
+        if self.outside_spikes < 0 or self.outside_spike_std < 0 or \
+                self.content_dim + 2 + self.outside_spikes >= self.dim:
+            raise ValueError(f"need outside_spikes >= 0, outside_spike_std >= 0 and content_dim + 2 + "
+                             f"outside_spikes < dim, got {self.outside_spikes}, {self.outside_spike_std}, "
+                             f"content_dim={self.content_dim}, dim={self.dim}")
+        if min(self.text_looks, self.image_looks) < 1 or not 0 <= self.look_cosine <= 1:
+            raise ValueError(f"text_looks and image_looks must be >= 1 and look_cosine in [0, 1], got "
+                             f"{self.text_looks}, {self.image_looks}, {self.look_cosine}")
+        if self.conflict_concentration > 0 and self.distractor_excludes_label and self.num_classes < 3:
+            raise ValueError("conflict_concentration needs num_classes >= 3 with distractor_excludes_label")
 
 
 # Named profiles: SimFeatConfig field overrides (docs/simfeat.md, "Profiles").
@@ -151,6 +186,44 @@ PROFILES: dict[str, dict] = {
         p_both=0.45, p_text_only=0.28, p_image_only=0.22, p_neither=0.05,
         text_distractor_prob=0.03, image_distractor_prob=0.55, distractor_excludes_label=True,
         fine_regimes=True, num_generic=16, content_dim=256, text_noise=0.2, image_noise=0.2),
+    # -- held-out phenomena of real CLIP features (issue 17; docs/simfeat.md says why each constant)
+    # CLIP's narrow cone at ViT-L/14's width: a large shared mean and modality gap (centres 0.8
+    # apart on the sphere, as measured for CLIP), 4 of the 32 class-content directions with 4x
+    # the noise std, 8 class-free directions carrying 80 % of the class-free variance.
+    # Regimes as in `default`.
+    "aniso": dict(
+        dim=768, content_dim=32, text_noise=0.2, image_noise=0.2, common_offset=2.0, modality_gap=3.0,
+        content_spikes=4, content_spike_scale=4.0, outside_spikes=8, outside_spike_std=0.5),
+    # Places with several looks at ViT-B/16's width: 2 kinds of text per place (the place, the
+    # activity), 3 kinds of photo (a restaurant: food, a table, the sign), uneven look weights.
+    "looks": dict(
+        dim=512, content_dim=48, text_noise=0.2, image_noise=0.2,
+        text_looks=2, image_looks=3, look_cosine=0.5, look_concentration=2.0),
+    # Conflicts both ways: the text names another place as often as the image shows one, and
+    # which place a distractor shows depends on the post's place ("missing the beach", posted
+    # from home). Generic texts and images too.
+    "conflict": dict(
+        p_both=0.5, p_text_only=0.2, p_image_only=0.2, p_neither=0.1,
+        text_distractor_prob=0.4, image_distractor_prob=0.4, distractor_excludes_label=True,
+        conflict_concentration=0.3, fine_regimes=True, num_generic=16, content_dim=128,
+        text_noise=0.2, image_noise=0.2),
+    # Everything at once with 10 places (+ hospital, park), at the paper's width.
+    "wide": dict(
+        num_classes=10, p_both=0.5, p_text_only=0.2, p_image_only=0.2, p_neither=0.1,
+        text_distractor_prob=0.4, image_distractor_prob=0.4, distractor_excludes_label=True,
+        conflict_concentration=0.5, fine_regimes=True, num_generic=16, content_dim=64,
+        text_noise=0.2, image_noise=0.2, common_offset=2.0, modality_gap=3.0,
+        content_spikes=4, content_spike_scale=3.0, outside_spikes=8, outside_spike_std=0.4,
+        text_looks=2, image_looks=3, look_cosine=0.5, look_concentration=2.0),
+    # Everything with 10 places at width 768, other constants: more looks in text than in
+    # images, stronger spikes, the image more often the distractor, noisier content.
+    "wide768": dict(
+        dim=768, num_classes=10, p_both=0.45, p_text_only=0.25, p_image_only=0.2, p_neither=0.1,
+        text_distractor_prob=0.3, image_distractor_prob=0.5, distractor_excludes_label=True,
+        conflict_concentration=1.0, fine_regimes=True, num_generic=12, content_dim=96,
+        text_noise=0.25, image_noise=0.25, common_offset=2.5, modality_gap=3.0,
+        content_spikes=6, content_spike_scale=5.0, outside_spikes=12, outside_spike_std=0.3,
+        text_looks=3, image_looks=2, look_cosine=0.4, look_concentration=1.0),
 }
 
 
@@ -220,6 +293,55 @@ class _Model:
         with np.errstate(divide="ignore"):
             self.log_regime = np.log(np.array([cfg.p_both, cfg.p_text_only,
                                                cfg.p_image_only, cfg.p_neither]))
+        self._add_phenomena(cfg, rng)
+
+    def _add_phenomena(self, cfg: SimFeatConfig, rng: np.random.Generator) -> None:
+        """Looks, spiked noise and structured conflicts (issue 17). Each draws from ``rng`` only
+        when switched on, after every original draw, so the original generator is unchanged."""
+        K, r = cfg.num_classes, cfg.content_dim
+        self.looks, self.log_look_w, self.precision, self.log_conflict = {}, {}, {}, {}
+        for m, M in (("text", cfg.text_looks), ("image", cfg.image_looks)):
+            centre = self.comp(m)[:K]
+            if M == 1:
+                self.looks[m], self.log_look_w[m] = centre[:, None, :], np.zeros((K, 1))
+                continue
+            # look (k, j) = b * centre_k + sqrt(1 - b^2) * o_kj, o_kj a unit vector orthogonal to centre_k
+            o = rng.standard_normal((K, M, r))
+            o -= np.sum(o * centre[:, None], 2, keepdims=True) * centre[:, None]
+            o /= np.linalg.norm(o, axis=2, keepdims=True)
+            b = cfg.look_cosine
+            self.looks[m] = b * centre[:, None, :] + math.sqrt(1 - b * b) * o
+            w = rng.dirichlet(np.full(M, cfg.look_concentration), size=K) if cfg.look_concentration > 0 \
+                else np.full((K, M), 1.0 / M)
+            with np.errstate(divide="ignore"):                 # a weight may underflow to 0
+                self.log_look_w[m] = np.log(w)
+        # spiked covariance (Johnstone 2001): Sigma_m = nu_m^2 (I + U diag(kappa^2 - 1) U^T) in the content
+        self.spike_dirs = np.linalg.qr(rng.standard_normal((r, cfg.content_spikes)))[0] \
+            if cfg.content_spikes else None
+        for m, nu in (("text", cfg.text_noise), ("image", cfg.image_noise)):
+            if self.spike_dirs is None:
+                self.precision[m] = None
+                continue
+            u, kappa = self.spike_dirs, cfg.content_spike_scale
+            self.precision[m] = (np.eye(r) + (kappa ** -2 - 1) * (u @ u.T)) / nu ** 2   # Sigma_m^{-1}
+        self.outside_dirs = np.zeros((cfg.dim, 0))
+        if cfg.outside_spikes:
+            known = np.column_stack([self.basis, self.gap_dir, self.common_dir])
+            v = rng.standard_normal((cfg.dim, cfg.outside_spikes))
+            self.outside_dirs = np.linalg.qr(v - known @ (known.T @ v))[0]
+        for m in ("text", "image"):
+            self.log_conflict[m] = None
+            if cfg.conflict_concentration > 0:
+                q = np.zeros((K, K))
+                for y in range(K):
+                    others = [c for c in range(K) if c != y or not cfg.distractor_excludes_label]
+                    q[y, others] = rng.dirichlet(np.full(len(others), cfg.conflict_concentration))
+                with np.errstate(divide="ignore"):
+                    self.log_conflict[m] = np.log(q)      # log P(distractor place c | label y), (K, K)
+
+    def comp(self, modality: str) -> np.ndarray:
+        """The component table of ``modality``: place centres (K rows), then generic themes."""
+        return self.text_comp if modality == "text" else self.image_comp
 
 
 def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Generator,
@@ -235,22 +357,48 @@ def _draw_posts(cfg: SimFeatConfig, model: _Model, n: int, rng: np.random.Genera
     regime = rng.choice(4, size=n, p=np.exp(model.log_regime))
     text_inf, image_inf = np.isin(regime, (0, 1)), np.isin(regime, (0, 2))
 
-    def component(informative, q_cls):
+    def component(informative, q_cls, modality):
         as_class = rng.random(n) < q_cls
-        if cfg.distractor_excludes_label:       # another place: uniform over the K - 1 others
+        if model.log_conflict[modality] is not None:   # structured: P(place | y) from the model's table
+            cum = np.cumsum(np.exp(model.log_conflict[modality][y]), axis=1)
+            place = np.minimum((rng.random(n)[:, None] > cum).sum(1), K - 1)
+        elif cfg.distractor_excludes_label:     # another place: uniform over the K - 1 others
             place = (y + 1 + rng.integers(0, K - 1, n)) % K
         else:                                   # any place, independent of the label
             place = rng.integers(0, K, n)
         other = np.where(as_class, place, K + rng.integers(0, max(G, 1), n))
         return np.where(informative, y, other)
 
-    c_t = component(text_inf, cfg.distractor_prob("text"))
-    c_i = component(image_inf, cfg.distractor_prob("image"))
-    t = cfg.text_signal * model.text_comp[c_t] + cfg.text_noise * rng.standard_normal((n, cfg.content_dim))
-    i = cfg.image_signal * model.image_comp[c_i] + cfg.image_noise * rng.standard_normal((n, cfg.content_dim))
+    c_t = component(text_inf, cfg.distractor_prob("text"), "text")
+    c_i = component(image_inf, cfg.distractor_prob("image"), "image")
+    t = _content(cfg, model, "text", c_t, rng)
+    i = _content(cfg, model, "image", c_i, rng)
     if components:
         return users, y, regime, t, i, c_t, c_i
     return users, y, regime, t, i
+
+
+def _content(cfg: SimFeatConfig, model: _Model, modality: str, comp: np.ndarray, rng) -> np.ndarray:
+    """Content coordinates s * mean + noise of n posts whose ``modality`` shows component ``comp``.
+
+    The mean is the component's prototype; a place with several looks shows one of them, drawn
+    with the place's look weights. The noise is nu * (z + U (kappa - 1) U^T z), z ~ N(0, I): its
+    covariance is nu^2 (I + U diag(kappa^2 - 1) U^T) (spiked, ``content_spikes`` > 0) or nu^2 I."""
+    K = cfg.num_classes
+    s, nu = (cfg.text_signal, cfg.text_noise) if modality == "text" else (cfg.image_signal, cfg.image_noise)
+    mean = model.comp(modality)[comp]
+    looks = model.looks[modality]
+    if looks.shape[1] > 1:
+        place = comp < K
+        cum = np.cumsum(np.exp(model.log_look_w[modality][comp[place]]), axis=1)
+        j = np.minimum((rng.random(int(place.sum()))[:, None] > cum).sum(1), looks.shape[1] - 1)
+        mean[place] = looks[comp[place], j]
+    z = rng.standard_normal((comp.shape[0], cfg.content_dim))
+    x = s * mean + nu * z
+    if model.spike_dirs is not None:
+        u = model.spike_dirs
+        x += nu * (cfg.content_spike_scale - 1) * ((z @ u) @ u.T)
+    return x
 
 
 def regime_names(cfg: SimFeatConfig, regime: np.ndarray, c_t: np.ndarray, c_i: np.ndarray) -> np.ndarray:
@@ -282,25 +430,19 @@ def oracle_posteriors(cfg: SimFeatConfig, model: _Model, t_content: np.ndarray,
                       i_content: np.ndarray) -> dict[str, np.ndarray]:
     """Exact p(y|t,i), p(y|t), p(y|i) (float64, (n, K)) from content coordinates.
 
-    Per modality, log N(x; s P_c, nu^2 I) up to a term shared by all components is
-    s x.P_c / nu^2 (all prototypes have unit norm); shared terms cancel in the posterior.
+    Per modality, log N(x; s P_c, Sigma) up to a term shared by all components is
+    s x^T Sigma^-1 P_c - s^2 P_c^T Sigma^-1 P_c / 2 (:func:`_component_loglik`); shared terms
+    cancel in the posterior. A place with several looks mixes them with its look weights.
     An uninformative modality's likelihood u(y) = sum_c w_c N(x; s P_c) mixes the generic
-    themes and the places; it depends on y only when a distractor place excludes the label.
+    themes and the places; it depends on y when a distractor place excludes the label or
+    follows the label's conflict table (:func:`_uninformative`).
     """
     K = cfg.num_classes
-    lt = cfg.text_signal * (t_content @ model.text_comp.T) / cfg.text_noise ** 2
-    li = cfg.image_signal * (i_content @ model.image_comp.T) / cfg.image_noise ** 2
+    lt = _component_loglik(cfg, model, "text", t_content)
+    li = _component_loglik(cfg, model, "image", i_content)
     t_cls, i_cls = lt[:, :K], li[:, :K]                       # modality shows class y
-    if cfg.distractor_excludes_label:
-        # u(y) = log sum_{c != y} w_c N_c: per y, the component table with place y removed
-        keep = ~np.eye(K, lt.shape[1], dtype=bool)            # (K, K + G): row y drops column y
-        def uninf(l, logw):  # noqa: E306
-            a = np.where(keep[None], (l + logw)[:, None, :], -np.inf)
-            return _lse(a, 2)                                  # (n, K)
-        t_un, i_un = uninf(lt, model.log_uninf_text), uninf(li, model.log_uninf_image)
-    else:
-        t_un = _lse(lt + model.log_uninf_text, 1)[:, None]    # modality is uninformative
-        i_un = _lse(li + model.log_uninf_image, 1)[:, None]
+    t_un = _uninformative(cfg, model, "text", lt)
+    i_un = _uninformative(cfg, model, "image", li)
     lb, ltx, lim, lne = model.log_regime
     joint = _lse(np.stack(np.broadcast_arrays(lb + t_cls + i_cls, ltx + t_cls + i_un,
                                               lim + t_un + i_cls, lne + t_un + i_un)), 0)
@@ -312,6 +454,59 @@ def oracle_posteriors(cfg: SimFeatConfig, model: _Model, t_content: np.ndarray,
                                   np.log(cfg.p_text_only + cfg.p_neither) + i_un)
     return {name: _normalise(log_prior + lp) for name, lp in
             (("joint", joint), ("text", text_only), ("image", image_only))}
+
+
+def _component_loglik(cfg: SimFeatConfig, model: _Model, modality: str, x: np.ndarray) -> np.ndarray:
+    """(n, K + G): log-likelihood of each place (its looks mixed) and each generic theme, up to
+    a term shared by all components of the modality.
+
+    Isotropic, one look per place (the original): s x.P_c / nu^2, all prototypes of norm 1.
+    Otherwise log N(x; s P, Sigma) = s x^T Sigma^-1 P - s^2 P^T Sigma^-1 P / 2 + shared, and a
+    place's likelihood is log sum_j w_kj N(x; s P_kj, Sigma) (log-sum-exp over its looks)."""
+    K = cfg.num_classes
+    s, nu = (cfg.text_signal, cfg.text_noise) if modality == "text" else (cfg.image_signal, cfg.image_noise)
+    comp, looks, prec = model.comp(modality), model.looks[modality], model.precision[modality]
+    if prec is None and looks.shape[1] == 1:
+        return s * (x @ comp.T) / nu ** 2
+    M = looks.shape[1]
+    means = s * np.vstack([looks.reshape(K * M, -1), comp[K:]])    # (K M + G, r)
+    if prec is None:
+        prec = np.eye(cfg.content_dim) / nu ** 2
+    pm = means @ prec
+    ll = x @ pm.T - 0.5 * np.sum(pm * means, 1)
+    place = _lse(ll[:, :K * M].reshape(-1, K, M) + model.log_look_w[modality][None], 2)
+    return np.hstack([place, ll[:, K * M:]])
+
+
+def _uninformative(cfg: SimFeatConfig, model: _Model, modality: str, ll: np.ndarray) -> np.ndarray:
+    """log u(y) of an uninformative ``modality`` from its component log-likelihoods ``ll``:
+    (n, 1) when it does not depend on y, else (n, K).
+
+    With a conflict table Q (``conflict_concentration`` > 0),
+    u(y) = q sum_c Q(c | y) N_c + ((1 - q) / G) sum_g N_g; with ``distractor_excludes_label``,
+    u(y) = sum_{c != y} w_c N_c + generic terms; otherwise one table for every y."""
+    K = cfg.num_classes
+    logw = model.log_uninf_text if modality == "text" else model.log_uninf_image
+    table = model.log_conflict[modality]
+    if table is not None:
+        with np.errstate(divide="ignore"):
+            places = math.log(cfg.distractor_prob(modality)) if cfg.distractor_prob(modality) > 0 else -np.inf
+        # log sum_c Q(c|y) N_c as a matrix product, shifted by the row max; rows where every
+        # allowed term underflows (far-apart places) are redone exactly with log-sum-exp
+        top = ll[:, :K].max(1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            shown = np.log(np.exp(ll[:, :K] - top) @ np.exp(table).T) + top
+        bad = ~np.all(np.isfinite(shown), 1)
+        if bad.any():
+            shown[bad] = _lse(table[None] + ll[bad, None, :K], 2)   # (n_bad, K, K): [post, y, place c]
+        gen = _lse(ll[:, K:] + logw[K:], 1)[:, None] if ll.shape[1] > K else np.full((ll.shape[0], 1), -np.inf)
+        return np.logaddexp(places + shown, gen)
+    if cfg.distractor_excludes_label:
+        # u(y) = log sum_{c != y} w_c N_c: per y, the component table with place y removed
+        keep = ~np.eye(K, ll.shape[1], dtype=bool)            # (K, K + G): row y drops column y
+        a = np.where(keep[None], (ll + logw)[:, None, :], -np.inf)
+        return _lse(a, 2)                                      # (n, K)
+    return _lse(ll + logw, 1)[:, None]
 
 
 def _expected_accuracy(cfg: SimFeatConfig, model: _Model, rng: np.random.Generator) -> dict:
@@ -342,8 +537,9 @@ def _expected_accuracy(cfg: SimFeatConfig, model: _Model, rng: np.random.Generat
 
 
 # --------------------------------------------------------------------------- generation
-def _embed(content, basis, offset, sigma, rng, out):
-    """Write normalise(basis @ content + offset + sigma * noise orthogonal to the content)."""
+def _embed(content, basis, offset, sigma, rng, out, spikes=None):
+    """Write normalise(basis @ content + offset + sigma * noise orthogonal to the content
+    [+ spikes: (D, b) directions times their std, each with its own N(0, 1) weight])."""
     b32, off32 = basis.astype(np.float32), offset.astype(np.float32)
     for s in range(0, content.shape[0], 4096):
         x = rng.standard_normal((min(4096, content.shape[0] - s), basis.shape[0]), dtype=np.float32)
@@ -351,6 +547,8 @@ def _embed(content, basis, offset, sigma, rng, out):
         x *= np.float32(sigma)
         x += (content[s:s + 4096] @ basis.T).astype(np.float32)
         x += off32
+        if spikes is not None and spikes.shape[1]:
+            x += (rng.standard_normal((x.shape[0], spikes.shape[1])) @ spikes.T).astype(np.float32)
         x /= np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True).astype(np.float32)
         out[s:s + x.shape[0]] = x
 
@@ -371,14 +569,31 @@ def _stratified_test(labels: np.ndarray, test_size: int, K: int, rng) -> np.ndar
 def _stored_content(cfg, model, feats, noise_sigma):
     """Plug-in estimate of the latent content coordinates from stored unit vectors.
 
-    The norm of the latent is recovered from the energy outside the content, gap and
-    common directions, sigma^2 * (D - r - 2) up to a ~1/sqrt(2D) relative fluctuation.
+    The norm of the latent is recovered from the energy outside the content, gap, common and
+    outside-spike directions, sigma^2 * (D - r - 2 - b) up to a ~1/sqrt(2D) relative fluctuation.
     """
     f = feats.astype(np.float64)
     coords = f @ model.basis
     perp2 = 1.0 - np.sum(coords ** 2, 1) - (f @ model.gap_dir) ** 2 - (f @ model.common_dir) ** 2
-    norm = noise_sigma * math.sqrt(cfg.dim - cfg.content_dim - 2) / np.sqrt(np.maximum(perp2, 1e-300))
+    b = model.outside_dirs.shape[1]
+    if b:
+        perp2 -= np.sum((f @ model.outside_dirs) ** 2, 1)
+    norm = noise_sigma * math.sqrt(cfg.dim - cfg.content_dim - 2 - b) / np.sqrt(np.maximum(perp2, 1e-300))
     return coords * norm[:, None]
+
+
+# Places beyond the paper's eight, for profiles with more places (issue 17): K = 9 or 10
+# takes the first K of DEFAULT_LABELS + EXTRA_LABELS.
+EXTRA_LABELS: tuple[str, ...] = ("hospital", "park")
+
+
+def label_names(num_classes: int) -> list[str]:
+    """The place names of a SimFeat dataset with ``num_classes`` places: the paper's eight
+    (sgmft.labels.DEFAULT_LABELS), extended by EXTRA_LABELS up to 10, else ``class<k>``."""
+    full = list(DEFAULT_LABELS) + list(EXTRA_LABELS)
+    if len(DEFAULT_LABELS) <= num_classes <= len(full):
+        return full[:num_classes]
+    return [f"class{k}" for k in range(num_classes)]
 
 
 def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
@@ -405,8 +620,9 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
     text = np.empty((N, cfg.dim), dtype=np.float32)
     image = np.empty((N, cfg.dim), dtype=np.float32)
     common = cfg.common_offset * model.common_dir
-    _embed(t_c, model.basis, common + 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, text)
-    _embed(i_c, model.basis, common - 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, image)
+    spikes = model.outside_dirs * cfg.outside_spike_std
+    _embed(t_c, model.basis, common + 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, text, spikes)
+    _embed(i_c, model.basis, common - 0.5 * cfg.modality_gap * model.gap_dir, sigma, r_embed, image, spikes)
     split = _stratified_test(labels, cfg.test_size, K, r_split)
 
     post = oracle_posteriors(cfg, model, t_c, i_c)
@@ -432,7 +648,7 @@ def generate_simfeat(cfg: SimFeatConfig | None = None) -> SimFeatData:
         oracle["stored_feature_test_accuracy"] = None
     oracle.update(_expected_accuracy(cfg, model, r_mc))
 
-    names = list(DEFAULT_LABELS) if K == len(DEFAULT_LABELS) else [f"class{k}" for k in range(K)]
+    names = label_names(K)
     width = max(len(str(N - 1)), 5)
     return SimFeatData(
         ids=np.array([f"sf{k:0{width}d}" for k in range(N)]),
@@ -515,6 +731,40 @@ def proxy_report(cfg: SimFeatConfig | None = None, *, epochs: int = 20, dropout:
             pred = net(torch.tensor(xte, dtype=torch.float32)).argmax(1).numpy()
         report["mlp"][name] = float(np.mean(pred == d.labels[te]))
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def textbook_report(cfg: SimFeatConfig | None = None) -> dict:
+    """Textbook baselines on the concatenated [text, image] features, against the oracle.
+
+    Train split -> test split (observed labels): scikit-learn
+    ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")``, ``LogisticRegression(C=1,
+    max_iter=300)`` and the nearest class mean (an isotropic classifier), with their test
+    accuracy overall and per regime. About a minute per profile on one core at D = 1024.
+    """
+    import time
+
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import NearestCentroid
+
+    t0 = time.perf_counter()
+    d = generate_simfeat(cfg)
+    report = {"profile": d.config.profile, "generate_seconds": round(time.perf_counter() - t0, 1),
+              "oracle": {k: d.oracle[k] for k in ("test_accuracy", "text_only_test_accuracy",
+                                                 "image_only_test_accuracy", "stored_feature_test_accuracy",
+                                                 "expected_accuracy", "test_accuracy_by_regime")}}
+    tr, te = d.split == "train", d.split == "test"
+    x = np.hstack([d.text, d.image])
+    models = {"lda": LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"),
+              "logreg": LogisticRegression(C=1.0, max_iter=300), "nearest_mean": NearestCentroid()}
+    for name, clf in models.items():
+        t1 = time.perf_counter()
+        pred = clf.fit(x[tr], d.labels[tr]).predict(x[te])
+        hit = pred == d.labels[te]
+        report[name] = {"test_accuracy": float(hit.mean()), "seconds": round(time.perf_counter() - t1, 1),
+                        "by_regime": {r: float(hit[d.regime[te] == r].mean()) for r in d.config.regimes
+                                      if np.any(d.regime[te] == r)}}
     return report
 
 

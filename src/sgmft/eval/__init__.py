@@ -1,8 +1,11 @@
-"""Evaluation: classification metrics, confusion / t-SNE figures and the on-disk report."""
+"""Evaluation: classification and calibration metrics, confusion / reliability / risk-coverage / t-SNE
+figures and the on-disk report."""
 
-from sgmft.eval.metrics import classification_metrics
+from sgmft.eval.metrics import calibration_metrics, classification_metrics, coverage_at_accuracy, risk_coverage
 from sgmft.eval.plots import (
     plot_confusion,
+    plot_reliability,
+    plot_risk_coverage,
     plot_tsne,
     plot_tsne_panels,
     tsne_embed,
@@ -10,8 +13,13 @@ from sgmft.eval.plots import (
 from sgmft.eval.report import write_eval_report
 
 __all__ = [
+    "calibration_metrics",
     "classification_metrics",
+    "coverage_at_accuracy",
     "plot_confusion",
+    "plot_reliability",
+    "plot_risk_coverage",
+    "risk_coverage",
     "plot_tsne",
     "plot_tsne_panels",
     "tsne_embed",

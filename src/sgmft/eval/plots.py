@@ -18,6 +18,9 @@ from sgmft import atomic
 
 __all__ = [
     "plot_confusion",
+    "plot_reliability",
+    "plot_risk_coverage",
+    "reliability_bins",
     "tsne_embed",
     "plot_tsne",
     "plot_tsne_panels",
@@ -245,4 +248,82 @@ def plot_tsne_panels(panels: list[tuple[str, np.ndarray, np.ndarray]],
     handles = _legend_handles(names, colours, any_unlabelled)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8),
                frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- calibration
+def reliability_bins(y_true, probs, n_bins: int = 15) -> dict:
+    """Per equal-width bin of the top probability (right-closed, as torchmetrics bins for its
+    ECE): ``count``, ``confidence`` (mean top probability) and ``accuracy``; NaN for empty bins."""
+    p = np.asarray(probs, dtype=float)
+    y = np.asarray(y_true).astype(np.int64)
+    conf, hit = p.max(1), (p.argmax(1) == y).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, conf, n_bins) / count
+        acc = np.bincount(idx, hit, n_bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": acc}
+
+
+def plot_reliability(y_true, curves: list[tuple[str, np.ndarray]], path, n_bins: int = 15,
+                     title: str = "") -> Path:
+    """Save a reliability diagram: per confidence bin, accuracy against mean confidence (the
+    diagonal is perfect calibration), one line per ``(label, probs)`` (e.g. before and after
+    temperature scaling), and below it the share of posts per bin."""
+    if not curves:
+        raise ValueError("no probabilities to plot")
+    fig = _new_figure((5.6, 6.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    ax, axh = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#888888", linewidth=1, label="perfect calibration")
+    colours = _palette(max(len(curves), 2))
+    n = len(np.asarray(y_true))
+    width = 1.0 / n_bins / (len(curves) + 0.5)
+    for i, (label, probs) in enumerate(curves):
+        b = reliability_bins(y_true, probs, n_bins)
+        ok = b["count"] > 0
+        ax.plot(b["confidence"][ok], b["accuracy"][ok], marker="o", markersize=4, color=colours[i], label=label)
+        axh.bar(b["edges"][:-1] + (i + 0.25) * width, b["count"] / max(n, 1), width=width, align="edge",
+                color=colours[i], alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_xticklabels([])
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    axh.set_xlim(0, 1)
+    axh.set_xlabel(f"confidence (top probability), {n_bins} equal-width bins")
+    axh.set_ylabel("share of posts")
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)
+
+
+def plot_risk_coverage(curves: list[tuple[str, dict]], path, targets=(0.95, 0.90), title: str = "") -> Path:
+    """Save the accuracy-coverage curve of abstaining below a confidence threshold, one line per
+    ``(label, curve)`` (:func:`sgmft.eval.metrics.risk_coverage`), with the target accuracies
+    as dotted lines."""
+    if not curves:
+        raise ValueError("no curves to plot")
+    fig = _new_figure((5.6, 4.4))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = _palette(max(len(curves), 2))
+    lo = 1.0
+    for i, (label, c) in enumerate(curves):
+        ax.plot(c["coverage"], c["accuracy"], color=colours[i], label=label, linewidth=1.5)
+        lo = min(lo, float(np.min(c["accuracy"])))
+    for t in targets:
+        ax.axhline(t, linestyle=":", color="#666666", linewidth=1)
+        ax.text(0.01, t, f"{100 * t:g} % accuracy", va="bottom", fontsize=8, color="#444444")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(0.0, min(lo, min(targets)) - 0.05), 1.005)
+    ax.set_xlabel("coverage (share of posts answered, most confident first)")
+    ax.set_ylabel("accuracy on the answered posts")
+    ax.legend(loc="lower left", frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
     return _save_png(fig, path)

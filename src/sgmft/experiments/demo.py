@@ -23,7 +23,9 @@ from sgmft.atomic import write_text
 from sgmft.eval.metrics import regime_table
 from sgmft.experiments.runner import Row, aggregate_regimes, default_preset, format_table, run_rows, simfeat_config
 
-PROFILE_CHOICES = ("both", "default", "hetero")
+from sgmft.data.simfeat import PROFILES
+
+PROFILE_CHOICES = ("both", *PROFILES)      # "both": default and hetero
 SGMFT_EPOCHS = 4    # SG-MFT is ~5x dearer per epoch than the others: 4 epochs (not its preset's 10)
                     # keep both profiles x 5 models under 10 min on 2 cores; the rest train their own epochs
 QUICK = dict(num_posts=3000, test_size=600, dim=256)
@@ -31,7 +33,8 @@ QUICK = dict(num_posts=3000, test_size=600, dim=256)
 
 def demo_rows() -> list[Row]:
     """The demo's models: the default model first (once, if it is ``sgmft`` itself), then
-    SG-MFT, concatenation and the single-modality baselines."""
+    SG-MFT, concatenation, the textbook bar (shrinkage LDA, logistic regression) and the
+    single-modality baselines."""
     rows = []
     dp = default_preset()
     if dp != "sgmft":
@@ -39,6 +42,8 @@ def demo_rows() -> list[Row]:
     rows += [Row("sgmft", "sgmft", train=[f"epochs={SGMFT_EPOCHS}"],
                  label="SG-MFT (recommended)" + (" (default model)" if dp == "sgmft" else "")),
              Row("concat", "concat", label="Concatenation (+ CLIP)"),
+             Row("lda", "lda", label="Shrinkage LDA (textbook bar)"),
+             Row("logreg", "logreg", label="Logistic regression (textbook bar)"),
              Row("text_only", "text_only", label="Text only"),
              Row("image_only", "image_only", label="Image only")]
     return rows

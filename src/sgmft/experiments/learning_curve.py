@@ -40,7 +40,9 @@ DEFAULT_SIZES = (2000, 4250, 8500, 17000, 34000, 68000)
 
 
 def default_models() -> list[str]:
-    return list(dict.fromkeys(["concat", "sgmft", default_preset()]))
+    """The default model, the textbook bar (shrinkage LDA, logistic regression), the paper's
+    baselines and the peers (QMF, PDF): issue 17's comparison."""
+    return list(dict.fromkeys([default_preset(), "lda", "logreg", "concat", "sgmft", "qmf", "pdf"]))
 
 
 def auto_epochs(n_train: int) -> int:

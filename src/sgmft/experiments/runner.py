@@ -69,11 +69,16 @@ def run_one(row: Row, seed: int, store, out_dir: Path, *, extra_train=None, prog
 
 
 def aggregate(results: dict[str, list[dict]]) -> list[dict]:
-    """Mean and standard deviation (over seeds) of accuracy, macro-F1 and accuracy / oracle."""
+    """Mean and standard deviation (over seeds) of accuracy, macro-F1, accuracy / oracle and the
+    ECE (15 bins) after and before calibration (``ece``, ``ece_before``)."""
     table = []
     for name, runs in results.items():
         row = {"row": name, "seeds": len(runs)}
-        for key in ("accuracy", "macro_f1", "accuracy_over_oracle", "train_seconds"):
+        for r in runs:                              # evaluate's metrics.json: calibration.before.ece
+            before = ((r.get("calibration") or {}).get("before") or {}).get("ece")
+            if before is not None:
+                r.setdefault("ece_before", before)
+        for key in ("accuracy", "macro_f1", "accuracy_over_oracle", "train_seconds", "ece", "ece_before"):
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:
                 row[f"{key}_mean"] = float(np.mean(vals))
@@ -138,10 +143,13 @@ def run_rows(rows: list[Row], store, out_dir, seeds=(0,), *, extra_train=None, p
 
 
 def format_table(table: list[dict], labels: dict[str, str] | None = None) -> str:
-    """Markdown table: accuracy, macro-F1 (mean ± std, in %) and accuracy / oracle."""
+    """Markdown table: accuracy, macro-F1 (mean ± std, in %), accuracy / oracle and the ECE
+    (15 equal-width bins) before and after temperature scaling."""
     labels = labels or {}
     has_oracle = any("accuracy_over_oracle_mean" in r for r in table)
-    head = "| model | seeds | accuracy (%) | macro-F1 (%) |" + (" acc / oracle |" if has_oracle else "")
+    has_ece = any("ece_mean" in r for r in table)
+    head = ("| model | seeds | accuracy (%) | macro-F1 (%) |" + (" acc / oracle |" if has_oracle else "")
+            + (" ECE, 15 bins: before → after calibration |" if has_ece else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
         def pm(key):
@@ -153,5 +161,8 @@ def format_table(table: list[dict], labels: dict[str, str] | None = None) -> str
         line = f"| {labels.get(r['row'], r['row'])} | {r['seeds']} | {pm('accuracy')} | {pm('macro_f1')} |"
         if has_oracle:
             line += (f" {r['accuracy_over_oracle_mean']:.3f} |" if "accuracy_over_oracle_mean" in r else " n/a |")
+        if has_ece:
+            before = f"{r['ece_before_mean']:.3f} → " if "ece_before_mean" in r else ""
+            line += f" {before}{r['ece_mean']:.3f} |" if "ece_mean" in r else " n/a |"
         lines.append(line)
     return "\n".join(lines)

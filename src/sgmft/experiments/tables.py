@@ -61,7 +61,9 @@ def _read_yaml(name_or_path: str | Path) -> tuple[str, dict]:
         return p.stem, yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     res = _config_dir() / f"{name_or_path}.yaml"
     if not res.is_file():
-        raise KeyError(f"unknown experiment config {str(name_or_path)!r}; known tables: "
+        from sgmft.errors import UnknownNameError
+
+        raise UnknownNameError(f"unknown experiment config {str(name_or_path)!r}; known tables: "
                        f"{', '.join(list_tables())} (or give a path to a .yaml file)")
     return str(name_or_path), yaml.safe_load(res.read_text(encoding="utf-8")) or {}
 
@@ -199,7 +201,9 @@ class Suite:
 
     def scale(self, name: str) -> dict[str, Any]:
         if name not in self.scales:
-            raise KeyError(f"scale {name!r} not configured; known: {sorted(self.scales)}")
+            from sgmft.errors import UnknownNameError
+
+            raise UnknownNameError(f"scale {name!r} not configured; known: {sorted(self.scales)}")
         s = dict(self.scales[name])
         s.setdefault("simfeat", {})
         s.setdefault("simposts", {})
@@ -296,7 +300,7 @@ def format_paper_table(spec: TableSpec, records: list[dict]) -> str:
 CSV_FIELDS = ("table", "row", "label", "paper_label", "paper_accuracy", "data", "seeds",
               "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
               "accuracy_over_oracle_mean", "accuracy_over_oracle_std", "oracle_accuracy",
-              "train_seconds_mean", "train_seconds_std")
+              "train_seconds_mean", "train_seconds_std", "ece_mean", "ece_std", "ece_before_mean", "ece_before_std")
 
 
 def table_csv(records: list[dict]) -> str:

@@ -46,7 +46,7 @@ def reduce_side(backbone) -> int:
     return max(MIN_REDUCE_SIDE, 2 * int(getattr(backbone, "image_size", 0) or 0))
 
 __all__ = ["DEFAULT_MAX_IMAGES", "IMAGE_CHOICES", "MIN_REDUCE_SIDE", "reduce_side", "EncodedBatch", "PreparedBatch", "check_image_choice", "choose_image",
-           "encode_posts", "encode_prepared", "prepare_batch"]
+           "encode_posts", "encode_prepared", "prepare_batch", "tokenize_long"]
 
 
 def check_image_choice(image_choice: str) -> str:
@@ -92,6 +92,9 @@ class PreparedBatch:
     rejects: list[list] = field(default_factory=list)     # per post: [[image index, reason], ...]
     tokens: Any = None                                     # tokens of the non-empty texts
     pixels: list = field(default_factory=list)             # preprocessed usable images, in chunks
+    text_rows: list[int] | None = None                     # token rows per non-empty text (chunk-mean); None: 1 each
+    text_over: list[bool] = field(default_factory=list)    # per post: text longer than the encoder's context
+    text_cut: list[bool] = field(default_factory=list)     # per post: some of its tokens not seen by the encoder
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -115,6 +118,8 @@ class EncodedBatch:
     texts_used: list[str]             # cleaned text per post ("" = none)
     images_used: list[list[int]]      # per post: indices (into post.images) the image vector came from
     rejects: list[list]               # per post: [[image index, reason], ...] of images that failed
+    text_over: np.ndarray | None = None  # (N,) bool: text longer than the encoder's context (long_text applied)
+    text_cut: np.ndarray | None = None   # (N,) bool: some of the text's tokens not seen by the encoder
 
 
 def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,
@@ -162,9 +167,13 @@ def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_c
         del ims
         pr.rejects.append(sorted(rej))
     nonempty = [t for t in pr.texts if t]
+    pr.text_over, pr.text_cut = [False] * len(pr.texts), [False] * len(pr.texts)
     if nonempty:
         with tokenize_lock if tokenize_lock is not None else contextlib.nullcontext():
-            pr.tokens = backbone.tokenize(nonempty)
+            pr.tokens, pr.text_rows, over, cut = tokenize_long(backbone, nonempty, cleaner.cfg.long_text)
+        where = [r for r, t in enumerate(pr.texts) if t]
+        for r, o, c in zip(where, over, cut):
+            pr.text_over[r], pr.text_cut[r] = o, c
     if tensors:
         import torch
 
@@ -175,10 +184,62 @@ def prepare_batch(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_c
     return pr
 
 
+def tokenize_long(backbone, texts: list[str], long_text: str = "truncate"):
+    """Tokens for ``texts`` under the long-text policy ``long_text`` (:class:`CleanConfig`).
+
+    Returns ``(tokens, rows, over, cut)``: ``rows`` is the number of token rows of each text
+    (``None`` when every text has one), ``over[i]`` whether text ``i`` is longer than the
+    encoder's context of ``B`` content tokens, ``cut[i]`` whether some of its tokens are not seen:
+
+    * ``truncate``: ``backbone.tokenize`` (the first ``B`` tokens), unchanged;
+    * ``head-tail[:H]``: the first ``H`` (default ``B // 2``) and the last ``B - H`` tokens;
+    * ``chunk-mean[:K]``: consecutive windows of ``B`` tokens, at most ``K`` (default 8); their
+      L2-normalised embeddings are averaged by :func:`encode_prepared`.
+
+    A backbone without a token limit (no ``text_ids``, e.g. ``cnn-wordemb``) sees whole texts.
+    """
+    from sgmft.ingest.text import DEFAULT_MAX_CHUNKS, parse_long_text
+
+    policy, arg = parse_long_text(long_text)
+    if not hasattr(backbone, "text_ids"):
+        if policy != "truncate":
+            raise ValueError(f"long_text {long_text!r}: backbone {backbone.spec!r} reads whole texts (no token "
+                             "limit); use the default 'truncate'")
+        return backbone.tokenize(texts), None, [False] * len(texts), [False] * len(texts)
+    ids, budget = backbone.text_ids(texts), backbone.text_budget
+    over = [len(x) > budget for x in ids]
+    if policy == "truncate":
+        return backbone.tokenize(texts), None, over, over
+    if policy == "head-tail":
+        h = min(budget, budget // 2 if arg is None else arg)
+        wins = [x if len(x) <= budget else x[:h] + x[len(x) - (budget - h):] for x in ids]
+        return backbone.tokens_from_ids(wins), None, over, over
+    k = DEFAULT_MAX_CHUNKS if arg is None else arg
+    wins, rows = [], []
+    for x in ids:
+        w = [x[i:i + budget] for i in range(0, len(x), budget)][:k] or [x]
+        wins.extend(w)
+        rows.append(len(w))
+    return backbone.tokens_from_ids(wins), rows, over, [len(x) > k * budget for x in ids]
+
+
+def _mean_rows(emb: np.ndarray, rows: list[int] | None) -> np.ndarray:
+    """One L2-normalised vector per text: the mean of its rows' (normalised) embeddings."""
+    if rows is None:
+        return emb
+    out, s = np.zeros((len(rows), emb.shape[1]), np.float32), 0
+    for i, n in enumerate(rows):
+        m = emb[s:s + n].astype(np.float64).mean(0)
+        out[i] = m / max(np.linalg.norm(m), 1e-12)
+        s += n
+    return out
+
+
 def encode_prepared(backbone, pr: PreparedBatch, image_choice: str = "similar") -> EncodedBatch:
     """The model forward of a prepared batch, then one image vector per post and the masks."""
     D = backbone.dim
-    t_emb = backbone.forward_text(pr.tokens) if pr.tokens is not None else np.zeros((0, D), np.float32)
+    t_emb = (_mean_rows(backbone.forward_text(pr.tokens), pr.text_rows) if pr.tokens is not None
+             else np.zeros((0, D), np.float32))
     i_emb = (np.concatenate([backbone.forward_images(x) for x in pr.pixels]) if pr.pixels
              else np.zeros((0, D), np.float32))
     n = len(pr)
@@ -198,7 +259,8 @@ def encode_prepared(backbone, pr: PreparedBatch, image_choice: str = "similar") 
             used.append([idx[c] for c in rows])
         else:
             used.append([])
-    return EncodedBatch(text, image, tmask, imask, list(pr.texts), used, pr.rejects)
+    return EncodedBatch(text, image, tmask, imask, list(pr.texts), used, pr.rejects,
+                        np.asarray(pr.text_over or [False] * n, bool), np.asarray(pr.text_cut or [False] * n, bool))
 
 
 def encode_posts(backbone, cleaner: TextCleaner, posts: Sequence[Post], image_choice: str = "similar", *,

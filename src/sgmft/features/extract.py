@@ -45,7 +45,7 @@ from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.labels import DEFAULT_LABELS
 
 log = logging.getLogger("sgmft.extract")
-CACHE_VERSION = 2  # 2: images decoded at reduced size, max_images
+CACHE_VERSION = 3  # 2: images decoded at reduced size, max_images; 3: shards hold text_over/text_cut
 # Prepared batches waiting for the model forward, all together (bytes of their tensors).
 DEFAULT_PREFETCH_BYTES = 512 * 2**20
 
@@ -104,6 +104,24 @@ class ExtractResult:
     rejects_path: Path | None = None
     rejects: list[Reject] = field(default_factory=list, repr=False)
     engine: dict | None = None  # --engine ray: replicas, threads, start-up and run seconds
+    text_over: int = 0          # posts whose text is longer than the text encoder's context (long_text applied)
+    text_cut: int = 0           # posts whose text the encoder saw only in part (CleanConfig.long_text)
+
+    def to_dict(self, first_rejects: int = 10) -> dict:
+        """The result as JSON, with the key names of ``sgmft extract --json`` (which prints
+        this dict plus the backbone, D, image choice and engine name): ``rejects`` and
+        ``cached`` are :attr:`num_rejects` and :attr:`cached_hits`."""
+        doc = {"store": str(self.store_path), "num_posts": self.num_posts, "encoded": self.encoded,
+               "cached": self.cached_hits, "seconds": round(self.seconds, 2), "processes": self.world_size,
+               "text_missing": self.text_missing, "image_missing": self.image_missing, "rejects": self.num_rejects,
+               "rows_rejected": len({r.line for r in self.rejects if r.stage == "manifest"}),
+               "images_rejected": self.images_rejected,
+               "rejects_path": None if self.rejects_path is None else str(self.rejects_path),
+               "first_rejects": [r.to_dict() for r in self.rejects[:first_rejects]]}
+        if self.engine:
+            doc["ray"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.engine.items()}
+        doc.update(text_over_limit=self.text_over, text_cut=self.text_cut)
+        return doc
 
 
 # -- distributed helpers -----------------------------------------------------------------------
@@ -161,10 +179,14 @@ class _Cache:
     def path(self, keys: list[str]) -> Path:
         return self.shards / (hashlib.sha256("\n".join([self.salt, *keys]).encode()).hexdigest()[:40] + ".npz")
 
-    def put(self, keys: list[str], text, image, text_mask, image_mask, rejects: list[list]) -> Path:
+    def put(self, keys: list[str], text, image, text_mask, image_mask, rejects: list[list],
+            text_over=None, text_cut=None) -> Path:
+        n = len(keys)
         with atomic_file(self.path(keys), "wb") as f:
             np.savez(f, keys=np.asarray(keys), text=text, image=image, text_mask=text_mask,
-                     image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)))
+                     image_mask=image_mask, rejects=np.asarray(json.dumps(rejects, ensure_ascii=False)),
+                     text_over=np.zeros(n, bool) if text_over is None else text_over,
+                     text_cut=np.zeros(n, bool) if text_cut is None else text_cut)
         return self.path(keys)
 
     _FIELDS = ("keys", "text", "image", "text_mask", "image_mask", "rejects")
@@ -211,7 +233,10 @@ class _Cache:
             return False
 
 
-class CorruptShardError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class CorruptShardError(InputError):
     """A cache shard that cannot be read back (its batch is recomputed)."""
 
     def __init__(self, path: Path, why: str):
@@ -233,7 +258,7 @@ class _Job:
 
 def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, clean_cfg: CleanConfig | None = None,
                      image_choice: str = "similar", batch_size: int = 32, cache_dir: str | Path | None = None,
-                     rejects_path: str | Path | None = None, on_error: str = "skip", progress: bool = True,
+                     rejects_path: str | Path | None = None, on_error: str = "skip", progress: bool | None = None,
                      label_names: Sequence[str] = DEFAULT_LABELS, device: str = "auto", dtype: str = "auto",
                      num_workers: int | None = None, num_processes: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
                      overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
@@ -268,6 +293,9 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    from sgmft.config import progress_enabled
+
+    progress = progress_enabled(progress)      # None (the default): bars only on a terminal, as the CLI
     out_store = Path(out_store)
     cache_root = Path(cache_dir) if cache_dir is not None else out_store.with_name(out_store.name + ".cache")
     check_outputs({"the manifest": manifest},
@@ -287,7 +315,10 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
         if not isinstance(backbone, str):
             raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
         return _spawn(num_processes, Path(manifest), out_store, backbone, kw)
-    return _extract(Path(manifest), out_store, backbone, _after_batch=_after_batch, **kw)
+    from sgmft.features.backbones.hf_clip import hf_progress_bars
+
+    with hf_progress_bars(progress):             # transformers' "Loading weights" bar follows `progress`
+        return _extract(Path(manifest), out_store, backbone, _after_batch=_after_batch, **kw)
 
 
 def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choice, batch_size, cache_dir,
@@ -315,6 +346,9 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             manifest, bb, clean_cfg=clean_cfg, image_choice=image_choice, cache_dir=cache_dir, on_error=on_error,
             label_names=label_names, max_pixels=max_pixels, max_images=max_images, image_root=image_root,
             allow_any_path=allow_any_path, field_limits=field_limits)
+        from sgmft.features.backbones.precision import maybe_compile
+
+        maybe_compile(bb, len(posts))  # opt-in torch.compile (SGMFT_COMPILE; docs/scale.md)
         base = manifest.resolve().parent
         n_batches = (len(posts) + batch_size - 1) // batch_size
         mine = [b for b in range(n_batches) if b % world == rank]
@@ -339,7 +373,7 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
 
         def encode(job: _Job) -> None:
             e = encode_prepared(bb, job.prepared, image_choice)
-            cache.put(job.keys, e.text, e.image, e.text_mask, e.image_mask, e.rejects)
+            cache.put(job.keys, e.text, e.image, e.text_mask, e.image_mask, e.rejects, e.text_over, e.text_cut)
 
         from tqdm.auto import tqdm
 
@@ -442,7 +476,13 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
     splits = [p.split for p in posts]
     with_split = n > 0 and all(splits) and {"train", "test"} <= set(splits)
     if any(splits) and not with_split:
-        log.warning("split field omitted from the store: only some posts have one, or train/test is empty")
+        import warnings
+
+        from sgmft.errors import SgmftWarning
+
+        warnings.warn(f"split field omitted from the store: {sum(map(bool, splits))} of {n} posts have one, and "
+                      "the store's split needs one on every post with train and test non-empty "
+                      "(docs/posts-manifest.md)", SgmftWarning, stacklevel=2)
     # ids and users each get their own fixed width (field limits cap both: --max-id-chars, --max-user-chars)
     width = max([1] + [len(p.id) for p in posts])
     uwidth = max([1] + [len(p.user) for p in posts])
@@ -450,7 +490,7 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
              "image_choice": image_choice, "manifest": str(Path(manifest).resolve()),
              "backbone_fingerprint": bb.fingerprint(), "backbone_precision": bb.precision}
     img_rejects: list[Reject] = []
-    n_text_missing = n_image_missing = 0
+    n_text_missing = n_image_missing = n_text_over = n_text_cut = 0
     with FeatureStoreWriter(out_store, num_posts=n, dim=bb.dim, label_names=label_names, backbone=bb.spec,
                             normalization="l2", with_labels=True, with_users=True, with_split=with_split,
                             with_masks=True, extra=extra, overwrite=overwrite, id_width=width,
@@ -466,6 +506,8 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
             part = posts[start:start + len(keys)]
             n_text_missing += int((~z["text_mask"]).sum())
             n_image_missing += int((~z["image_mask"]).sum())
+            n_text_over += int(z["text_over"].sum()) if "text_over" in z else 0
+            n_text_cut += int(z["text_cut"].sum()) if "text_cut" in z else 0
             for p, rej in zip(part, z["rejects"]):
                 img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract") for _, reason in rej)
             w.write(start, ids=[p.id for p in part], users=[p.user for p in part], text=z["text"],
@@ -478,7 +520,8 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
         write_rejects(rejects_path, rejects)
     res = ExtractResult(Path(out_store), n, len(rejects), hits, encoded, n_text_missing, n_image_missing,
                         len(img_rejects), time.perf_counter() - t0, world, cache.root,
-                        Path(rejects_path) if rejects_path is not None else None, rejects)
+                        Path(rejects_path) if rejects_path is not None else None, rejects,
+                        text_over=n_text_over, text_cut=n_text_cut)
     log.info("extracted %d posts (%d from cache, %d encoded), %d rejects, %.1fs", n, hits, encoded,
              len(rejects), res.seconds)
     return res

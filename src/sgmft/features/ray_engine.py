@@ -213,6 +213,10 @@ class _Replica:
         torch.set_num_threads(max(1, int(threads)))
 
     extra_fields: dict = {}   # the result fields of ``one`` beyond b, keys, n (for error rows)
+    # a user error found while loading (a node whose backbone differs): raised for every batch,
+    # so it reaches the driver in the batch's error field as itself, the local engine's class
+    # (an exception in an actor's constructor would reach it as Ray's ActorDiedError)
+    refused: BaseException | None = None
 
     def __call__(self, batch: dict) -> dict:
         from sgmft.errors import USER_ERRORS
@@ -221,6 +225,8 @@ class _Replica:
         for b, keys, payload, err in zip(batch["b"], batch["keys"], batch["payload"], batch["error"]):
             if not err:
                 try:
+                    if self.refused is not None:
+                        raise self.refused
                     res = dict(self.one(int(b), str(keys), bytes(payload)), error=b"")
                 except USER_ERRORS as e:
                     err = _pack_error(e)
@@ -239,14 +245,18 @@ class _ExtractReplica(_Replica):
     encodes each prepared batch and writes its shard."""
 
     def __init__(self, spec: str, device: str, dtype: str, batch_size: int, threads: int, image_choice: str,
-                 cache_root: str, cache_salt: str, fingerprint: str):
+                 cache_root: str, cache_salt: str, fingerprint: str, n_posts: int = 0):
         super().__init__(threads)
         from sgmft.features.backbones import load_backbone
+        from sgmft.features.backbones.precision import maybe_compile
         from sgmft.features.extract import _Cache
 
         self.bb = load_backbone(spec, device=device, dtype=dtype, batch_size=batch_size)
+        maybe_compile(self.bb, n_posts)  # the local engine's rule (opt-in: SGMFT_COMPILE)
         if self.bb.fingerprint() != fingerprint:
-            raise RuntimeError(f"backbone {spec!r} on this node ({os.uname().nodename}) has fingerprint "
+            from sgmft.errors import BackboneMismatchError
+
+            self.refused = BackboneMismatchError(f"backbone {spec!r} on this node ({os.uname().nodename}) has fingerprint "
                                f"{self.bb.fingerprint()[:12]}, the job's is {fingerprint[:12]}: the nodes hold "
                                "different weights, tokenizer, preprocessing or precision")
         self.image_choice = image_choice
@@ -258,7 +268,8 @@ class _ExtractReplica(_Replica):
         if not payload:  # a finished shard (resume)
             return {"b": b, "keys": keys, "n": 0}
         e = encode_prepared(self.bb, pickle.loads(payload), self.image_choice)
-        self.cache.put(json.loads(keys), e.text, e.image, e.text_mask, e.image_mask, e.rejects)
+        self.cache.put(json.loads(keys), e.text, e.image, e.text_mask, e.image_mask, e.rejects, e.text_over,
+                       e.text_cut)
         return {"b": b, "keys": keys, "n": len(e.text)}
 
 
@@ -348,7 +359,7 @@ def _extract_ray(manifest: Path, out_store: Path, backbone: str, *, address, num
                    cache_root=str(cache.root), cache_salt=cache.salt)
         kwargs = dict(spec=backbone, device=device, dtype=dtype, batch_size=batch_size, threads=plan["threads"],
                       image_choice=image_choice, cache_root=str(cache.root), cache_salt=cache.salt,
-                      fingerprint=info.fingerprint())
+                      fingerprint=info.fingerprint(), n_posts=len(posts))
         if _on_plan is not None:
             _on_plan(plan)
         from tqdm.auto import tqdm

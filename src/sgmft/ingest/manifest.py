@@ -32,7 +32,9 @@ _MAX_LISTED = 50
 # Field length limits (characters), overridable per call / CLI flag; docs/posts-manifest.md.
 DEFAULT_MAX_ID_CHARS = 256
 DEFAULT_MAX_USER_CHARS = 256
-DEFAULT_MAX_TEXT_CHARS = 20_000
+# A memory guard only, far above any real post (Weibo long posts: a few thousand characters): a
+# longer-than-context text is kept and cut for the encoder (CleanConfig.long_text, docs/backbones.md).
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ class Reject:
         return asdict(self)
 
 
-class ManifestError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class ManifestError(InputError):
     """Raised by :func:`read_manifest` with ``on_error="raise"``; ``.rejects`` has them all."""
 
     def __init__(self, path: str | Path, rejects: Sequence[Reject]) -> None:

@@ -35,7 +35,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["CleanConfig", "TextCleaner", "clean_text", "load_stopwords", "STOPWORD_SOURCES"]
+from sgmft.errors import InputError
+
+__all__ = ["CleanConfig", "TextCleaner", "clean_text", "load_stopwords", "parse_long_text", "LONG_TEXT_POLICIES",
+           "STOPWORD_SOURCES"]
 
 # Bump when the meaning of a step changes, so cached cleaned text is invalidated.
 CLEANER_VERSION = 1
@@ -86,6 +89,14 @@ class CleanConfig:
     keep_words: tuple[str, ...] = ()       # removed from the list (never dropped)
     stopword_sources: tuple[str, ...] = ("stopwordsiso-zh", "stopwordsiso-en")
     join_with: str = " "
+    # What the text encoder sees of a text longer than its context (52 tokens for Chinese-CLIP):
+    # "truncate" (the first tokens; the default and the behaviour before this option),
+    # "head-tail[:H]" (the first H tokens and the last ones; H default: half the context) or
+    # "chunk-mean[:K]" (the text in consecutive windows, at most K (default 8), each encoded,
+    # the L2-normalised embeddings averaged and re-normalised). Applied by
+    # sgmft.features.encode; see docs/backbones.md, "Long posts". Part of the feature
+    # contract (clean_config) and of the cache key (the fingerprint, when not "truncate").
+    long_text: str = "truncate"
 
     def __post_init__(self) -> None:
         for name in ("extra_stopwords", "keep_words", "stopword_sources"):
@@ -93,9 +104,30 @@ class CleanConfig:
             if isinstance(value, str):
                 raise TypeError(f"CleanConfig.{name} must be a sequence of strings, not a string")
             object.__setattr__(self, name, tuple(value))
+        parse_long_text(self.long_text)
         unknown = set(self.stopword_sources) - set(STOPWORD_SOURCES)
         if unknown:
             raise ValueError(f"unknown stopword source(s) {sorted(unknown)}; known: {STOPWORD_SOURCES}")
+
+
+LONG_TEXT_POLICIES = ("truncate", "head-tail", "chunk-mean")
+DEFAULT_MAX_CHUNKS = 8
+
+
+def parse_long_text(spec: str) -> tuple[str, int | None]:
+    """``"truncate"`` / ``"head-tail[:H]"`` / ``"chunk-mean[:K]"`` -> ``(policy, H or K or None)``."""
+    if not isinstance(spec, str):
+        raise InputError(f"long_text must be a string such as 'head-tail' or 'chunk-mean:4', got {spec!r}")
+    name, _, arg = spec.partition(":")
+    if name not in LONG_TEXT_POLICIES or (name == "truncate" and arg):
+        raise InputError(f"long_text {spec!r}: choose truncate, head-tail[:H] (H head tokens) or "
+                         "chunk-mean[:K] (at most K windows)")
+    if not arg:
+        return name, None
+    if not arg.isdigit() or int(arg) < (0 if name == "head-tail" else 1):
+        raise InputError(f"long_text {spec!r}: {'H' if name == 'head-tail' else 'K'} must be a "
+                         f"{'non-negative' if name == 'head-tail' else 'positive'} integer")
+    return name, int(arg)
 
 
 @lru_cache(maxsize=None)
@@ -198,7 +230,10 @@ class TextCleaner:
         """A stable hash of everything that decides the output (for caching cleaned text)."""
         import jieba
         h = hashlib.sha256()
-        h.update(json.dumps(asdict(self.cfg), sort_keys=True, ensure_ascii=False).encode())
+        cfg = asdict(self.cfg)
+        if cfg["long_text"] == "truncate":   # the default: fingerprints from before the option are unchanged
+            del cfg["long_text"]
+        h.update(json.dumps(cfg, sort_keys=True, ensure_ascii=False).encode())
         h.update(f"v{CLEANER_VERSION} jieba{jieba.__version__}".encode())
         h.update("\n".join(sorted(load_stopwords(self.cfg))).encode())
         if self.cfg.user_dict:

@@ -6,12 +6,17 @@
 ``baselines``    Table 2's feature baselines (text only, image only, concatenation)
 ``comparisons``  Table 1's other methods, re-created as heads on the same features
 ``trust``        TrustMix, the fusion that decides per post which modality to trust
+``linear``       the textbook bar: shrinkage LDA and logistic regression (closed-form fits)
+``input_norm``   fitting the input normalisation (mean, scale, whitening) on the training split
 
 Importing this package registers every built-in component.
 """
 
 from sgmft.models import baselines, comparisons, fusions, sgmft  # noqa: F401  (registration)
 from sgmft.models import trust  # noqa: F401  (registration: TrustMix, docs/design.md)
+from sgmft.models import peers  # noqa: F401  (registration: QMF and PDF, docs/design.md)
+from sgmft.models import linear  # noqa: F401  (registration: shrinkage LDA, logistic regression)
+from sgmft.models import zeroshot  # noqa: F401  (registration: CLIP zero-shot head, sgmft zero-shot)
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import FUSIONS, MODELS, build_model, forward_batch, list_models
 

@@ -20,7 +20,7 @@ class _FeatureBaseline(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         scale = cfg.resolved_input_scale()
-        self.inputs = nn.ModuleDict({m: ModalityInput(cfg.dim, scale) for m in self.uses})
+        self.inputs = nn.ModuleDict({m: ModalityInput(cfg.dim, scale, m) for m in self.uses})
         self.classifier = Classifier(cfg.dim * len(self.uses), cfg.classifier_hidden,
                                      cfg.num_classes, cfg.dropout)
 

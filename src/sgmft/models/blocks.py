@@ -32,20 +32,50 @@ class Classifier(nn.Module):
 
 
 class ModalityInput(nn.Module):
-    """Scales a modality's features and substitutes a *learned* placeholder for absent ones.
+    """Normalises and scales a modality's features and substitutes a *learned* placeholder for absent ones.
 
     A post without usable text (or image) carries ``mask = False`` in the feature store;
     its stored row is ignored and replaced by a trained vector, so "absent" is a state the
     model can recognise rather than a zero vector it cannot tell from a real feature.
+
+    Input normalisation (``ModelConfig.input_norm``, docs/design.md "Input normalisation"):
+    raw CLIP-like features are L2-normalised vectors in a narrow cone: a large mean (the
+    modality gap) and a few dominant directions. With ``norm`` on, the features are first
+    mapped to ``(x - mu) * s`` ("standardize": s = 1 / per-dimension std) or ``(x - mu) @ W``
+    ("whiten": W = Sigma^{-1/2} of a Ledoit-Wolf shrinkage covariance), with mu, s, W fitted on
+    the training split only (:func:`sgmft.models.input_norm.fit_input_norm`). They are buffers,
+    so the checkpoint carries them and predict, serve and export apply them identically.
     """
 
-    def __init__(self, dim: int, scale: float):
+    def __init__(self, dim: int, scale: float, modality: str | None = None):
         super().__init__()
         self.scale = scale
+        self.modality = modality            # "text" / "image": whose training statistics it gets
+        self.norm = "none"
         self.missing = nn.Parameter(torch.zeros(dim))
 
+    def enable_norm(self, mode: str, modality: str) -> None:
+        """Add the normalisation buffers (identity until fitted) for ``mode`` in standardize, whiten."""
+        dim = self.missing.shape[0]
+        self.norm, self.modality = mode, modality
+        self.register_buffer("norm_mean", torch.zeros(dim))
+        if mode == "standardize":
+            self.register_buffer("norm_scale", torch.ones(dim))
+        elif mode == "whiten":
+            self.register_buffer("norm_matrix", torch.eye(dim))
+        else:
+            raise ValueError(f"unknown input normalisation {mode!r}")
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "none":
+            return x
+        x = x - self.norm_mean.to(x.dtype)
+        if self.norm == "standardize":
+            return x * self.norm_scale.to(x.dtype)
+        return x @ self.norm_matrix.to(x.dtype)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x * self.scale
+        x = self.normalise(x) * self.scale
         if mask is not None:
             x = torch.where(mask.bool()[:, None], x, self.missing.to(x.dtype))
         return x

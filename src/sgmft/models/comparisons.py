@@ -75,7 +75,7 @@ class _Head(nn.Module):
         self.cfg = cfg
         self.opt = head_options(cfg, self.defaults)
         scale = cfg.resolved_input_scale()
-        self.text_in, self.image_in = ModalityInput(cfg.dim, scale), ModalityInput(cfg.dim, scale)
+        self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
 
     def inputs(self, text, image, text_mask, image_mask):
         return self.text_in(text, text_mask), self.image_in(image, image_mask)

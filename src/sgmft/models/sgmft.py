@@ -115,7 +115,7 @@ class SGMFT(nn.Module):
         super().__init__()
         self.cfg = cfg
         scale = cfg.resolved_input_scale()
-        self.text_in, self.image_in = ModalityInput(cfg.dim, scale), ModalityInput(cfg.dim, scale)
+        self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
         self.sim = SIM(cfg) if cfg.use_sim else None
         self.fusion = FUSIONS.get(cfg.fusion)(cfg)
         self.classifier = Classifier(self.fusion.out_dim, cfg.classifier_hidden, cfg.num_classes, cfg.dropout)

@@ -13,13 +13,22 @@ Each modality m (text t, image v) has an evidence network E_m. It gives
   selfie, a meme, "nice day"). The J generic components are learnt; nothing ties them to
   a data set.
 
+With ``looks`` = L > 1, a place is a mixture of L looks (a restaurant photo shows food, a table
+or a sign), each linear in the features (eq T0): l_m(c) = logsumexp_{l=1..L} z_m(c, l).
+
 Per modality, the evidence for label y under each state s is (eq T1)
 
     a_m^inf(y) = l_m(y)                              the modality shows the post's place
     a_m^gen(y) = g_m                                 it is generic: says nothing about y
     a_m^oth(y) = logsumexp_{c != y} l_m(c) - log(K-1) it shows another place than the post's
 
-and the logit of place y is the mixture over the joint states (s_t, s_v) (eq T2)
+With ``conflict: learnt``, a contradicting modality's other place follows a learnt table
+Q_m(c | y) (which place c it shows when the post's place is y: "missing the beach", posted
+from home) instead of a uniform choice (eq T1'):
+
+    a_m^oth(y) = logsumexp_{c != y} [ l_m(c) + log Q_m(c | y) ],  Q_m(. | y) a softmax over c != y
+
+The logit of place y is the mixture over the joint states (s_t, s_v) (eq T2)
 
     logit(y) = logsumexp_{s_t, s_v} [ log pi(s_t, s_v | x) + a_t^{s_t}(y) + a_v^{s_v}(y) ] + b_y
 
@@ -58,22 +67,31 @@ __all__ = ["TrustMix"]
 
 
 class _Evidence(nn.Module):
-    """E_m: features -> (K place logits, J generic logits). Linear, or an MLP with a linear skip."""
+    """E_m: features -> (K place logits, J generic logits). Linear, or an MLP with a linear skip.
 
-    def __init__(self, dim: int, k: int, j: int, hidden: int, dropout: float):
+    With ``looks`` = L > 1 a place is a mixture of L looks (a restaurant photo shows food, a table
+    or a sign): l_m(c) = logsumexp_l z_m(c, l) (eq T0), each look linear in the features.
+    """
+
+    def __init__(self, dim: int, k: int, j: int, hidden: int, dropout: float, looks: int = 1):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.linear = nn.Linear(dim, k + j)
-        self.mlp = (nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, k + j))
+        out = k * looks + j
+        self.linear = nn.Linear(dim, out)
+        self.mlp = (nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
                     if hidden > 0 else None)
-        self.k = k
+        self.k, self.looks = k, looks
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.drop(x)
         z = self.linear(x)
         if self.mlp is not None:
             z = z + self.mlp(x)
-        return z[:, :self.k], z[:, self.k:]
+        kl = self.k * self.looks
+        place = z[:, :kl]
+        if self.looks > 1:                                                  # eq T0
+            place = place.view(-1, self.k, self.looks).logsumexp(-1)
+        return place, z[:, kl:]
 
 
 @MODELS.register("trust")
@@ -88,6 +106,9 @@ class TrustMix(nn.Module):
         "proj_dim": 64,         # width of the text/image projections whose cosine feeds the gate
         "aux_weight": 0.5,      # weight of the unimodal marginal CE terms (eq T5)
         "input_dropout": 0.1,   # dropout on the scaled features before the evidence networks
+        "looks": 1,             # L: looks per place, l_m(c) = logsumexp over L linear scores (eq T0)
+        "conflict": "uniform",  # which other place a contradicting modality shows: "uniform" (eq T1) or a
+                                # "learnt" K x K table Q_m(c | y) per modality (eq T1')
     }
 
     def __init__(self, cfg: ModelConfig):
@@ -100,10 +121,18 @@ class TrustMix(nn.Module):
             raise ValueError("trust: generic (the number of generic components) must be >= 1")
         k, j = cfg.num_classes, int(o["generic"])
         scale = cfg.resolved_input_scale()
-        self.text_in, self.image_in = ModalityInput(cfg.dim, scale), ModalityInput(cfg.dim, scale)
-        self.ev_t = _Evidence(cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]))
-        self.ev_v = _Evidence(cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]))
+        self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
+        if int(o["looks"]) < 1:
+            raise ValueError("trust: looks (looks per place) must be >= 1")
+        ev = (cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]), int(o["looks"]))
+        self.ev_t, self.ev_v = _Evidence(*ev), _Evidence(*ev)
         self.n_states = 3 if o["states"] == "three" else 2
+        if o["conflict"] not in ("uniform", "learnt"):
+            raise ValueError(f"trust: conflict must be 'uniform' or 'learnt', got {o['conflict']!r}")
+        if o["conflict"] == "learnt" and self.n_states == 3:        # Q_t, Q_v of eq T1', uniform at start
+            self.conflict_t, self.conflict_v = nn.Parameter(torch.zeros(k, k)), nn.Parameter(torch.zeros(k, k))
+        else:
+            self.conflict_t = self.conflict_v = None
         ns2 = self.n_states ** 2
         self.log_prior = nn.Parameter(torch.zeros(ns2))
         self.bias = nn.Parameter(torch.zeros(k))
@@ -117,14 +146,24 @@ class TrustMix(nn.Module):
             self.gate = None
 
     # -- eq T1 --------------------------------------------------------------------------
-    def state_evidence(self, l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """(B, S, K): a_m^s(y) for s in (inf, gen[, oth])."""
+    def state_evidence(self, l: torch.Tensor, g: torch.Tensor, conflict: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, K): a_m^s(y) for s in (inf, gen[, oth]).
+
+        ``conflict`` (K, K), if learnt: logits of Q_m(c | y), which other place c the modality shows
+        when the post's place is y ("missing the beach", posted from home). Then
+        a_m^oth(y) = logsumexp_{c != y} [l_m(c) + log Q_m(c | y)] (eq T1'); with Q uniform this is
+        eq T1's logsumexp_{c != y} l_m(c) - log(K-1).
+        """
         k = l.shape[-1]
         parts = [l, g.logsumexp(-1, keepdim=True).expand_as(l)]
         if self.n_states == 3:
             eye = torch.eye(k, dtype=torch.bool, device=l.device)
-            others = l.unsqueeze(1).masked_fill(eye, float("-inf"))        # (B, y, c): c != y
-            parts.append(others.logsumexp(-1) - math.log(k - 1))
+            if conflict is None:
+                others = l.unsqueeze(1).masked_fill(eye, float("-inf"))    # (B, y, c): c != y
+                parts.append(others.logsumexp(-1) - math.log(k - 1))
+            else:
+                log_q = torch.log_softmax(conflict.masked_fill(eye, float("-inf")), dim=-1)   # (y, c)
+                parts.append((l.unsqueeze(1) + log_q).logsumexp(-1))                        # eq T1'
         return torch.stack(parts, dim=1)
 
     # -- eqs T3, T4 ---------------------------------------------------------------------
@@ -146,7 +185,7 @@ class TrustMix(nn.Module):
         t, v = self.text_in(text, text_mask), self.image_in(image, image_mask)
         lt, gt = self.ev_t(t)
         lv, gv = self.ev_v(v)
-        at, av = self.state_evidence(lt, gt), self.state_evidence(lv, gv)   # (B, S, K)
+        at, av = self.state_evidence(lt, gt, self.conflict_t), self.state_evidence(lv, gv, self.conflict_v)
         if text_mask is not None:                                           # absent: no evidence
             at = at * text_mask.to(at.dtype)[:, None, None]
         if image_mask is not None:
@@ -157,7 +196,10 @@ class TrustMix(nn.Module):
         logits = joint.flatten(1, 2).logsumexp(1) + self.bias               # eq T2
         post = torch.softmax(joint.flatten(1, 2).logsumexp(-1), dim=-1)     # p(s_t, s_v | x)
         fused = torch.cat([lt, gt.logsumexp(-1, keepdim=True), lv, gv.logsumexp(-1, keepdim=True), post], -1)
-        extras = {"state_posterior": post}
+        # p(s_t, s_v | x, y = the predicted place): which modality shows *that* place (the per-post account)
+        top = logits.argmax(-1)
+        at_top = joint.flatten(1, 2).gather(-1, top[:, None, None].expand(-1, joint.shape[1] * joint.shape[2], 1))
+        extras = {"state_posterior": post, "state_posterior_pred": torch.softmax(at_top.squeeze(-1), dim=-1)}
         if self.opt["aux_weight"] > 0:
             # eq T5: each modality alone, the other one summed out of the mixture
             pi_t, pi_v = log_pi.logsumexp(2), log_pi.logsumexp(1)           # (B, s)

@@ -3,7 +3,10 @@
 The exported function is ``(text, image, text_mask, image_mask) -> logits``: ``text`` and
 ``image`` are float32 ``(B, D)`` feature vectors, the masks bool ``(B,)`` (False = the
 modality is missing, as in the feature store), ``logits`` float32 ``(B, K)`` in the label
-order of ``labels.json`` (softmax gives the probabilities). The batch size B is dynamic.
+order of ``labels.json``, already calibrated as the checkpoint says (:mod:`sgmft.train.calibrate`):
+``logits / T``, or with a uniform weight eps > 0 ``log((1 - eps) softmax(logits / T) + eps / K)``;
+either way softmax gives the calibrated probabilities ``sgmft predict`` reports (a checkpoint
+without calibration: the raw logits). The batch size B is dynamic.
 
 Formats:
 
@@ -37,19 +40,31 @@ FORMATS = ("onnx", "torch-export")
 INPUTS = ("text", "image", "text_mask", "image_mask")
 
 
-class ExportError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class ExportError(InputError):
     """The model cannot be exported in this format, or the export does not match the model."""
 
 
 class LogitsHead(torch.nn.Module):
-    """A registered model reduced to ``(text, image, text_mask, image_mask) -> logits``."""
+    """A registered model reduced to ``(text, image, text_mask, image_mask) -> calibrated logits``:
+    ``logits / T``, and with ``uniform_weight`` eps > 0 the log of (1 - eps) softmax(logits / T)
+    + eps / K (:func:`sgmft.checkpoint.calibrated_probs`); T = 1, eps = 0 leave the logits
+    as they are."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, uniform_weight: float = 0.0):
         super().__init__()
         self.model = model
+        self.uniform_weight = float(uniform_weight)
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)), persistent=False)
 
     def forward(self, text, image, text_mask, image_mask):
-        return self.model(text, image, text_mask, image_mask).logits
+        z = self.model(text, image, text_mask, image_mask).logits * self.inv_temperature
+        if self.uniform_weight:
+            eps = self.uniform_weight
+            z = torch.log((1.0 - eps) * torch.softmax(z, -1) + eps / z.shape[-1])
+        return z
 
 
 def _example(dim: int, batch: int, seed: int):
@@ -130,7 +145,9 @@ def export_model(checkpoint, fmt: str, out, *, tol: float = 1e-5, batch: int = 8
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     model, info = load_checkpoint(checkpoint)
-    head = LogitsHead(model.float().eval()).eval()
+    cal = info.get("calibration") or {}
+    temperature, uniform_weight = float(cal.get("temperature", 1.0)), float(cal.get("uniform_weight", 0.0))
+    head = LogitsHead(model.float().eval(), temperature, uniform_weight).eval()
     dim = int(info["model_cfg"].dim)
     out = Path(out)
     example = _example(dim, batch, seed)
@@ -165,5 +182,6 @@ def export_model(checkpoint, fmt: str, out, *, tol: float = 1e-5, batch: int = 8
                               f"by {diff:.3g} > {tol:g} on random features; file not written")
     return {"format": fmt, "out": str(out), "arch": info["model_cfg"].arch, "dim": dim,
             "labels": info["label_names"], "inputs": list(INPUTS), "outputs": ["logits"],
-            "max_abs_diff": diff, "verified_with": verified_with,
+            "max_abs_diff": diff, "verified_with": verified_with, "temperature": temperature,
+            "uniform_weight": uniform_weight,
             "seconds": round(time.perf_counter() - t0, 2)}

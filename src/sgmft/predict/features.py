@@ -16,25 +16,49 @@ import numpy as np
 import torch
 
 from sgmft.atomic import atomic_file
-from sgmft.checkpoint import load_checkpoint
+from sgmft.checkpoint import calibrated_probs, load_checkpoint
 from sgmft.features import FeatureStore
 from sgmft.models import forward_batch
 from sgmft.predict.output import PredictionWriter, prediction_format
 
 
-class BackboneMismatchError(ValueError):
-    """The backbone given for prediction is not the one the model's features came from."""
+from sgmft.errors import BackboneMismatchError, PrecisionMismatchError  # noqa: E402,F401  (one class everywhere)
 
 
-class PrecisionMismatchError(BackboneMismatchError):
-    """Features or a backbone at another precision (fp32/bf16/int8) than the training features'."""
+def check_min_confidence(min_confidence) -> float | None:
+    """``None``, or a number in [0, 1] (else a ValueError that names ``min_confidence``)."""
+    if min_confidence is None:
+        return None
+    try:
+        v = float(min_confidence)
+    except (TypeError, ValueError):
+        raise ValueError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}") from None
+    if not 0.0 <= v <= 1.0:                       # also refuses NaN
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    return v
+
+
+def uncertain_mask(probs: np.ndarray, min_confidence: float | None) -> np.ndarray:
+    """True where the top probability is below ``min_confidence`` (all False for None)."""
+    probs = np.asarray(probs)
+    v = check_min_confidence(min_confidence)
+    if v is None or len(probs) == 0:
+        return np.zeros(len(probs), dtype=bool)
+    return probs.max(1) < v
 
 
 @dataclass
 class Predictions:
-    probs: np.ndarray              # (N, K) softmax probabilities
+    probs: np.ndarray              # (N, K) probabilities, calibrated as the checkpoint says (calibrated_probs)
     fused: np.ndarray | None       # (N, F) M_fuse, when asked for
     label_names: list[str]
+    uncertain: np.ndarray | None = None    # (N,) bool: top probability below min_confidence (all False without)
+    explanations: list[dict] | None = None  # one account per post (sgmft.predict.explain), when asked for
+    logits: np.ndarray | None = None       # (N, K) raw logits, before calibration
+
+    def __post_init__(self):
+        if self.uncertain is None:
+            self.uncertain = np.zeros(len(self.probs), dtype=bool)
 
     @property
     def top(self) -> np.ndarray:
@@ -43,12 +67,20 @@ class Predictions:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, label_names: list[str], features: dict,
-                 device: str = "cpu", info: dict | None = None):
+                 device: str = "cpu", info: dict | None = None, calibration: dict | None = None):
         self.model = model.to(device).eval()
         self.label_names = list(label_names)
         self.features = features
         self.device = device
         self.info = info or {}
+        # post-hoc calibration (sgmft.train.calibrate, calibrated_probs): the checkpoint's record
+        # unless given; T = 1, eps = 0 = none (older checkpoints, calibration: none)
+        cal = (calibration if calibration is not None else self.info.get("calibration")) or {}
+        self.temperature = float(cal.get("temperature", 1.0))
+        self.uniform_weight = float(cal.get("uniform_weight", 0.0))
+        if not self.temperature > 0 or not 0 <= self.uniform_weight < 1:
+            raise ValueError(f"calibration: temperature must be positive and uniform_weight in [0, 1), got "
+                             f"{self.temperature}, {self.uniform_weight}")
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> "Predictor":
@@ -84,7 +116,16 @@ class Predictor:
         else:
             card = model_card(self._card_info(), run, name=name)
         return write_model_folder(out_dir, self.model, self.info["model_cfg"], self.label_names, self.features,
-                                  self.info.get("train"), self.info.get("preset", ""), {CARD: card})
+                                  self.info.get("train"), self.info.get("preset", ""), {CARD: card},
+                                  calibration=self._calibration_record())
+
+    def _calibration_record(self) -> dict | None:
+        """The calibration the saved folder carries: the loaded record with this temperature."""
+        cal = dict(self.info.get("calibration") or {})
+        if cal.get("method", "none") == "none" and self.temperature == 1.0 and not self.uniform_weight:
+            return None
+        method = "temperature_uniform" if self.uniform_weight else "temperature"
+        return {**cal, "method": method, "temperature": self.temperature, "uniform_weight": self.uniform_weight}
 
     def _card_info(self) -> dict:
         return {"model_cfg": self.info["model_cfg"], "label_names": self.label_names, "features": self.features,
@@ -97,46 +138,65 @@ class Predictor:
     def check_store(self, store: FeatureStore, *, allow_precision_mismatch: bool = False) -> None:
         """Refuse features that do not match what the model was trained on (D, backbone, and the
         extraction precision fp32/bf16/int8 unless ``allow_precision_mismatch``)."""
-        if store.dim != self.dim:
-            raise ValueError(f"{store.path}: features have D={store.dim}, the model expects D={self.dim}")
-        want, got = self.features.get("backbone"), store.backbone
-        if want and got and want != got:
-            raise ValueError(f"{store.path}: features come from backbone {got!r}, the model was trained "
-                             f"on {want!r}; extract features with the same backbone")
-        want_p = (self.features.get("extraction") or {}).get("backbone_precision")
-        got_p = (store.meta.get("extra") or {}).get("backbone_precision")
-        if want_p and got_p and want_p != got_p and not allow_precision_mismatch:
-            raise PrecisionMismatchError(
-                f"{store.path}: features were extracted at precision {got_p}, the model was trained on "
-                f"{want_p} features; re-extract with `sgmft extract --precision {want_p}` or accept the "
-                "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
+        import dataclasses
+
+        from sgmft.checkpoint import FeatureContract
+
+        contract = dataclasses.replace(FeatureContract.from_dict(self.features), dim=self.dim)
+        contract.check_store(store, allow_precision_mismatch=allow_precision_mismatch)   # the one check
+
+    def _probs(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated probabilities (:func:`calibrated_probs`; T = 1, eps = 0: the raw softmax)."""
+        return calibrated_probs(logits.float(), self.temperature, self.uniform_weight).cpu().numpy()
+
+    def _batch(self, text, image, text_mask, image_mask, sl: slice) -> dict:
+        batch = {"text": torch.as_tensor(text[sl], dtype=torch.float32, device=self.device),
+                 "image": torch.as_tensor(image[sl], dtype=torch.float32, device=self.device)}
+        if text_mask is not None:
+            batch["text_mask"] = torch.as_tensor(np.asarray(text_mask[sl]), device=self.device)
+        if image_mask is not None:
+            batch["image_mask"] = torch.as_tensor(np.asarray(image_mask[sl]), device=self.device)
+        return batch
 
     @torch.inference_mode()
     def predict_features(self, text, image, text_mask=None, image_mask=None, *,
-                         batch_size: int = 512, return_fused: bool = False) -> Predictions:
+                         batch_size: int = 512, return_fused: bool = False, min_confidence: float | None = None,
+                         explain: bool = False) -> Predictions:
+        """Feature vectors ``(N, D)`` (and optional bool masks) -> :class:`Predictions`.
+
+        ``probs`` are calibrated as the checkpoint says (:func:`calibrated_probs`); ``min_confidence`` (in
+        [0, 1]) marks posts whose top probability is below it as ``uncertain`` (their
+        probabilities are kept); ``explain`` adds one account per post of which modality
+        decided (:mod:`sgmft.predict.explain`; masking costs two more forward passes)."""
+        from sgmft.predict.explain import explain_batch
+
+        check_min_confidence(min_confidence)
         text, image = np.asarray(text), np.asarray(image)
         if text.ndim != 2 or text.shape != image.shape or text.shape[1] != self.dim:
             raise ValueError(f"expected text and image of shape (N, {self.dim}), got "
                              f"{text.shape} and {image.shape}")
-        probs, fused = [], []
+        probs, fused, logits, expl = [], [], [], []
         for s in range(0, len(text), batch_size):
-            sl = slice(s, s + batch_size)
-            batch = {"text": torch.as_tensor(text[sl], dtype=torch.float32, device=self.device),
-                     "image": torch.as_tensor(image[sl], dtype=torch.float32, device=self.device)}
-            if text_mask is not None:
-                batch["text_mask"] = torch.as_tensor(np.asarray(text_mask[sl]), device=self.device)
-            if image_mask is not None:
-                batch["image_mask"] = torch.as_tensor(np.asarray(image_mask[sl]), device=self.device)
+            batch = self._batch(text, image, text_mask, image_mask, slice(s, s + batch_size))
             out = forward_batch(self.model, batch)
-            probs.append(torch.softmax(out.logits.float(), -1).cpu().numpy())
+            logits.append(out.logits.float().cpu().numpy())
+            probs.append(self._probs(out.logits))
             if return_fused:
                 fused.append(out.fused.float().cpu().numpy())
+            if explain:
+                expl += explain_batch(out, batch, probs[-1],
+                                      lambda b: self._probs(forward_batch(self.model, b).logits))
         k = len(self.label_names)
-        return Predictions(np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-                           np.concatenate(fused) if return_fused and fused else None, self.label_names)
+        p = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
+        return Predictions(p, np.concatenate(fused) if return_fused and fused else None, self.label_names,
+                           uncertain_mask(p, min_confidence), expl if explain else None,
+                           np.concatenate(logits) if logits else np.zeros((0, k), np.float32))
 
     def predict_store(self, store, indices=None, *, batch_size: int = 512,
-                      return_fused: bool = False, allow_precision_mismatch: bool = False) -> Predictions:
+                      return_fused: bool = False, allow_precision_mismatch: bool = False,
+                      min_confidence: float | None = None, explain: bool = False) -> Predictions:
+        """:meth:`predict_features` on rows ``indices`` of a feature store (all by default), in
+        the order given."""
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         self.check_store(fs, allow_precision_mismatch=allow_precision_mismatch)
         idx = np.arange(len(fs)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -146,52 +206,61 @@ class Predictor:
             fs.text[r], fs.image[r],
             None if fs.text_mask is None else fs.text_mask[r],
             None if fs.image_mask is None else fs.image_mask[r],
-            batch_size=batch_size, return_fused=return_fused)
+            batch_size=batch_size, return_fused=return_fused, min_confidence=min_confidence, explain=explain)
             for r in np.array_split(rows, max(1, -(-len(rows) // 8192)))]   # bounded memory
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
         probs = np.concatenate([p.probs for p in parts])[inv]
         fused = np.concatenate([p.fused for p in parts])[inv] if return_fused else None
-        return Predictions(probs, fused, self.label_names)
+        expl = None
+        if explain:
+            flat = [e for p in parts for e in p.explanations]
+            expl = [flat[i] for i in inv]
+        return Predictions(probs, fused, self.label_names, np.concatenate([p.uncertain for p in parts])[inv], expl,
+                           np.concatenate([p.logits for p in parts])[inv])
 
     def predict_store_to_file(self, store, out_path, *, split: str = "all", batch_size: int = 512,
                               chunk: int = 8192, progress: bool = False,
-                              allow_precision_mismatch: bool = False) -> dict:
+                              allow_precision_mismatch: bool = False, min_confidence: float | None = None) -> dict:
         """Predict every post of a feature store (labelled or not) into ``out_path``.
 
         Rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
-        prob_<place>..., true`` (``true`` only when the store has labels; empty / absent for
-        an unlabelled row), CSV when ``out_path`` ends in ``.csv``, else JSONL; written
+        prob_<place>..., true, uncertain, explanation...`` (``true`` only when the store has
+        labels; empty / absent for an unlabelled row; ``uncertain``: top probability below
+        ``min_confidence``), CSV when ``out_path`` ends in ``.csv``, else JSONL; written
         atomically, ``chunk`` rows at a time (bounded memory). ``split``: ``all`` or a split
-        of the store's ``split.npy``. Returns a summary dict (``posts``, ``predicted``,
-        ``labelled``, ``accuracy`` when some rows are labelled, ``out``, ``seconds``).
+        (train, val, test) taken as ``evaluate`` takes it: the run's own saved split when the
+        model's run was trained on this store, else the store's ``split.npy``. Returns a summary dict (``posts``, ``predicted``,
+        ``labelled``, ``accuracy`` when some rows are labelled, ``uncertain`` (a count), ``out``,
+        ``seconds``).
         """
         t0 = time.perf_counter()
+        check_min_confidence(min_confidence)
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         self.check_store(fs, allow_precision_mismatch=allow_precision_mismatch)
-        if split == "all":
-            rows = np.arange(len(fs))
-        elif fs.split is None:
-            raise ValueError(f"{fs.path}: the store has no split.npy, so --split {split!r} is undefined; "
-                             "use --split all")
-        else:
-            rows = fs.indices(split)
+        from sgmft.runs import locate, split_rows
+
+        src = self.info.get("path")         # the run's own split, as evaluate takes it
+        rows = split_rows(fs, locate(src)[1] if src is not None else None, split)
         store_names = fs.label_names
         labels = None if fs.labels is None else fs.labels
         with_true = labels is not None and bool(np.any(np.asarray(labels[rows]) >= 0))
         out_path = Path(out_path)
         counts: Counter = Counter()
-        n_labelled = n_correct = 0
+        n_labelled = n_correct = n_uncertain = 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
         try:
             with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
-                writer = PredictionWriter(f, prediction_format(out_path), self.label_names, with_true=with_true)
+                writer = PredictionWriter(f, prediction_format(out_path), self.label_names, with_true=with_true,
+                                          with_uncertain=True, with_explanation=True)
                 for s in range(0, len(rows), chunk):
                     r = rows[s:s + chunk]
-                    probs = self.predict_store(fs, r, batch_size=batch_size,
-                                               allow_precision_mismatch=allow_precision_mismatch).probs
+                    p = self.predict_store(fs, r, batch_size=batch_size, allow_precision_mismatch=allow_precision_mismatch,
+                                           min_confidence=min_confidence, explain=True)
+                    probs = p.probs
+                    n_uncertain += int(p.uncertain.sum())
                     top = probs.argmax(1)
                     counts.update(self.label_names[i] for i in top)
                     true = None
@@ -201,13 +270,16 @@ class Predictor:
                         known = lab >= 0
                         n_labelled += int(known.sum())
                         n_correct += sum(t == self.label_names[i] for t, i, k in zip(true, top, known) if k)
-                    writer.write(np.asarray(fs.ids[r]), probs, true)
+                    writer.write(np.asarray(fs.ids[r]), probs, true, uncertain=p.uncertain,
+                                 explanations=p.explanations)
                     bar.update(len(r))
         finally:
             bar.close()
         summary = {"posts": int(len(rows)), "out": str(out_path), "store": str(fs.path), "split": split,
                    "predicted": {n: counts[n] for n in self.label_names if counts[n]},
                    "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
+        if min_confidence is not None:
+            summary.update(min_confidence=float(min_confidence), uncertain=n_uncertain)
         if n_labelled:
             summary["accuracy"] = n_correct / n_labelled
         return summary

@@ -3,7 +3,8 @@ stores and raw-post manifests) and their Python counterparts.
 
 One row per post, columns in this order::
 
-    id, pred, prob_<place>..., true, <extras>...
+    id, pred, prob_<place>..., true, <extras>..., uncertain, explanation_decided_by, explanation_text,
+    explanation_image
 
 * ``id``    the post id;
 * ``pred``  the predicted place (the most probable one);
@@ -11,7 +12,15 @@ One row per post, columns in this order::
 * ``true``  the true place, only when it is known: the column is absent when no post has
   one, and empty (CSV) / absent (JSONL) for a post without one;
 * extras    writer-specific columns after the schema ones (``sgmft predict --manifest``
-  adds ``text_mask`` and ``image_mask``, written 1/0 in CSV, true/false in JSONL).
+  adds ``text_mask`` and ``image_mask``, written 1/0 in CSV, true/false in JSONL);
+* ``uncertain`` (1/0 in CSV, true/false in JSONL): the top probability is below the
+  ``--min-confidence`` given (never true without one); written by ``predict`` and ``evaluate``;
+* the account of which modality decided (:mod:`sgmft.predict.explain`): in CSV three flat
+  columns ``explanation_decided_by`` (text, image, both, neither), ``explanation_text`` and
+  ``explanation_image`` (each modality's state); in JSONL one nested object ``explanation``
+  with those and ``sentence``, ``method`` and ``scores``. Written by ``predict`` and ``evaluate``.
+
+New columns only ever go after the old ones, so a reader of the old layout keeps working.
 
 Two encodings of the same rows: CSV (the file name ends in ``.csv``) and JSON Lines
 (anything else), one flat object per line with the CSV's column names as keys. The old
@@ -30,8 +39,11 @@ import numpy as np
 
 from sgmft.atomic import atomic_file
 
-__all__ = ["PredictionWriter", "prediction_columns", "prediction_format", "read_predictions",
-           "write_predictions"]
+__all__ = ["EXPLANATION_COLUMNS", "PredictionWriter", "prediction_columns", "prediction_format",
+           "read_predictions", "write_predictions"]
+
+#: the flat CSV columns of the explanation (the JSONL object has these keys without the prefix, and more)
+EXPLANATION_COLUMNS = ("explanation_decided_by", "explanation_text", "explanation_image")
 
 
 def prediction_format(path) -> str:
@@ -39,8 +51,11 @@ def prediction_format(path) -> str:
     return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
 
 
-def prediction_columns(label_names: Sequence[str], *, with_true: bool, extras: Sequence[str] = ()) -> list[str]:
-    return ["id", "pred", *[f"prob_{n}" for n in label_names], *(["true"] if with_true else []), *extras]
+def prediction_columns(label_names: Sequence[str], *, with_true: bool, extras: Sequence[str] = (),
+                       with_uncertain: bool = False, with_explanation: bool = False) -> list[str]:
+    """The CSV header (JSONL: the keys, with one ``explanation`` object for the three columns)."""
+    return ["id", "pred", *[f"prob_{n}" for n in label_names], *(["true"] if with_true else []), *extras,
+            *(["uncertain"] if with_uncertain else []), *(EXPLANATION_COLUMNS if with_explanation else ())]
 
 
 def _plain(v):
@@ -62,28 +77,34 @@ def _true_name(t, names: Sequence[str]) -> str | None:
 class PredictionWriter:
     """Writes prediction rows to an open text file ``f`` in ``fmt`` (``"csv"`` or ``"jsonl"``).
 
-    ``with_true``: whether the file has a ``true`` column; ``extras``: names of extra columns.
+    ``with_true``: whether the file has a ``true`` column; ``extras``: names of extra columns;
+    ``with_uncertain`` / ``with_explanation``: the ``uncertain`` column and the explanation
+    (then :meth:`write` needs ``uncertain=`` / ``explanations=``).
     The CSV header is written at construction; call :meth:`write` once per batch.
     """
 
     def __init__(self, f: IO[str], fmt: str, label_names: Sequence[str], *, with_true: bool,
-                 extras: Sequence[str] = ()):
+                 extras: Sequence[str] = (), with_uncertain: bool = False, with_explanation: bool = False):
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"prediction format must be 'csv' or 'jsonl', got {fmt!r}")
         self.f, self.fmt = f, fmt
         self.names = [str(n) for n in label_names]
         self.with_true, self.extras = with_true, list(extras)
-        self.columns = prediction_columns(self.names, with_true=with_true, extras=self.extras)
+        self.with_uncertain, self.with_explanation = with_uncertain, with_explanation
+        self.columns = prediction_columns(self.names, with_true=with_true, extras=self.extras,
+                                          with_uncertain=with_uncertain, with_explanation=with_explanation)
         self.rows = 0
         self._csv = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None:
             self._csv.writerow(self.columns)
 
     def write(self, ids: Iterable, probs, true: Iterable | None = None,
-              extras: dict[str, Sequence] | None = None, pred=None) -> None:
+              extras: dict[str, Sequence] | None = None, pred=None, *, uncertain=None,
+              explanations: Sequence[dict] | None = None) -> None:
         """One batch: ``probs`` (n, K); ``true``: label names or indices (None / "" / -1 =
         unknown); ``extras``: column name -> n values; ``pred``: predicted indices when
-        they are not ``probs.argmax(1)`` (default)."""
+        they are not ``probs.argmax(1)`` (default); ``uncertain``: n bools;
+        ``explanations``: n accounts (:mod:`sgmft.predict.explain`)."""
         probs = np.asarray(probs, dtype=np.float64)
         ids = list(ids)
         n = len(ids)
@@ -97,6 +118,8 @@ class PredictionWriter:
         extras = extras or {}
         if sorted(extras) != sorted(self.extras):
             raise ValueError(f"extra columns {sorted(extras)} differ from {sorted(self.extras)}")
+        unc = self._checked("uncertain", uncertain, self.with_uncertain, n)
+        expl = self._checked("explanations", explanations, self.with_explanation, n)
         top = (probs.argmax(1) if n else np.zeros(0, np.int64)) if pred is None else np.asarray(pred, np.int64)
         if len(top) != n:
             raise ValueError(f"pred has {len(top)} entries for {n} posts")
@@ -108,6 +131,10 @@ class PredictionWriter:
                     row.append(t or "")
                 row += [int(v) if isinstance(_plain(v), bool) else _plain(v)
                         for v in (extras[c][i] for c in self.extras)]
+                if unc is not None:
+                    row.append(int(bool(unc[i])))
+                if expl is not None:
+                    row += [expl[i]["decided_by"], expl[i]["text"], expl[i]["image"]]
                 self._csv.writerow(row)
             else:
                 rec = {"id": _plain(ids[i]), "pred": self.names[top[i]]}
@@ -115,16 +142,33 @@ class PredictionWriter:
                 if t is not None:
                     rec["true"] = t
                 rec.update({c: _plain(extras[c][i]) for c in self.extras})
+                if unc is not None:
+                    rec["uncertain"] = bool(unc[i])
+                if expl is not None:
+                    rec["explanation"] = expl[i]
                 self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.rows += n
+
+    @staticmethod
+    def _checked(name: str, values, wanted: bool, n: int):
+        if values is None:
+            if wanted:
+                raise ValueError(f"this prediction file has a column for {name}: pass {name}=")
+            return None
+        if not wanted:
+            raise ValueError(f"this prediction file has no column for {name}")
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} posts")
+        return values
 
 
 def write_predictions(path, ids, probs, label_names: Sequence[str], true=None, *,
                       extras: dict[str, Sequence] | None = None, fmt: str | None = None,
-                      pred=None) -> Path:
+                      pred=None, uncertain=None, explanations: Sequence[dict] | None = None) -> Path:
     """Write a whole prediction file atomically (CSV or JSONL by ``path``'s suffix unless
     ``fmt``); the ``true`` column appears when ``true`` is given and names at least one
-    known place."""
+    known place; ``uncertain`` and the explanation columns when they are given."""
     path = Path(path)
     fmt = fmt or prediction_format(path)
     if true is not None:
@@ -132,8 +176,9 @@ def write_predictions(path, ids, probs, label_names: Sequence[str], true=None, *
         if all(_true_name(t, label_names) is None for t in true):
             true = None                    # no known truth at all: no 'true' column
     with atomic_file(path, "w", encoding="utf-8", newline="") as f:
-        w = PredictionWriter(f, fmt, label_names, with_true=true is not None, extras=list(extras or {}))
-        w.write(ids, probs, true, extras, pred)
+        w = PredictionWriter(f, fmt, label_names, with_true=true is not None, extras=list(extras or {}),
+                             with_uncertain=uncertain is not None, with_explanation=explanations is not None)
+        w.write(ids, probs, true, extras, pred, uncertain=uncertain, explanations=explanations)
     return path
 
 

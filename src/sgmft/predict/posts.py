@@ -39,7 +39,8 @@ from sgmft.features.encode import DEFAULT_MAX_IMAGES, IMAGE_CHOICES, check_image
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
-from sgmft.predict.features import BackboneMismatchError, PrecisionMismatchError, Predictor  # noqa: F401
+from sgmft.predict.features import (BackboneMismatchError, PrecisionMismatchError, Predictions,  # noqa: F401
+                                    Predictor, check_min_confidence, uncertain_mask)
 from sgmft.predict.output import PredictionWriter, prediction_format
 from sgmft.runs import RunDir
 
@@ -206,36 +207,25 @@ class PostPredictor:
                     "--out preds.csv` (Predictor.predict_store in Python), or pass --backbone SPEC if "
                     f"those features did come from a backbone ({e.args[0] if e.args else e})") from None
             except BackboneUnavailableError as e:
-                hint = ("" if backbone is not None else
-                        f"\nThe model {model_dir} was trained on features from backbone {trained_spec!r}. "
-                        "If its weights live elsewhere on this machine, pass --backbone (backbone=) "
-                        "with their location.")
-                raise BackboneUnavailableError(f"{e}{hint}") from None
+                if backbone is not None:
+                    raise
+                # the recorded backbone moved or is not on this machine: the fix comes first, short
+                cause = (str(e).splitlines() or [""])[0]
+                raise BackboneUnavailableError(
+                    f"pass --backbone SPEC (backbone= in Python): the backbone the model was trained with, "
+                    f"{trained_spec!r}, is not available here.\n  {cause}\n  If its weights moved, give their "
+                    "new location; to get them, see docs/backbones.md.") from None
             if want_prec == "auto":
                 _check_precision(bb.precision)
-        if bb.dim != pred.dim:
-            raise BackboneMismatchError(
-                f"backbone {bb.spec!r} gives D={bb.dim} features, but the model {model_dir} was trained on "
-                f"D={pred.dim} features from {trained_spec!r}; use that backbone")
-        want_fp = extra.get("backbone_fingerprint")
-        if trained_prec and bb.precision != trained_prec:  # allowed above: verify the weights at the trained one
-            got_fp = bb.fingerprint_at(trained_prec)
-            if got_fp is None:
-                notes.append(f"backbone {bb.spec!r} cannot be verified at precision {trained_prec} (its fingerprint "
-                             "is only known at its own precision); make sure it is the training backbone")
-                want_fp = None
-        else:
-            got_fp = bb.fingerprint()
-        if want_fp and got_fp != want_fp:
-            msg = (f"backbone {bb.spec!r} is not the one the model {model_dir} was trained on "
-                   f"({trained_spec!r}): its fingerprint (weights, tokenizer, preprocessing, precision) "
-                   "differs, so its features would not match")
-            if check_backbone:
-                raise BackboneMismatchError(msg + "; pass the training backbone (or check_backbone=False)")
-            notes.append(msg)
-        elif not want_fp and trained_spec and bb.spec != trained_spec:
-            notes.append(f"backbone {bb.spec!r} differs from the training spec {trained_spec!r} and cannot be "
-                         "verified (no fingerprint recorded); make sure it is the same model")
+        # the one check of a backbone against the feature contract (sgmft.checkpoint): D, precision,
+        # fingerprint at the trained precision
+        from sgmft.checkpoint import FeatureContract
+
+        contract = dataclasses.replace(FeatureContract.from_dict(pred.features), dim=pred.dim)
+        notes += [n for n in contract.check_backbone(bb, where=f"the model {model_dir}",
+                                                     check_fingerprint=check_backbone,
+                                                     allow_precision_mismatch=allow_precision_mismatch)
+                  if n not in notes]
         if clean_cfg is not None and extra.get("clean_fingerprint"):
             fp = TextCleaner(clean_cfg).fingerprint()
             if fp != extra["clean_fingerprint"]:
@@ -259,9 +249,10 @@ class PostPredictor:
         return self.predictor.save_pretrained(out_dir, **kw)
 
     # -- single posts ------------------------------------------------------------------------
-    def predict_post(self, text: str | None, images: Sequence[str | os.PathLike | ImageBytes] = ()) -> dict:
+    def predict_post(self, text: str | None, images: Sequence[str | os.PathLike | ImageBytes] = (), *,
+                     min_confidence: float | None = None) -> dict:
         """One post -> ``{label, prob, probs, text_used, image_used, image_index, text_mask, image_mask,
-        warnings, image_rejects}``.
+        warnings, image_rejects, uncertain, explanation}``.
 
         ``label`` is the most probable place, ``probs`` maps every place to its probability,
         ``text_used`` is the cleaned text the model saw (``""`` = none), ``image_used`` the
@@ -269,16 +260,22 @@ class PostPredictor:
         ``None`` = none) and ``image_index`` its position in ``images``. Unusable images and
         missing modalities are reported in ``warnings`` (and the unusable images as
         ``image_rejects``: ``[index, reason]`` pairs); nothing raises for bad input files.
+        ``prob`` and ``probs`` are calibrated (the checkpoint's temperature). ``uncertain`` is
+        True when ``prob`` is below ``min_confidence`` (never without one; the probabilities
+        are kept). ``explanation`` says which modality decided (:mod:`sgmft.predict.explain`):
+        ``{decided_by, text, image, sentence, method, scores}``.
         """
         if isinstance(images, (str, os.PathLike, ImageBytes)):
             images = [images]
-        return self.predict_posts([(text, images)])[0]
+        return self.predict_posts([(text, images)], min_confidence=min_confidence)[0]
 
-    def predict_posts(self, posts: Sequence[tuple[str | None, Sequence[str | os.PathLike | ImageBytes]]]) -> list[dict]:
+    def predict_posts(self, posts: Sequence[tuple[str | None, Sequence[str | os.PathLike | ImageBytes]]], *,
+                      min_confidence: float | None = None) -> list[dict]:
         """Many ``(text, images)`` posts, encoded in batches of ``batch_size``; one
         :meth:`predict_post` result per post. Images may be paths or
         :class:`~sgmft.ingest.images.ImageBytes` (bytes in memory: what the HTTP service
         passes, which never passes paths)."""
+        check_min_confidence(min_confidence)
         items = []
         for text, images in posts:
             if text is not None and not isinstance(text, str):
@@ -290,11 +287,13 @@ class PostPredictor:
             batch = items[s:s + self.batch_size]
             enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels,
                                max_images=self.max_images)
-            probs = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask).probs
-            out.extend(self._result(post, enc, r, probs[r]) for r, post in enumerate(batch))
+            p = self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask,
+                                                min_confidence=min_confidence, explain=True)
+            out.extend(self._result(post, enc, r, p.probs[r], bool(p.uncertain[r]), p.explanations[r])
+                       for r, post in enumerate(batch))
         return out
 
-    def _result(self, post: Post, enc, r: int, probs) -> dict:
+    def _result(self, post: Post, enc, r: int, probs, uncertain: bool = False, explanation: dict | None = None) -> dict:
         given = [str(p) for p in post.images]
         rejects = [[j, reason.removeprefix(f"{given[j]}: ")] for j, reason in enc.rejects[r]]
         warnings = [f"image {given[j]} not used: {reason}" for j, reason in rejects]
@@ -313,24 +312,27 @@ class PostPredictor:
         return {"label": self.label_names[top], "prob": float(probs[top]),
                 "probs": {n: float(p) for n, p in zip(self.label_names, probs)},
                 "text_used": enc.texts_used[r], "image_used": image_used, "image_index": image_index,
-                "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects}
+                "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects,
+                "uncertain": bool(uncertain), "explanation": explanation}
 
     # -- manifests ---------------------------------------------------------------------------
     def _encode_batches(self, batches, base):
-        """``(EncodedBatch, probs)`` of each batch of posts, in order, in this process."""
+        """``(EncodedBatch, Predictions with explanations)`` of each batch of posts, in order, in this process."""
         for batch in batches:
             enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels,
                                base=base, max_images=self.max_images)
-            yield enc, self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask).probs
+            yield enc, self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask,
+                                                       explain=True)
 
     def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False,
                          image_root=None, allow_any_path: bool = False, field_limits: dict | None = None,
-                         _encoded=None) -> dict:
+                         min_confidence: float | None = None, _encoded=None) -> dict:
         """Predict every valid post of a manifest; write one row per post to ``out_path``.
 
         The rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
         prob_<place>..., true`` (``true`` when the manifest has labels), then ``text_mask,
-        image_mask``; CSV when ``out_path`` ends in ``.csv``, else JSONL. Bad
+        image_mask``, then ``uncertain`` (top probability below ``min_confidence``) and the
+        explanation; CSV when ``out_path`` ends in ``.csv``, else JSONL. Bad
         rows (same checks as ``sgmft extract``; labels must be places the model knows) and
         unusable images are written to ``rejects_path`` (default ``<out>.rejects.jsonl``)
         and counted, never raised. Returns a summary dict. Image paths are confined as in
@@ -339,6 +341,7 @@ class PostPredictor:
         The same on Ray Data: :func:`sgmft.predict.ray_predict.predict_manifest_ray`.
         """
         t0 = time.perf_counter()
+        check_min_confidence(min_confidence)
         manifest, out_path = Path(manifest), Path(out_path)
         rejects_path = Path(rejects_path) if rejects_path is not None else out_path.with_name(
             out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
@@ -355,18 +358,21 @@ class PostPredictor:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         img_rejects: list[Reject] = []
         counts: Counter = Counter()
-        n_text_missing = n_image_missing = n_labelled = n_correct = 0
+        n_text_missing = n_image_missing = n_labelled = n_correct = n_uncertain = 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(posts), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
         try:
             with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
                 writer = PredictionWriter(f, prediction_format(out_path), names, with_true=with_true,
-                                          extras=("text_mask", "image_mask"))
+                                          extras=("text_mask", "image_mask"), with_uncertain=True,
+                                          with_explanation=True)
                 batches = [posts[s:s + self.batch_size] for s in range(0, len(posts), self.batch_size)]
                 # per batch, in order: (its masks and image rejects, its probabilities)
                 encoded = (_encoded or self._encode_batches)(batches, base)
-                for batch, (enc, probs) in zip(batches, encoded):
+                for batch, (enc, pb) in zip(batches, encoded):
+                    probs, unc = pb.probs, uncertain_mask(pb.probs, min_confidence)
+                    n_uncertain += int(unc.sum())
                     for r, p in enumerate(batch):
                         img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
                                            for _, reason in enc.rejects[r])
@@ -380,7 +386,8 @@ class PostPredictor:
                     writer.write([p.id for p in batch], probs,
                                  [p.label for p in batch] if with_true else None,
                                  {"text_mask": [bool(m) for m in enc.text_mask[:len(batch)]],
-                                  "image_mask": [bool(m) for m in enc.image_mask[:len(batch)]]})
+                                  "image_mask": [bool(m) for m in enc.image_mask[:len(batch)]]},
+                                 uncertain=unc, explanations=pb.explanations)
                     bar.update(len(batch))
         finally:
             bar.close()
@@ -391,6 +398,8 @@ class PostPredictor:
                    "images_rejected": len(img_rejects), "text_missing": n_text_missing,
                    "image_missing": n_image_missing, "predicted": {n: counts[n] for n in names if counts[n]},
                    "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
+        if min_confidence is not None:
+            summary.update(min_confidence=float(min_confidence), uncertain=n_uncertain)
         if n_labelled:
             summary["accuracy"] = n_correct / n_labelled
         return summary

@@ -8,6 +8,9 @@ its threads). While a batch runs, new requests queue up and form the next batch,
 under load batches fill by themselves and the wait only costs latency when traffic is
 light. A request whose items do not fit in the queue is refused at once with
 :class:`QueueFull` (the service answers 503 + Retry-After): waiting is always bounded.
+Retry-After is the time until the request would fit: the forwards needed to make room
+(the one running, plus the queued items beyond the room, ``max_batch`` per forward) times
+the recent seconds per forward.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.running = 0          # items in the batch being computed now
-        self._rate = 0.0          # items per second of recent batches (for Retry-After)
+        self._batch_s = 0.0       # seconds per forward, recent average (for Retry-After)
+        self._waiter: asyncio.Future | None = None   # set while the worker waits for batch-mates
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -69,15 +73,23 @@ class Batcher:
     async def submit(self, items: Sequence[Any]) -> list:
         """Queue ``items``; return their results in order (an exception of ``fn`` is raised)."""
         self._ensure_started()
-        depth = self.depth + self.running
         if self.depth + len(items) > self.max_queue:
-            eta = depth / self._rate if self._rate > 0 else 1.0
-            raise QueueFull(self.name, depth, self.max_queue, max(1, math.ceil(eta)))
+            raise QueueFull(self.name, self.depth + self.running, self.max_queue, self.retry_after(len(items)))
         loop = asyncio.get_running_loop()
         futs = [loop.create_future() for _ in items]
         for it, fut in zip(items, futs):
             self._q.put_nowait((it, fut))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)                         # wake the collecting worker
+        if len(futs) == 1:
+            return [await futs[0]]
         return list(await asyncio.gather(*futs))
+
+    def retry_after(self, n: int) -> int:
+        """Whole seconds until ``n`` more items would fit in the queue (at least 1)."""
+        over = self.depth + n - self.max_queue
+        forwards = math.ceil(max(0, over) / self.max_batch) + (1 if self.running else 0)
+        return max(1, math.ceil(forwards * (self._batch_s or 0.1)))
 
     async def _work(self) -> None:
         q, loop = self._q, asyncio.get_running_loop()
@@ -91,10 +103,14 @@ class Batcher:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
+                # wait for the next submit or the deadline: a bare future and a timer (no task per item)
+                self._waiter = fut = loop.create_future()
+                timer = loop.call_later(left, lambda f=fut: f.done() or f.set_result(None))
                 try:
-                    batch.append(await asyncio.wait_for(q.get(), left))
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
+                    await fut
+                finally:
+                    timer.cancel()
+                    self._waiter = None
             batch = [(it, f) for it, f in batch if not f.done()]   # the client went away
             if not batch:
                 continue
@@ -120,8 +136,6 @@ class Batcher:
             finally:
                 dt = time.perf_counter() - t0
                 self.running = 0
-                if dt > 0:
-                    rate = len(batch) / dt
-                    self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+                self._batch_s = dt if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * dt
                 if self.on_batch is not None:
                     self.on_batch(self.name, len(batch), dt)

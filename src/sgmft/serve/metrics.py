@@ -2,7 +2,8 @@
 
 ``GET /metrics`` exposes, in the Prometheus text format:
 
-* ``sgmft_http_requests_total{endpoint,status}``: requests by endpoint and status code;
+* ``sgmft_http_requests_total{endpoint,status}``: requests by endpoint and status code (``499``:
+  the client disconnected before its request was read; ``431``: request head too large);
 * ``sgmft_http_request_duration_seconds{endpoint}``: latency histogram;
 * ``sgmft_queue_depth{queue}``: posts waiting for a forward (``posts``, ``features``);
 * ``sgmft_batch_size{queue}``: posts per forward (histogram);
@@ -31,6 +32,7 @@ class Metrics:
         self.batch_seconds = Histogram("sgmft_batch_duration_seconds", "time per forward", ["queue"],
                                        buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10), registry=r)
         self.in_flight = Gauge("sgmft_in_flight_requests", "requests being handled", registry=r)
+        self._children: dict = {}
 
     def track_queues(self, batchers: dict) -> None:
         for name, b in batchers.items():
@@ -45,8 +47,12 @@ class Metrics:
         return "other"   # bounded label set: unknown paths are not labels
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        key = (endpoint, status)
+        pair = self._children.get(key)
+        if pair is None:        # label lookups cached: this runs for every request
+            pair = self._children[key] = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def observe_batch(self, queue: str, size: int, seconds: float) -> None:
         self.batch.labels(queue).observe(size)

@@ -37,22 +37,18 @@ from sgmft.card import write_model_card
 from sgmft.data.splits import resolve_split
 from sgmft.errors import SgmftNote, SgmftWarning
 from sgmft.features import FeatureStore
+from sgmft.models.input_norm import fit_input_norm
 from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_differences, fingerprint,
                         fingerprint_inputs, ids_digest)
+from sgmft.train.calibrate import fit_calibration
 from sgmft.train.data import make_loader
-from sgmft.train.module import LitClassifier
+from sgmft.train.module import EpochLines, LitClassifier
+from sgmft.train.select import train_selected
+from sgmft.train.result import TrainResult
 from sgmft.train.resume import (NonFiniteError, ResumeCheckpointError, RunRecorder, SafeCheckpointIO,
                                 _finite_module, load_state, load_weights, write_metrics_csv)
 
 
-@dataclasses.dataclass
-class TrainResult:
-    run_dir: Path
-    checkpoint: Path
-    best_val_acc: float | None
-    seconds: float
-    status: str = "trained"        # "trained", "resumed" (finished an interrupted run) or "complete"
-                                   # (it was already complete: nothing was done)
 
 
 def _quiet_lightning() -> None:
@@ -111,6 +107,33 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     if neither and (tm.any() and im.any()):
         warnings.warn(f"{fs.path}: {neither} of {len(tr)} training posts have neither text nor image (both "
                       "masks False); they teach only how common each label is", SgmftWarning, stacklevel=4)
+
+
+def resolve_budget(train_cfg: TrainConfig, num_train: int) -> TrainConfig:
+    """``epochs`` raised so the run makes at least ``min_steps`` optimiser steps (docs/training.md,
+    "Budget"): a fixed 10 epochs is 1,000 steps on 13,600 posts but 20 on 300. The resolved value is
+    what run.json records, so a resumed run and the fingerprint see the same number."""
+    if train_cfg.min_steps <= 0 or num_train <= 0:
+        return train_cfg
+    world = train_cfg.devices if isinstance(train_cfg.devices, int) and train_cfg.devices > 0 else 1
+    per_epoch = max(1, -(-num_train // (train_cfg.batch_size * world * train_cfg.num_nodes)))
+    epochs = max(train_cfg.epochs, -(-train_cfg.min_steps // per_epoch))
+    return train_cfg if epochs == train_cfg.epochs else dataclasses.replace(train_cfg, epochs=epochs)
+
+
+def _warn_if_not_learned(fs, tr, va, best_score) -> None:
+    """A run whose validation accuracy is near what always answering the commonest class gets has
+    not learned: say so (with what to try) instead of exporting a model silently."""
+    if best_score is None or len(va) == 0:
+        return
+    labels = np.asarray(fs.labels)
+    majority = int(np.bincount(labels[tr]).argmax())
+    rate = float((labels[va] == majority).mean())
+    if best_score <= rate + 0.05:
+        warnings.warn(f"{fs.path}: the model did not learn: best validation accuracy {best_score:.3f} is close to "
+                      f"the majority-class rate {rate:.3f} (always answering {fs.label_names[majority]!r}). Check the "
+                      "labels and features, or train longer (--set train.min_steps=N or --epochs N)",
+                      SgmftWarning, stacklevel=4)
 
 
 def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
@@ -180,6 +203,11 @@ def train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelCo
     deletes anything); nor does the run folder stay if this call created it."""
     out = Path(out_dir)
     existed = out.exists()
+    p = load_preset(preset or DEFAULT_PRESET) if isinstance(preset, (str, Path, type(None))) else preset
+    if p.candidates and model_cfg is None:             # a selecting preset (auto): docs/design.md
+        if train_cfg is not None:
+            p = dataclasses.replace(p, train=train_cfg)
+        return train_selected(store, out_dir, p, overwrite=overwrite, train_fn=train)   # train/select.py
     try:
         return _train(store, out_dir, preset, model_cfg, train_cfg, overwrite=overwrite)
     except BaseException:
@@ -221,6 +249,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
     if len(tr) == 0:
         raise ValueError(f"{fs.path}: the split has no training posts")
     _check_training_rows(fs, tr)
+    train_cfg = resolve_budget(train_cfg, len(tr))
     inputs = fingerprint_inputs(asdict(model_cfg), asdict(train_cfg), fs.path)
     fp = fingerprint(inputs)
     if not _rank_zero_process():          # a DDP child: rank 0 holds the lock and owns the folder
@@ -269,10 +298,70 @@ def _tensorboard_logger(run_dir: RunDir):
     return TensorBoardLogger(run_dir.root, name=run_dir.tensorboard.name, version="", default_hp_metric=False)
 
 
+def _rows_batch(fs, rows: np.ndarray) -> dict:
+    """A whole split as one batch dict of tensors (rows read in store order)."""
+    rows = np.sort(np.asarray(rows))
+    batch = {"text": torch.from_numpy(np.asarray(fs.text[rows], dtype=np.float32)),
+             "image": torch.from_numpy(np.asarray(fs.image[rows], dtype=np.float32)),
+             "label": torch.from_numpy(np.asarray(fs.labels)[rows].astype(np.int64))}
+    for key in ("text_mask", "image_mask"):
+        m = getattr(fs, key)
+        if m is not None:
+            batch[key] = torch.from_numpy(np.asarray(m)[rows].astype(bool))
+    return batch
+
+
+def _fit_closed_form(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0) -> TrainResult:
+    """Heads with a closed-form or convex fit (``closed_form = True``: shrinkage LDA, logistic
+    regression, models/linear.py): no optimiser loop, same run folder and checkpoint as any run."""
+    from sgmft.models import build_model, forward_batch
+
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg)
+    norm_info = fit_input_norm(model, fs, tr)
+    val = _rows_batch(fs, va) if len(va) else None
+    fit_info = model.fit_closed_form(_rows_batch(fs, tr), val, seed=train_cfg.seed)
+    model.eval()
+    val_acc = None
+    if val is not None:
+        with torch.no_grad():
+            val_acc = float((forward_batch(model, val).logits.argmax(1) == val["label"]).float().mean())
+    bad = _finite_module(model)
+    if bad:
+        raise NonFiniteError(f"{run_dir.root}: the fitted weights are non-finite ({bad}); nothing was exported")
+    write_metrics_csv(run_dir.metrics_csv, [{"epoch": 0, "step": 0, "val_acc": val_acc}])
+    _finish(fs, run_dir, p, model, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, best_score=val_acc,
+            best_epoch=0, epochs_run=0, extra={"input_norm": norm_info, "fit": fit_info})
+    return TrainResult(run_dir.root, run_dir.model, val_acc, time.time() - t0)
+
+
+def _finish(fs, run_dir, p, model, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, *, best_score, best_epoch,
+            epochs_run, extra) -> None:
+    """Calibrate on the validation split, then export the checkpoint, the split, run.json (status
+    complete) and the model card."""
+    _warn_if_not_learned(fs, tr, va, best_score)
+    calibration = fit_calibration(model.cpu(), fs, va, model_cfg, train_cfg)   # docs/predict.md
+    save_checkpoint(run_dir.model, model.cpu(), model_cfg, fs.label_names, fs.meta, train_cfg, preset=p.name,
+                    calibration=calibration)
+    run_dir.write_split(split)
+    run = _run_record(fs, p, model_cfg, train_cfg, fp, inputs,
+                      num_train=int(len(tr)), num_val=int(len(va)), num_test=int((split == "test").sum()),
+                      best_val_acc=best_score, best_epoch=best_epoch,
+                      epochs_run=epochs_run, seconds=round(time.time() - t0, 2), **extra)
+    run["status"] = "complete"
+    run_dir.write_run_json(run)
+    write_model_card(run_dir.model)                 # model/README.md (docs/predict.md, "Sharing")
+
+
 def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, *,
          resume: bool) -> TrainResult:
+    from sgmft.models import MODELS
+
+    if getattr(MODELS.get(model_cfg.arch), "closed_form", False):
+        return _fit_closed_form(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0)
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     lit = LitClassifier(model_cfg, train_cfg)
+    norm_info = fit_input_norm(lit.model, fs, tr)         # training split only; buffers of the model
     preloaded = {}
     if resume and _rank_zero_process():
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp)
@@ -292,6 +381,8 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     progress = progress_enabled(train_cfg.progress)     # None: only on a terminal
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 50)))
+    elif train_cfg.progress is None:                    # not a terminal (a log, a CI job): a line per epoch
+        callbacks.append(EpochLines(train_cfg.epochs))
     strategy = train_cfg.strategy
     if strategy == "ddp":
         # Placeholders for absent modalities get no gradient on stores without masks.
@@ -323,13 +414,7 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
         if bad:
             raise NonFiniteError(f"{run_dir.root}: the trained weights are non-finite ({bad}); nothing was exported")
         write_metrics_csv(run_dir.metrics_csv, recorder.history)
-        save_checkpoint(run_dir.model, lit.model.cpu(), model_cfg, fs.label_names, fs.meta, train_cfg, preset=p.name)
-        run_dir.write_split(split)
-        run = _run_record(fs, p, model_cfg, train_cfg, fp, inputs,
-                          num_train=int(len(tr)), num_val=int(len(va)), num_test=int((split == "test").sum()),
-                          best_val_acc=best_score, best_epoch=recorder.best_epoch,
-                          epochs_run=int(trainer.current_epoch), seconds=round(time.time() - t0, 2))
-        run["status"] = "complete"
-        run_dir.write_run_json(run)
-        write_model_card(run_dir.model)                 # model/README.md (docs/predict.md, "Sharing")
+        _finish(fs, run_dir, p, lit.model, model_cfg, train_cfg, split, tr, va, fp, inputs, t0,
+                best_score=best_score, best_epoch=recorder.best_epoch, epochs_run=int(trainer.current_epoch),
+                extra={"input_norm": norm_info})
     return TrainResult(run_dir.root, run_dir.model, best_score, time.time() - t0)

@@ -42,11 +42,17 @@ META_KEY = "sgmft"
 METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1")
 
 
-class ResumeCheckpointError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class ResumeCheckpointError(InputError):
     """A resume checkpoint that cannot be used; the message names the file and what to do."""
 
 
-class NonFiniteError(ValueError):
+from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+class NonFiniteError(InputError):
     """Training produced a NaN or infinite loss or weights; nothing is exported."""
 
 

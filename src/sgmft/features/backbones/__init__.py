@@ -5,7 +5,8 @@
 
 * ``chinese-clip`` -- Hugging Face ``ChineseCLIPModel`` (default ``OFA-Sys/chinese-clip-vit-huge-patch14``);
 * ``hf-clip``      -- other transformers CLIP-family models (``CLIPModel``, ``SiglipModel``, ...);
-* ``cn-clip``      -- the official ``cn_clip`` package, if installed;
+* ``cn-clip``      -- an official ``cn_clip`` ``.pt`` checkpoint, converted to the transformers
+  layout in memory (no cn_clip package, no torchvision; ``cn_clip_convert.py``);
 * ``cnn-wordemb``  -- Table 2's Baseline: frozen EfficientNet-Lite0 image features + mean of
   fixed hashed word embeddings (the ``[cnn]`` extra; ``ref`` may be empty or
   ``efficientnet-lite0``).
@@ -68,7 +69,8 @@ def load_backbone(spec: str, *, device: str = "auto", dtype: str = "auto", batch
     """Load a backbone from ``"<name>:<hub-id-or-dir>"``, e.g. ``"chinese-clip:/models/cc-vit-h"``.
 
     ``device="auto"`` picks this process's GPU, else CPU; ``dtype="auto"`` means bf16/fp16
-    autocast on CUDA, fp32 on CPU. Raises :class:`BackboneUnavailableError` (with download
+    autocast on CUDA; on CPU bf16 with AMX, int8 with VNNI and no AMX, else fp32
+    (:mod:`sgmft.features.backbones.precision`). Raises :class:`BackboneUnavailableError` (with download
     instructions) when the weights are not available offline.
     """
     name, ref = parse_spec(spec)

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from sgmft.errors import BackboneUnavailableError  # noqa: F401  (re-exported)
+from sgmft.features.backbones.precision import (  # noqa: F401  (re-exported)
+    INT8_ENGINE_PREFERENCE, announce_auto, auto_cpu_precision, int8_engine,
+)
 
 # autocast dtypes; "int8" = dynamic int8 quantisation of the Linear layers (CPU), fp32 elsewhere
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +53,9 @@ def canonical_precision(dtype: str) -> str:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> str:
-    """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, fp32 elsewhere.
+    """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; on CPU the
+    machine's choice (:func:`sgmft.features.backbones.precision.auto_cpu_precision`: bf16
+    with AMX tiles, int8 with VNNI and no AMX, fp32 otherwise), announced once per process.
 
     ``"int8"`` (dynamic int8 quantisation of every ``nn.Linear``, activations quantised per
     batch) runs on CPU only: PyTorch's dynamic-quantised kernels have no CUDA version.
@@ -59,7 +64,11 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
     if d == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
+        if device.type != "cpu":
+            return "float32"
+        choice, reason = auto_cpu_precision()
+        announce_auto(choice, reason)
+        return choice
     if d == "int8" and device.type != "cpu":
         raise ValueError(f"precision int8 (dynamic quantisation) runs on CPU only, not on {device}; "
                          "use bf16 or fp16 on a GPU")
@@ -81,18 +90,7 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
 #         (oneDNN where available: faster than fbgemm/x86 on AVX-512-VNNI in
 #         bench_extract's ceiling check, no reduce_range, and AMX-int8 kernels on CPUs
 #         with AMX; fbgemm has none).
-INT8_ENGINE_PREFERENCE = ("onednn", "x86", "fbgemm", "qnnpack")
-
-
-def int8_engine() -> str:
-    """The quantized engine int8 weights are packed for: the first of
-    :data:`INT8_ENGINE_PREFERENCE` that this torch build supports."""
-    supported = set(torch.backends.quantized.supported_engines)
-    for eng in INT8_ENGINE_PREFERENCE:
-        if eng in supported:
-            return eng
-    raise RuntimeError(f"precision int8: this torch build has no quantized engine "
-                       f"(supported: {sorted(supported)})")
+#   (INT8_ENGINE_PREFERENCE and int8_engine live in sgmft.features.backbones.precision.)
 
 
 def precision_recipe(precision: str) -> str | None:
@@ -134,6 +132,13 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
                 inplace=True)
     finally:
         torch.backends.quantized.engine = prev
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with its first dimension padded to ``rows`` by repeating row 0 (a valid input)."""
+    if len(x) >= rows or len(x) == 0:
+        return x
+    return torch.cat([x, x[:1].expand(rows - len(x), *x.shape[1:])])
 
 
 def hash_state_dict(module: torch.nn.Module, *, full_limit_bytes: int = 256 << 20) -> str:
@@ -213,17 +218,46 @@ class Backbone(abc.ABC):
         dt = _PRECISIONS.get(self.precision, torch.float32)
         return torch.autocast(device_type=self.device.type, dtype=dt, enabled=dt != torch.float32)
 
+    compiled: bool = False     # forward through torch.compile (see compile_forward)
+
     def forward_text(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
         """One batch through the text tower -> float32 L2-normalised ``(B, D)``."""
+        n = len(next(iter(tokens.values())))
         with torch.inference_mode(), self._autocast():
-            x = self._text_embed({k: v.to(self.device, non_blocking=True) for k, v in tokens.items()})
-        return F.normalize(x.float(), dim=-1).cpu().numpy()
+            x = self._text_embed({k: _pad_rows(v.to(self.device, non_blocking=True), self._bucket(n))
+                                  for k, v in tokens.items()})
+        return F.normalize(x[:n].float(), dim=-1).cpu().numpy()
 
     def forward_images(self, pixel_values: torch.Tensor) -> np.ndarray:
         """One batch through the image tower -> float32 L2-normalised ``(B, D)``."""
+        n = len(pixel_values)
         with torch.inference_mode(), self._autocast():
-            x = self._image_embed(pixel_values.to(self.device, non_blocking=True))
-        return F.normalize(x.float(), dim=-1).cpu().numpy()
+            x = self._image_embed(_pad_rows(pixel_values.to(self.device, non_blocking=True), self._bucket(n)))
+        return F.normalize(x[:n].float(), dim=-1).cpu().numpy()
+
+    def _bucket(self, n: int) -> int:
+        """Rows a batch of ``n`` is padded to: ``n`` in eager mode; compiled, the next of
+        ``batch_size, batch_size/2, batch_size/4, batch_size/8`` (so at most four graphs per
+        tower are compiled, and a ragged last chunk wastes less than half its work)."""
+        if not self.compiled or n <= 0:
+            return n
+        b = max(1, int(self.batch_size))
+        sizes = sorted({max(1, b >> k) for k in range(4)})
+        return next((s for s in sizes if s >= n), n)
+
+    def compile_forward(self) -> "Backbone":
+        """Run both towers through ``torch.compile`` (Inductor, with freezing: weights folded
+        as constants and pre-packed for oneDNN, LayerNorm/GELU/residual ops fused into few
+        kernels). Batches are padded to a few bucket sizes (:meth:`_bucket`) so shapes stay
+        static. Each bucket compiles on first use (tens of seconds to minutes on CPU), so it
+        pays on long extractions only; rows are independent in these models, so padding rows
+        change nothing but the last bits (as a torch thread count does)."""
+        if not self.compiled:
+            opts = {"freezing": True}
+            self._text_embed = torch.compile(self._text_embed, dynamic=False, options=opts)
+            self._image_embed = torch.compile(self._image_embed, dynamic=False, options=opts)
+            self.compiled = True
+        return self
 
     # -- convenience ------------------------------------------------------------------
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,13 +1,20 @@
-"""``cn-clip:<model-name-or-.pt>``: checkpoints of the official ``cn_clip`` package.
+"""``cn-clip:<file.pt-or-model-name>``: official ``cn_clip`` checkpoints, without cn_clip or torchvision.
 
-Only usable where ``cn_clip`` imports (``pip install cn_clip``; it needs torchvision).
-The same weights are on the Hugging Face hub as ``OFA-Sys/chinese-clip-vit-*`` and load
-through ``chinese-clip:`` without torchvision, which is the recommended route.
+The ``.pt`` state dict is converted in memory to the transformers ``ChineseCLIPModel``
+layout (:mod:`sgmft.features.backbones.cn_clip_convert`, the mapping of transformers'
+conversion script), so the forward is the one ``chinese-clip:`` runs. Texts go through a
+``BertTokenizer`` on the checkpoint's vocabulary (cn_clip's ``FullTokenizer`` gives the same
+ids: ``[CLS]`` + tokens + ``[SEP]``, zero-padded to 52), images through
+:func:`~sgmft.features.backbones.cn_clip_transform.cn_clip_pixels`, cn_clip's own
+transform re-implemented with Pillow + numpy (pixel-equal). Features agree with the
+official ``cn_clip.clip.model.CLIP`` within 1e-5 (``tests/test_cn_clip.py``).
 
-``ref`` is a model name (``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``, ``ViT-H-14``,
-``RN50``), looked up in ``download_root`` (default ``$CN_CLIP_HOME`` or
-``~/.cache/cn_clip``) and downloaded there by cn_clip if missing and online. Untested in
-sgmft's CI (cn_clip is not installed there).
+``ref`` is a path to a ``.pt`` file, or a model name (``ViT-B-16``, ``ViT-L-14``,
+``ViT-L-14-336``, ``ViT-H-14``) looked up as cn_clip's file name (``clip_cn_vit-h-14.pt``, ...)
+in ``download_root`` (default ``$CN_CLIP_HOME`` or ``~/.cache/clip``, cn_clip's default).
+Nothing is downloaded. The vocabulary is ``vocab=`` or the installed ``cn-clip`` wheel's
+``vocab.txt`` (found without importing cn_clip). ``sgmft convert-cn-clip CKPT --out DIR``
+writes the same model as a ``chinese-clip:``-loadable folder.
 """
 
 from __future__ import annotations
@@ -19,69 +26,76 @@ from typing import Any, Sequence
 
 import torch
 
-from sgmft.features.backbones.base import Backbone, BackboneUnavailableError, digest_json, hash_state_dict
-from sgmft.features.backbones.base import apply_precision, precision_recipe, resolve_device, resolve_precision
+from sgmft.features.backbones.base import BackboneUnavailableError, digest_json
+from sgmft.features.backbones.cn_clip_convert import (
+    CN_CLIP_FILES, CnClipCheckpointError, hf_model_from_state_dict, image_processor, load_cn_clip_state_dict,
+    resolve_vocab,
+)
+from sgmft.features.backbones.cn_clip_transform import cn_clip_batch, transform_spec
+from sgmft.features.backbones.hf_clip import CHINESE_CLIP_MAX_LENGTH, HFClipBackbone
 
-_DIMS = {"RN50": 1024, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024}
+
+def resolve_cn_clip_file(ref: str, download_root: str | None = None) -> Path:
+    """The ``.pt`` file named by ``ref`` (a path, or a cn_clip model name in ``download_root``)."""
+    ref = ref or "ViT-H-14"
+    p = Path(ref).expanduser()
+    if p.is_file():
+        return p
+    if ref in CN_CLIP_FILES:
+        root = Path(download_root or os.environ.get("CN_CLIP_HOME") or Path.home() / ".cache" / "clip")
+        f = root / CN_CLIP_FILES[ref]
+        if f.is_file():
+            return f
+        raise BackboneUnavailableError(
+            f"cn-clip: {ref} is not in {root} (expected {f.name}); sgmft does not download. On a connected machine "
+            f"fetch it (e.g. `hf download OFA-Sys/{_hub_name(ref)} {f.name} --local-dir ckpt`), copy it here and "
+            f"pass --backbone cn-clip:/path/to/{f.name} (or set CN_CLIP_HOME). The same weights load as "
+            "chinese-clip:OFA-Sys/... too (see docs/backbones.md).")
+    raise BackboneUnavailableError(
+        f"cn-clip: {ref!r} is neither a .pt file nor a cn_clip model name ({', '.join(CN_CLIP_FILES)})")
 
 
-class CnClipBackbone(Backbone):
-    name = "cn-clip"
+def _hub_name(ref: str) -> str:
+    return {"ViT-B-16": "chinese-clip-vit-base-patch16", "ViT-L-14": "chinese-clip-vit-large-patch14",
+            "ViT-L-14-336": "chinese-clip-vit-large-patch14-336px", "ViT-H-14": "chinese-clip-vit-huge-patch14",
+            "RN50": "chinese-clip-rn50"}[ref]
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """A BERT ``vocab.txt`` -> ``{token: id}`` (one token a line, as transformers' ``load_vocab``)."""
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
+    return vocab
+
+
+class CnClipBackbone(HFClipBackbone):
+    """A cn_clip checkpoint converted in memory; cn_clip's tokenizer ids and image transform."""
 
     def __init__(self, ref: str, *, device="auto", dtype="auto", batch_size: int = 32,
-                 download_root: str | None = None, context_length: int = 52):
-        try:
-            import cn_clip.clip as cnc
-        except Exception as e:  # ImportError, or torchvision missing inside cn_clip
-            raise BackboneUnavailableError(
-                f"cn-clip: the cn_clip package does not import here ({type(e).__name__}: {e}). "
-                "Install it with `pip install cn_clip` (it requires torchvision), or use the same "
-                "weights through transformers instead: --backbone chinese-clip:OFA-Sys/chinese-clip-vit-huge-patch14 "
-                "(see docs/backbones.md).") from None
-        self._cnc = cnc
-        ref = ref or "ViT-H-14"
-        root = download_root or os.environ.get("CN_CLIP_HOME") or str(Path.home() / ".cache" / "cn_clip")
-        self.spec, self.batch_size, self.context_length = f"cn-clip:{ref}", int(batch_size), context_length
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(dtype, self.device)
-        try:
-            model, self._preprocess = cnc.load_from_name(ref, device="cpu", download_root=root)
-        except Exception as e:
-            raise BackboneUnavailableError(
-                f"cn-clip: could not load {ref!r} from {root} ({type(e).__name__}: {e}). On a connected "
-                "machine run\n  python -c \"import cn_clip.clip as c; "
-                f"c.load_from_name('{ref}', download_root='ckpt')\"\n"
-                "and copy ckpt/ here (set CN_CLIP_HOME to it).") from None
-        model = model.float().eval().requires_grad_(False)
-        self._weights_digest = hash_state_dict(model)
-        self.model = apply_precision(model.to(self.device), self.precision)
-        self._recipe = precision_recipe(self.precision)  # as applied now (the int8 engine is chosen here)
-        self.image_size = int(getattr(model.visual, "input_resolution", 224))
-        self.dim = _DIMS.get(ref) or int(self.encode_text(["维"]).shape[1])
-        self._fp: str | None = None
+                 download_root: str | None = None, context_length: int = CHINESE_CLIP_MAX_LENGTH,
+                 vocab: str | None = None):
+        from transformers import BertTokenizer
 
-    def fingerprint(self) -> str:
-        if self._fp is None:
-            ident = {"backbone": self.name, "weights": self._weights_digest,
-                     "context_length": self.context_length, "image_size": self.image_size,
-                     "preprocess": repr(self._preprocess), "precision": self.precision,
-                     "vocab": hashlib.sha256(repr(sorted(self._cnc._tokenizer.vocab.items())).encode()).hexdigest()}
-            if self._recipe is not None:  # bf16/int8 recipe; fp32 fingerprint unchanged
-                ident["precision_recipe"] = self._recipe
-            self._fp = digest_json(ident)
-        return self._fp
+        pt = resolve_cn_clip_file(ref, download_root)
+        try:
+            model, arch = hf_model_from_state_dict(load_cn_clip_state_dict(pt), source=str(pt))
+            voc = resolve_vocab(vocab, arch.vocab_size)
+        except CnClipCheckpointError as e:
+            raise BackboneUnavailableError(f"cn-clip: {e}") from None
+        tok = BertTokenizer(vocab=read_vocab(voc), do_lower_case=True, model_max_length=512)
+        self._vocab_digest = hashlib.sha256(voc.read_bytes()).hexdigest()
+        super().__init__("cn-clip", ref or "ViT-H-14", model=model, tokenizer=tok,
+                         processor=image_processor(arch.image_resolution), ckpt_dir=voc.parent,
+                         device=device, dtype=dtype, batch_size=batch_size, max_length=context_length)
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {"text": self._cnc.tokenize(list(texts), context_length=self.context_length)}
+    def fingerprint_at(self, precision: str) -> str:
+        return digest_json({"hf": super().fingerprint_at(precision), "vocab_file": self._vocab_digest,
+                            "transform": transform_spec(self.image_size)})
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
-        return torch.stack([self._preprocess(im) for im in images]).float()
-
-    def _text_embed(self, tokens):
-        return self.model.encode_text(tokens["text"])
-
-    def _image_embed(self, pixel_values):
-        return self.model.encode_image(pixel_values)
+        return torch.from_numpy(cn_clip_batch(list(images), self.image_size))
 
 
 def load_cn_clip(ref: str, **kw) -> CnClipBackbone:

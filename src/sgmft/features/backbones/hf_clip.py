@@ -173,6 +173,45 @@ class HFClipBackbone(Backbone):
                              max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in self._text_args}
 
+    # -- long texts (sgmft.features.encode applies CleanConfig.long_text with these two) -----
+    @property
+    def text_budget(self) -> int:
+        """Content tokens one forward sees: ``max_length`` minus the special tokens around them."""
+        pre, post = self._special_layout()
+        return self.max_length - len(pre) - len(post)
+
+    def text_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Every content token id of each text (no special tokens, no truncation)."""
+        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def _special_layout(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after a text's content ids."""
+        if getattr(self, "_layout", None) is not None:
+            return self._layout
+        probe = "a"
+        full = self.tokenizer(probe)["input_ids"]
+        body = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        for i in range(len(full) - len(body) + 1):
+            if full[i:i + len(body)] == body:
+                self._layout = (list(full[:i]), list(full[i + len(body):]))
+                return self._layout
+        raise RuntimeError(f"{type(self.tokenizer).__name__}: cannot locate the content ids among {full}")
+
+    def tokens_from_ids(self, windows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Model inputs for windows of content ids (each at most :attr:`text_budget` long), laid
+        out as :meth:`tokenize` lays out a text: special tokens around, padded to ``max_length``."""
+        tok, n = self.tokenizer, self.max_length
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(windows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(windows), n), dtype=torch.long)
+        pre, post = self._special_layout()
+        for r, w in enumerate(windows):
+            full = pre + list(w)[:self.text_budget] + post
+            ids[r, :len(full)] = torch.tensor(full, dtype=torch.long)
+            mask[r, :len(full)] = 1
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        return {k: v for k, v in out.items() if k in self._text_args}
+
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"].float()
 

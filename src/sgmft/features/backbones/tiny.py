@@ -93,6 +93,9 @@ def build_tiny_chinese_clip(out_dir: str | Path, seed: int = 0, *, size: str = "
         f"Tiny RANDOM Chinese-CLIP ({size}, seed {seed}) built by sgmft.features.backbones.tiny for tests and\n"
         "the offline demo. Its features are meaningless: not a real Chinese-CLIP checkpoint.\n",
         encoding="utf-8")
+    from sgmft.atomic import share_tree
+
+    share_tree(out)                  # safetensors writes 0600: make the folder readable under the umask
     return out
 
 
@@ -134,4 +137,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
         model = CLIPModel(cfg).eval()
     model.save_pretrained(str(out))
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(out))
+    from sgmft.atomic import share_tree
+
+    share_tree(out)
     return out

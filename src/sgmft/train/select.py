@@ -1,0 +1,103 @@
+"""Selecting presets (``candidates:``, the default ``auto``): train each candidate preset on the same
+split and keep the one with the best validation accuracy (docs/design.md, "The default model").
+
+Users bring data whose shape nobody tuned for. No single head wins on every kind of data, so the
+default trains a small set of candidates (TrustMix and the shrinkage-LDA bar) and chooses on the
+run's validation split, never the test split. The run folder is an ordinary run: ``model/`` is a
+copy of the chosen candidate's checkpoint, ``split.npy`` the shared split, and ``run.json`` says
+what was chosen and why (``selection``); the model card repeats it. Each candidate is itself a
+complete, resumable run under ``candidates/<preset>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from sgmft.atomic import atomic_dir
+from sgmft.config import Preset, TrainConfig, load_preset
+from sgmft.errors import SgmftNote
+from sgmft.runs import RunDir, RunLock, fingerprint, fingerprint_inputs
+from sgmft.train.result import TrainResult
+
+__all__ = ["SHARED_TRAIN_FIELDS", "train_selected"]
+
+RULE = "highest validation accuracy; a tie goes to the earlier candidate"
+# settings of the selecting preset that every candidate gets (the split, the seed, where to run)
+SHARED_TRAIN_FIELDS = ("seed", "val_fraction", "test_fraction", "split", "num_workers", "accelerator",
+                       "devices", "strategy", "num_nodes", "progress", "deterministic", "calibration")
+
+
+def _candidate_preset(name: str, shared: TrainConfig, base: TrainConfig | None = None) -> Preset:
+    """Candidate ``name`` with the selecting run's split and seed, and every train setting the user
+    changed on the selecting preset (``base``: its train section as written), e.g. ``--epochs 3``."""
+    p = load_preset(name)
+    changed = {f.name for f in dataclasses.fields(shared)
+               if base is not None and getattr(shared, f.name) != getattr(base, f.name)}
+    p.train = dataclasses.replace(p.train, **{f: getattr(shared, f) for f in set(SHARED_TRAIN_FIELDS) | changed})
+    return p
+
+
+def _written_train(preset: Preset) -> TrainConfig | None:
+    try:
+        return load_preset(preset.name).train
+    except (KeyError, ValueError):
+        return None
+
+
+def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, train_fn=None):
+    """Train every candidate of ``preset`` into ``out_dir/candidates/<name>``, copy the best one's
+    checkpoint to ``out_dir/model`` and write run.json with the choice. Returns the TrainResult."""
+    from sgmft.features import FeatureStore
+
+    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    out, t0 = Path(out_dir), time.time()
+    run = RunDir(out)
+    base = _written_train(preset)
+    presets = [_candidate_preset(c, preset.train, base) for c in preset.candidates]
+    inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": asdict(p.model)} for p in presets]},
+                                asdict(preset.train), fs.path)
+    fp = fingerprint(inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(run):
+        info = run.read_run_json() or {}
+        if overwrite:
+            run.clear()
+            shutil.rmtree(out / "candidates", ignore_errors=True)
+        elif info.get("status") == "complete" and info.get("fingerprint") == fp and run.model.is_dir():
+            return TrainResult(out, run.model, info.get("best_val_acc"), 0.0, status="complete")
+    results = {}
+    for p in presets:
+        res = train_fn(fs, out / "candidates" / p.name, p, overwrite=overwrite)
+        results[p.name] = res
+    chosen = max(presets, key=lambda p: (results[p.name].best_val_acc or 0.0, -presets.index(p))).name
+    best = results[chosen]
+    with RunLock(run):
+        with atomic_dir(run.model) as tmp:
+            for f in Path(best.checkpoint).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        shutil.copy2(RunDir(best.run_dir).split, run.split)
+        cand = {n: (RunDir(r.run_dir).read_run_json() or {}) for n, r in results.items()}
+        chosen_run = cand[chosen]
+        selection = {"chosen": chosen, "rule": RULE, "split": "validation",
+                     "candidates": {n: {"val_acc": r.best_val_acc, "seconds": round(r.seconds, 2),
+                                        "run": f"candidates/{n}"} for n, r in results.items()}}
+        record = {k: chosen_run.get(k) for k in ("store", "store_ids", "num_train", "num_val", "num_test",
+                                                  "best_epoch", "epochs_run", "model", "input_norm", "fit")
+                  if k in chosen_run}
+        run.write_run_json({"status": "complete", "fingerprint": fp, "fingerprint_inputs": inputs,
+                            "preset": preset.name, "train": asdict(preset.train), **record,
+                            "chosen_preset": chosen, "best_val_acc": best.best_val_acc,
+                            "selection": selection, "seconds": round(time.time() - t0, 2)})
+        from sgmft.card import write_model_card
+
+        write_model_card(run.model)
+    warnings.warn(f"{out}: chose {chosen!r} (validation accuracy "
+                  + ", ".join(f"{n} {(r.best_val_acc or 0):.4f}" for n, r in results.items())
+                  + f"; rule: {RULE})", SgmftNote, stacklevel=3)
+    return TrainResult(out, run.model, best.best_val_acc, time.time() - t0)

@@ -1,0 +1,171 @@
+"""Abstention and the account of each prediction in every predict path (issue 18): min_confidence
+(``uncertain``) and the explanation in Predictions, the prediction files (CSV / JSONL) and the
+PostPredictor result dict the HTTP service returns."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sgmft.cli import main
+from sgmft.features import FeatureStore
+from sgmft.predict import Predictor
+from sgmft.predict.features import uncertain_mask
+from sgmft.predict.output import EXPLANATION_COLUMNS, read_predictions, write_predictions
+
+from conftest import make_store
+
+NAMES = ["home", "work", "gym"]
+EXPL_KEYS = {"decided_by", "text", "image", "sentence", "method", "scores"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from sgmft.config import load_preset
+    from sgmft.train import train
+
+    root = tmp_path_factory.mktemp("predict")
+    store = make_store(root / "store", n=200, dim=16, k=4, with_split=True)
+    p = load_preset("concat")
+    p.train.epochs, p.train.batch_size, p.train.progress = 3, 32, False
+    train(store, root / "run", p)
+    return {"store": store, "run": root / "run"}
+
+
+def test_uncertain_mask_and_its_checks():
+    probs = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.6, 0.4, 0.0]])
+    assert uncertain_mask(probs, None).tolist() == [False, False, False]
+    assert uncertain_mask(probs, 0.6).tolist() == [True, False, False]      # below, not at, the threshold
+    assert uncertain_mask(probs, 1.0).tolist() == [True, True, True]
+    assert uncertain_mask(np.zeros((0, 3)), 0.5).shape == (0,)
+    for bad in (-0.1, 1.5, float("nan"), "high"):
+        with pytest.raises(ValueError, match="min_confidence"):
+            uncertain_mask(probs, bad)
+
+
+def test_min_confidence_marks_posts_and_keeps_their_probabilities(run):
+    pred = Predictor.load(run["run"])
+    fs = FeatureStore.open(run["store"])
+    p0 = pred.predict_store(fs)
+    assert not p0.uncertain.any() and p0.uncertain.dtype == bool
+    thr = float(np.median(p0.probs.max(1)))
+    p = pred.predict_store(fs, min_confidence=thr)
+    np.testing.assert_array_equal(p.probs, p0.probs)
+    np.testing.assert_array_equal(p.uncertain, p0.probs.max(1) < thr)
+    assert 0 < p.uncertain.sum() < len(fs)
+    with pytest.raises(ValueError, match="min_confidence"):
+        pred.predict_store(fs, min_confidence=2)
+
+
+def test_schema_appends_uncertain_and_explanation_after_the_old_columns(tmp_path):
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    expl = [{"decided_by": "image", "text": "generic", "image": "shows_place", "sentence": "Decided by the image; "
+             "the text looks generic.", "method": "trust_states", "scores": {"text": 0.1, "image": 0.9}},
+            {"decided_by": "both", "text": "supports", "image": "supports", "sentence": "s", "method": "masking",
+             "scores": {"text": 0.2, "image": 0.3}}]
+    kw = dict(extras={"text_mask": [True, False]}, uncertain=[False, True], explanations=expl)
+    write_predictions(tmp_path / "p.csv", ["a", "b"], probs, NAMES, ["home", None], **kw)
+    write_predictions(tmp_path / "p.jsonl", ["a", "b"], probs, NAMES, ["home", None], **kw)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == ("id,pred,prob_home,prob_work,prob_gym,true,text_mask,uncertain,"
+                        + ",".join(EXPLANATION_COLUMNS))
+    assert lines[2] == "b,gym,0.1,0.3,0.6,,0,1,both,supports,supports"
+    j = read_predictions(tmp_path / "p.jsonl")
+    assert list(j[0]) == ["id", "pred", "prob_home", "prob_work", "prob_gym", "true", "text_mask", "uncertain",
+                          "explanation"]
+    assert j[0]["explanation"] == expl[0] and j[1]["uncertain"] is True and j[0]["uncertain"] is False
+    with pytest.raises(ValueError, match="explanations has 1 entries"):
+        write_predictions(tmp_path / "x.csv", ["a", "b"], probs, NAMES, explanations=expl[:1])
+
+
+def test_predict_store_cli_min_confidence_csv_and_jsonl(run, tmp_path, capsys):
+    fs = FeatureStore.open(run["store"])
+    want = Predictor.load(run["run"]).predict_store(fs, explain=True)
+    thr = float(np.quantile(want.probs.max(1), 0.3))
+    assert main(["predict", str(run["run"]), "--store", str(run["store"]), "--out", str(tmp_path / "p.csv"),
+                 "--min-confidence", str(thr), "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    flagged = want.probs.max(1) < thr
+    assert s["uncertain"] == int(flagged.sum()) > 0 and s["min_confidence"] == pytest.approx(thr)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-4:] == ["uncertain", *EXPLANATION_COLUMNS]
+    assert [r["uncertain"] == "1" for r in rows] == flagged.tolist()
+    assert [r["explanation_decided_by"] for r in rows] == [e["decided_by"] for e in want.explanations]
+    assert main(["predict", str(run["run"]), "--store", str(run["store"]), "--out", str(tmp_path / "p.jsonl"),
+                 "--no-progress"]) == 0
+    j = read_predictions(tmp_path / "p.jsonl")
+    assert not any(r["uncertain"] for r in j)                                   # no threshold: never uncertain
+    assert [r["explanation"] for r in j] == want.explanations
+    assert set(j[0]["explanation"]) == EXPL_KEYS
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run["run"]), "--store", str(run["store"]), "--out", str(tmp_path / "q.csv"),
+              "--min-confidence", "1.5"])
+    assert e.value.code == 2 and "probability between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def raw_run(tmp_path_factory):
+    """A tiny random Chinese-CLIP, 40 SimPosts extracted and a 2-epoch concat run on them."""
+    import torch
+
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+    from sgmft.features.backbones.tiny import build_tiny_chinese_clip
+
+    old_env, old_threads = os.environ.get("HF_HUB_OFFLINE"), torch.get_num_threads()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rawpredict")
+    spec = f"chinese-clip:{build_tiny_chinese_clip(root / 'tinycc')}"
+    man = generate_simposts(root / "posts", SimPostsConfig(num_posts=40, seed=3))
+    assert main(["extract", str(man), "--out", str(root / "store"), "--backbone", spec, "--batch-size", "16",
+                 "--no-progress"]) == 0
+    assert main(["train", str(root / "store"), "--out", str(root / "run"), "--preset", "concat", "--epochs", "2",
+                 "--batch-size", "16", "--no-progress"]) == 0
+    yield {"root": root, "manifest": man, "run": root / "run"}
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def test_post_predictor_result_has_uncertain_and_explanation(raw_run):
+    from sgmft.predict import PostPredictor
+
+    pp = PostPredictor.load(raw_run["run"])
+    r = pp.predict_post("今天在电影院看电影", [])
+    assert r["uncertain"] is False and set(r["explanation"]) == EXPL_KEYS
+    assert r["explanation"]["image"] == "absent" and r["explanation"]["method"] == "masking"
+    assert r["explanation"]["decided_by"] in ("text", "neither")
+    r2 = pp.predict_post("今天在电影院看电影", [], min_confidence=1.0)
+    assert r2["uncertain"] is True and r2["probs"] == r["probs"]
+    empty = pp.predict_posts([("", [])], min_confidence=0.0)[0]
+    assert empty["explanation"]["decided_by"] == "neither" and empty["uncertain"] is False
+    with pytest.raises(ValueError, match="min_confidence"):
+        pp.predict_posts([("x", [])], min_confidence=-1)
+
+
+def test_predict_manifest_writes_uncertain_and_explanation(raw_run, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(raw_run["run"]), "--manifest", str(raw_run["manifest"]), "--out", str(out),
+                 "--min-confidence", "0.99", "--no-progress"]) == 0
+    assert "uncertain (top probability below 0.99)" in capsys.readouterr().out
+    rows = read_predictions(out)
+    assert len(rows) == 40
+    names = [k[5:] for k in rows[0] if k.startswith("prob_")]
+    for r in rows:
+        assert r["uncertain"] == (max(r[f"prob_{n}"] for n in names) < 0.99)
+        assert set(r["explanation"]) == EXPL_KEYS
+        assert list(r)[-4:] == ["text_mask", "image_mask", "uncertain", "explanation"]
+    assert main(["predict", str(raw_run["run"]), "--manifest", str(raw_run["manifest"]), "--out",
+                 str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    with open(tmp_path / "p.csv", newline="") as f:
+        recs = list(csv.DictReader(f))
+    assert list(recs[0])[-6:] == ["text_mask", "image_mask", "uncertain", *EXPLANATION_COLUMNS]
+    assert [r["explanation_decided_by"] for r in recs] == [r["explanation"]["decided_by"] for r in rows]
+    assert all(r["uncertain"] == "0" for r in recs)

@@ -1,0 +1,86 @@
+"""Selecting presets (train/select.py): the default `auto` trains its candidates on one split, keeps the
+one with the best validation accuracy, and says what it chose and why (run.json, the model card)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sgmft.cli import main
+from sgmft.config import DEFAULT_PRESET, load_preset
+from sgmft.eval.run import evaluate
+from sgmft.predict import Predictor
+from sgmft.train import train
+
+from conftest import make_store
+
+
+def _fast_auto():
+    p = load_preset("auto")
+    p.train.progress = False
+    return p
+
+
+def test_auto_is_the_default_and_lists_plain_candidates():
+    p = load_preset(DEFAULT_PRESET)
+    assert DEFAULT_PRESET == "auto" and p.candidates == ["trust", "lda"]
+    assert all(not load_preset(c).candidates for c in p.candidates)
+    assert "model" not in p.to_dict() and p.to_dict()["candidates"] == ["trust", "lda"]
+
+
+def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
+    import sgmft.train.select as sel
+
+    store = make_store(tmp_path / "s", n=240, dim=16, k=4)
+    fast = {"trust": ["epochs=2", "min_steps=0", "batch_size=32"]}
+    real = sel._candidate_preset
+
+    def quick(name, shared, base=None):           # the same candidates, trained briefly
+        from sgmft.config import apply_overrides
+
+        p = real(name, shared, base)
+        p.train = apply_overrides(p.train, fast.get(name, []))
+        return p
+
+    monkeypatch.setattr(sel, "_candidate_preset", quick)
+    res = train(store, tmp_path / "r", _fast_auto())
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    s = run["selection"]
+    vals = {n: c["val_acc"] for n, c in s["candidates"].items()}
+    best = max(vals.values())
+    assert s["chosen"] == next(n for n in ("trust", "lda") if vals[n] == best)   # ties go to the first
+    assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(best)
+    chosen_dir = tmp_path / "r" / "candidates" / s["chosen"] / "model"
+    assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
+        (chosen_dir / "model.safetensors").read_bytes()
+    for c in ("trust", "lda"):                    # one split for every candidate
+        assert np.array_equal(np.load(tmp_path / "r" / "candidates" / c / "split.npy"),
+                              np.load(tmp_path / "r" / "split.npy"))
+    card = (tmp_path / "r" / "model" / "README.md").read_text()
+    assert f"`{s['chosen']}`" in card and "validation split" in card
+    m = evaluate(tmp_path / "r", store, tmp_path / "ev", tsne_max_points=20)
+    assert m["num_samples"] == 48 and m["accuracy"] > 0.5
+    assert Predictor.load(tmp_path / "r").label_names == ["c0", "c1", "c2", "c3"]
+    again = train(store, tmp_path / "r", _fast_auto())
+    assert again.status == "complete"
+
+
+def test_a_candidate_that_selects_is_refused(tmp_path):
+    bad = tmp_path / "sel.yaml"
+    bad.write_text("candidates: [auto]\n")
+    with pytest.raises(ValueError, match="selects itself"):
+        load_preset(bad)
+
+
+def test_train_flags_reach_the_candidates_and_model_options_are_refused(tmp_path, capsys):
+    import sgmft.train.select as sel
+    from sgmft.config import TrainConfig
+
+    base = load_preset("auto").train
+    shared = TrainConfig(**{**__import__("dataclasses").asdict(base), "epochs": 3, "seed": 7})
+    p = sel._candidate_preset("trust", shared, base)
+    assert p.train.epochs == 3 and p.train.seed == 7 and p.train.lr == load_preset("trust").train.lr
+    store = make_store(tmp_path / "s", n=80, dim=16, k=4)
+    assert main(["train", str(store), "--out", str(tmp_path / "r"), "--set", "model.hidden=3"]) == 2
+    err = capsys.readouterr().err
+    assert "chooses between the presets trust, lda" in err and "--preset trust" in err
