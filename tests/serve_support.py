@@ -10,6 +10,8 @@ import struct
 import zlib
 from pathlib import Path
 
+import pytest
+
 
 def build_tiny_run(root: Path) -> dict:
     """``sgmft demo-raw`` into ``root`` (about 10 s on 2 cores); returns the run and some posts."""
@@ -168,3 +170,21 @@ if __name__ == "__main__":
     import sys
 
     print(screenshots(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
+
+
+# -- fixtures shared by the service's test modules (imported there by name) --------------------
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield shared_tiny_run(tmp_path_factory)
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def pp(env):
+    from sgmft.predict import PostPredictor
+
+    return PostPredictor.load(env["run"])

@@ -249,7 +249,10 @@ def test_field_limits_reject_with_line_and_field(tmp_path):
             {"id": "t", "text": "字" * 20_001}]
     m = _write(tmp_path / "m.jsonl", rows)
     posts, rejects = read_manifest(m, on_error="skip", check_images=False)
-    assert [p.id for p in posts] == ["ok"]
+    assert [p.id for p in posts] == ["ok", "t"]          # a long text is kept (cut for the encoder later)
+    assert [(r.line, r.field) for r in rejects] == [(2, "id"), (3, "user")]
+    posts, rejects = read_manifest(m, on_error="skip", check_images=False, max_text_chars=20_000)
+    assert [p.id for p in posts] == ["ok"]                # the text limit is a memory guard only
     assert [(r.line, r.field) for r in rejects] == [(2, "id"), (3, "user"), (4, "text")]
     assert "300 characters, more than the limit of 256 (--max-id-chars)" in rejects[0].reason
     assert len(rejects[0].id) < 80  # the rejects file does not repeat a huge id

@@ -20,25 +20,8 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_support import free_port, png_bytes, png_claiming, shared_tiny_run  # noqa: E402
+from serve_support import env, free_port, png_bytes, png_claiming, pp  # noqa: E402,F401  (env, pp: shared fixtures)
 from sgmft.serve import ServeConfig, create_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_tiny_run(tmp_path_factory)
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def pp(env):
-    from sgmft.predict import PostPredictor
-
-    return PostPredictor.load(env["run"])
 
 
 @pytest.fixture(scope="module")

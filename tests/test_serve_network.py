@@ -19,27 +19,10 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_support import LiveServer, png_bytes, png_claiming, raw_http, shared_tiny_run  # noqa: E402
+from serve_support import LiveServer, env, png_bytes, png_claiming, pp, raw_http  # noqa: E402,F401  (env, pp: shared fixtures)
 from sgmft.serve import ServeConfig, create_app  # noqa: E402
 
 BASE = "http://127.0.0.1"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_tiny_run(tmp_path_factory)
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def pp(env):
-    from sgmft.predict import PostPredictor
-
-    return PostPredictor.load(env["run"])
 
 
 @pytest.fixture(scope="module")

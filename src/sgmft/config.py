@@ -17,6 +17,8 @@ One coercion rule goes beyond pydantic's: a single number given for a list field
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import dataclasses
 import json
 import sys
@@ -138,7 +140,7 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         """Checks across fields (each field's own type and range are checked on construction)."""
         def bad(msg: str) -> None:
-            raise ValueError(f"model config: {msg}")
+            raise ConfigError(f"model config: {msg}")
 
         if self.dim % self.n_tokens:
             bad(f"n_tokens={self.n_tokens} must divide dim={self.dim} (token width d = D / n)")
@@ -273,17 +275,17 @@ _FIELD_NAMES = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls
 
 def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "
+        raise ConfigError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "
                          f"known: {sorted(known)}")
     try:
         return cls(**data)
     except ValidationError as e:
-        raise ValueError(explain_validation_error(e, where, data)) from None
+        raise ConfigError(explain_validation_error(e, where, data)) from None
 
 
 def model_config_from_dict(data: dict[str, Any], where: str = "model config") -> ModelConfig:
@@ -318,12 +320,12 @@ def load_preset(name_or_path: str | Path) -> Preset:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"preset {name}: not valid YAML: {e}") from None
+        raise ConfigError(f"preset {name}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"preset {name}: expected a mapping with model/train sections")
+        raise ConfigError(f"preset {name}: expected a mapping with model/train sections")
     unknown = set(data) - {"description", "model", "train", "candidates"}
     if unknown:
-        raise ValueError(f"preset {name}: unknown section(s) {sorted(unknown)}")
+        raise ConfigError(f"preset {name}: unknown section(s) {sorted(unknown)}")
     return Preset(
         name=name,
         description=str(data.get("description", "")).strip(),
@@ -338,10 +340,10 @@ def _candidates(value, name: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"preset {name}: candidates must be a non-empty list of preset names")
+        raise ConfigError(f"preset {name}: candidates must be a non-empty list of preset names")
     for v in value:
         if load_preset(v).candidates:
-            raise ValueError(f"preset {name}: candidate {v!r} selects itself; candidates must be plain presets")
+            raise ConfigError(f"preset {name}: candidate {v!r} selects itself; candidates must be plain presets")
     return list(value)
 
 
@@ -365,11 +367,11 @@ def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
     prefix = f"{section}." if section else ""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {prefix}{item!r} must look like key=value")
+            raise ConfigError(f"override {prefix}{item!r} must look like key=value")
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in known:
-            raise ValueError(f"override {prefix}{item}: unknown field {key!r} of {cls.__name__}; "
+            raise ConfigError(f"override {prefix}{item}: unknown field {key!r} of {cls.__name__}; "
                              f"known: {', '.join(sorted(known))}")
         data[key] = parse_value(value)
         _build(cls, data, f"override {prefix}{item}")      # names the offending item

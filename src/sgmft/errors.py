@@ -91,8 +91,7 @@ def note(message: str, stacklevel: int = 2) -> None:
 FILE_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
 )
-_LEGACY = (ValueError,)      # TRANSITIONAL (H7): removed once every user error is an SgmftError
-USER_ERRORS: tuple[type[BaseException], ...] = (SgmftError, *FILE_ERRORS, *_LEGACY)
+USER_ERRORS: tuple[type[BaseException], ...] = (SgmftError, *FILE_ERRORS)
 
 
 def is_user_error(e: BaseException) -> bool:

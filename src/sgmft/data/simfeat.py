@@ -43,6 +43,8 @@ matches it.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -136,41 +138,41 @@ class SimFeatConfig:
     def __post_init__(self) -> None:
         probs = (self.p_both, self.p_text_only, self.p_image_only, self.p_neither)
         if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
-            raise ValueError(f"regime probabilities must be >= 0 and sum to 1, got {probs}")
+            raise InputError(f"regime probabilities must be >= 0 and sum to 1, got {probs}")
         if not 0 <= self.label_noise <= 1 or not 0 <= self.distractor_class_prob <= 1:
-            raise ValueError("label_noise and distractor_class_prob must be in [0, 1]")
+            raise InputError("label_noise and distractor_class_prob must be in [0, 1]")
         for m in ("text", "image"):
             if self.distractor_prob(m) > 1:
-                raise ValueError(f"{m}_distractor_prob must be <= 1 (or < 0 for distractor_class_prob)")
+                raise InputError(f"{m}_distractor_prob must be <= 1 (or < 0 for distractor_class_prob)")
             if self.num_generic < 1 and self.distractor_prob(m) < 1:
-                raise ValueError("num_generic must be >= 1 unless every distractor probability is 1")
+                raise InputError("num_generic must be >= 1 unless every distractor probability is 1")
         if self.content_dim < 1 or self.content_dim + 2 >= self.dim:
-            raise ValueError("need 1 <= content_dim and content_dim + 2 < dim")
+            raise InputError("need 1 <= content_dim and content_dim + 2 < dim")
         if not 0 < self.test_size < self.num_posts:
-            raise ValueError(f"SimFeat: need 0 < test_size < num_posts, got test_size={self.test_size}, "
+            raise InputError(f"SimFeat: need 0 < test_size < num_posts, got test_size={self.test_size}, "
                              f"num_posts={self.num_posts} (set test_size, e.g. 20 % of num_posts)")
         if self.num_classes < 2 or self.num_users < 1:
-            raise ValueError("need num_classes >= 2 and num_users >= 1")
+            raise InputError("need num_classes >= 2 and num_users >= 1")
         if min(self.text_noise, self.image_noise) <= 0 or self.nuisance < 0:
-            raise ValueError("text_noise, image_noise must be > 0 and nuisance >= 0")
+            raise InputError("text_noise, image_noise must be > 0 and nuisance >= 0")
         if not -1 <= self.alignment <= 1:
-            raise ValueError("alignment is a cosine, in [-1, 1]")
+            raise InputError("alignment is a cosine, in [-1, 1]")
         self._check_phenomena()
 
     def _check_phenomena(self) -> None:
         if not 0 <= self.content_spikes <= self.content_dim or self.content_spike_scale <= 0:
-            raise ValueError(f"content_spikes must be in [0, content_dim={self.content_dim}] and "
+            raise InputError(f"content_spikes must be in [0, content_dim={self.content_dim}] and "
                              f"content_spike_scale > 0, got {self.content_spikes}, {self.content_spike_scale}")
         if self.outside_spikes < 0 or self.outside_spike_std < 0 or \
                 self.content_dim + 2 + self.outside_spikes >= self.dim:
-            raise ValueError(f"need outside_spikes >= 0, outside_spike_std >= 0 and content_dim + 2 + "
+            raise InputError(f"need outside_spikes >= 0, outside_spike_std >= 0 and content_dim + 2 + "
                              f"outside_spikes < dim, got {self.outside_spikes}, {self.outside_spike_std}, "
                              f"content_dim={self.content_dim}, dim={self.dim}")
         if min(self.text_looks, self.image_looks) < 1 or not 0 <= self.look_cosine <= 1:
-            raise ValueError(f"text_looks and image_looks must be >= 1 and look_cosine in [0, 1], got "
+            raise InputError(f"text_looks and image_looks must be >= 1 and look_cosine in [0, 1], got "
                              f"{self.text_looks}, {self.image_looks}, {self.look_cosine}")
         if self.conflict_concentration > 0 and self.distractor_excludes_label and self.num_classes < 3:
-            raise ValueError("conflict_concentration needs num_classes >= 3 with distractor_excludes_label")
+            raise InputError("conflict_concentration needs num_classes >= 3 with distractor_excludes_label")
 
 
 # Named profiles: SimFeatConfig field overrides (docs/simfeat.md, "Profiles").
@@ -230,11 +232,11 @@ PROFILES: dict[str, dict] = {
 def profile_config(name: str = "default", **overrides) -> SimFeatConfig:
     """The SimFeatConfig of profile ``name`` (a PROFILES key), with ``overrides`` on top."""
     if name not in PROFILES:
-        raise ValueError(f"unknown SimFeat profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
+        raise InputError(f"unknown SimFeat profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
     fields_ = SimFeatConfig.__dataclass_fields__
     unknown = set(overrides) - set(fields_)
     if unknown:
-        raise ValueError(f"unknown SimFeatConfig field(s) {sorted(unknown)} for profile {name!r}")
+        raise InputError(f"unknown SimFeatConfig field(s) {sorted(unknown)} for profile {name!r}")
     return SimFeatConfig(**{**PROFILES[name], **overrides, "profile": name})
 
 
@@ -774,18 +776,18 @@ def parse_overrides(items) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"SimFeat override {item!r} must look like key=value")
+            raise InputError(f"SimFeat override {item!r} must look like key=value")
         key, value = (x.strip() for x in item.split("=", 1))
         if key not in fields_:
-            raise ValueError(f"SimFeat override {item!r}: unknown field {key!r}")
+            raise InputError(f"SimFeat override {item!r}: unknown field {key!r}")
         kind = type(fields_[key].default)
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"SimFeat override {item!r}: expected true or false")
+                raise InputError(f"SimFeat override {item!r}: expected true or false")
             out[key] = value.lower() in ("true", "1", "yes")
         else:
             try:
                 out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"SimFeat override {item!r}: expected a {kind.__name__}") from None
+                raise InputError(f"SimFeat override {item!r}: expected a {kind.__name__}") from None
     return out

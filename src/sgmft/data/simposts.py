@@ -20,6 +20,8 @@ at most one is informative. Everything is deterministic by ``seed``.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import io
 import json
 import random
@@ -137,13 +139,13 @@ class SimPostsConfig:
     def validate(self) -> "SimPostsConfig":
         ps = (self.p_both, self.p_text, self.p_image, self.p_neither)
         if min(ps) < 0 or abs(sum(ps) - 1.0) > 1e-6:
-            raise ValueError(f"p_both+p_text+p_image+p_neither must be 1 (non-negative), got {ps}")
+            raise InputError(f"p_both+p_text+p_image+p_neither must be 1 (non-negative), got {ps}")
         if self.num_posts < 1 or self.num_users < 1 or self.image_size < 16 or self.max_images < 2:
-            raise ValueError("need num_posts >= 1, num_users >= 1, image_size >= 16, max_images >= 2")
+            raise InputError("need num_posts >= 1, num_users >= 1, image_size >= 16, max_images >= 2")
         if self.dirty and self.num_posts < 30:
-            raise ValueError("dirty=True plants ~20 problems; it needs num_posts >= 30")
+            raise InputError("dirty=True plants ~20 problems; it needs num_posts >= 30")
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6):
-            raise ValueError(f"split must be three fractions summing to 1, got {self.split}")
+            raise InputError(f"split must be three fractions summing to 1, got {self.split}")
         return self
 
 
@@ -342,7 +344,7 @@ def _save_exotic(kind: str, im: Image.Image, rng: np.random.Generator, other: Im
         name = f"街拍 图片_{stem}.jpg"
         (img_dir / name).write_bytes(_jpeg_bytes(im))
         return name, {"mode": "RGB", "note": "non-ASCII file name with a space"}
-    raise ValueError(kind)
+    raise InputError(kind)
 
 
 def _save_broken(kind: str, im: Image.Image, rng: np.random.Generator, path: Path) -> None:
@@ -354,7 +356,7 @@ def _save_broken(kind: str, im: Image.Image, rng: np.random.Generator, path: Pat
     elif kind == "zero_byte":
         path.write_bytes(b"")
     else:
-        raise ValueError(kind)
+        raise InputError(kind)
 
 
 # -- generator --------------------------------------------------------------------------------
@@ -423,7 +425,7 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
         rest = [k for k in with_img if k not in plants]
         plants.update(zip(r.sample(rest, min(len(rest), len(_IMAGE_PLANTS))), _IMAGE_PLANTS))
         if len(plants) < len(_EXOTIC_PLANTS) + len(_IMAGE_PLANTS) or len(plants) == len(posts):
-            raise ValueError("too few posts with images to plant every problem; raise num_posts "
+            raise InputError("too few posts with images to plant every problem; raise num_posts "
                              "or lower no_image_fraction")
         k_empty = r.choice([k for k in range(len(posts)) if k not in plants])
         p = posts[k_empty]

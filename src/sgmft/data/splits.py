@@ -14,6 +14,8 @@ Rows whose label is negative (``-1`` = unlabelled) belong to no split: their ent
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import warnings
 
 import numpy as np
@@ -43,14 +45,14 @@ def _check_labels(labels) -> np.ndarray:
 
 def _check_fractions(test_fraction: float, val_fraction: float) -> None:
     if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown split mode {mode!r}; expected one of {MODES}")
+        raise InputError(f"unknown split mode {mode!r}; expected one of {MODES}")
 
 
 def _is_missing(u) -> bool:
@@ -64,13 +66,13 @@ def _is_missing(u) -> bool:
 def _group_ids(users, n: int, labelled: np.ndarray) -> np.ndarray:
     """Map user ids (any hashable type) to integer group ids; error on missing users."""
     if users is None:
-        raise ValueError("mode 'user' needs a user id per post (users=None given)")
+        raise InputError("mode 'user' needs a user id per post (users=None given)")
     u = np.asarray(users, dtype=object)
     if u.shape != (n,):
-        raise ValueError(f"users must have one entry per label: {u.shape} vs ({n},)")
+        raise InputError(f"users must have one entry per label: {u.shape} vs ({n},)")
     missing = [i for i in np.flatnonzero(labelled) if _is_missing(u[i])]
     if missing:
-        raise ValueError(f"mode 'user': {len(missing)} labelled post(s) have no user id "
+        raise InputError(f"mode 'user': {len(missing)} labelled post(s) have no user id "
                          f"(first row {missing[0]})")
     keys = np.array([str(x) for x in u], dtype=object)
     _, inverse = np.unique(keys, return_inverse=True)
@@ -84,13 +86,13 @@ def _stratified_carve(idx: np.ndarray, y: np.ndarray, fraction: float, seed: int
     classes, counts = np.unique(y[idx], return_counts=True)
     if len(classes) and counts.min() < 2:
         bad = {int(c): int(k) for c, k in zip(classes, counts, strict=True) if k < 2}
-        raise ValueError(f"cannot stratify the {what} split: class(es) {bad} have fewer than "
+        raise InputError(f"cannot stratify the {what} split: class(es) {bad} have fewer than "
                          f"2 posts (class -> count); add data, merge classes or use another split")
     try:
         rest, carved = train_test_split(idx, test_size=fraction, stratify=y[idx],
                                         random_state=seed, shuffle=True)
     except ValueError as exc:
-        raise ValueError(f"cannot stratify the {what} split ({len(idx)} posts, "
+        raise InputError(f"cannot stratify the {what} split ({len(idx)} posts, "
                          f"{len(classes)} classes, fraction {fraction}): {exc}") from exc
     return np.sort(rest), np.sort(carved)
 
@@ -111,7 +113,7 @@ def _group_carve(idx: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction: f
     """Split ``idx`` into user-disjoint (rest, carved), carved ≈ ``fraction`` of posts."""
     n_groups = len(np.unique(groups[idx]))
     if n_groups < 2:
-        raise ValueError(f"cannot make a user-disjoint {what} split: only {n_groups} user(s) "
+        raise InputError(f"cannot make a user-disjoint {what} split: only {n_groups} user(s) "
                          f"among {len(idx)} posts")
     k, m = _fold_plan(fraction, n_groups)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -145,7 +147,7 @@ def make_split(labels: np.ndarray, *, users: np.ndarray | None = None, mode: str
     out = np.full(n, "", dtype="<U5")
     idx = np.flatnonzero(labelled)
     if len(idx) == 0:
-        raise ValueError("no labelled posts to split (all labels are negative)")
+        raise InputError("no labelled posts to split (all labels are negative)")
 
     if mode == "stratified":
         train, test = _stratified_carve(idx, y, test_fraction, seed, "test")
@@ -169,7 +171,7 @@ def make_split(labels: np.ndarray, *, users: np.ndarray | None = None, mode: str
 def _normalise_store_split(store_split, n: int) -> np.ndarray:
     s = np.asarray(store_split, dtype=object)
     if s.shape != (n,):
-        raise ValueError(f"stored split must have one entry per label: {s.shape} vs ({n},)")
+        raise InputError(f"stored split must have one entry per label: {s.shape} vs ({n},)")
     out = np.full(n, "", dtype="<U5")
     unknown = set()
     for i, v in enumerate(s):
@@ -183,7 +185,7 @@ def _normalise_store_split(store_split, n: int) -> np.ndarray:
             continue
         out[i] = _ALIASES[key]
     if unknown:
-        raise ValueError(f"stored split has unknown value(s) {sorted(unknown)[:5]}; "
+        raise InputError(f"stored split has unknown value(s) {sorted(unknown)[:5]}; "
                          f"expected {SPLIT_NAMES} or ''")
     return out
 
@@ -213,7 +215,7 @@ def resolve_split(store_split: np.ndarray | None, labels, users, mode: str = "st
     present = set(np.unique(split)) - {""}
     missing = {"train", "test"} - present
     if missing:
-        raise ValueError(f"stored split has no {sorted(missing)} rows; it needs train and test "
+        raise InputError(f"stored split has no {sorted(missing)} rows; it needs train and test "
                          f"(drop it to have one made)")
     if "val" not in present and val_fraction > 0:
         train = np.flatnonzero(split == "train")

@@ -4,6 +4,8 @@ reliability.png, risk_coverage.png, tsne.png."""
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import json
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def select_rows(fs: FeatureStore, run_dir: RunDir | None, split: str) -> np.ndar
     rows = split_rows(fs, run_dir, split)
     rows = np.intersect1d(rows, labelled)
     if len(rows) == 0:
-        raise ValueError(f"{fs.path}: split {split!r} has no labelled posts")
+        raise InputError(f"{fs.path}: split {split!r} has no labelled posts")
     return rows
 
 
@@ -64,7 +66,7 @@ def evaluate(checkpoint, store, out_dir=None, *, split: str = "test", title: str
     pred = predictor or Predictor.load(ck)
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     if fs.labels is None:
-        raise ValueError(f"{fs.path}: has no labels.npy; evaluation needs labelled posts")
+        raise InputError(f"{fs.path}: has no labels.npy; evaluation needs labelled posts")
     rows = select_rows(fs, run_dir, split)
     # the store's label indices in the model's order, matched by name (never by position)
     to_model = label_mapping(fs.label_names, pred.label_names, fs.path / "meta.json",

@@ -11,6 +11,8 @@ per-regime accuracy beside the oracle's (docs/simfeat.md explains the regimes).
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import csv
 import io
 import json
@@ -51,7 +53,7 @@ def demo_rows() -> list[Row]:
 
 def _profiles(profile: str) -> list[str]:
     if profile not in PROFILE_CHOICES:
-        raise ValueError(f"unknown demo profile {profile!r}; choose one of {', '.join(PROFILE_CHOICES)}")
+        raise InputError(f"unknown demo profile {profile!r}; choose one of {', '.join(PROFILE_CHOICES)}")
     return ["default", "hetero"] if profile == "both" else [profile]
 
 
@@ -74,7 +76,7 @@ def _run_profile(out: Path, profile: str, rows: list[Row], *, quick: bool, seeds
         from dataclasses import asdict
 
         if have != json.loads(json.dumps(asdict(cfg))):
-            raise ValueError(f"{store}: holds a SimFeat store made with other settings "
+            raise InputError(f"{store}: holds a SimFeat store made with other settings "
                              f"(e.g. --quick vs. full scale); use another --out")
     else:
         print(f"[demo] {profile}: simulating SimFeat ({cfg.num_posts} posts, D={cfg.dim}) -> {store}", flush=True)

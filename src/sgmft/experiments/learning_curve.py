@@ -21,6 +21,8 @@ Layout of ``out``::
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import csv
 import io
 import json
@@ -128,9 +130,9 @@ def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
     sizes = sorted({int(s) for s in sizes})
     models = list(dict.fromkeys(models or default_models()))
     if not sizes or sizes[0] < 10:
-        raise ValueError(f"sizes must be integers >= 10, got {sizes}")
+        raise InputError(f"sizes must be integers >= 10, got {sizes}")
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+        raise InputError(f"seeds must be >= 1, got {seeds}")
     from sgmft.config import load_preset
 
     for m in models:
@@ -146,7 +148,7 @@ def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
     if marker.exists():
         have = json.loads(marker.read_text(encoding="utf-8"))
         if {k: have.get(k) for k in settings} != settings:
-            raise ValueError(f"{marker}: this folder holds a learning curve made with other settings "
+            raise InputError(f"{marker}: this folder holds a learning curve made with other settings "
                              f"(profile, SimFeat config, largest size or epochs); use another --out")
     write_text(marker, json.dumps({**settings, "sizes": sizes, "models": models, "seeds": seeds}, indent=2))
 

@@ -14,6 +14,8 @@ the pipeline works, not what a real Chinese-CLIP model achieves.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import json
 import os
 import shutil
@@ -76,7 +78,7 @@ def _run(out_dir, *, backbone, num_posts, epochs, new_posts, dirty_posts, seed, 
     from sgmft.train import train
 
     if num_posts < 40:
-        raise ValueError("--posts must be at least 40 (every place needs training and test posts)")
+        raise InputError("--posts must be at least 40 (every place needs training and test posts)")
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

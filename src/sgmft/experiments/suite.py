@@ -18,6 +18,8 @@ are rewritten after each round, so an interrupted suite still leaves complete ta
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import json
 import platform
 import textwrap
@@ -51,7 +53,7 @@ def _simfeat_store(out: Path, overrides: dict, log, name: str = "simfeat", profi
     if path.exists():
         have = FeatureStore.open(path, validate=False).meta.get("extra", {}).get("simfeat", {}).get("config")
         if have != want:
-            raise ValueError(f"{path}: holds a SimFeat store made with other settings than this scale's "
+            raise InputError(f"{path}: holds a SimFeat store made with other settings than this scale's "
                              f"({overrides or 'defaults'}); use another --out")
         return path
     log(f"generating SimFeat profile {profile} {overrides or '(defaults)'} -> {path}")
@@ -110,7 +112,7 @@ def _check_marker(out: Path, marker: dict) -> None:
         have = json.loads(p.read_text(encoding="utf-8"))
         keys = ("scale", "simfeat", "simfeat_small", "simposts", "train", "store", "posts_manifest", "profile")
         if any(have.get(k, "default" if k == "profile" else None) != marker.get(k) for k in keys):
-            raise ValueError(f"{out} holds runs made at another scale or on other data "
+            raise InputError(f"{out} holds runs made at another scale or on other data "
                              f"({ {k: have.get(k) for k in keys} }); use another --out")
     write_text(p, json.dumps(marker, indent=2))
 
@@ -129,7 +131,7 @@ def _check_existing(row, seed: int, out: Path) -> None:
     if have_m != want_m or have_t != want_t:
         diff = sorted({k for k in set(want_m) | set(have_m) if want_m.get(k) != have_m.get(k)}
                       | {k for k in set(want_t) | set(have_t) if want_t.get(k) != have_t.get(k)})
-        raise ValueError(f"{run.parent}: an earlier run of row {row.name!r} used another configuration "
+        raise InputError(f"{run.parent}: an earlier run of row {row.name!r} used another configuration "
                          f"(differs in {diff}); use another --out or delete that run folder")
 
 

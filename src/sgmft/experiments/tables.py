@@ -27,6 +27,8 @@ resolve to the same configuration, which :func:`collect_rows` checks.
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import csv
 import dataclasses
 import io
@@ -72,16 +74,16 @@ def _strs(v, where: str) -> list[str]:
     if v is None:
         return []
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{where}: expected a list of 'field=value' strings, got {v!r}")
+        raise ConfigError(f"{where}: expected a list of 'field=value' strings, got {v!r}")
     return list(v)
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     unknown = set(d) - allowed
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(allowed)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(allowed)}")
 
 
 @dataclass
@@ -132,14 +134,14 @@ class SuiteRow:
         _check_keys(d, {"name", "preset", "model", "train", "label", "paper", "paper_label", "data", "scales"}, where)
         for key in ("name", "preset"):
             if not isinstance(d.get(key), str) or not d[key]:
-                raise ValueError(f"{where}: '{key}' must be a non-empty string")
+                raise ConfigError(f"{where}: '{key}' must be a non-empty string")
         data = d.get("data", "simfeat")
         if data not in DATA_KINDS:
-            raise ValueError(f"{where}: data must be one of {DATA_KINDS}, got {data!r}")
+            raise ConfigError(f"{where}: data must be one of {DATA_KINDS}, got {data!r}")
         scales = {}
         for sc, ov in (d.get("scales") or {}).items():
             if sc not in SCALES:
-                raise ValueError(f"{where}: unknown scale {sc!r} in scales; known: {SCALES}")
+                raise ConfigError(f"{where}: unknown scale {sc!r} in scales; known: {SCALES}")
             _check_keys(ov, {"model", "train", "seeds", "note", "data", "skip"}, f"{where}.scales.{sc}")
             scales[sc] = {k: _strs(ov.get(k), f"{where}.scales.{sc}.{k}") for k in ("model", "train")}
             if ov.get("seeds") is not None:
@@ -150,7 +152,7 @@ class SuiteRow:
                 scales[sc]["skip"] = True
             if "data" in ov:
                 if ov["data"] not in DATA_KINDS:
-                    raise ValueError(f"{where}.scales.{sc}: data must be one of {DATA_KINDS}, got {ov['data']!r}")
+                    raise ConfigError(f"{where}.scales.{sc}: data must be one of {DATA_KINDS}, got {ov['data']!r}")
                 scales[sc]["data"] = ov["data"]
         paper = d.get("paper")
         return cls(name=d["name"], preset=d["preset"], model=_strs(d.get("model"), f"{where}.model"),
@@ -181,10 +183,10 @@ def load_table(name_or_path: str | Path) -> TableSpec:
     _check_keys(d, {"name", "title", "caption", "seeds", "rows"}, where)
     rows = [SuiteRow.from_dict(r, f"{where}: rows[{k}]") for k, r in enumerate(d.get("rows") or [])]
     if not rows:
-        raise ValueError(f"{where}: no rows")
+        raise ConfigError(f"{where}: no rows")
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
-        raise ValueError(f"{where}: row names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        raise ConfigError(f"{where}: row names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
     seeds = d.get("seeds") or {}
     _check_keys(seeds, set(SCALES), f"{where}.seeds")
     return TableSpec(name=str(d.get("name", name)), title=str(d.get("title", name)),
@@ -243,7 +245,7 @@ def load_suite(tables: list[str] | None = None, config: str | Path | None = None
         specs = [load_table(t) for t in names]
     for sc, s in scales.items():
         if sc not in SCALES:
-            raise ValueError(f"suite: unknown scale {sc!r}; known: {SCALES}")
+            raise ConfigError(f"suite: unknown scale {sc!r}; known: {SCALES}")
         _check_keys(s, {"description", "simfeat", "simposts", "train", "seeds", "tsne_points",
                         "simfeat_small"}, f"suite scale {sc}")
     return Suite(tables=specs, scales=scales)
@@ -256,7 +258,7 @@ def collect_rows(tables: list[TableSpec], scale: str) -> dict[str, SuiteRow]:
     for t in tables:
         for r in t.rows_at(scale):
             if r.name in out and out[r.name].signature(scale) != r.signature(scale):
-                raise ValueError(f"row {r.name!r} is defined differently in {where[r.name]} and {t.name} "
+                raise ConfigError(f"row {r.name!r} is defined differently in {where[r.name]} and {t.name} "
                                  f"({out[r.name].signature(scale)} vs {r.signature(scale)}); rows with the "
                                  f"same name share one run folder, so give one of them another name")
             out.setdefault(r.name, r)

@@ -20,6 +20,8 @@ stage 2 and caches the results; :class:`sgmft.predict.PostPredictor` calls
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,7 @@ __all__ = ["DEFAULT_MAX_IMAGES", "IMAGE_CHOICES", "MIN_REDUCE_SIDE", "reduce_sid
 
 def check_image_choice(image_choice: str) -> str:
     if image_choice not in IMAGE_CHOICES:
-        raise ValueError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
+        raise InputError(f"image_choice must be one of {IMAGE_CHOICES}, got {image_choice!r}")
     return image_choice
 
 
@@ -203,7 +205,7 @@ def tokenize_long(backbone, texts: list[str], long_text: str = "truncate"):
     policy, arg = parse_long_text(long_text)
     if not hasattr(backbone, "text_ids"):
         if policy != "truncate":
-            raise ValueError(f"long_text {long_text!r}: backbone {backbone.spec!r} reads whole texts (no token "
+            raise InputError(f"long_text {long_text!r}: backbone {backbone.spec!r} reads whole texts (no token "
                              "limit); use the default 'truncate'")
         return backbone.tokenize(texts), None, [False] * len(texts), [False] * len(texts)
     ids, budget = backbone.text_ids(texts), backbone.text_budget

@@ -292,7 +292,7 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
     """
     check_image_choice(image_choice)
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        raise InputError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     from sgmft.config import progress_enabled
 
     progress = progress_enabled(progress)      # None (the default): bars only on a terminal, as the CLI
@@ -309,11 +309,11 @@ def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, c
               field_limits=field_limits)
     if _engine is not None:  # another engine (sgmft.features.ray_engine) on the checked arguments
         if num_processes > 1:
-            raise ValueError("--num-processes is for --engine local; with --engine ray, Ray places the replicas")
+            raise InputError("--num-processes is for --engine local; with --engine ray, Ray places the replicas")
         return _engine(Path(manifest), out_store, backbone, **kw)
     if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
-            raise ValueError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
+            raise InputError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
         return _spawn(num_processes, Path(manifest), out_store, backbone, kw)
     from sgmft.features.backbones.hf_clip import hf_progress_bars
 

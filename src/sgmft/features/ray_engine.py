@@ -25,6 +25,8 @@ this module needs it (``pip install 'sgmft[ray]'``).
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import contextlib
 import copy
 import json
@@ -334,7 +336,7 @@ def _extract_ray(manifest: Path, out_store: Path, backbone: str, *, address, num
     from sgmft.features.extract import _assemble, _plan, _remove_stale_tmp
 
     if not isinstance(backbone, str):
-        raise ValueError("--engine ray needs the backbone as a spec string (every replica loads it)")
+        raise InputError("--engine ray needs the backbone as a spec string (every replica loads it)")
     t0, started = time.perf_counter(), time.time()
     manifest, out_store, cache_dir = Path(manifest), Path(out_store), Path(cache_dir)
     if out_store.exists() and not overwrite:

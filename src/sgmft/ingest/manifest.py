@@ -185,7 +185,7 @@ def read_manifest(path: str | Path, *, label_names: Sequence[str] | None = DEFAU
     rejects are written to ``rejects_path`` when given (an empty file if all is well).
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")

@@ -107,7 +107,7 @@ class CleanConfig:
         parse_long_text(self.long_text)
         unknown = set(self.stopword_sources) - set(STOPWORD_SOURCES)
         if unknown:
-            raise ValueError(f"unknown stopword source(s) {sorted(unknown)}; known: {STOPWORD_SOURCES}")
+            raise InputError(f"unknown stopword source(s) {sorted(unknown)}; known: {STOPWORD_SOURCES}")
 
 
 LONG_TEXT_POLICIES = ("truncate", "head-tail", "chunk-mean")
@@ -141,7 +141,7 @@ def _load_source(name: str) -> frozenset[str]:
         except ImportError as e:  # optional extra
             raise ImportError("stopword source 'pystopwords-zh' needs `pip install pystopwords`") from e
         return frozenset(pystopwords.stopwords("zh", "all"))
-    raise ValueError(f"unknown stopword source {name!r}")
+    raise InputError(f"unknown stopword source {name!r}")
 
 
 def load_stopwords(cfg: CleanConfig | None = None) -> frozenset[str]:

@@ -32,6 +32,8 @@ Auxiliary losses that need the labels (UniS-MMC, BalanceMLA) are computed by the
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +62,7 @@ def head_options(cfg: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
     """``cfg.extra`` merged over ``defaults``; unknown keys raise ValueError."""
     unknown = set(cfg.extra) - set(defaults)
     if unknown:
-        raise ValueError(f"model config: arch {cfg.arch!r} does not know extra option(s) "
+        raise ConfigError(f"model config: arch {cfg.arch!r} does not know extra option(s) "
                          f"{sorted(unknown)}; known: {sorted(defaults)}")
     return {**defaults, **cfg.extra}
 
@@ -163,7 +165,7 @@ class BalanceMLA(_Head):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         if self.opt["weighting"] not in ("learned", "confidence"):
-            raise ValueError(f"balance_mla: weighting must be 'learned' or 'confidence', got {self.opt['weighting']!r}")
+            raise ConfigError(f"balance_mla: weighting must be 'learned' or 'confidence', got {self.opt['weighting']!r}")
         h, k = self.opt["hidden"], cfg.num_classes
         self.enc_t, self.enc_i = _encoder(cfg.dim, h, cfg.dropout), _encoder(cfg.dim, h, cfg.dropout)
         self.cls_t = Classifier(h, cfg.classifier_hidden[1:], k, cfg.dropout)

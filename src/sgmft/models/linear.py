@@ -23,25 +23,20 @@ import torch
 from torch import nn
 
 from sgmft.config import ModelConfig
-from sgmft.models.blocks import ModalityInput
-from sgmft.models.comparisons import HeadOutput, head_options
+from sgmft.models.comparisons import HeadOutput, _Head
 from sgmft.models.registry import MODELS
 
 __all__ = ["LinearHead", "ShrinkageLDA", "LogisticHead"]
 
 
-class LinearHead(nn.Module):
+class LinearHead(_Head):
     """``logits = W [t'; v'] + b`` (docstring above); subclasses say how W and b are fitted."""
 
     closed_form = True
     defaults: dict[str, Any] = {}
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.opt = head_options(cfg, self.defaults)
-        scale = cfg.resolved_input_scale()
-        self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
+        super().__init__(cfg)                   # options, normalised inputs with placeholders
         self.linear = nn.Linear(2 * cfg.dim, cfg.num_classes)
 
     def forward(self, text, image, text_mask=None, image_mask=None) -> HeadOutput:

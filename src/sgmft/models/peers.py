@@ -42,6 +42,8 @@ every model, and, beyond the papers, weight 0 in eq P1 (PDF: excluded from the s
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 from typing import Any
 
 import torch
@@ -69,7 +71,7 @@ class _LateFusion(nn.Module):
         self.opt = head_options(cfg, self.defaults)
         h = int(self.opt["hidden"])
         if h < 0:
-            raise ValueError(f"{cfg.arch}: hidden must be >= 0 (0 = a linear classifier), got {h}")
+            raise ConfigError(f"{cfg.arch}: hidden must be >= 0 (0 = a linear classifier), got {h}")
         scale = cfg.resolved_input_scale()
         self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
         self.enc_t, self.enc_v = self._encoder(cfg.dim, h, cfg.dropout), self._encoder(cfg.dim, h, cfg.dropout)
@@ -163,7 +165,7 @@ class QMF(_LateFusion):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         if float(self.opt["temperature"]) <= 0:
-            raise ValueError("qmf: temperature must be > 0")
+            raise ConfigError("qmf: temperature must be > 0")
         self.history = {"text": LossHistory(), "image": LossHistory()}
 
     def forward(self, text, image, text_mask=None, image_mask=None) -> HeadOutput:

@@ -51,6 +51,8 @@ modalities (mask False) contribute no evidence: a_m^s(y) = 0 for every state.
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import math
 from typing import Any
 
@@ -116,19 +118,19 @@ class TrustMix(nn.Module):
         self.cfg = cfg
         self.opt = o = head_options(cfg, self.defaults)
         if o["states"] not in ("two", "three"):
-            raise ValueError(f"trust: states must be 'two' or 'three', got {o['states']!r}")
+            raise ConfigError(f"trust: states must be 'two' or 'three', got {o['states']!r}")
         if int(o["generic"]) < 1:
-            raise ValueError("trust: generic (the number of generic components) must be >= 1")
+            raise ConfigError("trust: generic (the number of generic components) must be >= 1")
         k, j = cfg.num_classes, int(o["generic"])
         scale = cfg.resolved_input_scale()
         self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
         if int(o["looks"]) < 1:
-            raise ValueError("trust: looks (looks per place) must be >= 1")
+            raise ConfigError("trust: looks (looks per place) must be >= 1")
         ev = (cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]), int(o["looks"]))
         self.ev_t, self.ev_v = _Evidence(*ev), _Evidence(*ev)
         self.n_states = 3 if o["states"] == "three" else 2
         if o["conflict"] not in ("uniform", "learnt"):
-            raise ValueError(f"trust: conflict must be 'uniform' or 'learnt', got {o['conflict']!r}")
+            raise ConfigError(f"trust: conflict must be 'uniform' or 'learnt', got {o['conflict']!r}")
         if o["conflict"] == "learnt" and self.n_states == 3:        # Q_t, Q_v of eq T1', uniform at start
             self.conflict_t, self.conflict_v = nn.Parameter(torch.zeros(k, k)), nn.Parameter(torch.zeros(k, k))
         else:

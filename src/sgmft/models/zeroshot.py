@@ -20,6 +20,8 @@ evaluates and exports as every registered model does.
 
 from __future__ import annotations
 
+from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +43,7 @@ class ZeroShotHead(nn.Module):
         self.opt = head_options(cfg, self.defaults)
         w = float(self.opt["text_weight"])
         if not 0.0 <= w <= 1.0:
-            raise ValueError(f"model config: zeroshot text_weight must be in [0, 1], got {w}")
+            raise ConfigError(f"model config: zeroshot text_weight must be in [0, 1], got {w}")
         self.text_weight, self.scale = w, float(self.opt["logit_scale"])
         # random start for training with the preset; `sgmft zero-shot` writes the prompt embeddings
         self.class_emb = nn.Parameter(0.02 * torch.randn(cfg.num_classes, cfg.dim))

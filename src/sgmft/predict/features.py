@@ -7,6 +7,8 @@ normalisation) and turns feature vectors into class probabilities.  Raw posts go
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,9 +34,9 @@ def check_min_confidence(min_confidence) -> float | None:
     try:
         v = float(min_confidence)
     except (TypeError, ValueError):
-        raise ValueError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}") from None
+        raise InputError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}") from None
     if not 0.0 <= v <= 1.0:                       # also refuses NaN
-        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+        raise InputError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
     return v
 
 
@@ -106,7 +108,7 @@ class Predictor:
         from sgmft.runs import locate
 
         if "model_cfg" not in self.info:
-            raise ValueError("save_pretrained needs a Predictor made by Predictor.load / from_pretrained "
+            raise InputError("save_pretrained needs a Predictor made by Predictor.load / from_pretrained "
                              "(it writes the model config)")
         src = self.info.get("path")
         run = locate(src)[1] if src is not None else None
@@ -173,7 +175,7 @@ class Predictor:
         check_min_confidence(min_confidence)
         text, image = np.asarray(text), np.asarray(image)
         if text.ndim != 2 or text.shape != image.shape or text.shape[1] != self.dim:
-            raise ValueError(f"expected text and image of shape (N, {self.dim}), got "
+            raise InputError(f"expected text and image of shape (N, {self.dim}), got "
                              f"{text.shape} and {image.shape}")
         probs, fused, logits, expl = [], [], [], []
         for s in range(0, len(text), batch_size):

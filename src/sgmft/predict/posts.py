@@ -26,6 +26,8 @@ See docs/predict.md.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import dataclasses
 import json
 import os
@@ -159,11 +161,11 @@ class PostPredictor:
         # the backbone
         if backbone is None:
             if not trained_spec or trained_spec == "unknown":
-                raise ValueError(f"{model_dir}: the checkpoint does not record the backbone its features "
+                raise InputError(f"{model_dir}: the checkpoint does not record the backbone its features "
                                  "came from; pass backbone= (--backbone SPEC)")
             spec = trained_spec
             if spec.partition(":")[0] not in BACKBONES:
-                raise ValueError(
+                raise InputError(
                     f"{model_dir}: the model was trained on features from {trained_spec!r}, which is not a "
                     "raw-post backbone (a SimFeat store or features you computed yourself), so it cannot "
                     "encode a raw post: it predicts only from features. Predict on a feature store with "
@@ -200,7 +202,7 @@ class PostPredictor:
             except KeyError as e:                    # no registered backbone makes these features
                 if backbone is not None:
                     raise
-                raise ValueError(
+                raise InputError(
                     f"the model {model_dir} was trained on features from {trained_spec!r}, which no "
                     "registered backbone computes (SimFeat, or features you made yourself), so it cannot "
                     "encode raw posts. Predict feature vectors instead: `sgmft predict RUN --store STORE "
@@ -346,7 +348,7 @@ class PostPredictor:
         rejects_path = Path(rejects_path) if rejects_path is not None else out_path.with_name(
             out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
         if rejects_path.resolve() == out_path.resolve():
-            raise ValueError(f"the rejects file must differ from the output file ({out_path})")
+            raise InputError(f"the rejects file must differ from the output file ({out_path})")
         check_outputs({"the manifest": manifest},
                       {"the output (--out)": out_path, "the rejects file (--rejects)": rejects_path})
         posts, row_rejects = read_manifest(manifest, label_names=self.label_names, check_images=True,

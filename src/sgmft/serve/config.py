@@ -8,6 +8,8 @@ document (``maxLength``, ``maxItems``, ``x-limits``).
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -59,10 +61,10 @@ class ServeConfig:
             if f.name in _TEXT or isinstance(v, bool):
                 continue
             if (f.name in _MAY_BE_ZERO and v < 0) or (f.name not in _MAY_BE_ZERO and v <= 0):
-                raise ValueError(f"{f.name} must be {'>= 0' if f.name in _MAY_BE_ZERO else '> 0'}, got {v}")
+                raise InputError(f"{f.name} must be {'>= 0' if f.name in _MAY_BE_ZERO else '> 0'}, got {v}")
         for f in _TEXT:
             if not isinstance(getattr(self, f), str):
-                raise ValueError(f"{f} must be a comma-separated string, got {getattr(self, f)!r}")
+                raise InputError(f"{f} must be a comma-separated string, got {getattr(self, f)!r}")
 
     @staticmethod
     def fields() -> list[dataclasses.Field]:

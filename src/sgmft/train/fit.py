@@ -16,6 +16,8 @@ data that cannot teach anything is refused before the first step.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import contextlib
 import dataclasses
 import logging
@@ -71,11 +73,11 @@ def _rank_zero_process() -> bool:
 def _check_store(fs: FeatureStore) -> None:
     """Refuse a store that cannot train anything, before a split is attempted."""
     if len(fs) == 0:
-        raise ValueError(f"{fs.path}: the feature store is empty (0 posts); there is nothing to train on")
+        raise InputError(f"{fs.path}: the feature store is empty (0 posts); there is nothing to train on")
     if fs.labels is None:
-        raise ValueError(f"{fs.path}: has no labels.npy; training needs labelled posts")
+        raise InputError(f"{fs.path}: has no labels.npy; training needs labelled posts")
     if not (np.asarray(fs.labels) >= 0).any():
-        raise ValueError(f"{fs.path / 'labels.npy'}: no post is labelled (all {len(fs)} labels are -1, "
+        raise InputError(f"{fs.path / 'labels.npy'}: no post is labelled (all {len(fs)} labels are -1, "
                          "unlabelled); training needs labelled posts")
 
 
@@ -86,7 +88,7 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     present = np.flatnonzero(counts)
     if len(present) == 1:
         only = names[int(present[0])]
-        raise ValueError(f"{fs.path}: every training post has the label {only!r} ({len(tr)} posts): a classifier "
+        raise InputError(f"{fs.path}: every training post has the label {only!r} ({len(tr)} posts): a classifier "
                          f"cannot learn anything from one class (it would score val_acc 1.0 by always answering "
                          f"{only!r}); the store needs posts of at least two places")
     absent = [names[i] for i in np.flatnonzero(counts == 0)]
@@ -97,7 +99,7 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     tm = np.ones(len(tr), bool) if fs.text_mask is None else np.asarray(fs.text_mask)[tr]
     im = np.ones(len(tr), bool) if fs.image_mask is None else np.asarray(fs.image_mask)[tr]
     if not tm.any() and not im.any():
-        raise ValueError(f"{fs.path}: no training post has usable text or a usable image (text_mask and "
+        raise InputError(f"{fs.path}: no training post has usable text or a usable image (text_mask and "
                          f"image_mask are False for all {len(tr)}): the model would see only placeholders")
     for name, m, other in (("text", tm, "images"), ("image", im, "text")):
         if not m.any():
@@ -247,7 +249,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
                           seed=train_cfg.seed)
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     if len(tr) == 0:
-        raise ValueError(f"{fs.path}: the split has no training posts")
+        raise InputError(f"{fs.path}: the split has no training posts")
     _check_training_rows(fs, tr)
     train_cfg = resolve_budget(train_cfg, len(tr))
     inputs = fingerprint_inputs(asdict(model_cfg), asdict(train_cfg), fs.path)
@@ -291,7 +293,7 @@ def _tensorboard_logger(run_dir: RunDir):
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        raise ValueError("train.tensorboard (--tensorboard) needs the tensorboard package: "
+        raise InputError("train.tensorboard (--tensorboard) needs the tensorboard package: "
                          "pip install 'sgmft[tensorboard]'") from None
     from lightning.pytorch.loggers import TensorBoardLogger
 

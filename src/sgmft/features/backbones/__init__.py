@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 from typing import Callable
 
 from sgmft.features.backbones.base import Backbone, BackboneUnavailableError
@@ -48,11 +50,11 @@ def _cnn_wordemb(ref: str, *, dtype: str = "auto", **kw) -> Backbone:
     from sgmft.features.backbones.cnn_wordemb import CNN_NAME, CNNWordEmbBackbone
 
     if ref not in ("", CNN_NAME):
-        raise ValueError(f"backbone cnn-wordemb: unknown CNN {ref!r}; the only one is {CNN_NAME!r}")
+        raise InputError(f"backbone cnn-wordemb: unknown CNN {ref!r}; the only one is {CNN_NAME!r}")
     from sgmft.features.backbones.base import canonical_precision
 
     if canonical_precision(dtype) not in ("auto", "float32"):
-        raise ValueError(f"backbone cnn-wordemb runs in float32 only, got dtype={dtype!r}")
+        raise InputError(f"backbone cnn-wordemb runs in float32 only, got dtype={dtype!r}")
     return CNNWordEmbBackbone(**kw)
 
 

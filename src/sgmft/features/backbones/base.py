@@ -10,6 +10,8 @@ The work is split so a benchmark can time each stage: ``tokenize`` / ``preproces
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import abc
 import hashlib
 import json
@@ -47,7 +49,7 @@ def canonical_precision(dtype: str) -> str:
     """``"fp32"``/``"bf16"``/``"fp16"``/``"int8"`` (or the long names, or ``"auto"``) -> the long name."""
     d = PRECISION_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if d != "auto" and d not in PRECISIONS:
-        raise ValueError(f"precision/dtype must be 'auto' or one of fp32, bf16, fp16, int8 "
+        raise InputError(f"precision/dtype must be 'auto' or one of fp32, bf16, fp16, int8 "
                          f"({', '.join(PRECISIONS)}), got {dtype!r}")
     return d
 
@@ -70,7 +72,7 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
         announce_auto(choice, reason)
         return choice
     if d == "int8" and device.type != "cpu":
-        raise ValueError(f"precision int8 (dynamic quantisation) runs on CPU only, not on {device}; "
+        raise InputError(f"precision int8 (dynamic quantisation) runs on CPU only, not on {device}; "
                          "use bf16 or fp16 on a GPU")
     return d
 

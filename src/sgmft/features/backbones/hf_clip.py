@@ -16,6 +16,8 @@ machine and point sgmft at it. Nothing here imports torchvision.
 
 from __future__ import annotations
 
+from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+
 import contextlib
 import hashlib
 import inspect
@@ -254,12 +256,12 @@ def load_hf_clip(ref: str, *, device="auto", dtype="auto", batch_size: int = 32,
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     if not ref:
-        raise ValueError("hf-clip needs a checkpoint: 'hf-clip:<hub-id-or-dir>'")
+        raise InputError("hf-clip needs a checkpoint: 'hf-clip:<hub-id-or-dir>'")
     ckpt = resolve_checkpoint(ref, "hf-clip")
     model, tok, proc = _load_pieces("hf-clip", ckpt, (
         AutoModel.from_pretrained, AutoTokenizer.from_pretrained,
         lambda d: AutoImageProcessor.from_pretrained(d, backend="pil")))
     if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
-        raise ValueError(f"hf-clip: {type(model).__name__} has no get_text_features/get_image_features")
+        raise InputError(f"hf-clip: {type(model).__name__} has no get_text_features/get_image_features")
     return HFClipBackbone("hf-clip", ref, model=model, tokenizer=tok, processor=proc, ckpt_dir=ckpt,
                           device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
