@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -173,9 +172,9 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
-        tmp_out = Path(a.out).with_suffix(".json.tmp")
-        tmp_out.write_text(text, encoding="utf-8")
-        os.replace(tmp_out, a.out)
+        from sgmft.atomic import write_text
+
+        write_text(a.out, text)
     return 0
 
 

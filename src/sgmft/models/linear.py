@@ -47,9 +47,7 @@ class LinearHead(_Head):
     @torch.no_grad()
     def design(self, batch: dict) -> np.ndarray:
         """The float64 design matrix [t'; v'] of a batch dict (text, image, optional masks)."""
-        x = torch.cat([self.text_in(batch["text"], batch.get("text_mask")),
-                       self.image_in(batch["image"], batch.get("image_mask"))], dim=1)
-        return x.double().numpy()
+        return self(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask")).fused.double().numpy()
 
     @torch.no_grad()
     def _set_placeholders(self, batch: dict) -> None:
@@ -76,8 +74,7 @@ class LinearHead(_Head):
     def fit_closed_form(self, train: dict, val: dict | None, seed: int = 0) -> dict:
         self._set_placeholders(train)
         x, y = self.design(train), train["label"].numpy()
-        info = self._fit(x, y, None if val is None else (self.design(val), val["label"].numpy()), seed)
-        return info
+        return self._fit(x, y, None if val is None else (self.design(val), val["label"].numpy()), seed)
 
 
 @MODELS.register("lda")

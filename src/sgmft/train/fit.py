@@ -43,7 +43,7 @@ from sgmft.models.input_norm import fit_input_norm
 from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_differences, fingerprint,
                         fingerprint_inputs, ids_digest)
 from sgmft.train.calibrate import fit_calibration
-from sgmft.train.data import make_loader
+from sgmft.train.data import FeatureDataset, make_loader
 from sgmft.train.module import EpochLines, LitClassifier
 from sgmft.train.select import train_selected
 from sgmft.train.result import TrainResult
@@ -301,16 +301,9 @@ def _tensorboard_logger(run_dir: RunDir):
 
 
 def _rows_batch(fs, rows: np.ndarray) -> dict:
-    """A whole split as one batch dict of tensors (rows read in store order)."""
+    """A whole split as one batch dict of tensors (the training loader's reader, rows in store order)."""
     rows = np.sort(np.asarray(rows))
-    batch = {"text": torch.from_numpy(np.asarray(fs.text[rows], dtype=np.float32)),
-             "image": torch.from_numpy(np.asarray(fs.image[rows], dtype=np.float32)),
-             "label": torch.from_numpy(np.asarray(fs.labels)[rows].astype(np.int64))}
-    for key in ("text_mask", "image_mask"):
-        m = getattr(fs, key)
-        if m is not None:
-            batch[key] = torch.from_numpy(np.asarray(m)[rows].astype(bool))
-    return batch
+    return FeatureDataset(fs, rows).__getitems__(np.arange(len(rows)))
 
 
 def _fit_closed_form(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0) -> TrainResult:

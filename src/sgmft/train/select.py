@@ -82,8 +82,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         shutil.copy2(RunDir(best.run_dir).split, run.split)
-        cand = {n: (RunDir(r.run_dir).read_run_json() or {}) for n, r in results.items()}
-        chosen_run = cand[chosen]
+        chosen_run = RunDir(best.run_dir).read_run_json() or {}
         selection = {"chosen": chosen, "rule": RULE, "split": "validation",
                      "candidates": {n: {"val_acc": r.best_val_acc, "seconds": round(r.seconds, 2),
                                         "run": f"candidates/{n}"} for n, r in results.items()}}
