@@ -10,7 +10,9 @@ generator's own per-post regimes).  Prints one JSON document (and writes it with
 
 ``--set key=value`` overrides SimFeatConfig fields (held-out variants of a profile);
 ``--train key=value`` overrides TrainConfig fields of every preset (e.g. epochs=3).
-``--render RESULT.json`` prints the markdown tables of docs/design.md from a saved result.
+``--render RESULT.json`` prints the markdown tables of docs/design.md from a saved result;
+``--merge A.json B.json --out C.json`` joins results run apart (seed 0, then seeds 1-2);
+``--acceptance RESULT.json`` prints issue 17's bars (default against the best other model, per regime).
 Runs are sequential; each run's seconds are recorded (wall clock, shared machine).
 """
 
@@ -89,14 +91,60 @@ def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Pat
                 f"({hit.mean() / oracle['test_accuracy']:.3f} of oracle) {secs:.0f} s  "
                 + " ".join(f"{r}={v:.3f}" for r, v in by.items() if v is not None))
         out["runs"][preset] = runs
-        acc = [r["accuracy"] for r in runs]
-        out["summary"][preset] = {
-            "accuracy": _mean_sd(acc),
-            "over_oracle": _mean_sd([a / oracle["test_accuracy"] for a in acc]),
-            "by_regime": {r: _mean_sd([x["by_regime"][r] for x in runs]) for r in names
-                          if all(x["by_regime"][r] is not None for x in runs)},
-            "train_seconds": _mean_sd([r["train_seconds"] for r in runs])}
+        out["summary"][preset] = summarise(runs, names, oracle["test_accuracy"])
     return out
+
+
+def summarise(runs: list[dict], names, oracle_accuracy: float) -> dict:
+    """Mean and sd over seeds: accuracy, fraction of the oracle, per regime, train seconds."""
+    acc = [r["accuracy"] for r in runs]
+    return {"accuracy": _mean_sd(acc),
+            "over_oracle": _mean_sd([a / oracle_accuracy for a in acc]),
+            "by_regime": {r: _mean_sd([x["by_regime"][r] for x in runs]) for r in names
+                          if all(x["by_regime"].get(r) is not None for x in runs)},
+            "train_seconds": _mean_sd([r["train_seconds"] for r in runs])}
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several (e.g. seed 0 and seeds 1-2 run apart): runs are joined per profile and
+    preset by seed (a later file wins for the same seed); the oracle must agree; summaries are redone."""
+    out: dict = {"merged_from": paths, "profiles": {}}
+    for path in paths:
+        res = json.loads(Path(path).read_text(encoding="utf-8"))
+        for name, prof in res["profiles"].items():
+            have = out["profiles"].setdefault(name, {**prof, "runs": {}, "summary": {}})
+            if have["oracle"]["accuracy"] != prof["oracle"]["accuracy"]:
+                raise SystemExit(f"{path}: profile {name!r} has another oracle (another data set); not merged")
+            for preset, runs in prof["runs"].items():
+                by_seed = {r["seed"]: r for r in have["runs"].get(preset, [])}
+                by_seed.update({r["seed"]: r for r in runs})
+                have["runs"][preset] = [by_seed[k] for k in sorted(by_seed)]
+    for prof in out["profiles"].values():
+        names = list(prof["oracle"]["regime_counts"])
+        prof["summary"] = {p: summarise(runs, names, prof["oracle"]["accuracy"]) for p, runs in prof["runs"].items()}
+    return out
+
+
+def acceptance(result: dict, default: str = "auto", band: float = 0.003, regime_band: float = 0.05) -> str:
+    """Issue 17's bars per profile: the default's mean against the best other preset's, its fraction of
+    the oracle, and its regimes more than ``regime_band`` below the oracle (except "neither" and regimes
+    whose oracle is below 50 %)."""
+    lines = ["| profile | seeds | default | best other | default − best | / oracle | regimes > 5 points below the oracle |",
+             "|---|---|---|---|---|---|---|"]
+    for name, prof in result["profiles"].items():
+        summ, o = prof["summary"], prof["oracle"]
+        if default not in summ:
+            continue
+        d = summ[default]["accuracy"]["mean"]
+        others = {p: s["accuracy"]["mean"] for p, s in summ.items() if p != default}
+        best = max(others, key=others.get) if others else None
+        bad = [f"{r} {100 * s['mean']:.1f} vs {100 * o['by_regime'][r]:.1f}"
+               for r, s in summ[default]["by_regime"].items()
+               if r != "neither" and o["by_regime"][r] >= 0.5 and s["mean"] < o["by_regime"][r] - regime_band]
+        lines.append(f"| `{name}` | {summ[default]['accuracy']['n']} | {100 * d:.2f} | "
+                     + (f"{best} {100 * others[best]:.2f} | {100 * (d - others[best]):+.2f} | " if best else "- | - | ")
+                     + f"{summ[default]['over_oracle']['mean']:.3f} | {'; '.join(bad) or 'none'} |")
+    return "\n".join(lines)
 
 
 def render(result: dict) -> str:
@@ -131,9 +179,18 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     ap.add_argument("--render", metavar="JSON", help="print markdown tables of an earlier result and exit")
+    ap.add_argument("--acceptance", metavar="JSON", help="print issue 17's bars for an earlier result and exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="join earlier results (e.g. seed 0 and seeds 1-2) into one, print it (and --out) and exit")
     a = ap.parse_args(argv)
     if a.render:
         print(render(json.loads(Path(a.render).read_text(encoding="utf-8"))))
+        return 0
+    if a.acceptance:
+        print(acceptance(json.loads(Path(a.acceptance).read_text(encoding="utf-8"))))
+        return 0
+    if a.merge:
+        _emit(merge(a.merge), a.out)
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
@@ -145,13 +202,17 @@ def main(argv=None) -> int:
                   "profiles": {p: run_profile(p, a.presets, a.seeds, work, _parse_sets(a.set), a.train, log)
                                for p in a.profiles}}
     result["seconds"] = round(time.time() - t0, 1)
+    _emit(result, a.out)
+    return 0
+
+
+def _emit(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
-    if a.out:
-        tmp_out = Path(a.out).with_suffix(".json.tmp")
+    if out:
+        tmp_out = Path(out).with_suffix(".json.tmp")
         tmp_out.write_text(text, encoding="utf-8")
-        os.replace(tmp_out, a.out)
-    return 0
+        os.replace(tmp_out, out)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 For each ``--sizes`` N, in a fresh driver process: write a text-only manifest of N posts
 (short Chinese texts, no images), extract it with the tiny random backbone on a local Ray
-instance (``--ray-cpus``), and report the driver's peak RSS (``ru_maxrss``) and its RSS at
-the end. Prints one JSON object with the ratio of the largest to the smallest size.
+instance (``--ray-cpus``), and report the driver's peak RSS (``ru_maxrss``: anonymous and
+file-backed pages, so the store's memory-mapped files count too), its RSS at the end, and
+the peak RSS sampled (every 0.2 s) in each phase of the driver: Ray start and backbone
+probe, streaming the manifest into the spill file, the Ray run, the store assembly.
+Prints one JSON object with the ratio of the largest to the smallest size.
 
-    python benchmarks/bench_ray_memory.py --sizes 2000,20000 [--ray-cpus 2]
+    python benchmarks/bench_ray_memory.py --sizes 100000,1000000 [--ray-cpus 2]
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ with open(man, "w", encoding="utf-8") as f:
     for i in range(n):
         f.write(json.dumps({"id": f"p{i:08d}", "user": f"u{i % 997}", "label": "home",
                             "text": " ".join(words[(i + k) % 10] for k in range(6))}, ensure_ascii=False) + "\n")
+import threading
+import sgmft.features.extract as E
+import sgmft.features.ray_engine as R
+phase, peaks = ["start"], {}
+def _rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+def _sample():
+    while True:
+        peaks[phase[0]] = max(peaks.get(phase[0], 0), _rss()); time.sleep(0.2)
+def _phase(mod, fn, name):
+    f = getattr(mod, fn)
+    def g(*a, **k):
+        phase[0] = name
+        try:
+            return f(*a, **k)
+        finally:
+            peaks[name] = max(peaks.get(name, 0), _rss())
+    setattr(mod, fn, g)
+_phase(R, "spill_manifest", "spill"); _phase(R, "_run_extract", "ray_run"); _phase(E, "_assemble", "assemble")
+threading.Thread(target=_sample, daemon=True).start()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 res = extract_features_ray(man, Path(root) / "store", backbone=f"chinese-clip:{ckpt}", batch_size=64,
@@ -41,7 +64,8 @@ status = {k: v for k, v in (l.split(":", 1) for l in open("/proc/self/status")) 
 print(json.dumps({"n": n, "posts": res.num_posts, "seconds": round(time.perf_counter() - t, 1),
                   "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "driver_rss_before_mib": round(rss0 / 1024, 1),
-                  "driver_rss_end_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1)}))
+                  "driver_rss_end_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+                  "phase_peak_rss_mib": {k: round(v, 1) for k, v in peaks.items()}}))
 '''
 
 

@@ -264,3 +264,42 @@ def test_check_store_against_the_contract(tmp_path):
     pred = Predictor(build_model(cfg), ["c0", "c1", "c2", "c3"], {"backbone": "test", "dim": 32, "extraction": None})
     with pytest.raises(BackboneMismatchError, match="features have D=16, the model expects D=32"):
         pred.predict_store(s)
+
+
+# -- what raw posts need, read from the contract (PostPredictor.load only wires these up) ----------
+def test_contract_gives_the_raw_post_settings(tmp_path):
+    from sgmft.errors import InputError, PrecisionMismatchError
+    from sgmft.ingest.text import CleanConfig, TextCleaner
+
+    cfg = CleanConfig(urls=False)
+    ext = {"clean_config": dataclasses.asdict(cfg), "clean_fingerprint": TextCleaner(cfg).fingerprint(),
+           "image_choice": "first", "backbone_precision": "bfloat16"}
+    c = FeatureContract.from_dict(json.loads(json.dumps({"backbone": "chinese-clip:x", "dim": 8, "extraction": ext})))
+    assert c.clean_config() == cfg and c.image_choice == "first" and c.precision == "bfloat16"
+    assert c.check_cleaner(cfg) == [] and c.check_cleaner(None) == []
+    assert len(c.check_cleaner(CleanConfig())) == 1 and "text cleaning differs" in c.check_cleaner(CleanConfig())[0]
+    assert c.unknown_notes(tmp_path) == [] and c.raw_backbone_spec() == "chinese-clip:x"
+    # precision: the recorded one passes, another is refused or (allowed) a note
+    assert c.check_precision("bfloat16") == []
+    with pytest.raises(PrecisionMismatchError, match="--precision bfloat16"):
+        c.check_precision("float32", where="the model M")
+    assert "allowed by --allow-precision-mismatch" in c.check_precision("float32", allow_precision_mismatch=True)[0]
+    # a missing jieba user dictionary: named, not silently replaced by the default cleaning
+    ud = FeatureContract(extraction={"clean_config": {"user_dict": str(tmp_path / "gone.txt")}})
+    with pytest.raises(FileNotFoundError, match="gone.txt"):
+        ud.clean_config()
+    # nothing recorded: the defaults, and a note that says why
+    none = FeatureContract("simfeat", 8, "l2", None)
+    assert none.clean_config() is None and none.image_choice == "similar" and none.check_precision("int8") == []
+    assert "not made by `sgmft extract`" in none.unknown_notes(tmp_path / "m")[0]
+    with pytest.raises(InputError, match="not a raw-post backbone"):
+        none.raw_backbone_spec(tmp_path / "m")
+    with pytest.raises(InputError, match="does not record the backbone"):
+        FeatureContract(None, 8).raw_backbone_spec()
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"store": str(tmp_path / "gone-store")}), encoding="utf-8")
+    old = FeatureContract.from_dict({"backbone": "chinese-clip:x", "dim": 8})       # before the contract
+    note = old.unknown_notes(run / "model")
+    assert len(note) == 1 and "predates the feature contract" in note[0] and "gone-store" in note[0]
+    assert FeatureContract(extraction={"image_choice": "bogus"}).image_choice == "similar"

@@ -170,3 +170,23 @@ def test_print_config_shows_the_resolved_config_and_exits_0(tmp_path, capsys):
         assert doc["candidates"] == default.candidates and "model" not in doc
     else:
         assert doc["model"] == json.loads(json.dumps(dataclasses.asdict(default.model)))
+
+
+def test_extra_overrides_merge_into_the_options_and_never_replace_them():
+    base = load_preset("trust").model
+    m = apply_overrides(base, ["extra.hidden=256", "extra={looks: 2}"], "model")
+    assert m.extra == {**base.extra, "hidden": 256, "looks": 2}
+    with pytest.raises(ValueError, match="extra takes a mapping"):
+        apply_overrides(base, ["extra=5"], "model")
+    with pytest.raises(ValueError, match=r"extra\.<option>=<value>"):
+        apply_overrides(base, ["extra.=5"], "model")
+
+
+def test_print_config_yaml_loads_back_as_a_preset(tmp_path, capsys):
+    from sgmft.models.registry import model_view
+
+    assert main(["train", "--print-config", "--preset", "trust", "--set", "model.looks=2"]) == 0
+    f = tmp_path / "printed.yaml"
+    f.write_text(capsys.readouterr().out, encoding="utf-8")
+    p = load_preset(f)                                              # its "preset:" line is informational
+    assert model_view(p.model)["extra"]["looks"] == 2 and p.train == load_preset("trust").train

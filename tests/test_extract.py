@@ -245,3 +245,42 @@ def test_dirty_corpus_every_plant_accounted_for(env, tmp_path):
     ex = next(it for it in truth if it["kind"] == "exif_rotated_jpeg")
     up = load_image(dirty.parent / ex["image"])
     assert list(up.size) == ex["display_size"]
+
+
+def test_extract_options_and_the_engine_argument(env, tmp_path, monkeypatch):
+    """ExtractOptions (sgmft.features.extract_options): one typed, checked object; the engine is
+    a public argument of extract_features; the older keyword arguments still work and override it."""
+    from sgmft.features import ray_engine
+    from sgmft.features.extract_options import ExtractOptions
+
+    seen = {}
+
+    def fake_ray(manifest, out_store, backbone, o):           # where engine="ray" goes, with the checked options
+        seen.update(manifest=manifest, out=out_store, backbone=backbone, o=o)
+        return "ray-result"
+
+    monkeypatch.setattr(ray_engine, "run_extract_ray", fake_ray)
+    opts = ExtractOptions(batch_size=5, image_choice="first")
+    assert extract_features(env["clean"], tmp_path / "s", backbone="spec", options=opts, engine="ray",
+                            batch_size=7, actors=2) == "ray-result"
+    o = seen["o"]
+    assert (o.engine, o.batch_size, o.image_choice, o.actors) == ("ray", 7, "first", 2)
+    assert o.cache_dir == tmp_path / "s.cache" and o.progress is False and seen["backbone"] == "spec"
+    assert opts.batch_size == 5 and opts.engine == "local"                 # frozen: the caller's object is unchanged
+    assert ray_engine.extract_features_ray(env["clean"], tmp_path / "s", backbone="spec", num_cpus=2) == "ray-result"
+    assert (seen["o"].engine, seen["o"].num_cpus) == ("ray", 2)
+    with pytest.raises(ValueError, match="engine must be one of local, ray"):
+        extract_features(env["clean"], tmp_path / "s", backbone="spec", engine="spark")
+    with pytest.raises(ValueError, match=r"address, actors need engine='ray'"):
+        ExtractOptions(address="auto", actors=3)
+    with pytest.raises(ValueError, match="num-processes"):
+        ExtractOptions(engine="ray", num_processes=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        ExtractOptions(batch_size=0)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['batchsize'\]"):
+        extract_features(env["clean"], tmp_path / "s", backbone="spec", batchsize=3)
+    # the local engine through options equals the keyword form (the env's store), file for file
+    res = extract_features(env["clean"], tmp_path / "o", backbone=env["bb"],
+                           options=ExtractOptions(batch_size=BS, progress=False, cache_dir=env["root"] / "base.cache"))
+    assert res.cached_hits == 60 and res.encoded == 0
+    _same(res.store_path, env["base"].store_path)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sgmft.ingest.manifest import ManifestError, Post, Reject, read_manifest, write_rejects
+from sgmft.ingest.manifest import ManifestError, Post, Reject, _SeenIds, iter_manifest, read_manifest, write_rejects
 
 
 def _touch(root, *names):
@@ -192,3 +192,77 @@ def test_write_rejects_accepts_dicts_and_replaces(tmp_path):
     write_rejects(out, [Reject(3, "a", "images", "image file not found: x.jpg")])
     write_rejects(out, [{"line": 1, "id": None, "field": "json", "reason": "坏"}])
     assert out.read_text(encoding="utf-8") == '{"line": 1, "id": null, "field": "json", "reason": "坏"}\n'
+
+
+# -- the streaming reader (iter_manifest): read_manifest is it, collected ------------------------
+def _mixed_manifest(tmp_path):
+    """The bad rows above between good ones (posts ok0..ok29), so chunks hold both."""
+    rows = []
+    for i, (bad, _) in enumerate(BAD_ROWS[1:]):
+        rows += [{"id": f"ok{2 * i}", "text": "好"}, bad, {"id": f"ok{2 * i + 1}", "split": "test"}]
+    return _bad_manifest(tmp_path), _jsonl(tmp_path / "mixed.jsonl", rows)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 32, 10_000])
+def test_iter_manifest_chunks_concatenate_to_read_manifest(tmp_path, chunk_size):
+    _, m = _mixed_manifest(tmp_path)
+    posts, rejects = read_manifest(m, on_error="skip")
+    assert len(posts) == 32 and len(rejects) == len(BAD_ROWS) - 1
+    chunks = list(iter_manifest(m, chunk_size=chunk_size, on_error="skip"))
+    assert all(len(c.posts) == chunk_size for c in chunks[:-1]) and 0 < len(chunks[-1].posts) <= chunk_size
+    assert [p for c in chunks for p in c.posts] == posts
+    assert [r for c in chunks for r in c.rejects] == rejects
+    # each chunk carries the rejects of the rows read since the previous one, with their lines
+    for prev, c in zip([None] + chunks, chunks):
+        lo = prev.posts[-1].line if prev is not None else 0
+        assert all(lo < r.line < c.posts[-1].line for r in c.rejects)
+
+
+def test_iter_manifest_raise_mode_after_the_last_chunk(tmp_path):
+    m, _ = _mixed_manifest(tmp_path)
+    it = iter_manifest(m, chunk_size=1)
+    first = next(it)
+    assert [p.id for p in first.posts] == ["ok1"]
+    with pytest.raises(ManifestError) as ei:
+        list(it)
+    assert [(r.line, r.field) for r in ei.value.rejects] == [(n, f) for n, (_, f) in enumerate(BAD_ROWS, 1) if f]
+    assert f"{m}:6: field 'id': duplicate id 'ok1'; first seen on line 1" in str(ei.value)
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(iter_manifest(m, chunk_size=0))
+
+
+def test_iter_manifest_csv_streams_with_record_lines(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text('id,text\np1,"一\n二"\np2,x,extra\np1,dup\np3,ok\n', encoding="utf-8")
+    chunks = list(iter_manifest(m, chunk_size=1, on_error="skip"))
+    assert [[p.id for p in c.posts] for c in chunks] == [["p1"], ["p3"]]
+    assert [(r.line, r.field) for r in chunks[1].rejects] == [(4, "csv"), (5, "id")]
+    assert "first seen on line 2" in chunks[1].rejects[1].reason
+
+
+def test_invalid_utf8_in_csv_names_its_line_past_the_first_block(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_bytes(b"id,text\n" + b"".join(b"p%d,abcdefghijklmnopqrstuvwxyz\n" % i for i in range(40_000)) + b"q,\xff\n")
+    assert m.stat().st_size > 1 << 20                      # the bad byte is in the second 1 MiB block
+    with pytest.raises(ManifestError, match=r"m\.csv:40002: field 'csv': not valid UTF-8"):
+        read_manifest(m)
+
+
+def test_duplicate_ids_found_across_many_rows(tmp_path):
+    """Past the 16,384 recent ids the check looks in the sorted hash arrays (_SeenIds): repeats of
+    early, middle and late ids are all found, with the line of the first one."""
+    n = 20_000
+    rows = [{"id": f"id{i}"} for i in range(n)] + [{"id": "id0"}, {"id": "id12345"}, {"id": f"id{n - 1}"}]
+    m = _jsonl(tmp_path / "m.jsonl", rows)
+    posts, rejects = read_manifest(m, on_error="skip", label_names=None)
+    assert len(posts) == n
+    assert [(r.line, r.reason) for r in rejects] == [
+        (n + 1, "duplicate id 'id0'; first seen on line 1"),
+        (n + 2, "duplicate id 'id12345'; first seen on line 12346"),
+        (n + 3, f"duplicate id 'id{n - 1}'; first seen on line {n}")]
+    seen = _SeenIds()
+    for i in range(n):
+        assert seen.first_line(f"x{i}") is None
+        seen.add(f"x{i}", i + 1)
+    assert len(seen.hi) >= 16384 and seen.first_line("x0") == 1 and seen.first_line("x19999") == n
+    assert seen.first_line("y0") is None

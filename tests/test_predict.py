@@ -169,3 +169,68 @@ def test_predict_manifest_writes_uncertain_and_explanation(raw_run, tmp_path, ca
     assert list(recs[0])[-6:] == ["text_mask", "image_mask", "uncertain", *EXPLANATION_COLUMNS]
     assert [r["explanation_decided_by"] for r in recs] == [r["explanation"]["decided_by"] for r in rows]
     assert all(r["uncertain"] == "0" for r in recs)
+
+
+# -- the one batch prediction writer and the one result builder (issue 19) ----------------------
+def test_batch_writer_writes_counts_and_summarises(tmp_path):
+    from sgmft.predict.output import PredictionBatch, write_prediction_batches
+
+    expl = {"decided_by": "both", "text": "supports", "image": "supports", "sentence": "s", "method": "masking",
+            "scores": {"text": 0.1, "image": 0.2}}
+    b1 = PredictionBatch(["a", "b"], np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]), [False, True], [expl] * 2,
+                         ["home", None], {"text_mask": [True, False]})
+    b2 = PredictionBatch(["c"], np.array([[0.2, 0.5, 0.3]]), [True], [expl], ["gym"], {"text_mask": [True]})
+    t = write_prediction_batches(tmp_path / "p.csv", NAMES, iter([b1, b2]), total=3, with_true=True,
+                                 extras=("text_mask",), min_confidence=0.6)
+    s = t.summary(store="S", split="all")
+    assert list(s) == ["posts", "out", "store", "split", "predicted", "labelled", "seconds", "min_confidence",
+                       "uncertain", "accuracy"]
+    assert s["posts"] == 3 and s["predicted"] == {"home": 1, "work": 1, "gym": 1} and s["uncertain"] == 2
+    assert s["labelled"] == 2 and s["accuracy"] == 0.5 and s["out"] == str(tmp_path / "p.csv")
+    rows = read_predictions(tmp_path / "p.csv")
+    assert [(r["id"], r["pred"], r["true"], r["text_mask"], r["uncertain"]) for r in rows] == [
+        ("a", "home", "home", "1", "0"), ("b", "gym", "", "0", "1"), ("c", "work", "gym", "1", "1")]
+    # no labels, no threshold: neither a true column nor the threshold's keys
+    t = write_prediction_batches(tmp_path / "q.jsonl", NAMES, [b2], total=1, with_true=False)
+    s = t.summary()
+    assert "accuracy" not in s and "uncertain" not in s and s["labelled"] == 0
+    assert "true" not in read_predictions(tmp_path / "q.jsonl")[0]
+
+
+def test_store_and_manifest_predictions_agree(raw_run, tmp_path):
+    """The store extracted from a manifest and the manifest itself give the same rows and the same
+    summary figures (both go through the one batch writer)."""
+    from sgmft.predict import PostPredictor
+
+    pp = PostPredictor.load(raw_run["run"])
+    thr = 0.3
+    sm = pp.predict_manifest(raw_run["manifest"], tmp_path / "m.jsonl", min_confidence=thr)
+    ss = pp.predictor.predict_store_to_file(raw_run["root"] / "store", tmp_path / "s.jsonl", min_confidence=thr)
+    for k in ("posts", "predicted", "labelled", "accuracy", "uncertain", "min_confidence"):
+        assert sm[k] == ss[k], k
+    fs = FeatureStore.open(raw_run["root"] / "store")
+    assert sm["posts"] == 40 and sm["rejects"] == 0
+    assert (sm["text_missing"], sm["image_missing"]) == (int((~np.asarray(fs.text_mask)).sum()),
+                                                         int((~np.asarray(fs.image_mask)).sum()))
+    m, s = read_predictions(tmp_path / "m.jsonl"), read_predictions(tmp_path / "s.jsonl")
+    assert [r["id"] for r in m] == [r["id"] for r in s] and [r["true"] for r in m] == [r["true"] for r in s]
+    for a, b in zip(m, s):
+        assert a["pred"] == b["pred"] and a["uncertain"] == b["uncertain"]
+        assert [a[f"prob_{n}"] for n in pp.label_names] == pytest.approx([b[f"prob_{n}"] for n in pp.label_names],
+                                                                         abs=1e-6)
+
+
+def test_post_result_is_the_one_result_builder(raw_run):
+    from sgmft.predict import PostPredictor
+    from sgmft.predict.posts import post_result
+
+    r = post_result(NAMES, np.array([0.2, 0.5, 0.3]), uncertain=np.bool_(True), text_mask=True)
+    assert r == {"label": "work", "prob": 0.5, "probs": {"home": 0.2, "work": 0.5, "gym": 0.3}, "uncertain": True,
+                 "explanation": None, "text_mask": True}
+    assert type(r["prob"]) is float and type(r["uncertain"]) is bool
+    pp = PostPredictor.load(raw_run["run"])
+    got = pp.predict_post("今天在电影院看电影", [])
+    want = post_result(pp.label_names, np.array(list(got["probs"].values())), uncertain=got["uncertain"],
+                       explanation=got["explanation"])
+    assert {k: got[k] for k in want} == want
+    assert list(got)[:5] == ["label", "prob", "probs", "uncertain", "explanation"]

@@ -24,7 +24,8 @@ import pytest
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features.backbones import load_backbone
 from sgmft.features.backbones.tiny import build_tiny_chinese_clip
-from sgmft.features.extract import _Cache, _plan, extract_features
+from sgmft.features.extract import _Cache, _setup, extract_features
+from sgmft.features.extract_options import ExtractOptions
 from sgmft.features import ray_engine as R
 from sgmft.labels import DEFAULT_LABELS
 
@@ -91,10 +92,13 @@ def test_stages_by_hand_write_the_local_shard(env, tmp_path):
                              progress=False, cache_dir=tmp_path / "loc.cache")
     bb = load_backbone(env["spec"], batch_size=BS)
     info = R.BackboneInfo.of(bb)
-    cleaner, posts, _, prefix, cache = _plan(
-        env["manifest"], info, clean_cfg=None, image_choice="similar", cache_dir=tmp_path / "ray.cache",
-        on_error="skip", label_names=DEFAULT_LABELS, max_pixels=local_max_pixels(), max_images=9, image_root=None,
-        allow_any_path=False, field_limits=None)
+    cleaner, prefix, cache = _setup(info, ExtractOptions(cache_dir=tmp_path / "ray.cache", max_images=9))
+    spill, splits, rejects = R.spill_manifest(env["manifest"], tmp_path / "posts.spill", BS,
+                                              ExtractOptions().reader_options())
+    from sgmft.ingest.manifest import read_manifest
+
+    posts = read_manifest(env["manifest"], on_error="skip")[0]
+    assert splits.n == len(posts) and spill.n_batches == (len(posts) + BS - 1) // BS and rejects == []
     ctx = dict(stage=R.cpu_stage(bb), clean_cfg=cleaner.cfg, image_choice="similar", max_pixels=local_max_pixels(),
                base=env["manifest"].resolve().parent, on_error="skip", max_images=9, prefix=prefix,
                cache_root=str(cache.root), cache_salt=cache.salt)
@@ -106,11 +110,16 @@ def test_stages_by_hand_write_the_local_shard(env, tmp_path):
         row = R._prepare_row({"b": b, "posts": pickle.dumps(posts[b * BS:(b + 1) * BS])}, ctx)
         assert row["payload"]                                   # not cached yet: a prepared batch
         out = rep(_np_batch(row))
-        keys = json.loads(out["keys"][0])
+        keys = json.loads(row["keys"])
+        assert out["shard"][0] == cache.path(keys).name and int(out["posts"][0]) == BS
         assert int(out["n"][0]) == len(keys) == BS
         assert filecmp.cmp(cache.path(keys), _Cache(tmp_path / "loc.cache", cache.salt).path(keys), shallow=False)
         again = R._prepare_row({"b": b, "posts": pickle.dumps(posts[b * BS:(b + 1) * BS])}, ctx)
         assert again["payload"] == b"" and json.loads(again["keys"]) == keys   # resume: found by content
+        # the streaming driver's rows: a batch index whose posts the task reads from the spill file
+        assert spill.batch(b) == posts[b * BS:(b + 1) * BS]
+        spilled = R._prepare_row({"id": b}, dict(ctx, spill=str(spill.path), spill_offsets=spill.offsets))
+        assert (spilled["b"], spilled["keys"], spilled["payload"]) == (b, again["keys"], b"")
         assert int(rep(_np_batch(again))["n"][0]) == 0
     from sgmft.errors import BackboneMismatchError      # the same class as the local engine's
 
@@ -120,6 +129,41 @@ def test_stages_by_hand_write_the_local_shard(env, tmp_path):
     row = R._prepare_row({"b": 0, "posts": pickle.dumps(posts[:BS])}, ctx)
     err = pickle.loads(bad(_np_batch(row))["error"][0])
     assert type(err) is BackboneMismatchError and "fingerprint" in str(err)
+
+
+def test_streaming_assembly_from_spill_and_shards_equals_local(env, tmp_path, monkeypatch):
+    """The Ray driver's bounded-memory half without Ray: the manifest streamed into a spill file
+    (one batch per record), then the spilled posts and the shards streamed batch by batch into
+    the store, with the store writer dropping its pages every few rows, give the local
+    engine's store file for file, byte for byte, and the same rejects."""
+    import time
+
+    import sgmft.features.store as S
+    from sgmft.features.extract import _assemble, _post_key, _Target
+
+    local = extract_features(env["manifest"], tmp_path / "loc", backbone=env["spec"], batch_size=BS, threads=1,
+                             progress=False, cache_dir=tmp_path / "loc.cache")
+    bb = load_backbone(env["spec"], batch_size=BS)
+    cleaner, prefix, cache = _setup(bb, ExtractOptions(cache_dir=tmp_path / "loc.cache"))
+    opts = ExtractOptions().reader_options()
+    spill, splits, rejects = R.spill_manifest(env["manifest"], tmp_path / "p.spill", BS, opts)
+    assert spill.n_batches == (local.num_posts + BS - 1) // BS and splits.n == local.num_posts
+    names = [cache.path([_post_key(prefix, p) for p in spill.batch(b)]).name.encode() for b in range(spill.n_batches)]
+    monkeypatch.setattr(S, "_CHUNK_BYTES", 256)      # page release after (nearly) every scan chunk
+    monkeypatch.setattr(S, "_RELEASE_BYTES", 256)    # and every write
+    parts = ((spill.batch(b), R._shard_named(cache, names[b])) for b in range(spill.n_batches))
+    target = _Target(tmp_path / "asm", bb, cleaner, "similar", DEFAULT_LABELS, env["manifest"], None, False,
+                     cache.root)
+    res = _assemble(target, parts, splits, rejects, 0, 0, 1, time.perf_counter())
+    files = sorted(p.name for p in (tmp_path / "loc").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "asm").iterdir()) and "ids.utf8.npy" in files
+    assert all(filecmp.cmp(tmp_path / "loc" / f, tmp_path / "asm" / f, shallow=False) for f in files)
+    assert (res.num_posts, res.rejects) == (local.num_posts, local.rejects)
+    from sgmft.features.extract import CorruptShardError
+
+    with pytest.raises(CorruptShardError, match="does not hold the posts its name says"):
+        (cache.shards / names[0].decode()).rename(cache.shards / ("0" * 40 + ".npz"))
+        cache.get_named("0" * 40 + ".npz")
 
 
 def local_max_pixels():

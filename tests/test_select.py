@@ -50,6 +50,8 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     best = max(vals.values())
     assert s["chosen"] == next(n for n in ("trust", "lda") if vals[n] == best)   # ties go to the first
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(best)
+    cands = {c["name"]: c["model"] for c in run["fingerprint_inputs"]["model"]["candidates"]}
+    assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 3   # resolved views (issue 19)
     chosen_dir = tmp_path / "r" / "candidates" / s["chosen"] / "model"
     assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
         (chosen_dir / "model.safetensors").read_bytes()

@@ -20,7 +20,8 @@ from conftest import make_store
 
 def quick_preset(arch="sgmft", **train):
     p = load_preset("sgmft" if arch == "sgmft" else arch)
-    p.model.n_tokens, p.model.attn_dim, p.model.ffn_hidden = 4, 16, 32
+    if arch == "sgmft":                     # fields only SG-MFT reads (setting them on concat is refused)
+        p.model.n_tokens, p.model.attn_dim, p.model.ffn_hidden = 4, 16, 32
     p.model.classifier_hidden = [32, 32, 32, 32]
     p.train.epochs, p.train.lr, p.train.batch_size, p.train.progress = 8, 1e-3, 32, False
     for k, v in train.items():

@@ -10,7 +10,6 @@ writes it; ``evaluate`` rewrites it after a report inside the run; ``save_pretra
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -65,6 +64,14 @@ def _model_index(evals: list[dict], runj: dict, store_name: str) -> list[dict]:
     return results
 
 
+def _model_items(cfg) -> list[tuple[str, object]]:
+    """The model's view (sgmft.models.registry.model_view), options of ``extra`` listed by name."""
+    from sgmft.models.registry import model_view
+
+    view = model_view(cfg)
+    return sorted([(k, v) for k, v in view.items() if k != "extra"] + list((view.get("extra") or {}).items()))
+
+
 def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, preset: str) -> list[str]:
     """The Data and "Preset and configuration" sections."""
     cfg, feats, train = info["model_cfg"], info.get("features") or {}, info.get("train") or {}
@@ -83,7 +90,8 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
     fusion = getattr(cfg, "fusion", None) if cfg.arch == "sgmft" else None
     L += ["", "## Preset and configuration", "",
           f"* preset `{preset}`, architecture `{cfg.arch}`" + (f", fusion `{fusion}`" if fusion else ""),
-          "* model: " + ", ".join(f"{k} = {v}" for k, v in sorted(dataclasses.asdict(cfg).items()))]
+          "* model (what the architecture reads, options resolved): "
+          + ", ".join(f"{k} = {v}" for k, v in _model_items(cfg))]
     norm = getattr(cfg, "input_norm", "none")
     L.append("* input normalisation: " + ("none (raw features)" if norm == "none" else
              f"`{norm}`, fitted on the training split only and stored in the weights (buffers), so "

@@ -134,6 +134,93 @@ class FeatureContract:
                 f"{want_p} features; re-extract with `sgmft extract --precision {want_p}` or accept the "
                 "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
 
+    # -- what raw posts need: the settings of sgmft extract, and what could not be verified --------
+    @property
+    def precision(self) -> str | None:
+        """The precision the training features were extracted at (None: not recorded)."""
+        return (self.extraction or {}).get("backbone_precision")
+
+    @property
+    def image_choice(self) -> str:
+        """The image choice of the training features; ``"similar"`` (the default) when not recorded."""
+        from sgmft.features.encode import IMAGE_CHOICES
+
+        choice = (self.extraction or {}).get("image_choice")
+        return choice if choice in IMAGE_CHOICES else "similar"
+
+    def clean_config(self):
+        """The text cleaning of the training features (a ``CleanConfig``), None when not recorded
+        (the default cleaning applies). A jieba user dictionary that is missing here is a
+        ``FileNotFoundError``: texts would not be cleaned as in training."""
+        cc = (self.extraction or {}).get("clean_config")
+        if not isinstance(cc, dict):
+            return None
+        cfg = clean_config_from(cc)
+        if cfg.user_dict and not Path(cfg.user_dict).is_file():
+            raise FileNotFoundError(
+                f"the training features were cleaned with the jieba user dictionary {cfg.user_dict}, "
+                "which is missing here; restore it or pass clean_cfg= explicitly")
+        return cfg
+
+    def check_cleaner(self, clean_cfg) -> list[str]:
+        """A note when ``clean_cfg`` (a ``CleanConfig``) cleans otherwise than training did
+        (settings, jieba version or stop-word lists: the recorded fingerprint differs)."""
+        from sgmft.ingest.text import TextCleaner
+
+        want = (self.extraction or {}).get("clean_fingerprint")
+        if clean_cfg is None or not want or TextCleaner(clean_cfg).fingerprint() == want:
+            return []
+        return ["text cleaning differs from training (settings, jieba version or stop-word lists changed): cleaned "
+                "texts may not match the training features"]
+
+    def unknown_notes(self, model_dir: Path) -> list[str]:
+        """Notes for a contract that does not say how raw posts were made: features not made by
+        ``sgmft extract``, or an old checkpoint whose training store could not be read."""
+        if not self.extraction_known:
+            store = _training_store(model_dir)
+            return [f"checkpoint {model_dir} predates the feature contract in features.json and its training store "
+                    f"{store or '(not recorded)'} is not readable: using the default text cleaning and image choice "
+                    "'similar'; the backbone weights are not verified (retrain, or keep the store, to record them)"]
+        if not self.extraction:
+            return [f"the model {model_dir} was trained on features not made by `sgmft extract` (no cleaning "
+                    "settings recorded): using the default text cleaning and image choice 'similar'"]
+        return []
+
+    def raw_backbone_spec(self, where: str | Path = "the model") -> str:
+        """The spec of the backbone that encodes raw posts for this model; an :class:`InputError`
+        when none is recorded or the features come from no registered backbone (SimFeat, the
+        user's own), saying how to predict instead."""
+        from sgmft.features.backbones import BACKBONES
+
+        spec = self.backbone
+        if not spec or spec == "unknown":
+            raise InputError(f"{where}: the checkpoint does not record the backbone its features came from; pass "
+                             "backbone= (--backbone SPEC)")
+        if spec.partition(":")[0] not in BACKBONES:
+            raise InputError(
+                f"{where}: the model was trained on features from {spec!r}, which is not a raw-post backbone (a "
+                "SimFeat store or features you computed yourself), so it cannot encode a raw post: it predicts only "
+                "from features. Predict on a feature store with `sgmft predict RUN --store STORE --out preds.csv` "
+                "(Predictor.predict_store in Python), or pass --backbone SPEC if the features did come from a "
+                f"registered backbone ({', '.join(BACKBONES.names())})")
+        return spec
+
+    def check_precision(self, got: str, *, where: str | Path = "the model",
+                        allow_precision_mismatch: bool = False) -> list[str]:
+        """A backbone running at precision ``got`` against the recorded one: nothing when they
+        agree (or none is recorded), else :class:`PrecisionMismatchError`, or a note with
+        ``allow_precision_mismatch``."""
+        trained = self.precision
+        if not trained or got == trained:
+            return []
+        msg = (f"{where} was trained on features extracted at precision {trained}, but the backbone would run at "
+               f"{got}: features differ slightly between precisions")
+        if not allow_precision_mismatch:
+            raise PrecisionMismatchError(
+                f"{msg}. Use the training precision (the default; --precision {trained}), or accept the "
+                "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
+        return [msg + " (allowed by --allow-precision-mismatch)"]
+
     def check_backbone(self, bb, *, where: str | Path = "the model", check_fingerprint: bool = True,
                        allow_precision_mismatch: bool = False) -> list[str]:
         """The one check of a loaded backbone ``bb`` against the contract: its width, its
@@ -151,14 +238,7 @@ class FeatureContract:
                 f"backbone {bb.spec!r} gives D={bb.dim} features, but {where} was trained on D={self.dim} "
                 f"features from {self.backbone!r}; use that backbone")
         trained_prec = ext.get("backbone_precision")
-        if trained_prec and bb.precision != trained_prec:
-            msg = (f"{where} was trained on features extracted at precision {trained_prec}, but the backbone "
-                   f"would run at {bb.precision}: features differ slightly between precisions")
-            if not allow_precision_mismatch:
-                raise PrecisionMismatchError(
-                    f"{msg}. Use the training precision (the default; --precision {trained_prec}), or accept the "
-                    "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
-            notes.append(msg + " (allowed by --allow-precision-mismatch)")
+        notes += self.check_precision(bb.precision, where=where, allow_precision_mismatch=allow_precision_mismatch)
         want_fp = ext.get("backbone_fingerprint")
         if trained_prec and bb.precision != trained_prec:   # verify the weights at the trained precision
             got_fp = bb.fingerprint_at(trained_prec)
@@ -179,6 +259,16 @@ class FeatureContract:
             notes.append(f"backbone {bb.spec!r} differs from the training spec {self.backbone!r} and cannot be "
                          "verified (no fingerprint recorded); make sure it is the same model")
         return notes
+
+
+def clean_config_from(d: dict):
+    """A ``CleanConfig`` from its recorded dict (unknown keys ignored, lists as tuples)."""
+    import dataclasses
+
+    from sgmft.ingest.text import CleanConfig
+
+    names = {f.name for f in dataclasses.fields(CleanConfig)}
+    return CleanConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
 def feature_contract(store_meta: dict) -> dict:
@@ -237,12 +327,18 @@ def check_label_names(labels, num_classes: int, where: Path) -> list[str]:
     return list(labels)
 
 
+def _training_store(model_dir: Path) -> str | None:
+    """The training store a run's ``run.json`` records (``store``), or None."""
+    run = locate(model_dir)[1] or (RunDir(model_dir) if (model_dir / "run.json").is_file() else None)
+    store = (run.read_run_json() or {}).get("store") if run is not None else None
+    return store if isinstance(store, str) and store else None
+
+
 def _training_store_meta(model_dir: Path) -> dict | None:
     """The metadata of the store a run was trained on (``run.json``'s ``store``), or None when
     the run, its record or the store is gone. Only the version-1 migration needs it."""
-    run = locate(model_dir)[1] or (RunDir(model_dir) if (model_dir / "run.json").is_file() else None)
-    store = (run.read_run_json() or {}).get("store") if run is not None else None
-    if not isinstance(store, str) or not store:
+    store = _training_store(model_dir)
+    if store is None:
         return None
     try:
         meta = json.loads((Path(store) / "meta.json").read_text(encoding="utf-8"))

@@ -13,6 +13,16 @@ recommended preset ``sgmft`` (a test holds ``ModelConfig() == load_preset("sgmft
 
 One coercion rule goes beyond pydantic's: a single number given for a list field
 (``classifier_hidden=64``) is the one-element list ``[64]``.
+
+:class:`ModelConfig` is one flat record, but an architecture reads only part of it: the shared
+fields, the SG-MFT-family fields it names, and its own typed options (kept in ``extra``). That
+declaration lives with each model class (``reads``, ``Options``: :mod:`sgmft.models.options`); the
+models layer checks a config against it (:func:`sgmft.models.registry.resolve_model`, which refuses
+a field the arch does not read and a misspelt option) and shows only what the arch reads
+(:func:`sgmft.models.registry.model_view`: ``--print-config``, run.json, the model card, the
+fingerprint). This module cannot import the models, so :func:`load_preset` and
+:func:`apply_overrides` check types only; every path to a model (the CLI, training,
+:func:`sgmft.models.build_model`) resolves.
 """
 
 from __future__ import annotations
@@ -81,10 +91,12 @@ Precision = Annotated[Literal["transformer-engine", "transformer-engine-float16"
 
 @checked_dataclass(config=_CHECKED)
 class ModelConfig:
-    """Every option of SG-MFT that SPEC.md names, plus the baselines' knobs.
+    """Every option of SG-MFT that SPEC.md names, plus the other architectures' options in ``extra``.
 
     Defaults are the recommended preset ``sgmft``; the paper-literal reading is the
     ``paper`` preset. ``dim`` and ``num_classes`` are normally filled in from the feature store.
+    Shared by every architecture: arch, dim, num_classes, input_scale, input_norm; the others are
+    read only by the architectures that declare them (``sgmft.models.registry.arch_reads``).
     """
 
     arch: str = "sgmft"             # a registered architecture (sgmft presets lists them)
@@ -120,7 +132,8 @@ class ModelConfig:
     # -- speed: "auto" (exact moment kernel when d == 1, else sdpa), "moments", "rank1" (exact
     #    fused kernel, d == 1), "sdpa", "naive"
     attn_impl: Literal["auto", "sdpa", "naive", "rank1", "moments"] = "auto"
-    # -- extra options for registered variants (issue 4 heads put theirs here)
+    # -- the architecture's own typed options (its class's ``Options``, models/options.py), e.g. TrustMix's
+    #    ``hidden``; resolved (every option, defaults filled in) by sgmft.models.registry.resolve_model
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -323,7 +336,9 @@ def load_preset(name_or_path: str | Path) -> Preset:
         raise ConfigError(f"preset {name}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {name}: expected a mapping with model/train sections")
-    unknown = set(data) - {"description", "model", "train", "candidates"}
+    # "preset": the name `sgmft train --print-config` writes above its model and train sections (the
+    # printed YAML loads back as a preset file); informational only
+    unknown = set(data) - {"description", "model", "train", "candidates", "preset"}
     if unknown:
         raise ConfigError(f"preset {name}: unknown section(s) {sorted(unknown)}")
     return Preset(
@@ -358,7 +373,10 @@ def parse_value(text: str):
 def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
     """Apply ``key=value`` strings (value parsed as YAML, then checked against the field's
     type) to a config dataclass, returning a new one. ``section`` (``"model"``/``"train"``)
-    only names the override in error messages."""
+    only names the override in error messages. On a ModelConfig, ``extra.<option>=V`` sets one
+    option and ``extra={a: 1}`` merges into ``extra`` (never replacing it); the option's name and
+    type are the architecture's to check (:func:`sgmft.models.registry.apply_model_overrides`
+    also takes ``<option>=V`` and refuses fields the arch does not read)."""
     if not overrides:
         return obj
     cls = type(obj)
@@ -370,12 +388,27 @@ def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
             raise ConfigError(f"override {prefix}{item!r} must look like key=value")
         key, value = item.split("=", 1)
         key = key.strip()
+        if "extra" in known and (key == "extra" or key.startswith("extra.")):
+            data["extra"] = _merge_extra(data["extra"], key, parse_value(value), f"override {prefix}{item}")
+            continue
         if key not in known:
             raise ConfigError(f"override {prefix}{item}: unknown field {key!r} of {cls.__name__}; "
                              f"known: {', '.join(sorted(known))}")
         data[key] = parse_value(value)
         _build(cls, data, f"override {prefix}{item}")      # names the offending item
     return _build(cls, data, "overrides")
+
+
+def _merge_extra(extra: dict, key: str, value, where: str) -> dict:
+    """``extra`` with ``extra.<name>=value`` set, or with the mapping ``extra=value`` merged in."""
+    if key == "extra":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: extra takes a mapping of options, e.g. extra={{hidden: 256}}")
+        return {**extra, **value}
+    name = key[len("extra."):]
+    if not name or "." in name:
+        raise ConfigError(f"{where}: write extra.<option>=<value>, e.g. extra.hidden=256")
+    return {**extra, name: value}
 
 
 def replace_checked(obj, where: str = "config", **changes):

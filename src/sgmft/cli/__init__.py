@@ -55,13 +55,14 @@ def _devices_arg(value: str):
 
 
 def _resolved_preset(args, store=None):
-    """The preset after ``--set`` and the train flags, checked field by field (and the
-    architecture and fusion names against their registries). With ``store``, ``dim`` and
-    ``num_classes`` come from it, as training would set them."""
+    """The preset after ``--set`` and the train flags, checked field by field and against what the
+    architecture reads (:func:`sgmft.models.registry.resolve_model`: a field it does not read or
+    a misspelt option is refused). With ``store``, ``dim`` and ``num_classes`` come from it, as
+    training would set them."""
     import dataclasses
 
     from sgmft.config import DEFAULT_PRESET, apply_overrides, load_preset, replace_checked
-    from sgmft.models import FUSIONS, MODELS
+    from sgmft.models.registry import apply_model_overrides, resolve_model
 
     p = load_preset(args.preset or DEFAULT_PRESET)
     mo, tr = _overrides(args.set)
@@ -69,7 +70,8 @@ def _resolved_preset(args, store=None):
         raise UserError(f"preset {p.name!r} chooses between the presets {', '.join(p.candidates)} and has no model "
                         f"options of its own; to set {', '.join('model.' + m.split('=')[0] for m in mo)}, train "
                         f"one of them: --preset {p.candidates[0]} --set ...")
-    p.model = apply_overrides(p.model, mo, "model")
+    if not p.candidates:
+        p.model = apply_model_overrides(p.model, mo, "model")
     p.train = apply_overrides(p.train, tr, "train")
     flags = {key: getattr(args, key) for key in ("epochs", "seed", "devices", "strategy", "accelerator",
                                                  "num_nodes", "batch_size", "lr", "tensorboard")
@@ -77,14 +79,14 @@ def _resolved_preset(args, store=None):
     if getattr(args, "progress", None) is not None:     # --progress / --no-progress; else: TTY only
         flags["progress"] = args.progress
     p.train = replace_checked(p.train, "train options", **flags)
-    MODELS.get(p.model.arch)
-    FUSIONS.get(p.model.fusion)
+    if p.candidates:
+        return p
     if store is not None:
         from sgmft.features import FeatureStore
 
         fs = FeatureStore.open(store)
         p.model = dataclasses.replace(p.model, dim=fs.dim, num_classes=len(fs.label_names))
-    p.model.validate()
+    p.model = resolve_model(p.model, where=f"preset {p.name}: model")
     return p
 
 
@@ -159,9 +161,11 @@ def cmd_train(args) -> int:
         p = _resolved_preset(args, store=args.store)
         import yaml
 
+        from sgmft.models.registry import model_view
+
         d = p.to_dict()
         doc = ({"preset": p.name, "candidates": d["candidates"], "train": d["train"]} if p.candidates else
-               {"preset": p.name, "model": d["model"], "train": d["train"]})
+               {"preset": p.name, "model": model_view(p.model), "train": d["train"]})
         emit(args, doc, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip("\n"))
         return 0
     if args.store is None or args.out is None:
@@ -268,7 +272,8 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default=None,
                    help="preset name or YAML path (see `sgmft presets`); default: sgmft.config.DEFAULT_PRESET")
     s.add_argument("--set", action="append", metavar="model.F=V|train.F=V",
-                   help="override a config field, e.g. --set model.use_sim=false (repeatable; docs/training.md)")
+                   help="override a config field or an architecture's option, e.g. --set model.use_sim=false, "
+                        "--set model.hidden=256 (repeatable; docs/training.md, \"Model options\")")
     s.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     s.add_argument("--batch-size", type=int, dest="batch_size", help="batch size (default: the preset's)")
     s.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")

@@ -82,22 +82,20 @@ def _extract_dtype(args) -> str:
 def cmd_extract(args) -> int:
     from sgmft.cli.output import progress_on, quiet_stdout
     from sgmft.features.extract import extract_features
+    from sgmft.features.extract_options import ExtractOptions
 
-    if args.engine == "ray":
-        from sgmft.features.ray_engine import extract_features_ray as extract_features  # noqa: F811
-    cfg = clean_config_from_args(args)
     out = Path(args.out)
     rejects = Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl")
     progress = progress_on(args)
+    opts = ExtractOptions(  # the flags, one to one (docs/extract.md)
+        clean_cfg=clean_config_from_args(args), image_choice=args.image_choice, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, rejects_path=rejects, on_error="raise" if args.strict else "skip",
+        progress=progress, device=args.device, dtype=_extract_dtype(args), num_processes=args.num_processes,
+        threads=args.threads, overwrite=args.overwrite, keep_cache=not args.no_cache_keep,
+        **input_safety_kwargs(args), prefetch_bytes=int(args.prefetch_mb * 2**20), engine=args.engine,
+        **engine_kwargs(args), **({"label_names": label_names_arg(args.label_names)} if args.label_names else {}))
     with _hf_progress_bars(progress), quiet_stdout(args):
-        res = extract_features(
-            args.manifest, out, backbone=args.backbone, clean_cfg=cfg, image_choice=args.image_choice,
-            batch_size=args.batch_size, cache_dir=args.cache_dir, rejects_path=rejects,
-            on_error="raise" if args.strict else "skip", progress=progress,
-            device=args.device, dtype=_extract_dtype(args), num_processes=args.num_processes, threads=args.threads,
-            overwrite=args.overwrite, keep_cache=not args.no_cache_keep, **input_safety_kwargs(args),
-            prefetch_bytes=int(args.prefetch_mb * 2**20), **engine_kwargs(args),
-            **({"label_names": label_names_arg(args.label_names)} if args.label_names else {}))
+        res = extract_features(args.manifest, out, backbone=args.backbone, options=opts)
     from sgmft.features import FeatureStore
 
     fs = FeatureStore.open(res.store_path)

@@ -363,14 +363,9 @@ def _save_broken(kind: str, im: Image.Image, rng: np.random.Generator, path: Pat
 _OUR_FILES = ("manifest.jsonl", "truth.jsonl", "simposts.json", "dirty_truth.json")
 
 
-def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, overwrite: bool = False) -> Path:
-    """Write a SimPosts corpus to ``out_dir``; return the manifest path.
 
-    Refuses to touch an existing corpus unless ``overwrite`` (which removes only the files
-    this generator writes and its ``images/`` folder).
-    """
-    cfg = (cfg or SimPostsConfig()).validate()
-    out = Path(out_dir)
+def _prepare_dir(out: Path, overwrite: bool) -> Path:
+    """``out/images`` made empty; an existing corpus is removed only with ``overwrite``."""
     img_dir = out / "images"
     existing = [out / f for f in _OUR_FILES if (out / f).exists()] + ([img_dir] if img_dir.exists() else [])
     if existing and not overwrite:
@@ -378,14 +373,13 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     img_dir.mkdir(parents=True)
+    return img_dir
 
-    r = random.Random(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    labels = list(DEFAULT_LABELS)
-    K, S = len(labels), cfg.image_size
+
+def _draw_posts(cfg: SimPostsConfig, r: random.Random, rng: np.random.Generator, labels: list[str]) -> list[dict]:
+    """Pass 1: the structure (user, class, regime, image count, noisy label) and text of every post."""
+    K = len(labels)
     mixes = rng.dirichlet([cfg.user_alpha] * K, size=cfg.num_users)
-
-    # pass 1: structure and text of every post
     posts: list[dict] = []
     for i in range(cfg.num_posts):
         u = int(rng.integers(cfg.num_users))
@@ -405,58 +399,76 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
             text=_make_text(r, labels[true] if txt_inf else None, cfg.text_noise),
             n_img=n_img, key=int(rng.integers(n_img)) if n_img else None, img_inf=img_inf, txt_inf=txt_inf,
             split=None, images=[]))
+    return posts
 
-    if cfg.split is not None:  # stratified by the recorded label
-        for c in range(K):
-            idx = [k for k, p in enumerate(posts) if p["label"] == c]
-            r.shuffle(idx)
-            n_test, n_val = round(len(idx) * cfg.split[2]), round(len(idx) * cfg.split[1])
-            for j, k in enumerate(idx):
-                posts[k]["split"] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
 
-    # dirty plants on existing posts: image content problems, exotic formats, an empty text
+def _assign_splits(posts: list[dict], split: tuple[float, float, float], r: random.Random, K: int) -> None:
+    """Train/val/test, stratified by the recorded label."""
+    for c in range(K):
+        idx = [k for k, p in enumerate(posts) if p["label"] == c]
+        r.shuffle(idx)
+        n_test, n_val = round(len(idx) * split[2]), round(len(idx) * split[1])
+        for j, k in enumerate(idx):
+            posts[k]["split"] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+
+
+def _plant_post_problems(posts: list[dict], r: random.Random) -> tuple[dict[int, str], list[dict]]:
+    """Dirty plants on existing posts: image content problems, exotic formats, an empty text.
+    Returns (post index -> image plant, truth items so far)."""
     plants: dict[int, str] = {}
-    truth_items: list[dict] = []
-    if cfg.dirty:
-        with_img = [k for k, p in enumerate(posts) if p["n_img"]]
-        informative = [k for k in with_img if posts[k]["img_inf"]] or with_img
-        chosen = r.sample(informative, min(len(informative), len(_EXOTIC_PLANTS)))
-        plants.update(zip(chosen, _EXOTIC_PLANTS))
-        rest = [k for k in with_img if k not in plants]
-        plants.update(zip(r.sample(rest, min(len(rest), len(_IMAGE_PLANTS))), _IMAGE_PLANTS))
-        if len(plants) < len(_EXOTIC_PLANTS) + len(_IMAGE_PLANTS) or len(plants) == len(posts):
-            raise InputError("too few posts with images to plant every problem; raise num_posts "
-                             "or lower no_image_fraction")
-        k_empty = r.choice([k for k in range(len(posts)) if k not in plants])
-        p = posts[k_empty]
-        p["text"] = "转发微博[哈哈][哈哈] http://t.cn/A6b3x9Q @" + r.choice(NICKNAMES) + " 🍜🍜"
-        p["txt_inf"] = False
-        p["regime"] = {"both": "image", "text": "neither"}.get(p["regime"], p["regime"])
-        truth_items.append({"kind": "empty_text_after_cleaning", "expect": "empty_text", "id": p["id"]})
+    with_img = [k for k, p in enumerate(posts) if p["n_img"]]
+    informative = [k for k in with_img if posts[k]["img_inf"]] or with_img
+    chosen = r.sample(informative, min(len(informative), len(_EXOTIC_PLANTS)))
+    plants.update(zip(chosen, _EXOTIC_PLANTS))
+    rest = [k for k in with_img if k not in plants]
+    plants.update(zip(r.sample(rest, min(len(rest), len(_IMAGE_PLANTS))), _IMAGE_PLANTS))
+    if len(plants) < len(_EXOTIC_PLANTS) + len(_IMAGE_PLANTS) or len(plants) == len(posts):
+        raise InputError("too few posts with images to plant every problem; raise num_posts "
+                         "or lower no_image_fraction")
+    k_empty = r.choice([k for k in range(len(posts)) if k not in plants])
+    p = posts[k_empty]
+    p["text"] = "转发微博[哈哈][哈哈] http://t.cn/A6b3x9Q @" + r.choice(NICKNAMES) + " 🍜🍜"
+    p["txt_inf"] = False
+    p["regime"] = {"both": "image", "text": "neither"}.get(p["regime"], p["regime"])
+    return plants, [{"kind": "empty_text_after_cleaning", "expect": "empty_text", "id": p["id"]}]
 
-    # pass 2: images
+
+def _post_image(p: dict, j: int, cfg: SimPostsConfig, rng: np.random.Generator, labels: list[str]) -> Image.Image:
+    """Image ``j`` of post ``p``: its class's scene (the key image of an image-informative post),
+    else another class's scene (``misleading_image``) or noise."""
+    K, S = len(labels), cfg.image_size
+    if j == p["key"] and p["img_inf"]:
+        return _scene(rng, labels[p["true"]], S, cfg.image_noise)
+    if rng.random() < cfg.misleading_image:
+        other = (p["true"] + int(rng.integers(1, K))) % K
+        return _scene(rng, labels[other], S, cfg.image_noise)
+    return _noise_image(rng, S, cfg.image_noise)
+
+
+def _save_planted(kind: str, im: Image.Image, p: dict, stem: str, cfg: SimPostsConfig, rng: np.random.Generator,
+                  img_dir: Path, truth_items: list[dict]) -> str:
+    """Save a planted image (exotic but valid, or broken); record it in ``truth_items``; its file name."""
+    if kind in _EXOTIC_PLANTS:
+        name, facts = _save_exotic(kind, im, rng, _noise_image(rng, cfg.image_size, cfg.image_noise), img_dir, stem)
+        truth_items.append({"kind": kind, "expect": "valid_exotic", "id": p["id"], "image": f"images/{name}", **facts})
+        return name
+    name = f"{stem}.jpg"
+    _save_broken(kind, im, rng, img_dir / name)
+    truth_items.append({"kind": kind, "expect": "reject_image", "id": p["id"], "image": f"images/{name}"})
+    return name
+
+
+def _draw_images(posts: list[dict], plants: dict[int, str], truth_items: list[dict], cfg: SimPostsConfig,
+                 rng: np.random.Generator, labels: list[str], img_dir: Path) -> None:
+    """Pass 2: every post's images, written to ``img_dir`` (planted ones as :func:`_save_planted`)."""
     for k, p in enumerate(posts):
         for j in range(p["n_img"]):
-            if j == p["key"] and p["img_inf"]:
-                im = _scene(rng, labels[p["true"]], S, cfg.image_noise)
-            elif rng.random() < cfg.misleading_image:
-                other = (p["true"] + int(rng.integers(1, K))) % K
-                im = _scene(rng, labels[other], S, cfg.image_noise)
-            else:
-                im = _noise_image(rng, S, cfg.image_noise)
+            im = _post_image(p, j, cfg, rng, labels)
             stem = f"{p['id']}_{j}"
             kind = plants.get(k)
             target_j = p["key"] if kind in _EXOTIC_PLANTS else (p["n_img"] - 1)
             if kind is not None and j == target_j:
-                if kind in _EXOTIC_PLANTS:
-                    name, facts = _save_exotic(kind, im, rng, _noise_image(rng, S, cfg.image_noise), img_dir, stem)
-                    truth_items.append({"kind": kind, "expect": "valid_exotic", "id": p["id"],
-                                        "image": f"images/{name}", **facts})
-                else:
-                    name = f"{stem}.jpg"
-                    _save_broken(kind, im, rng, img_dir / name)
-                    truth_items.append({"kind": kind, "expect": "reject_image", "id": p["id"],
-                                        "image": f"images/{name}"})
+                name = _save_planted(kind, im, p, stem, cfg, rng, img_dir, truth_items)
             elif rng.random() < cfg.png_fraction:
                 name = f"{stem}.png"
                 im.save(img_dir / name, optimize=False)
@@ -465,54 +477,55 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
                 (img_dir / name).write_bytes(_jpeg_bytes(im))
             p["images"].append(f"images/{name}")
 
-    # manifest lines (+ planted bad rows at seeded positions)
-    def record(p: dict) -> dict:
-        d = {"id": p["id"], "user": p["user"], "text": p["text"], "images": p["images"], "label": labels[p["label"]]}
-        if p["split"] is not None:
-            d["split"] = p["split"]
-        return d
 
-    lines: list[tuple[str, dict | None]] = [(json.dumps(record(p), ensure_ascii=False), None) for p in posts]
-    if cfg.dirty:
-        for n, (kind, field) in enumerate(_ROW_PLANTS):
-            base = record(posts[r.randrange(len(posts))])
-            base["id"] = f"wb{cfg.seed:03d}x{n:05d}"
-            item = {"kind": kind, "expect": "reject_row", "id": base["id"], "field": field}
-            if kind == "malformed_json":
-                text, item["id"] = json.dumps(base, ensure_ascii=False)[:-12], None
-            elif kind == "duplicate_id":
-                src = r.randrange(len(posts))
-                base["id"] = item["id"] = posts[src]["id"]
-                text = json.dumps(base, ensure_ascii=False)
-                first = next(n for n, (t, it) in enumerate(lines)
-                             if it is None and json.loads(t)["id"] == posts[src]["id"])
-                pos = r.randint(first + 1, len(lines))  # after the original
-                lines.insert(pos, (text, item))
-                continue
-            else:
-                if kind == "unknown_label":
-                    base["label"] = "library"
-                elif kind == "missing_image":
-                    base["images"] = [f"images/missing_{n:04d}.jpg"]
-                elif kind == "bad_split":
-                    base["split"] = "holdout"
-                elif kind == "images_not_list":
-                    base["images"] = {"path": base["images"][0] if base["images"] else "images/x.jpg"}
-                elif kind == "missing_id":
-                    del base["id"]
-                    item["id"] = None
-                text = json.dumps(base, ensure_ascii=False)
-            lines.insert(r.randint(0, len(lines)), (text, item))
-        for ln, (_, item) in enumerate(lines, start=1):
-            if item is not None:
-                item["line"] = ln
-                truth_items.append(item)
-    line_of = {json.loads(t)["id"]: n for n, (t, it) in enumerate(lines, start=1) if it is None}
-    for item in truth_items:
-        if "line" not in item:
-            item["line"] = line_of[item["id"]]
+def _record(p: dict, labels: list[str]) -> dict:
+    """A post's manifest record."""
+    d = {"id": p["id"], "user": p["user"], "text": p["text"], "images": p["images"], "label": labels[p["label"]]}
+    if p["split"] is not None:
+        d["split"] = p["split"]
+    return d
 
-    # sidecars first, the manifest last (atomic), so a crash never leaves a manifest without images
+
+def _spoil(base: dict, kind: str, n: int, item: dict) -> str:
+    """The manifest line of a planted bad row of ``kind`` (all but ``duplicate_id``) made from ``base``."""
+    if kind == "malformed_json":
+        item["id"] = None
+        return json.dumps(base, ensure_ascii=False)[:-12]
+    if kind == "unknown_label":
+        base["label"] = "library"
+    elif kind == "missing_image":
+        base["images"] = [f"images/missing_{n:04d}.jpg"]
+    elif kind == "bad_split":
+        base["split"] = "holdout"
+    elif kind == "images_not_list":
+        base["images"] = {"path": base["images"][0] if base["images"] else "images/x.jpg"}
+    elif kind == "missing_id":
+        del base["id"]
+        item["id"] = None
+    return json.dumps(base, ensure_ascii=False)
+
+
+def _plant_bad_rows(lines: list[tuple[str, dict | None]], posts: list[dict], labels: list[str], seed: int,
+                    r: random.Random) -> None:
+    """Insert the planted bad rows (:data:`_ROW_PLANTS`) into ``lines`` at seeded positions; each
+    carries its truth item (``None`` for the posts' own lines)."""
+    for n, (kind, field) in enumerate(_ROW_PLANTS):
+        base = _record(posts[r.randrange(len(posts))], labels)
+        base["id"] = f"wb{seed:03d}x{n:05d}"
+        item = {"kind": kind, "expect": "reject_row", "id": base["id"], "field": field}
+        if kind == "duplicate_id":
+            src = r.randrange(len(posts))
+            base["id"] = item["id"] = posts[src]["id"]
+            first = next(n for n, (t, it) in enumerate(lines) if it is None and json.loads(t)["id"] == posts[src]["id"])
+            lines.insert(r.randint(first + 1, len(lines)), (json.dumps(base, ensure_ascii=False), item))  # after it
+            continue
+        text = _spoil(base, kind, n, item)
+        lines.insert(r.randint(0, len(lines)), (text, item))
+
+
+def _write_sidecars(out: Path, posts: list[dict], labels: list[str], line_of: dict, cfg: SimPostsConfig,
+                    truth_items: list[dict]) -> None:
+    """truth.jsonl, simposts.json and (dirty) dirty_truth.json."""
     with open(out / "truth.jsonl", "w", encoding="utf-8") as f:
         for p in posts:
             f.write(json.dumps({"id": p["id"], "line": line_of[p["id"]], "user": p["user"],
@@ -529,6 +542,36 @@ def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, ov
             {"format": "sgmft-simposts-dirty-truth", "version": _FORMAT_VERSION, "manifest": "manifest.jsonl",
              "expect_values": list(DIRTY_EXPECT), "items": truth_items}, indent=1, ensure_ascii=False) + "\n",
             encoding="utf-8")
+
+
+def generate_simposts(out_dir: str | Path, cfg: SimPostsConfig | None = None, overwrite: bool = False) -> Path:
+    """Write a SimPosts corpus to ``out_dir``; return the manifest path.
+
+    Refuses to touch an existing corpus unless ``overwrite`` (which removes only the files
+    this generator writes and its ``images/`` folder). The draws happen in a fixed order
+    (posts, splits, plants, images, bad rows), so a seed gives the same corpus byte for byte.
+    """
+    cfg = (cfg or SimPostsConfig()).validate()
+    out = Path(out_dir)
+    img_dir = _prepare_dir(out, overwrite)
+    r = random.Random(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    labels = list(DEFAULT_LABELS)
+    posts = _draw_posts(cfg, r, rng, labels)
+    if cfg.split is not None:
+        _assign_splits(posts, cfg.split, r, len(labels))
+    plants, truth_items = _plant_post_problems(posts, r) if cfg.dirty else ({}, [])
+    _draw_images(posts, plants, truth_items, cfg, rng, labels, img_dir)
+    lines: list[tuple[str, dict | None]] = [(json.dumps(_record(p, labels), ensure_ascii=False), None) for p in posts]
+    if cfg.dirty:
+        _plant_bad_rows(lines, posts, labels, cfg.seed, r)
+        truth_items += [dict(item, line=ln) for ln, (_, item) in enumerate(lines, start=1) if item is not None]
+    line_of = {json.loads(t)["id"]: n for n, (t, it) in enumerate(lines, start=1) if it is None}
+    for item in truth_items:
+        if "line" not in item:
+            item["line"] = line_of[item["id"]]
+    # sidecars first, the manifest last (atomic), so a crash never leaves a manifest without images
+    _write_sidecars(out, posts, labels, line_of, cfg, truth_items)
     manifest = out / "manifest.jsonl"
     write_text(manifest, "".join(t + "\n" for t, _ in lines))
     return manifest

@@ -24,6 +24,7 @@ from __future__ import annotations
 from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
 import csv
+import functools
 import io
 import json
 import math
@@ -112,36 +113,30 @@ def plot_learning_curve(records: list[dict], oracle: float | None, path, title: 
     return _save_png(fig, path)
 
 
-def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
-                       sizes=DEFAULT_SIZES, models: list[str] | None = None, seeds: int = 1,
-                       epochs: int | None = None, simfeat: dict | None = None, keep_stores: bool = False,
-                       progress: bool = False, tsne_points: int = 200,
-                       log: Callable[[str], None] = print) -> dict:
-    """Train every (size, model, seed) cell not yet done and write the CSV and PNG.
+def _check_args(sizes, models, seeds: int) -> tuple[list[int], list[str]]:
+    """Sorted sizes and the model list, refused before any work when wrong."""
+    from sgmft.config import load_preset
 
-    ``simfeat``: SimFeatConfig overrides on top of ``profile`` (``num_posts`` is set here);
-    ``epochs``: per run (default: :func:`auto_epochs` of the cell's training posts)."""
-    from sgmft.data.simfeat import write_simfeat
-    from sgmft.features import FeatureStore
-
-    t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(s) for s in sizes})
     models = list(dict.fromkeys(models or default_models()))
     if not sizes or sizes[0] < 10:
         raise InputError(f"sizes must be integers >= 10, got {sizes}")
     if seeds < 1:
         raise InputError(f"seeds must be >= 1, got {seeds}")
-    from sgmft.config import load_preset
-
     for m in models:
         load_preset(m)                                   # unknown model: error before any work
+    return sizes, models
+
+
+def _settings(out: Path, profile: str, simfeat: dict | None, sizes: list[int], models: list[str], seeds: int,
+              epochs: int | None):
+    """``(SimFeat config of the largest size + the fixed test set, test fraction)``; records them in
+    ``curve.json``, and refuses a folder made with other settings."""
     base = simfeat_config(profile, **(simfeat or {}))
     frac = base.test_size / base.num_posts
-    test_size = base.test_size
     pool = _n_train(sizes[-1], frac)
-    cfg = simfeat_config(profile, **{**(simfeat or {}), "num_posts": pool + test_size, "test_size": test_size})
+    cfg = simfeat_config(profile, **{**(simfeat or {}), "num_posts": pool + base.test_size,
+                                     "test_size": base.test_size})
     settings = {"profile": profile, "simfeat": json.loads(json.dumps(asdict(cfg))), "test_fraction": frac,
                 "epochs": epochs}
     marker = out / "curve.json"
@@ -151,11 +146,19 @@ def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
             raise InputError(f"{marker}: this folder holds a learning curve made with other settings "
                              f"(profile, SimFeat config, largest size or epochs); use another --out")
     write_text(marker, json.dumps({**settings, "sizes": sizes, "models": models, "seeds": seeds}, indent=2))
+    return cfg, frac
+
+
+def _big_store(out: Path, cfg, profile: str, log):
+    """``(store, oracle dict, test rows, the fixed order of the other rows)``; the store is
+    generated on the first run."""
+    from sgmft.data.simfeat import write_simfeat
+    from sgmft.features import FeatureStore
 
     big_path = out / "data" / "simfeat"
     if not (big_path / "meta.json").exists():
-        log(f"[lc] generating SimFeat profile {profile}: {cfg.num_posts} posts ({pool} train pool + "
-            f"{test_size} fixed test), D = {cfg.dim} -> {big_path}")
+        log(f"[lc] generating SimFeat profile {profile}: {cfg.num_posts} posts ({cfg.num_posts - cfg.test_size} "
+            f"train pool + {cfg.test_size} fixed test), D = {cfg.dim} -> {big_path}")
         write_simfeat(big_path, cfg, overwrite=True)
     big = FeatureStore.open(big_path, validate=False)
     oracle = big.meta.get("extra", {}).get("simfeat", {}).get("oracle", {})
@@ -163,40 +166,64 @@ def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
     rest = np.setdiff1d(np.arange(len(big)), test_rows)
     order = np.random.default_rng(cfg.seed).permutation(rest)   # one fixed order: nested subsets
     log(f"[lc] oracle test accuracy {oracle.get('test_accuracy')} on the fixed {len(test_rows)} test posts")
+    return big, oracle, test_rows, order
 
-    cells = [(s, m, k) for s in sizes for m in models for k in range(seeds)]
+
+def _cell(out: Path, size: int, n_tr: int, m: str, k: int, e: int, make_store, progress: bool, tsne_points: int,
+          log, label: str) -> tuple[dict, bool]:
+    """Train (unless done) and score one (size, model, seed) cell; ``(record, was it done already)``.
+    ``make_store()`` writes the cell's subset store (only when the cell is not done)."""
+    sdir = out / f"size{size}"
+    run = seed_run(sdir, m, k)
+    finished = (run.eval_dir("test") / "metrics.json").exists()
+    store = out / "data" / f"size{size}"
+    if not finished:
+        store = make_store()
+        log(f"[lc] {label}: size {size} ({n_tr} train+val posts), {m}, seed {k}, {e} epochs ...")
+    m_ = run_one(Row(m, m), k, store, sdir, extra_train=[f"epochs={e}"], progress=progress,
+                 tsne_max_points=tsne_points)
+    rec = {"size": size, "n_train_posts": n_tr, "model": m, "seed": k, "epochs": e,
+           "accuracy": m_["accuracy"], "oracle_accuracy": m_.get("oracle_accuracy"),
+           "accuracy_over_oracle": m_.get("accuracy_over_oracle"), "train_seconds": m_.get("train_seconds")}
+    for reg, v in (m_.get("accuracy_by_regime") or {}).items():
+        rec[f"acc_{reg}"] = v["accuracy"]
+    return rec, finished
+
+
+def run_learning_curve(out="reports/learning-curve", *, profile: str = "hetero",
+                       sizes=DEFAULT_SIZES, models: list[str] | None = None, seeds: int = 1,
+                       epochs: int | None = None, simfeat: dict | None = None, keep_stores: bool = False,
+                       progress: bool = False, tsne_points: int = 200,
+                       log: Callable[[str], None] = print) -> dict:
+    """Train every (size, model, seed) cell not yet done and write the CSV and PNG.
+
+    ``simfeat``: SimFeatConfig overrides on top of ``profile`` (``num_posts`` is set here);
+    ``epochs``: per run (default: :func:`auto_epochs` of the cell's training posts)."""
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes, models = _check_args(sizes, models, seeds)
+    cfg, frac = _settings(out, profile, simfeat, sizes, models, seeds, epochs)
+    big, oracle, test_rows, order = _big_store(out, cfg, profile, log)
+    n_cells = len(sizes) * len(models) * seeds
     records: list[dict] = []
-    done_n, t_train = 0, 0.0
+    t_train = 0.0
     for size in sizes:
         n_tr = _n_train(size, frac)
         e = epochs or auto_epochs(n_tr)
-        sdir = out / f"size{size}"
         spath = out / "data" / f"size{size}"
+        rows = np.sort(np.concatenate([order[:n_tr], test_rows]))
+        make_store = functools.partial(_subset_store, big, spath, rows, size, log)
         for m in models:
             for k in range(seeds):
-                done_n += 1
-                run = seed_run(sdir, m, k)
-                finished = (run.eval_dir("test") / "metrics.json").exists()
-                store = spath
-                if not finished:
-                    rows = np.sort(np.concatenate([order[:n_tr], test_rows]))
-                    store = _subset_store(big, spath, rows, size, log)
-                    log(f"[lc] cell {done_n}/{len(cells)}: size {size} ({n_tr} train+val posts), {m}, seed {k}, "
-                        f"{e} epochs ...")
-                m_ = run_one(Row(m, m), k, store, sdir, extra_train=[f"epochs={e}"], progress=progress,
-                             tsne_max_points=tsne_points)
-                if not finished:
-                    t_train += float(m_.get("train_seconds") or 0)
-                rec = {"size": size, "n_train_posts": n_tr, "model": m, "seed": k, "epochs": e,
-                       "accuracy": m_["accuracy"], "oracle_accuracy": m_.get("oracle_accuracy"),
-                       "accuracy_over_oracle": m_.get("accuracy_over_oracle"),
-                       "train_seconds": m_.get("train_seconds")}
-                for reg, v in (m_.get("accuracy_by_regime") or {}).items():
-                    rec[f"acc_{reg}"] = v["accuracy"]
+                n = len(records) + 1
+                rec, finished = _cell(out, size, n_tr, m, k, e, make_store, progress, tsne_points, log,
+                                      f"cell {n}/{n_cells}")
+                t_train += 0.0 if finished else float(rec["train_seconds"] or 0)
                 records.append(rec)
                 log(f"[lc] {'done' if not finished else 'already done'}: size {size}, {m}, seed {k}: accuracy "
                     f"{100 * rec['accuracy']:.2f} %, acc/oracle {rec['accuracy_over_oracle'] or float('nan'):.3f} "
-                    f"({done_n}/{len(cells)} cells, {time.time() - t0:.0f} s elapsed)")
+                    f"({n}/{n_cells} cells, {time.time() - t0:.0f} s elapsed)")
                 _write_outputs(out, records, oracle, profile)
         if not keep_stores and spath.exists():
             shutil.rmtree(spath, ignore_errors=True)

@@ -32,7 +32,9 @@ class Row:
 
     def resolve(self, seed: int, extra_train: list[str] | None = None) -> Preset:
         p = load_preset(self.preset)
-        p.model = apply_overrides(p.model, self.model)
+        from sgmft.models.registry import apply_model_overrides   # checked against what the arch reads
+
+        p.model = apply_model_overrides(p.model, self.model)
         p.train = apply_overrides(p.train, list(self.train) + list(extra_train or []) + [f"seed={seed}"])
         return p
 

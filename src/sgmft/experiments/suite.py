@@ -117,6 +117,20 @@ def _check_marker(out: Path, marker: dict) -> None:
     write_text(p, json.dumps(marker, indent=2))
 
 
+def _model_view(model) -> dict:
+    """What the arch reads (sgmft.models.registry.model_view) of a ModelConfig or of a run.json's
+    ``model``, old (every flat field) or new (the view): the two compare equal for the same model."""
+    from sgmft.config import model_config_from_dict
+    from sgmft.models.registry import model_view
+
+    if isinstance(model, dict):
+        try:
+            model = model_config_from_dict(model)
+        except ValueError:
+            return model
+    return model_view(model)
+
+
 def _check_existing(row, seed: int, out: Path) -> None:
     """A finished run of the same name must have been trained with the same configuration."""
     run = seed_run(out, row.name, seed).run_json
@@ -124,9 +138,9 @@ def _check_existing(row, seed: int, out: Path) -> None:
         return
     have = json.loads(run.read_text(encoding="utf-8"))
     p = row.resolve(seed)
-    want_m = {k: v for k, v in json.loads(json.dumps(asdict(p.model))).items() if k not in _IGNORED_MODEL}
+    want_m = {k: v for k, v in _model_view(p.model).items() if k not in _IGNORED_MODEL}
     want_t = {k: v for k, v in json.loads(json.dumps(asdict(p.train))).items() if k not in _IGNORED_TRAIN}
-    have_m = {k: v for k, v in have.get("model", {}).items() if k not in _IGNORED_MODEL}
+    have_m = {k: v for k, v in _model_view(have.get("model", {})).items() if k not in _IGNORED_MODEL}
     have_t = {k: v for k, v in have.get("train", {}).items() if k not in _IGNORED_TRAIN}
     if have_m != want_m or have_t != want_t:
         diff = sorted({k for k in set(want_m) | set(have_m) if want_m.get(k) != have_m.get(k)}

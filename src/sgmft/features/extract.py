@@ -37,17 +37,14 @@ import numpy as np
 from sgmft.atomic import atomic_file, check_outputs
 from sgmft.errors import ImageLoadError
 from sgmft.features import FeatureStoreWriter
-from sgmft.features.encode import (DEFAULT_MAX_IMAGES, PreparedBatch, check_image_choice, encode_prepared,
-                                   prepare_batch, reduce_side)
-from sgmft.ingest.images import DEFAULT_MAX_PIXELS, image_bytes_digest
+from sgmft.features.encode import PreparedBatch, encode_prepared, prepare_batch, reduce_side
+from sgmft.features.extract_options import DEFAULT_PREFETCH_BYTES, ExtractOptions  # noqa: F401  (re-exported)
+from sgmft.ingest.images import image_bytes_digest
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
-from sgmft.ingest.text import CleanConfig, TextCleaner
-from sgmft.labels import DEFAULT_LABELS
+from sgmft.ingest.text import TextCleaner
 
 log = logging.getLogger("sgmft.extract")
 CACHE_VERSION = 3  # 2: images decoded at reduced size, max_images; 3: shards hold text_over/text_cut
-# Prepared batches waiting for the model forward, all together (bytes of their tensors).
-DEFAULT_PREFETCH_BYTES = 512 * 2**20
 
 
 class _OrderedBudget:
@@ -152,7 +149,8 @@ def _gather(obj: Any) -> list[Any]:
 
 
 # -- cache -------------------------------------------------------------------------------------
-def _post_key(prefix: bytes, post: Post) -> str:
+def post_key(prefix: bytes, post: Post) -> str:
+    """A post's content key: ``prefix`` (backbone, cleaning, image settings), its text and image bytes."""
     h = hashlib.sha256(prefix)
     h.update(json.dumps(post.text, ensure_ascii=False).encode())
     for p in post.images:
@@ -163,7 +161,7 @@ def _post_key(prefix: bytes, post: Post) -> str:
     return h.hexdigest()
 
 
-class _Cache:
+class ShardCache:
     """One atomically written ``.npz`` shard per finished batch, under ``root/shards``.
 
     A shard's name is the hash of its batch's post keys (and the backbone batch size), so
@@ -215,6 +213,24 @@ class _Cache:
             raise CorruptShardError(p, f"{type(e).__name__}: {e}") from None
         return out
 
+    def get_named(self, name: str) -> dict[str, Any]:
+        """The shard file ``name`` (as :meth:`path` gives it), checked to hold the posts its name says."""
+        p = self.shards / name
+        keys = self._keys_in(p)
+        if self.path(keys).name != name:
+            raise CorruptShardError(p, "it does not hold the posts its name says")
+        return self.get(keys)
+
+    @staticmethod
+    def _keys_in(p: Path) -> list[str]:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return z["keys"].tolist()
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise CorruptShardError(p, f"{type(e).__name__}: {e}") from None
+
     def valid(self, keys: list[str]) -> bool:
         """True if the shard exists and reads back whole. A corrupt shard is reported in one
         warning line naming the file and deleted, so that its batch is encoded again."""
@@ -234,6 +250,9 @@ class _Cache:
 
 
 from sgmft.errors import InputError  # noqa: E402  (user errors: SgmftError and ValueError)
+
+
+_Cache = ShardCache  # the older name
 
 
 class CorruptShardError(InputError):
@@ -256,165 +275,72 @@ class _Job:
     held: int = 0                        # bytes of the prefetch budget this job holds
 
 
-def extract_features(manifest: str | Path, out_store: str | Path, *, backbone, clean_cfg: CleanConfig | None = None,
-                     image_choice: str = "similar", batch_size: int = 32, cache_dir: str | Path | None = None,
-                     rejects_path: str | Path | None = None, on_error: str = "skip", progress: bool | None = None,
-                     label_names: Sequence[str] = DEFAULT_LABELS, device: str = "auto", dtype: str = "auto",
-                     num_workers: int | None = None, num_processes: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     overwrite: bool = False, keep_cache: bool = True, threads: int | None = None,
-                     max_images: int | None = DEFAULT_MAX_IMAGES, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
-                     image_root: str | Path | None = None, allow_any_path: bool = False,
-                     field_limits: dict | None = None, _after_batch: Callable[[int], None] | None = None,
-                     _engine: Callable[..., ExtractResult] | None = None) -> ExtractResult:
+def extract_features(manifest: str | Path, out_store: str | Path, *, backbone,
+                     options: ExtractOptions | None = None, engine: str | None = None,
+                     _after_batch: Callable[[int], None] | None = None, **kwargs: Any) -> ExtractResult:
     """Extract features for every valid post of ``manifest`` into the store ``out_store``.
 
-    ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``.
-    ``image_choice``: ``"similar"`` (the image closest to the text, cosine; the paper's
-    manual choice, automated), ``"first"`` (first usable image; later ones are not even
-    loaded) or ``"mean"`` (L2-normalised mean of the usable images).
-    ``cache_dir``: default ``<out_store>.cache``; deleted at the end unless ``keep_cache``.
-    ``on_error="skip"`` records bad rows and images as rejects (also written to
-    ``rejects_path`` as JSONL); ``"raise"`` stops at the first problem.
-    ``num_processes>1`` spawns that many local worker processes (gloo); under an existing
-    ``torch.distributed`` group or ``torchrun`` env, every rank must call this function.
-    ``threads``: torch CPU threads per process (default: unchanged; spawned workers get
-    ``cpu_count // num_processes``). On CPU, float results depend on the thread count in
-    the last bits: runs compare bit for bit only with equal ``threads``.
-    ``max_images``: images used per post (the rest are rejected with a reason; ``None`` =
-    all). ``prefetch_bytes``: prepared batches waiting for the forward hold at most this
-    many bytes (plus one batch). ``image_root`` / ``allow_any_path``: where image paths
-    may point (default: inside the manifest's folder; see docs/posts-manifest.md).
-    ``field_limits``: ``max_id_chars`` / ``max_user_chars`` / ``max_text_chars`` for
-    :func:`~sgmft.ingest.manifest.read_manifest`. Output paths (the store, its cache, the
-    rejects file) may not be the manifest (checked before anything is written).
-    The same pipeline on Ray Data: :func:`sgmft.features.ray_engine.extract_features_ray`
-    (same arguments; the same shards and a byte-identical store at equal ``threads``).
+    ``backbone``: a spec for :func:`sgmft.features.backbones.load_backbone` or a ``Backbone``
+    (``engine="ray"`` and ``num_processes > 1`` need the spec: every process loads it).
+    ``options``: an :class:`~sgmft.features.extract_options.ExtractOptions` (every option,
+    typed and checked, documented there); ``engine`` and ``**kwargs`` (its field names, the
+    older call form) override its fields: ``extract_features(m, out, backbone=spec,
+    engine="ray", batch_size=64)``. ``engine="local"``: this process (``num_processes > 1``
+    spawns that many local workers, gloo; under ``torchrun`` or an existing
+    ``torch.distributed`` group every rank calls this function). ``engine="ray"``: the same
+    pipeline on Ray Data (:mod:`sgmft.features.ray_engine`): the same shards and a
+    byte-identical store at equal ``threads``, with a driver whose memory does not grow with
+    the manifest. Output paths (the store, its cache, the rejects file) may not be the
+    manifest (checked before anything is written).
     """
-    check_image_choice(image_choice)
-    if on_error not in ("skip", "raise"):
-        raise InputError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    o = ExtractOptions.of(options, engine=engine, **kwargs)
     from sgmft.config import progress_enabled
 
-    progress = progress_enabled(progress)      # None (the default): bars only on a terminal, as the CLI
     out_store = Path(out_store)
-    cache_root = Path(cache_dir) if cache_dir is not None else out_store.with_name(out_store.name + ".cache")
+    o = o.replace(progress=progress_enabled(o.progress),  # None: bars only on a terminal, as the CLI
+                  cache_dir=o.cache_dir or out_store.with_name(out_store.name + ".cache"))
     check_outputs({"the manifest": manifest},
-                  {"the store (--out)": out_store, "the cache (--cache-dir)": cache_root,
-                   "the rejects file (--rejects)": rejects_path})
-    kw = dict(clean_cfg=clean_cfg, image_choice=image_choice, batch_size=batch_size, cache_dir=cache_root,
-              rejects_path=rejects_path, on_error=on_error, progress=progress, label_names=tuple(label_names),
-              device=device, dtype=dtype, num_workers=num_workers, max_pixels=max_pixels,
-              overwrite=overwrite, keep_cache=keep_cache, threads=threads, max_images=max_images,
-              prefetch_bytes=prefetch_bytes, image_root=image_root, allow_any_path=allow_any_path,
-              field_limits=field_limits)
-    if _engine is not None:  # another engine (sgmft.features.ray_engine) on the checked arguments
-        if num_processes > 1:
-            raise InputError("--num-processes is for --engine local; with --engine ray, Ray places the replicas")
-        return _engine(Path(manifest), out_store, backbone, **kw)
-    if num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                  {"the store (--out)": out_store, "the cache (--cache-dir)": o.cache_dir,
+                   "the rejects file (--rejects)": o.rejects_path})
+    if o.engine == "ray":
+        from sgmft.features.ray_engine import run_extract_ray
+
+        return run_extract_ray(Path(manifest), out_store, backbone, o)
+    if o.num_processes > 1 and _dist() is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not isinstance(backbone, str):
             raise InputError("num_processes > 1 needs the backbone as a spec string (each process loads it)")
-        return _spawn(num_processes, Path(manifest), out_store, backbone, kw)
+        return _spawn(o.num_processes, Path(manifest), out_store, backbone, o)
     from sgmft.features.backbones.hf_clip import hf_progress_bars
 
-    with hf_progress_bars(progress):             # transformers' "Loading weights" bar follows `progress`
-        return _extract(Path(manifest), out_store, backbone, _after_batch=_after_batch, **kw)
+    with hf_progress_bars(o.progress):             # transformers' "Loading weights" bar follows `progress`
+        return _extract(Path(manifest), out_store, backbone, o, _after_batch=_after_batch)
 
 
-def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choice, batch_size, cache_dir,
-             rejects_path, on_error, progress, label_names, device, dtype, num_workers, max_pixels,
-             overwrite, keep_cache, threads=None, max_images=DEFAULT_MAX_IMAGES,
-             prefetch_bytes=DEFAULT_PREFETCH_BYTES, image_root=None, allow_any_path=False,
-             field_limits=None, _after_batch=None) -> ExtractResult:
+def _extract(manifest: Path, out_store: Path, backbone, o: ExtractOptions, _after_batch=None) -> ExtractResult:
+    """The local engine (one rank of it): read, encode this rank's batches, rank 0 assembles."""
     import torch
 
     t0, started = time.perf_counter(), time.time()
     own_group = _maybe_init_dist()
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
+    if o.threads:
+        torch.set_num_threads(int(o.threads))
     try:
         d = _dist()
         rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
-        if out_store.exists() and not overwrite:
+        if out_store.exists() and not o.overwrite:
             raise FileExistsError(f"{out_store} already exists; pass overwrite=True (--overwrite) to replace it")
         from sgmft.features.backbones import Backbone, load_backbone
 
         bb: Backbone = backbone if not isinstance(backbone, str) else load_backbone(
-            backbone, device=device, dtype=dtype, batch_size=batch_size)
-        cleaner, posts, row_rejects, prefix, cache = _plan(
-            manifest, bb, clean_cfg=clean_cfg, image_choice=image_choice, cache_dir=cache_dir, on_error=on_error,
-            label_names=label_names, max_pixels=max_pixels, max_images=max_images, image_root=image_root,
-            allow_any_path=allow_any_path, field_limits=field_limits)
+            backbone, device=o.device, dtype=o.dtype, batch_size=o.batch_size)
+        cleaner, prefix, cache = _setup(bb, o)
+        posts, row_rejects = read_manifest(manifest, **o.reader_options())
         from sgmft.features.backbones.precision import maybe_compile
 
         maybe_compile(bb, len(posts))  # opt-in torch.compile (SGMFT_COMPILE; docs/scale.md)
-        base = manifest.resolve().parent
-        n_batches = (len(posts) + batch_size - 1) // batch_size
-        mine = [b for b in range(n_batches) if b % world == rank]
-        tok_lock = threading.Lock()
-        budget = _OrderedBudget(prefetch_bytes)
-
-        def prepare(b: int, turn: int) -> _Job:
-            try:
-                batch = posts[b * batch_size:(b + 1) * batch_size]
-                keys = [_post_key(prefix, p) for p in batch]
-                if cache.valid(keys):
-                    job = _Job(b, keys, cached=True)
-                else:
-                    job = _Job(b, keys, cached=False, prepared=prepare_batch(
-                        bb, cleaner, batch, image_choice, max_pixels=max_pixels, base=base, on_error=on_error,
-                        tokenize_lock=tok_lock, max_images=max_images))
-            except BaseException:
-                budget.acquire(turn, 0)  # pass the turn on; the consumer will raise
-                raise
-            job.held = budget.acquire(turn, job.prepared.nbytes if job.prepared is not None else 0)
-            return job
-
-        def encode(job: _Job) -> None:
-            e = encode_prepared(bb, job.prepared, image_choice)
-            cache.put(job.keys, e.text, e.image, e.text_mask, e.image_mask, e.rejects, e.text_over, e.text_cut)
-
-        from tqdm.auto import tqdm
-
-        n_mine = sum(min(batch_size, len(posts) - b * batch_size) for b in mine)
-        bar = tqdm(total=n_mine, unit="post", desc=f"extract[{rank}/{world}]" if world > 1 else "extract",
-                   disable=not progress or (rank != 0), dynamic_ncols=True)
-        hits = encoded = 0
-        my_keys: dict[int, list[str]] = {}
-        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sgmft-load") as pool:
-            # Prepare (hash, clean, decode, preprocess) up to `workers + 1` batches ahead of the
-            # forward pass. Futures are consumed in order; results never depend on timing.
-            ahead = max(1, workers) + 1
-            # Memory: besides this count, the prepared tensors waiting here are bounded in
-            # bytes by `budget` (prefetch_bytes), taken in post order (_OrderedBudget).
-            futs = OrderedDict((b, pool.submit(prepare, b, i)) for i, b in enumerate(mine[:ahead]))
-            nxt = len(futs)
-            try:
-                while futs:
-                    b, fut = futs.popitem(last=False)
-                    pr = fut.result()
-                    if nxt < len(mine):
-                        futs[mine[nxt]] = pool.submit(prepare, mine[nxt], nxt)
-                        nxt += 1
-                    if not pr.cached:
-                        encode(pr)
-                    pr.prepared = None
-                    budget.release(pr.held)
-                    my_keys[b] = pr.keys
-                    encoded += 0 if pr.cached else len(pr.keys)
-                    hits += len(pr.keys) if pr.cached else 0
-                    bar.update(len(pr.keys))
-                    if _after_batch is not None:
-                        _after_batch(b)
-            finally:
-                budget.abort()
-                for f in futs.values():
-                    f.cancel()
-                bar.close()
-
-        stats = _gather((hits, encoded, my_keys))
+        enc = _LocalEncoder(bb, cleaner, prefix, cache, o, manifest.resolve().parent)
+        stats = _gather(enc.run(posts, rank, world, _after_batch))
         hits, encoded = sum(x[0] for x in stats), sum(x[1] for x in stats)
         batch_keys = {b: k for x in stats for b, k in x[2].items()}
         if d is not None:
@@ -422,13 +348,17 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
         result = None
         if rank == 0:
             _remove_stale_tmp(cache, started)
-            result = _assemble(out_store, posts, [batch_keys[b] for b in range(n_batches)], row_rejects, cache,
-                               bb, cleaner, image_choice, label_names, manifest, rejects_path, overwrite,
-                               hits, encoded, world, t0)
-            if not keep_cache:
+            splits = SplitCount()
+            splits.add(posts)
+            B = o.batch_size
+            parts = ((posts[b * B:(b + 1) * B], _shard(cache, batch_keys[b])) for b in range(len(batch_keys)))
+            target = _Target(out_store, bb, cleaner, o.image_choice, o.label_names, manifest, o.rejects_path,
+                             o.overwrite, cache.root)
+            result = _assemble(target, parts, splits, row_rejects, hits, encoded, world, t0)
+            if not o.keep_cache:
                 import shutil
 
-                shutil.rmtree(cache_dir, ignore_errors=True)
+                shutil.rmtree(o.cache_dir, ignore_errors=True)
         if d is not None:
             result = _gather(result)[0]
             d.barrier()
@@ -441,24 +371,98 @@ def _extract(manifest: Path, out_store: Path, backbone, *, clean_cfg, image_choi
             dist.destroy_process_group()
 
 
-def _plan(manifest: Path, bb, *, clean_cfg, image_choice, cache_dir, on_error, label_names, max_pixels, max_images,
-          image_root, allow_any_path, field_limits):
-    """What every engine (local, torch.distributed, Ray) starts from: the text cleaner, the
-    valid posts and the manifest-row rejects, the cache-key prefix and the shard cache.
-    Batch ``b`` is always ``posts[b*batch_size:(b+1)*batch_size]``."""
-    cleaner = TextCleaner(clean_cfg)
-    posts, row_rejects = read_manifest(manifest, label_names=label_names, check_images=True,
-                                       on_error="raise" if on_error == "raise" else "skip",
-                                       image_root=image_root, allow_any_path=allow_any_path,
-                                       **(field_limits or {}))
+@dataclass
+class _LocalEncoder:
+    """This rank's batches (``b % world == rank``), prepared by a thread pool ahead of the
+    forward pass, encoded in order, each written as its shard (or found in the cache)."""
+
+    bb: Any
+    cleaner: TextCleaner
+    prefix: bytes
+    cache: "ShardCache"
+    o: ExtractOptions
+    base: Path
+
+    def prepare(self, posts: list[Post], b: int, turn: int, budget: _OrderedBudget, tok_lock) -> _Job:
+        o = self.o
+        try:
+            batch = posts[b * o.batch_size:(b + 1) * o.batch_size]
+            keys = [post_key(self.prefix, p) for p in batch]
+            if self.cache.valid(keys):
+                job = _Job(b, keys, cached=True)
+            else:
+                job = _Job(b, keys, cached=False, prepared=prepare_batch(
+                    self.bb, self.cleaner, batch, o.image_choice, max_pixels=o.max_pixels, base=self.base,
+                    on_error=o.on_error, tokenize_lock=tok_lock, max_images=o.max_images))
+        except BaseException:
+            budget.acquire(turn, 0)  # pass the turn on; the consumer will raise
+            raise
+        job.held = budget.acquire(turn, job.prepared.nbytes if job.prepared is not None else 0)
+        return job
+
+    def encode(self, job: _Job) -> None:
+        e = encode_prepared(self.bb, job.prepared, self.o.image_choice)
+        self.cache.put(job.keys, e.text, e.image, e.text_mask, e.image_mask, e.rejects, e.text_over, e.text_cut)
+
+    def run(self, posts: list[Post], rank: int, world: int, after_batch=None) -> tuple[int, int, dict]:
+        """(posts from the cache, posts encoded, {batch: its keys}) of this rank's batches."""
+        o, B = self.o, self.o.batch_size
+        mine = [b for b in range((len(posts) + B - 1) // B) if b % world == rank]
+        tok_lock, budget = threading.Lock(), _OrderedBudget(o.prefetch_bytes)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(min(B, len(posts) - b * B) for b in mine), unit="post",
+                   desc=f"extract[{rank}/{world}]" if world > 1 else "extract",
+                   disable=not o.progress or (rank != 0), dynamic_ncols=True)
+        hits = encoded = 0
+        my_keys: dict[int, list[str]] = {}
+        workers = max(1, o.num_workers if o.num_workers is not None else min(4, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sgmft-load") as pool:
+            # Prepare (hash, clean, decode, preprocess) up to `workers + 1` batches ahead of the
+            # forward pass. Futures are consumed in order; results never depend on timing.
+            # Memory: besides this count, the prepared tensors waiting here are bounded in
+            # bytes by `budget` (prefetch_bytes), taken in post order (_OrderedBudget).
+            submit = lambda i: pool.submit(self.prepare, posts, mine[i], i, budget, tok_lock)  # noqa: E731
+            futs = OrderedDict((mine[i], submit(i)) for i in range(min(len(mine), workers + 1)))
+            nxt = len(futs)
+            try:
+                while futs:
+                    b, fut = futs.popitem(last=False)
+                    pr = fut.result()
+                    if nxt < len(mine):
+                        futs[mine[nxt]] = submit(nxt)
+                        nxt += 1
+                    if not pr.cached:
+                        self.encode(pr)
+                    pr.prepared = None
+                    budget.release(pr.held)
+                    my_keys[b] = pr.keys
+                    encoded += 0 if pr.cached else len(pr.keys)
+                    hits += len(pr.keys) if pr.cached else 0
+                    bar.update(len(pr.keys))
+                    if after_batch is not None:
+                        after_batch(b)
+            finally:
+                budget.abort()
+                for f in futs.values():
+                    f.cancel()
+                bar.close()
+        return hits, encoded, my_keys
+
+
+def _setup(bb, o: ExtractOptions):
+    """What every engine (local, torch.distributed, Ray) starts from besides the posts: the
+    text cleaner, the cache-key prefix and the shard cache (in ``o.cache_dir``). Batch ``b``
+    is always posts ``[b*batch_size, (b+1)*batch_size)`` of the validated manifest."""
+    cleaner = TextCleaner(o.clean_cfg)
     prefix = json.dumps({"v": CACHE_VERSION, "backbone": bb.fingerprint(), "clean": cleaner.fingerprint(),
-                         "choice": image_choice, "max_pixels": max_pixels, "max_images": max_images,
+                         "choice": o.image_choice, "max_pixels": o.max_pixels, "max_images": o.max_images,
                          "reduce_to": reduce_side(bb)}, sort_keys=True).encode()
-    cache = _Cache(cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
-    return cleaner, posts, row_rejects, prefix, cache
+    cache = ShardCache(o.cache_dir, salt=f"v{CACHE_VERSION} image-chunk {bb.batch_size}")
+    return cleaner, prefix, cache
 
 
-def _remove_stale_tmp(cache: "_Cache", started: float) -> None:
+def _remove_stale_tmp(cache: "ShardCache", started: float) -> None:
     """Partial shard writes of killed earlier runs (older than this run's start)."""
     for f in cache.shards.glob(".*.tmp"):
         try:
@@ -468,60 +472,101 @@ def _remove_stale_tmp(cache: "_Cache", started: float) -> None:
             pass
 
 
-def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, image_choice, label_names,
-              manifest, rejects_path, overwrite, hits, encoded, world, t0) -> ExtractResult:
-    """Rank 0: stream every batch's shard (written by any rank) into the feature store."""
-    n = len(posts)
-    lab_idx = {name: i for i, name in enumerate(label_names)}
-    splits = [p.split for p in posts]
-    with_split = n > 0 and all(splits) and {"train", "test"} <= set(splits)
-    if any(splits) and not with_split:
-        import warnings
+@dataclass
+class SplitCount:
+    """How many posts have a split, and which values: decides whether the store gets ``split.npy``
+    (every post has one, train and test non-empty). Counted as posts stream past."""
 
-        from sgmft.errors import SgmftWarning
+    n: int = 0
+    with_split: int = 0
+    values: set = field(default_factory=set)
 
-        warnings.warn(f"split field omitted from the store: {sum(map(bool, splits))} of {n} posts have one, and "
-                      "the store's split needs one on every post with train and test non-empty "
-                      "(docs/posts-manifest.md)", SgmftWarning, stacklevel=2)
-    # ids and users each get their own fixed width (field limits cap both: --max-id-chars, --max-user-chars)
-    width = max([1] + [len(p.id) for p in posts])
-    uwidth = max([1] + [len(p.user) for p in posts])
-    extra = {"clean_config": asdict(cleaner.cfg), "clean_fingerprint": cleaner.fingerprint(),
-             "image_choice": image_choice, "manifest": str(Path(manifest).resolve()),
-             "backbone_fingerprint": bb.fingerprint(), "backbone_precision": bb.precision}
+    def add(self, posts: Sequence[Post]) -> None:
+        self.n += len(posts)
+        for p in posts:
+            if p.split:
+                self.with_split += 1
+                self.values.add(p.split)
+
+    def keep(self) -> bool:
+        """True if the store gets the split; warns (once) when some posts have one but it is dropped."""
+        ok = self.n > 0 and self.with_split == self.n and {"train", "test"} <= self.values
+        if self.with_split and not ok:
+            import warnings
+
+            from sgmft.errors import SgmftWarning
+
+            warnings.warn(f"split field omitted from the store: {self.with_split} of {self.n} posts have one, and "
+                          "the store's split needs one on every post with train and test non-empty "
+                          "(docs/posts-manifest.md)", SgmftWarning, stacklevel=3)
+        return ok
+
+
+def _shard(cache: "ShardCache", keys: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
+    """A finished batch's shard, by its posts' keys or by its file name; a shard damaged after
+    this run checked or wrote it is deleted and reported."""
+    try:
+        return cache.get(keys) if keys is not None else cache.get_named(name)
+    except CorruptShardError as e:
+        e.path.unlink(missing_ok=True)
+        raise CorruptShardError(e.path, "damaged during this run; it was deleted: run the same "
+                                "command again to recompute it") from None
+
+
+@dataclass
+class _Target:
+    """What the store assembly writes, besides the rows: the store, its contract and the rejects."""
+
+    out_store: Path
+    bb: Any                      # a Backbone, or ray_engine.BackboneInfo
+    cleaner: TextCleaner
+    image_choice: str
+    label_names: Sequence[str]
+    manifest: Path
+    rejects_path: Path | None
+    overwrite: bool
+    cache_root: Path | None = None
+
+
+def _assemble(t: _Target, parts, splits: SplitCount, row_rejects: Sequence[Reject], hits: int, encoded: int,
+              world: int, t0: float) -> ExtractResult:
+    """Stream ``parts`` (``(posts, shard)`` per batch, in post order; ``splits`` counted over
+    all of them beforehand) into the feature store, then write the rejects (manifest rows and
+    images, by line). Holds one batch at a time: the store's writer memory-maps its files."""
+    n, with_split = splits.n, splits.keep()
+    lab_idx = {name: i for i, name in enumerate(t.label_names)}
+    extra = {"clean_config": asdict(t.cleaner.cfg), "clean_fingerprint": t.cleaner.fingerprint(),
+             "image_choice": t.image_choice, "manifest": str(Path(t.manifest).resolve()),
+             "backbone_fingerprint": t.bb.fingerprint(), "backbone_precision": t.bb.precision}
     img_rejects: list[Reject] = []
-    n_text_missing = n_image_missing = n_text_over = n_text_cut = 0
-    with FeatureStoreWriter(out_store, num_posts=n, dim=bb.dim, label_names=label_names, backbone=bb.spec,
+    counts = np.zeros(4, np.int64)  # text missing, image missing, text over the context, text cut
+    # ids and users are UTF-8 bytes plus offsets (store v2): no width to know beforehand
+    with FeatureStoreWriter(t.out_store, num_posts=n, dim=t.bb.dim, label_names=t.label_names, backbone=t.bb.spec,
                             normalization="l2", with_labels=True, with_users=True, with_split=with_split,
-                            with_masks=True, extra=extra, overwrite=overwrite, id_width=width,
-                            user_width=uwidth) as w:
+                            with_masks=True, extra=extra, overwrite=t.overwrite) as w:
         start = 0
-        for keys in batch_keys:
-            try:
-                z = cache.get(keys)
-            except CorruptShardError as e:  # damaged after this run checked or wrote it
-                cache.path(keys).unlink(missing_ok=True)
-                raise CorruptShardError(e.path, "damaged during this run; it was deleted: run the same "
-                                        "command again to recompute it") from None
-            part = posts[start:start + len(keys)]
-            n_text_missing += int((~z["text_mask"]).sum())
-            n_image_missing += int((~z["image_mask"]).sum())
-            n_text_over += int(z["text_over"].sum()) if "text_over" in z else 0
-            n_text_cut += int(z["text_cut"].sum()) if "text_cut" in z else 0
+        for part, z in parts:
+            if len(part) != len(z["text"]):
+                raise RuntimeError(f"batch at row {start}: {len(part)} posts but its shard has {len(z['text'])} rows")
+            counts += [int((~z["text_mask"]).sum()), int((~z["image_mask"]).sum()),
+                       int(z["text_over"].sum()) if "text_over" in z else 0,
+                       int(z["text_cut"].sum()) if "text_cut" in z else 0]
             for p, rej in zip(part, z["rejects"]):
                 img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract") for _, reason in rej)
             w.write(start, ids=[p.id for p in part], users=[p.user for p in part], text=z["text"],
                     image=z["image"], text_mask=z["text_mask"], image_mask=z["image_mask"],
                     labels=np.array([lab_idx[p.label] if p.label is not None else -1 for p in part], np.int64),
                     split=[p.split for p in part] if with_split else None)
-            start += len(keys)
+            start += len(part)
+        if start != n:
+            raise RuntimeError(f"the batches hold {start} posts, the manifest {n}")
     rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
-    if rejects_path is not None:
-        write_rejects(rejects_path, rejects)
-    res = ExtractResult(Path(out_store), n, len(rejects), hits, encoded, n_text_missing, n_image_missing,
-                        len(img_rejects), time.perf_counter() - t0, world, cache.root,
-                        Path(rejects_path) if rejects_path is not None else None, rejects,
-                        text_over=n_text_over, text_cut=n_text_cut)
+    if t.rejects_path is not None:
+        write_rejects(t.rejects_path, rejects)
+    res = ExtractResult(Path(t.out_store), n, len(rejects), hits, encoded, int(counts[0]), int(counts[1]),
+                        len(img_rejects), time.perf_counter() - t0, world, t.cache_root,
+                        Path(t.rejects_path) if t.rejects_path is not None else None, rejects,
+                        text_over=int(counts[2]), text_cut=int(counts[3]))
     log.info("extracted %d posts (%d from cache, %d encoded), %d rejects, %.1fs", n, hits, encoded,
              len(rejects), res.seconds)
     return res
@@ -529,19 +574,19 @@ def _assemble(out_store, posts, batch_keys, row_rejects, cache, bb, cleaner, ima
 
 # -- local multi-process launcher (torchrun does the same across nodes) -----------------------
 def _spawn_worker(rank: int, world: int, port: int, manifest: Path, out_store: Path, backbone: str,
-                  kw: dict, ret: str) -> None:
+                  o: ExtractOptions, ret: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not kw.get("threads"):  # share the CPU cores instead of oversubscribing them
-        kw = dict(kw, threads=max(1, (os.cpu_count() or 1) // world))
-    res = _extract(manifest, out_store, backbone, **kw)
+    if not o.threads:  # share the CPU cores instead of oversubscribing them
+        o = o.replace(threads=max(1, (os.cpu_count() or 1) // world))
+    res = _extract(manifest, out_store, backbone, o)
     if rank == 0:
         import pickle
 
         Path(ret).write_bytes(pickle.dumps(res))
 
 
-def _spawn(world: int, manifest: Path, out_store: Path, backbone: str, kw: dict) -> ExtractResult:
+def _spawn(world: int, manifest: Path, out_store: Path, backbone: str, o: ExtractOptions) -> ExtractResult:
     import pickle
     import socket
 
@@ -552,6 +597,9 @@ def _spawn(world: int, manifest: Path, out_store: Path, backbone: str, kw: dict)
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="sgmft-extract-") as td:
         ret = str(Path(td) / "result.pkl")
-        mp.start_processes(_spawn_worker, args=(world, port, manifest, out_store, backbone, kw, ret),
+        mp.start_processes(_spawn_worker, args=(world, port, manifest, out_store, backbone, o, ret),
                            nprocs=world, join=True, start_method="spawn")
         return pickle.loads(Path(ret).read_bytes())
+
+
+_post_key = post_key  # the older name

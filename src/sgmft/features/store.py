@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -28,7 +29,8 @@ STRING_COLUMNS = ("ids", "users")
 FLOAT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "val", "test")
 _OPTIONAL = ("users", "labels", "split", "text_mask", "image_mask", "regime")
-_CHUNK_BYTES = 64 * 2**20  # content checks read this much at a time, so they work on memmaps > RAM
+_CHUNK_BYTES = 16 * 2**20  # content checks read this much at a time, so they work on memmaps > RAM
+_RELEASE_BYTES = 8 * 2**20  # the writer lets its written pages go after this many bytes (_drop_pages)
 # Largest |feature value| a store may hold. Stored features are the model's inputs after the
 # store's normalisation: L2-normalised CLIP features are <= 1 in absolute value, raw encoder
 # outputs rarely exceed 100. Values beyond 1e4 are garbage (a wrong dtype, an unnormalised
@@ -257,7 +259,11 @@ def _raw(buf: np.ndarray, off: np.ndarray) -> np.ndarray:
     lens = np.diff(off)
     n, w = len(lens), max(1, int(lens.max())) if len(lens) else 1
     mat = np.zeros((n, w), np.uint8)
-    mat[np.repeat(np.arange(n), lens), np.arange(len(buf)) - np.repeat(off[:-1], lens)] = buf
+    step = max(1, 2**20 // w)   # rows at a time: the scatter indices (24 bytes a byte) stay ~24 MiB at most
+    for s in range(0, n, step):
+        e, o0 = min(n, s + step), int(off[s])
+        ln, o1 = lens[s:e], int(off[min(n, s + step)])
+        mat[s + np.repeat(np.arange(e - s), ln), np.arange(o1 - o0) - np.repeat(off[s:e] - o0, ln)] = buf[o0:o1]
     return mat.view(f"S{w}").reshape(n)
 
 
@@ -279,10 +285,25 @@ def _load_strings(root: Path, name: str, meta: dict, required: bool):
     return StringColumn(d, o, chars if isinstance(chars, int) else 1)
 
 
-def _chunks(n: int, row_bytes: int):
+def _chunks(n: int, row_bytes: int, *release):
+    """Row ranges of about _CHUNK_BYTES; after each, the pages of the memory-mapped ``release``
+    arrays are dropped from the process (:func:`_drop_pages`)."""
     step = max(1, _CHUNK_BYTES // max(1, row_bytes))
     for s in range(0, n, step):
         yield s, min(n, s + step)
+        _drop_pages(*release)
+
+
+def _drop_pages(*arrays) -> None:
+    """Let the kernel drop memory-mapped arrays' pages from this process (flushed first; the
+    data stays in the file and the page cache), so that writing or scanning a store does not
+    grow the process's resident memory with the store's size (issue 22: Ray driver memory)."""
+    for a in arrays:
+        mm = getattr(a, "_mmap", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            if a.flags.writeable:
+                a.flush()
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 class FeatureStore:
@@ -387,7 +408,7 @@ class FeatureStore:
     def _check_string_contents(self, name: str, col: StringColumn) -> None:
         """Offsets never decrease and every row is valid UTF-8 (chunked: works on memmaps > RAM)."""
         n = len(col)
-        for s, e in _chunks(n, 64):
+        for s, e in _chunks(n, 64, col.offsets, col.data):
             off = np.asarray(col.offsets[s:e + 1])
             bad = np.diff(off) < 0
             if bad.any():
@@ -412,7 +433,7 @@ class FeatureStore:
                 self._check_string_contents(name, getattr(self, name))
         for name in ("text", "image"):
             a = getattr(self, name)
-            for s, e in _chunks(n, a.shape[1] * a.itemsize):
+            for s, e in _chunks(n, a.shape[1] * a.itemsize, a):
                 blk = a[s:e]
                 with np.errstate(invalid="ignore"):
                     bad = ~(np.abs(blk) <= MAX_ABS_FEATURE).all(axis=1)     # NaN compares False
@@ -427,7 +448,7 @@ class FeatureStore:
                                 "(L2-normalised CLIP features are within +-1); normalise the features")
         if self.labels is not None:
             k = len(self.label_names)
-            for s, e in _chunks(n, 8):
+            for s, e in _chunks(n, 8, self.labels):
                 blk = np.asarray(self.labels[s:e])
                 bad = (blk < -1) | (blk >= k)
                 if bad.any():
@@ -436,7 +457,7 @@ class FeatureStore:
                                 f"(id {str(self.ids[r])!r}); valid are -1 (unlabelled) and 0..{k - 1}")
         if self.regime is not None:
             k = len(self.regime_names)
-            for s, e in _chunks(n, self.regime.itemsize):
+            for s, e in _chunks(n, self.regime.itemsize, self.regime):
                 blk = np.asarray(self.regime[s:e])
                 bad = (blk < 0) | (blk >= k)
                 if bad.any():
@@ -452,7 +473,7 @@ class FeatureStore:
             raise _fail(self._file("ids"), f"duplicate id {str(self.ids[int(order[i])])!r} (rows {int(order[i])} and {int(order[i + 1])})")
         if self.split is not None:
             seen: set[str] = set()
-            for s, e in _chunks(n, self.split.itemsize):
+            for s, e in _chunks(n, self.split.itemsize, self.split):
                 blk = np.asarray(self.split[s:e])
                 bad = ~np.isin(blk, SPLITS)
                 if bad.any():
@@ -582,6 +603,7 @@ class FeatureStoreWriter:
         if regime_names is not None:
             specs["regime"] = ("<i2", (n,))  # codes into meta.regime_names: 2 bytes a row whatever the names
         self._written = np.zeros(n, dtype=bool)
+        self._unreleased = 0
         self._strings: dict[str, _StringSink] = {}
         try:
             if self.version >= 2:
@@ -650,6 +672,10 @@ class FeatureStoreWriter:
             else:
                 a[k][start:end] = v
         self._written[start:end] = True
+        self._unreleased += sum(v.nbytes for v in out.values())
+        if self._unreleased > _RELEASE_BYTES:   # written rows leave this process's memory (_drop_pages)
+            _drop_pages(*self._arrays.values(), *(sink.offsets for sink in self._strings.values()))
+            self._unreleased = 0
 
     def _label_indices(self, labels, start: int) -> np.ndarray:
         lab = np.asarray(labels)

@@ -10,12 +10,15 @@ from torch import nn
 
 from sgmft.config import ModelConfig
 from sgmft.models.blocks import Classifier, ModalityInput
+from sgmft.models.options import CLASSIFIER_FIELDS, NoOptions
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import MODELS
 
 
 class _FeatureBaseline(nn.Module):
     uses = ("text", "image")
+    reads = CLASSIFIER_FIELDS       # flat ModelConfig fields beyond the shared ones (models/options.py)
+    Options = NoOptions
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

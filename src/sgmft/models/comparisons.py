@@ -26,8 +26,10 @@ compares fusion strategies and nothing else.  They are our re-creations, hence "
 
 Auxiliary losses that need the labels (UniS-MMC, BalanceMLA) are computed by the model's
 ``aux_loss_fn(out, labels)``; the extra tensors they need travel in
-:class:`HeadOutput.extras`.  Head-specific options live in ``ModelConfig.extra``
-(unknown keys are an error); the defaults are documented in each class.
+:class:`HeadOutput.extras`.  Each head declares what it reads (models/options.py): ``reads``, the
+flat ModelConfig fields, and ``Options``, its typed options kept in ``ModelConfig.extra``
+(unknown names and bad values are errors; defaults and meanings in each class and in the
+generated table of docs/training.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,8 @@ from torch import nn
 from sgmft.config import ModelConfig
 from sgmft.models.blocks import Attention, TransformerSublayers
 from sgmft.models.blocks import Classifier, ModalityInput, TokenNorm
+from sgmft.models.options import (ATTENTION_FIELDS, CLASSIFIER_FIELDS, TOKEN_FIELDS, ArchOptions, NoOptions,
+                                  PositiveInt, option, validate_options)
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import MODELS
 
@@ -58,24 +62,29 @@ class HeadOutput(ModelOutput):
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def head_options(cfg: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
-    """``cfg.extra`` merged over ``defaults``; unknown keys raise ValueError."""
-    unknown = set(cfg.extra) - set(defaults)
-    if unknown:
-        raise ConfigError(f"model config: arch {cfg.arch!r} does not know extra option(s) "
-                         f"{sorted(unknown)}; known: {sorted(defaults)}")
-    return {**defaults, **cfg.extra}
+def head_options(cfg: ModelConfig, options: type[ArchOptions] | dict[str, Any]) -> dict[str, Any]:
+    """``cfg.extra`` checked against the arch's typed ``options`` (models/options.py) and merged over
+    their defaults; an unknown name or a bad value is a ConfigError. A plain ``dict`` of defaults
+    (an architecture registered before typed options) is still taken: unknown keys are errors."""
+    if isinstance(options, dict):
+        unknown = set(cfg.extra) - set(options)
+        if unknown:
+            raise ConfigError(f"model config: arch {cfg.arch!r} does not know extra option(s) "
+                              f"{sorted(unknown)}; known: {sorted(options)}")
+        return {**options, **cfg.extra}
+    return validate_options(cfg.arch, options, cfg.extra)
 
 
 class _Head(nn.Module):
     """Scaled inputs with learned placeholders for absent modalities (as in every model)."""
 
-    defaults: dict[str, Any] = {}
+    reads: tuple[str, ...] = ()                 # flat ModelConfig fields beyond the shared ones
+    Options: type[ArchOptions] = NoOptions
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.opt = head_options(cfg, self.defaults)
+        self.opt = head_options(cfg, self.Options)
         scale = cfg.resolved_input_scale()
         self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
 
@@ -106,7 +115,14 @@ class UniSMMC(_Head):
     that is right supervises the one that is not.
     """
 
-    defaults = {"hidden": 512, "proj_dim": 128, "temperature": 0.1, "uni_weight": 1.0, "con_weight": 0.5}
+    reads = CLASSIFIER_FIELDS
+
+    class Options(ArchOptions):
+        hidden: PositiveInt = option(512, "encoder width per modality")
+        proj_dim: PositiveInt = option(128, "width of the contrastive projections")
+        temperature: float = option(0.1, "temperature of the contrastive loss", gt=0)
+        uni_weight: float = option(1.0, "weight of the unimodal CE terms", ge=0)
+        con_weight: float = option(0.5, "weight of the cross-modal contrastive loss", ge=0)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -160,12 +176,17 @@ class BalanceMLA(_Head):
     "balanced" part: the weaker modality is not starved by the stronger one).
     """
 
-    defaults = {"hidden": 512, "weighting": "learned", "temperature": 1.0, "uni_weight": 1.0}
+    reads = CLASSIFIER_FIELDS
+
+    class Options(ArchOptions):
+        hidden: PositiveInt = option(512, "encoder width per modality")
+        weighting: Literal["learned", "confidence"] = option(
+            "learned", "per-post weights: a small MLP on both heads' confidence, or softmax(-entropy / temperature)")
+        temperature: float = option(1.0, "temperature of `weighting: confidence`", gt=0)
+        uni_weight: float = option(1.0, "weight of the unimodal CE terms", ge=0)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        if self.opt["weighting"] not in ("learned", "confidence"):
-            raise ConfigError(f"balance_mla: weighting must be 'learned' or 'confidence', got {self.opt['weighting']!r}")
         h, k = self.opt["hidden"], cfg.num_classes
         self.enc_t, self.enc_i = _encoder(cfg.dim, h, cfg.dropout), _encoder(cfg.dim, h, cfg.dropout)
         self.cls_t = Classifier(h, cfg.classifier_hidden[1:], k, cfg.dropout)
@@ -211,7 +232,10 @@ class MPLUGStyle(_Head):
     learned modality-type embedding).  M_fuse = the 2n tokens flattened (R^{2D}).
     """
 
-    defaults = {"layers": 1}
+    reads = TOKEN_FIELDS + CLASSIFIER_FIELDS
+
+    class Options(ArchOptions):
+        layers: PositiveInt = option(1, "asymmetric co-attention layers (text stream only)")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -243,7 +267,10 @@ class BridgeTowerStyle(_Head):
     FFN per stream).  M_fuse = [text ; image] streams flattened (R^{2D}).
     """
 
-    defaults = {"layers": 2}
+    reads = TOKEN_FIELDS + CLASSIFIER_FIELDS
+
+    class Options(ArchOptions):
+        layers: PositiveInt = option(2, "bridged co-attention layers")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -280,7 +307,10 @@ class FeatureFusion(_Head):
     (unlike the "+ CLIP" baseline, which uses SG-MFT's 5-layer classifier).
     """
 
-    defaults = {"hidden": 512}
+    reads = ("dropout",)
+
+    class Options(ArchOptions):
+        hidden: PositiveInt = option(512, "width of the one hidden fully connected layer")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -301,7 +331,10 @@ class MMGate(_Head):
     The gate z (per post and unit, in (0, 1)) is returned in ``extras["gate"]``.
     """
 
-    defaults = {"hidden": 512}
+    reads = CLASSIFIER_FIELDS
+
+    class Options(ArchOptions):
+        hidden: PositiveInt = option(512, "width of the gated multimodal unit")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -325,6 +358,8 @@ class MMXAtt(_Head):
     Close to SFM (eq 17) applied directly to the features, without SIM; it differs from
     "+ CLIP + SFM" by the residual connections and LayerNorms around each cross-attention.
     """
+
+    reads = ATTENTION_FIELDS + CLASSIFIER_FIELDS
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

@@ -16,14 +16,16 @@ export like every model. Training is a closed-form / convex fit with scikit-lear
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from sgmft.config import ModelConfig
 from sgmft.models.comparisons import HeadOutput, _Head
+from sgmft.models.options import ArchOptions, OneOrMany, PositiveInt, option
 from sgmft.models.registry import MODELS
 
 __all__ = ["LinearHead", "ShrinkageLDA", "LogisticHead"]
@@ -33,7 +35,6 @@ class LinearHead(_Head):
     """``logits = W [t'; v'] + b`` (docstring above); subclasses say how W and b are fitted."""
 
     closed_form = True
-    defaults: dict[str, Any] = {}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)                   # options, normalised inputs with placeholders
@@ -81,7 +82,9 @@ class LinearHead(_Head):
 class ShrinkageLDA(LinearHead):
     """Linear discriminant analysis with Ledoit-Wolf shrinkage (scikit-learn, lsqr solver)."""
 
-    defaults = {"shrinkage": "auto"}        # "auto" (Ledoit-Wolf) or a float in [0, 1]
+    class Options(ArchOptions):
+        shrinkage: Union[Literal["auto"], Annotated[float, Field(ge=0.0, le=1.0)]] = option(
+            "auto", "`auto` (Ledoit-Wolf) or a shrinkage in [0, 1]")
 
     def _fit(self, x, y, val, seed) -> dict:
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -97,7 +100,10 @@ class ShrinkageLDA(LinearHead):
 class LogisticHead(LinearHead):
     """Multinomial L2 logistic regression (scikit-learn, lbfgs); C picked on the validation split."""
 
-    defaults = {"c_grid": [0.01, 0.1, 1.0], "max_iter": 300}
+    class Options(ArchOptions):
+        c_grid: Annotated[list[Annotated[float, Field(gt=0.0)]], OneOrMany, Field(min_length=1)] = option(
+            [0.01, 0.1, 1.0], "inverse regularisation strengths C tried; the best on the validation split is kept")
+        max_iter: PositiveInt = option(300, "lbfgs iterations per fit")
 
     def _fit(self, x, y, val, seed) -> dict:
         import warnings
@@ -105,7 +111,7 @@ class LogisticHead(LinearHead):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        grid = [float(c) for c in (self.opt["c_grid"] if isinstance(self.opt["c_grid"], list) else [self.opt["c_grid"]])]
+        grid = [float(c) for c in self.opt["c_grid"]]
         best = None
         for c in grid:
             clf = LogisticRegression(C=c, max_iter=int(self.opt["max_iter"]), random_state=seed)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ from torch import nn
 from sgmft.config import ModelConfig
 from sgmft.models.blocks import ModalityInput
 from sgmft.models.comparisons import HeadOutput, head_options
+from sgmft.models.options import ArchOptions, NoOptions, option
 from sgmft.models.registry import MODELS
 
 __all__ = ["QMF", "PDF", "LossHistory", "qmf_rank_loss"]
@@ -61,14 +61,15 @@ __all__ = ["QMF", "PDF", "LossHistory", "qmf_rank_loss"]
 class _LateFusion(nn.Module):
     """Inputs, one encoder and one classifier per modality: the part QMF and PDF share."""
 
-    defaults: dict[str, Any] = {}
+    reads: tuple[str, ...] = ("dropout",)
+    Options: type[ArchOptions] = NoOptions
     #: LitClassifier passes the batch's store rows to ``aux_loss_fn(out, labels, index=...)``
     aux_loss_wants_index = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.opt = head_options(cfg, self.defaults)
+        self.opt = head_options(cfg, self.Options)
         h = int(self.opt["hidden"])
         if h < 0:
             raise ConfigError(f"{cfg.arch}: hidden must be >= 0 (0 = a linear classifier), got {h}")
@@ -154,12 +155,12 @@ class QMF(_LateFusion):
     """QMF (Zhang et al. 2023): energy-confidence-weighted late fusion + ranking regulariser
     on per-post loss history (eqs P1-P3 above)."""
 
-    defaults: dict[str, Any] = {
-        "hidden": 512,          # encoder width per modality (0 = linear classifier on the features)
-        "temperature": 10.0,    # T of eq P2 (late_fusion.py: energy / 10)
-        "uni_weight": 1.0,      # unimodal CE terms (train_qmf.py: clf_loss = CE_t + CE_v + CE_fused)
-        "rank_weight": 1.0,     # eq P3 (train_qmf.py text-image: weight 1; the RGB-D trainer's lamb is 0.1)
-    }
+    class Options(ArchOptions):      # hidden and temperature: range checked in __init__ (one message)
+        hidden: int = option(512, "encoder width per modality (0 = a linear classifier on the features)")
+        temperature: float = option(10.0, "T of eq P2, > 0 (late_fusion.py: energy / 10)")
+        uni_weight: float = option(1.0, "unimodal CE terms (train_qmf.py: CE_t + CE_v + CE_fused)", ge=0)
+        rank_weight: float = option(1.0, "eq P3 (train_qmf.py text-image: weight 1; the RGB-D trainer's 0.1)",
+                                    ge=0)
     aux_loss_wants_index = True
 
     def __init__(self, cfg: ModelConfig):
@@ -205,13 +206,14 @@ class PDF(_LateFusion):
     """PDF (Cao et al. 2024): Mono-/Holo-confidence co-belief weights, relative calibration at
     inference (eqs P1, P4, P5 above)."""
 
-    defaults: dict[str, Any] = {
-        "hidden": 512,                 # encoder width per modality (0 = linear classifier on the features)
-        "uni_weight": 1.0,             # unimodal CE terms (train_pdf.py: CE_t + CE_v + CE_fused)
-        "tcp_weight": 1.0,             # L1 loss of the predicted TCP (train_pdf.py: tcp_pred_loss, weight 1)
-        "confid_weight_decay": 1.0,    # L2 on each ConfidNet's first layer (the official run: weight_decay 1)
-        "relative_calibration": True,  # eq P5 at inference
-    }
+    class Options(ArchOptions):      # hidden: range checked in __init__ (one message)
+        hidden: int = option(512, "encoder width per modality (0 = a linear classifier on the features)")
+        uni_weight: float = option(1.0, "unimodal CE terms (train_pdf.py: CE_t + CE_v + CE_fused)", ge=0)
+        tcp_weight: float = option(1.0, "L1 loss of the predicted TCP (train_pdf.py: tcp_pred_loss, weight 1)",
+                                   ge=0)
+        confid_weight_decay: float = option(
+            1.0, "L2 on each ConfidNet's first layer (the official run: weight_decay 1)", ge=0)
+        relative_calibration: bool = option(True, "eq P5 at inference")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

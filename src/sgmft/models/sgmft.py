@@ -14,6 +14,7 @@ from torch import nn
 from sgmft.config import ModelConfig
 from sgmft.models.blocks import (FFN, QKV, Classifier, ModalityInput, TokenNorm,
                                  multi_head_attention, resolve_attn_impl)
+from sgmft.models.options import SGMFT_FIELDS, NoOptions
 from sgmft.models.output import ModelOutput
 from sgmft.models.moments import moments_softmax_mix
 from sgmft.models.rank1 import rank1_softmax_mix
@@ -110,6 +111,9 @@ MODEL_STAGES = ("xt", "xi") + SIM_STAGES + ("fused", "logits")
 @MODELS.register("sgmft")
 class SGMFT(nn.Module):
     """SG-Encoder (SIM -> fusion) -> multimodal classifier (eq 18); train with CE (eq 19)."""
+
+    reads = SGMFT_FIELDS            # every flat SG-MFT field (models/options.py); no options of its own
+    Options = NoOptions
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

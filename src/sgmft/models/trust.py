@@ -39,6 +39,12 @@ confidence max_y p_m(y) and the margin of place over generic evidence. Setting `
 two`` drops the "other place" state (then there are 4 joint states: both, text, image,
 neither).
 
+The state prior and the conflict tables are small tables of logits that start at zero. Adam moves
+a parameter by about lr per step, so at lr 1e-3 and the ~1,000 steps of a run a zero-initialised
+logit can travel about 1, while a peaked conflict table needs log-ratios of 2 to 4. With
+``table_scale`` = s their logits are s times their parameters (log Q_m = log_softmax(s theta_Q),
+prior = s theta_pi), which is the same model with an s-times faster step for those tables only.
+
 A generic or contradicting modality is discounted because the mixture puts its weight on
 the states in which that modality's evidence does not depend on y. When both modalities
 show places and disagree, pi decides which one is trusted. ``aux_weight`` adds each
@@ -51,10 +57,8 @@ modalities (mask False) contribute no evidence: a_m^s(y) = 0 for every state.
 
 from __future__ import annotations
 
-from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
-
 import math
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,7 @@ from torch import nn
 from sgmft.config import ModelConfig
 from sgmft.models.comparisons import HeadOutput, head_options
 from sgmft.models.blocks import ModalityInput
+from sgmft.models.options import ArchOptions, PositiveInt, option
 from sgmft.models.registry import MODELS
 
 __all__ = ["TrustMix"]
@@ -100,37 +105,37 @@ class _Evidence(nn.Module):
 class TrustMix(nn.Module):
     """Per-post latent mixture over which modalities show the post's place (eqs T1-T5 above)."""
 
-    defaults: dict[str, Any] = {
-        "hidden": 0,            # evidence networks: 0 = linear, > 0 = MLP of this width plus a linear skip
-        "generic": 8,           # J, learnt generic components per modality
-        "states": "three",      # "three": shows the place / generic / another place; "two": place / not
-        "gate": True,           # pi depends on similarity features (eq T4); False = a learnt constant prior
-        "proj_dim": 64,         # width of the text/image projections whose cosine feeds the gate
-        "aux_weight": 0.5,      # weight of the unimodal marginal CE terms (eq T5)
-        "input_dropout": 0.1,   # dropout on the scaled features before the evidence networks
-        "looks": 1,             # L: looks per place, l_m(c) = logsumexp over L linear scores (eq T0)
-        "conflict": "uniform",  # which other place a contradicting modality shows: "uniform" (eq T1) or a
-                                # "learnt" K x K table Q_m(c | y) per modality (eq T1')
-    }
+    reads: tuple[str, ...] = ()     # no flat SG-MFT field: dropout, classifier, token view are not used
+
+    class Options(ArchOptions):
+        hidden: int = option(0, "evidence networks: 0 = linear, > 0 = an MLP of this width plus a linear skip", ge=0)
+        generic: PositiveInt = option(8, "J, learnt generic components per modality")
+        states: Literal["three", "two"] = option(
+            "three", "`three`: shows the place / generic / another place; `two`: place / not (eq T1)")
+        gate: bool = option(True, "pi depends on similarity features (eq T4); false = a learnt constant prior")
+        proj_dim: PositiveInt = option(64, "width of the text/image projections whose cosine feeds the gate")
+        aux_weight: float = option(0.5, "weight of the unimodal marginal CE terms (eq T5)", ge=0)
+        input_dropout: float = option(0.1, "dropout on the scaled features before the evidence networks",
+                                      ge=0, lt=1)
+        looks: PositiveInt = option(1, "L, looks per place: l_m(c) = logsumexp over L linear scores (eq T0)")
+        conflict: Literal["uniform", "learnt"] = option(
+            "uniform", "which other place a contradicting modality shows: `uniform` (eq T1) or a learnt "
+            "K x K table Q_m(c | y) per modality (eq T1')")
+        table_scale: float = option(
+            1.0, "the logits of Q_m (eq T1') and of the state prior (eq T3) are table_scale x their parameters, "
+            "so the optimiser moves them table_scale times faster", gt=0)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.opt = o = head_options(cfg, self.defaults)
-        if o["states"] not in ("two", "three"):
-            raise ConfigError(f"trust: states must be 'two' or 'three', got {o['states']!r}")
-        if int(o["generic"]) < 1:
-            raise ConfigError("trust: generic (the number of generic components) must be >= 1")
+        self.opt = o = head_options(cfg, self.Options)
         k, j = cfg.num_classes, int(o["generic"])
         scale = cfg.resolved_input_scale()
         self.text_in, self.image_in = ModalityInput(cfg.dim, scale, "text"), ModalityInput(cfg.dim, scale, "image")
-        if int(o["looks"]) < 1:
-            raise ConfigError("trust: looks (looks per place) must be >= 1")
         ev = (cfg.dim, k, j, int(o["hidden"]), float(o["input_dropout"]), int(o["looks"]))
         self.ev_t, self.ev_v = _Evidence(*ev), _Evidence(*ev)
         self.n_states = 3 if o["states"] == "three" else 2
-        if o["conflict"] not in ("uniform", "learnt"):
-            raise ConfigError(f"trust: conflict must be 'uniform' or 'learnt', got {o['conflict']!r}")
+        self.table_scale = float(o["table_scale"])
         if o["conflict"] == "learnt" and self.n_states == 3:        # Q_t, Q_v of eq T1', uniform at start
             self.conflict_t, self.conflict_v = nn.Parameter(torch.zeros(k, k)), nn.Parameter(torch.zeros(k, k))
         else:
@@ -164,14 +169,14 @@ class TrustMix(nn.Module):
                 others = l.unsqueeze(1).masked_fill(eye, float("-inf"))    # (B, y, c): c != y
                 parts.append(others.logsumexp(-1) - math.log(k - 1))
             else:
-                log_q = torch.log_softmax(conflict.masked_fill(eye, float("-inf")), dim=-1)   # (y, c)
+                log_q = torch.log_softmax((self.table_scale * conflict).masked_fill(eye, float("-inf")), dim=-1)
                 parts.append((l.unsqueeze(1) + log_q).logsumexp(-1))                        # eq T1'
         return torch.stack(parts, dim=1)
 
     # -- eqs T3, T4 ---------------------------------------------------------------------
     def log_pi(self, t, v, lt, gt, lv, gv) -> torch.Tensor:
         """(B, S*S) log pi(s_t, s_v | x), row-major over (s_t, s_v)."""
-        prior = self.log_prior.expand(t.shape[0], -1)
+        prior = (self.table_scale * self.log_prior).expand(t.shape[0], -1)          # eq T3
         if self.gate is not None:
             cos = F.cosine_similarity(self.proj_t(t), self.proj_v(v), dim=-1)
             pt, pv = torch.softmax(lt, -1), torch.softmax(lv, -1)

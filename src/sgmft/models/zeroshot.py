@@ -20,14 +20,13 @@ evaluates and exports as every registered model does.
 
 from __future__ import annotations
 
-from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sgmft.config import ModelConfig
 from sgmft.models.comparisons import head_options
+from sgmft.models.options import ArchOptions, option
 from sgmft.models.output import ModelOutput
 from sgmft.models.registry import MODELS
 
@@ -36,14 +35,16 @@ __all__ = ["ZeroShotHead"]
 
 @MODELS.register("zeroshot")
 class ZeroShotHead(nn.Module):
-    defaults = {"text_weight": 0.5, "logit_scale": 10.0}
+    reads: tuple[str, ...] = ()
+
+    class Options(ArchOptions):
+        text_weight: float = option(0.5, "w_t, the text's weight (the image's is 1 - w_t)", ge=0.0, le=1.0)
+        logit_scale: float = option(10.0, "scale of the cosines (`sgmft zero-shot` writes 1 and calibrates)")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.opt = head_options(cfg, self.defaults)
+        self.opt = head_options(cfg, self.Options)
         w = float(self.opt["text_weight"])
-        if not 0.0 <= w <= 1.0:
-            raise ConfigError(f"model config: zeroshot text_weight must be in [0, 1], got {w}")
         self.text_weight, self.scale = w, float(self.opt["logit_scale"])
         # random start for training with the preset; `sgmft zero-shot` writes the prompt embeddings
         self.class_emb = nn.Parameter(0.02 * torch.randn(cfg.num_classes, cfg.dim))

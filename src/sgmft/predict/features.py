@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
+import dataclasses
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sgmft.atomic import atomic_file
-from sgmft.checkpoint import calibrated_probs, load_checkpoint
+from sgmft.checkpoint import FeatureContract, calibrated_probs, load_checkpoint
 from sgmft.features import FeatureStore
 from sgmft.models import forward_batch
-from sgmft.predict.output import PredictionWriter, prediction_format
+from sgmft.predict.output import PredictionBatch, write_prediction_batches
 
 
 from sgmft.errors import BackboneMismatchError, PrecisionMismatchError  # noqa: E402,F401  (one class everywhere)
@@ -137,15 +136,15 @@ class Predictor:
     def dim(self) -> int:
         return int(self.features["dim"])
 
+    @property
+    def contract(self) -> FeatureContract:
+        """The feature contract (:class:`sgmft.checkpoint.FeatureContract`) with the model's D."""
+        return dataclasses.replace(FeatureContract.from_dict(self.features), dim=self.dim)
+
     def check_store(self, store: FeatureStore, *, allow_precision_mismatch: bool = False) -> None:
         """Refuse features that do not match what the model was trained on (D, backbone, and the
         extraction precision fp32/bf16/int8 unless ``allow_precision_mismatch``)."""
-        import dataclasses
-
-        from sgmft.checkpoint import FeatureContract
-
-        contract = dataclasses.replace(FeatureContract.from_dict(self.features), dim=self.dim)
-        contract.check_store(store, allow_precision_mismatch=allow_precision_mismatch)   # the one check
+        self.contract.check_store(store, allow_precision_mismatch=allow_precision_mismatch)   # the one check
 
     def _probs(self, logits: torch.Tensor) -> np.ndarray:
         """Calibrated probabilities (:func:`calibrated_probs`; T = 1, eps = 0: the raw softmax)."""
@@ -244,44 +243,16 @@ class Predictor:
 
         src = self.info.get("path")         # the run's own split, as evaluate takes it
         rows = split_rows(fs, locate(src)[1] if src is not None else None, split)
-        store_names = fs.label_names
-        labels = None if fs.labels is None else fs.labels
-        with_true = labels is not None and bool(np.any(np.asarray(labels[rows]) >= 0))
-        out_path = Path(out_path)
-        counts: Counter = Counter()
-        n_labelled = n_correct = n_uncertain = 0
-        from tqdm.auto import tqdm
+        with_true = fs.labels is not None and bool(np.any(np.asarray(fs.labels[rows]) >= 0))
 
-        bar = tqdm(total=len(rows), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
-        try:
-            with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
-                writer = PredictionWriter(f, prediction_format(out_path), self.label_names, with_true=with_true,
-                                          with_uncertain=True, with_explanation=True)
-                for s in range(0, len(rows), chunk):
-                    r = rows[s:s + chunk]
-                    p = self.predict_store(fs, r, batch_size=batch_size, allow_precision_mismatch=allow_precision_mismatch,
-                                           min_confidence=min_confidence, explain=True)
-                    probs = p.probs
-                    n_uncertain += int(p.uncertain.sum())
-                    top = probs.argmax(1)
-                    counts.update(self.label_names[i] for i in top)
-                    true = None
-                    if with_true:
-                        lab = np.asarray(labels[r])
-                        true = [store_names[i] if i >= 0 else None for i in lab]
-                        known = lab >= 0
-                        n_labelled += int(known.sum())
-                        n_correct += sum(t == self.label_names[i] for t, i, k in zip(true, top, known) if k)
-                    writer.write(np.asarray(fs.ids[r]), probs, true, uncertain=p.uncertain,
-                                 explanations=p.explanations)
-                    bar.update(len(r))
-        finally:
-            bar.close()
-        summary = {"posts": int(len(rows)), "out": str(out_path), "store": str(fs.path), "split": split,
-                   "predicted": {n: counts[n] for n in self.label_names if counts[n]},
-                   "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
-        if min_confidence is not None:
-            summary.update(min_confidence=float(min_confidence), uncertain=n_uncertain)
-        if n_labelled:
-            summary["accuracy"] = n_correct / n_labelled
-        return summary
+        def batches():
+            for s in range(0, len(rows), chunk):
+                r = rows[s:s + chunk]
+                p = self.predict_store(fs, r, batch_size=batch_size, allow_precision_mismatch=allow_precision_mismatch,
+                                       min_confidence=min_confidence, explain=True)
+                true = [fs.label_names[i] if i >= 0 else None for i in np.asarray(fs.labels[r])] if with_true else None
+                yield PredictionBatch(np.asarray(fs.ids[r]), p.probs, p.uncertain, p.explanations, true)
+
+        tally = write_prediction_batches(out_path, self.label_names, batches(), total=len(rows), with_true=with_true,
+                                         progress=progress, min_confidence=min_confidence, t0=t0)
+        return tally.summary(store=str(fs.path), split=split)

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
@@ -39,8 +42,8 @@ import numpy as np
 
 from sgmft.atomic import atomic_file
 
-__all__ = ["EXPLANATION_COLUMNS", "PredictionWriter", "prediction_columns", "prediction_format",
-           "read_predictions", "write_predictions"]
+__all__ = ["EXPLANATION_COLUMNS", "PredictionBatch", "PredictionWriter", "prediction_columns", "prediction_format",
+           "read_predictions", "write_prediction_batches", "write_predictions"]
 
 #: the flat CSV columns of the explanation (the JSONL object has these keys without the prefix, and more)
 EXPLANATION_COLUMNS = ("explanation_decided_by", "explanation_text", "explanation_image")
@@ -180,6 +183,87 @@ def write_predictions(path, ids, probs, label_names: Sequence[str], true=None, *
                              with_uncertain=uncertain is not None, with_explanation=explanations is not None)
         w.write(ids, probs, true, extras, pred, uncertain=uncertain, explanations=explanations)
     return path
+
+
+@dataclass
+class PredictionBatch:
+    """One batch of rows for :func:`write_prediction_batches`: ids, probabilities (n, K), the
+    true place names (None per unknown one; None for the whole batch when unlabelled), the
+    extra columns, the ``uncertain`` flags and the explanations."""
+
+    ids: Sequence
+    probs: np.ndarray
+    uncertain: Sequence[bool]
+    explanations: Sequence[dict]
+    true: Sequence[str | None] | None = None
+    extras: dict[str, Sequence] = field(default_factory=dict)
+
+
+@dataclass
+class BatchTally:
+    """What :func:`write_prediction_batches` counts while it writes; :meth:`summary` reports it."""
+
+    label_names: Sequence[str]
+    out: Path
+    min_confidence: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    rows: int = 0
+    labelled: int = 0
+    correct: int = 0
+    uncertain: int = 0
+    predicted: Counter = field(default_factory=Counter)
+
+    def add(self, b: PredictionBatch, with_true: bool = True) -> None:
+        """Count a written batch (its truth only when the file has a ``true`` column)."""
+        top = np.asarray(b.probs).argmax(1) if len(b.ids) else np.zeros(0, np.int64)
+        self.rows += len(b.ids)
+        self.predicted.update(self.label_names[i] for i in top)
+        self.uncertain += int(np.sum(np.asarray(b.uncertain, dtype=bool)))
+        for t, i in zip(b.true if with_true and b.true is not None else (), top):
+            if t is not None:
+                self.labelled += 1
+                self.correct += t == self.label_names[i]
+
+    def summary(self, **head) -> dict:
+        """``posts, out, <head>..., predicted, labelled, seconds`` (+ ``min_confidence``,
+        ``uncertain`` when a threshold was given, ``accuracy`` when some rows are labelled)."""
+        s = {"posts": self.rows, "out": str(self.out), **head,
+             "predicted": {n: self.predicted[n] for n in self.label_names if self.predicted[n]},
+             "labelled": self.labelled, "seconds": round(time.perf_counter() - self.t0, 2)}
+        if self.min_confidence is not None:
+            s.update(min_confidence=float(self.min_confidence), uncertain=self.uncertain)
+        if self.labelled:
+            s["accuracy"] = self.correct / self.labelled
+        return s
+
+
+def write_prediction_batches(out_path, label_names: Sequence[str], batches: Iterable[PredictionBatch], *,
+                             total: int, with_true: bool, extras: Sequence[str] = (), progress: bool = False,
+                             min_confidence: float | None = None, t0: float | None = None) -> BatchTally:
+    """The one batch prediction writer (``predict --store`` and ``predict --manifest``, local or
+    on Ray): write ``batches`` to ``out_path`` atomically (CSV or JSONL by its suffix, with the
+    ``uncertain`` column and the explanation), with a progress bar of ``total`` posts, counting
+    as it goes. Returns the :class:`BatchTally` (its ``summary()`` is the command's summary; its
+    ``seconds`` count from ``t0``, a ``time.perf_counter()`` value, default now)."""
+    from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    tally = BatchTally(list(label_names), out_path, min_confidence)
+    if t0 is not None:
+        tally.t0 = t0
+    bar = tqdm(total=total, unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
+    try:
+        with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
+            writer = PredictionWriter(f, prediction_format(out_path), label_names, with_true=with_true,
+                                      extras=extras, with_uncertain=True, with_explanation=True)
+            for b in batches:
+                writer.write(b.ids, b.probs, b.true if with_true else None, b.extras if extras else None,
+                             uncertain=b.uncertain, explanations=b.explanations)
+                tally.add(b, with_true)
+                bar.update(len(b.ids))
+    finally:
+        bar.close()
+    return tally
 
 
 def read_predictions(path, fmt: str | None = None) -> list[dict]:

@@ -17,64 +17,101 @@ Where the settings come from (``PostPredictor.load(run_dir)``):
   image choice. The training store is not needed;
 * features not made by ``sgmft extract`` (``"extraction": null``): the defaults (every
   cleaning step on, ``"similar"``) and a note;
-* checkpoints older than the contract: ``extra.clean_config`` / ``extra.image_choice`` of
-  the training store named in the run's ``run.json``; if that store is gone, the defaults
-  and a note that says so.
+* checkpoints older than the contract: migrated when read (:func:`sgmft.checkpoint.migrate`)
+  from the training store named in the run's ``run.json``; if that store is gone, the
+  defaults and a note that says so.
 
-See docs/predict.md.
+Reading and checking the contract is :class:`sgmft.checkpoint.FeatureContract`'s; this
+module loads the backbone it names and encodes posts. See docs/predict.md.
 """
 
 from __future__ import annotations
 
 from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
-import dataclasses
-import json
 import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgmft.atomic import atomic_file, check_outputs
-from sgmft.features.encode import DEFAULT_MAX_IMAGES, IMAGE_CHOICES, check_image_choice, encode_posts
+import numpy as np
+
+from sgmft.atomic import check_outputs
+from sgmft.checkpoint import FeatureContract
+from sgmft.checkpoint import clean_config_from as _clean_cfg_from  # noqa: F401  (older imports)
+from sgmft.features.encode import DEFAULT_MAX_IMAGES, check_image_choice, encode_posts
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
 from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import (BackboneMismatchError, PrecisionMismatchError, Predictions,  # noqa: F401
                                     Predictor, check_min_confidence, uncertain_mask)
-from sgmft.predict.output import PredictionWriter, prediction_format
-from sgmft.runs import RunDir
+from sgmft.predict.output import PredictionBatch, write_prediction_batches
 
-__all__ = ["BackboneMismatchError", "PostPredictor", "training_extract_info"]
-
+__all__ = ["BackboneMismatchError", "PostPredictor", "post_result"]
 
 
-
-# -- what the training features were made with -------------------------------------------------
-def training_extract_info(model_dir: Path) -> tuple[dict | None, str | None]:
-    """``(store meta or None, store path or None)`` of the store the run was trained on.
-
-    Only for checkpoints written before ``features.json`` carried the feature contract."""
-    for run_json in (model_dir / "run.json", RunDir(model_dir.parent).run_json):
-        if run_json.is_file():
-            try:
-                store = json.loads(run_json.read_text(encoding="utf-8")).get("store")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                return None, None
-            if not store:
-                return None, None
-            meta_path = Path(store) / "meta.json"
-            try:
-                return json.loads(meta_path.read_text(encoding="utf-8")), str(store)
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                return None, str(store)
-    return None, None
+def post_result(label_names: Sequence[str], probs, *, uncertain: bool = False, explanation: dict | None = None,
+                **more) -> dict:
+    """The one per-post result dict (:meth:`PostPredictor.predict_post`, and every answer of the
+    HTTP service, :mod:`sgmft.serve.app`): ``label`` (the most probable place), ``prob`` (its
+    probability), ``probs`` (every place's), ``uncertain``, ``explanation``, then ``more``."""
+    probs = np.asarray(probs)
+    top = int(probs.argmax())
+    return {"label": label_names[top], "prob": float(probs[top]),
+            "probs": {n: float(p) for n, p in zip(label_names, probs)},
+            "uncertain": bool(uncertain), "explanation": explanation, **more}
 
 
-def _clean_cfg_from(d: dict) -> CleanConfig:
-    names = {f.name for f in dataclasses.fields(CleanConfig)}
-    return CleanConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+# -- loading: the backbone a contract names ----------------------------------------------------
+def _load_recorded(spec: str, trained_spec: str, given: bool, model_dir: Path, *, device: str, dtype: str,
+                   batch_size: int):
+    """``load_backbone``, with a short error that starts with the fix when the recorded
+    backbone (``given`` False) is not available here or no registered backbone makes it."""
+    from sgmft.features.backbones import BackboneUnavailableError, load_backbone
+
+    try:
+        return load_backbone(spec, device=device, dtype=dtype, batch_size=batch_size)
+    except KeyError as e:                    # no registered backbone makes these features
+        if given:
+            raise
+        raise InputError(
+            f"the model {model_dir} was trained on features from {trained_spec!r}, which no registered backbone "
+            "computes (SimFeat, or features you made yourself), so it cannot encode raw posts. Predict feature "
+            "vectors instead: `sgmft predict RUN --store STORE --out preds.csv` (Predictor.predict_store in "
+            "Python), or pass --backbone SPEC if those features did come from a backbone "
+            f"({e.args[0] if e.args else e})"
+        ) from None
+    except BackboneUnavailableError as e:
+        if given:
+            raise
+        # the recorded backbone moved or is not on this machine: the fix comes first, short
+        cause = (str(e).splitlines() or [""])[0]
+        raise BackboneUnavailableError(
+            f"pass --backbone SPEC (backbone= in Python): the backbone the model was trained with, "
+            f"{trained_spec!r}, is not available here.\n  {cause}\n  If its weights moved, give their "
+            "new location; to get them, see docs/backbones.md.") from None
+
+
+def _backbone_for(contract: FeatureContract, backbone, model_dir: Path, *, device: str, batch_size: int,
+                  precision: str | None, allow_precision_mismatch: bool) -> tuple[Any, list[str]]:
+    """``(backbone, notes)``: ``backbone`` (a loaded one, or a spec) or the one the contract
+    records, at ``precision`` (default: the recorded one); another precision than the recorded
+    one is refused before any weights load (:meth:`FeatureContract.check_precision`)."""
+    from sgmft.features.backbones import Backbone
+    from sgmft.features.backbones.base import canonical_precision
+
+    kw = dict(where=f"the model {model_dir}", allow_precision_mismatch=allow_precision_mismatch)
+    if isinstance(backbone, Backbone):
+        return backbone, contract.check_precision(backbone.precision, **kw)
+    spec = contract.raw_backbone_spec(model_dir) if backbone is None else backbone if isinstance(backbone, str) else None
+    want = canonical_precision(precision) if precision else None
+    notes = contract.check_precision(want, **kw) if want not in (None, "auto") else []
+    bb = _load_recorded(spec, contract.backbone, backbone is not None, model_dir, device=device,
+                        dtype=want or contract.precision or "auto", batch_size=batch_size)
+    if want == "auto":
+        notes += contract.check_precision(bb.precision, **kw)
+    return bb, notes
 
 
 class PostPredictor:
@@ -117,7 +154,6 @@ class PostPredictor:
         :class:`PrecisionMismatchError` unless ``allow_precision_mismatch`` (then a note, and
         the weights are still checked against the fingerprint at the recorded precision).
         """
-        from sgmft.features.backbones import BACKBONES, Backbone, BackboneUnavailableError, load_backbone
         from sgmft.features.backbones.base import resolve_device
 
         rd = Path(run_dir)
@@ -126,113 +162,19 @@ class PostPredictor:
         dev = resolve_device(device)
         pred = Predictor.load(rd, device=str(dev))
         model_dir = Path(pred.info.get("path", rd))
-        notes: list[str] = []
-        trained_spec = pred.features.get("backbone")
-        if "extraction" in pred.features:
-            # the feature contract saved in the checkpoint (sgmft.checkpoint)
-            extra = pred.features["extraction"] or {}
-            if not extra:
-                notes.append(f"the model {model_dir} was trained on features not made by `sgmft extract` "
-                             "(no cleaning settings recorded): using the default text cleaning and image "
-                             "choice 'similar'")
-        else:
-            # an older checkpoint: the contract is in its training store's metadata, if still there
-            meta, store_path = training_extract_info(model_dir)
-            extra = (meta or {}).get("extra", {}) if isinstance(meta, dict) else {}
-            if meta is None:
-                notes.append(f"checkpoint {model_dir} predates the feature contract in features.json and its "
-                             f"training store {store_path or '(not recorded)'} is not readable: using the "
-                             "default text cleaning and image choice 'similar'; the backbone weights are not "
-                             "verified (retrain, or keep the store, to record them)")
-            elif "clean_config" not in extra:
-                notes.append(f"training store {store_path} was not made by `sgmft extract` (no cleaning "
-                             "settings recorded): using the default text cleaning and image choice 'similar'")
-
-        # text cleaning + image choice of the training features
-        if clean_cfg is None and isinstance(extra.get("clean_config"), dict):
-            clean_cfg = _clean_cfg_from(extra["clean_config"])
-            if clean_cfg.user_dict and not Path(clean_cfg.user_dict).is_file():
-                raise FileNotFoundError(
-                    f"the training features were cleaned with the jieba user dictionary {clean_cfg.user_dict}, "
-                    "which is missing here; restore it or pass clean_cfg= explicitly")
-        if image_choice is None:
-            image_choice = extra.get("image_choice") if extra.get("image_choice") in IMAGE_CHOICES else "similar"
-
-        # the backbone
-        if backbone is None:
-            if not trained_spec or trained_spec == "unknown":
-                raise InputError(f"{model_dir}: the checkpoint does not record the backbone its features "
-                                 "came from; pass backbone= (--backbone SPEC)")
-            spec = trained_spec
-            if spec.partition(":")[0] not in BACKBONES:
-                raise InputError(
-                    f"{model_dir}: the model was trained on features from {trained_spec!r}, which is not a "
-                    "raw-post backbone (a SimFeat store or features you computed yourself), so it cannot "
-                    "encode a raw post: it predicts only from features. Predict on a feature store with "
-                    "`sgmft predict RUN --store STORE --out preds.csv` (Predictor.predict_store in Python), "
-                    "or pass --backbone SPEC if the features did come from a registered backbone "
-                    f"({', '.join(BACKBONES.names())})")
-        else:
-            spec = backbone if isinstance(backbone, str) else None
-        from sgmft.features.backbones.base import canonical_precision
-
-        trained_prec = extra.get("backbone_precision")
-        want_prec = canonical_precision(precision) if precision else None
-
-        def _check_precision(got: str) -> None:
-            if not trained_prec or got == trained_prec:
-                return
-            msg = (f"the model {model_dir} was trained on features extracted at precision {trained_prec}, but the "
-                   f"backbone would run at {got}: features differ slightly between precisions")
-            if not allow_precision_mismatch:
-                raise PrecisionMismatchError(
-                    f"{msg}. Use the training precision (the default; --precision {trained_prec}), or accept the "
-                    "difference with --allow-precision-mismatch (allow_precision_mismatch=True)")
-            notes.append(msg + " (allowed by --allow-precision-mismatch)")
-
-        if isinstance(backbone, Backbone):
-            bb = backbone
-            _check_precision(bb.precision)
-        else:
-            if want_prec is not None and want_prec != "auto":
-                _check_precision(want_prec)
-            try:
-                bb = load_backbone(spec, device=str(dev), dtype=want_prec or trained_prec or "auto",
-                                   batch_size=batch_size)
-            except KeyError as e:                    # no registered backbone makes these features
-                if backbone is not None:
-                    raise
-                raise InputError(
-                    f"the model {model_dir} was trained on features from {trained_spec!r}, which no "
-                    "registered backbone computes (SimFeat, or features you made yourself), so it cannot "
-                    "encode raw posts. Predict feature vectors instead: `sgmft predict RUN --store STORE "
-                    "--out preds.csv` (Predictor.predict_store in Python), or pass --backbone SPEC if "
-                    f"those features did come from a backbone ({e.args[0] if e.args else e})") from None
-            except BackboneUnavailableError as e:
-                if backbone is not None:
-                    raise
-                # the recorded backbone moved or is not on this machine: the fix comes first, short
-                cause = (str(e).splitlines() or [""])[0]
-                raise BackboneUnavailableError(
-                    f"pass --backbone SPEC (backbone= in Python): the backbone the model was trained with, "
-                    f"{trained_spec!r}, is not available here.\n  {cause}\n  If its weights moved, give their "
-                    "new location; to get them, see docs/backbones.md.") from None
-            if want_prec == "auto":
-                _check_precision(bb.precision)
-        # the one check of a backbone against the feature contract (sgmft.checkpoint): D, precision,
-        # fingerprint at the trained precision
-        from sgmft.checkpoint import FeatureContract
-
-        contract = dataclasses.replace(FeatureContract.from_dict(pred.features), dim=pred.dim)
-        notes += [n for n in contract.check_backbone(bb, where=f"the model {model_dir}",
-                                                     check_fingerprint=check_backbone,
+        contract = pred.contract                  # read, checked and migrated by sgmft.checkpoint
+        notes = contract.unknown_notes(model_dir)
+        if clean_cfg is None:
+            clean_cfg = contract.clean_config()
+        image_choice = contract.image_choice if image_choice is None else image_choice
+        bb, more = _backbone_for(contract, backbone, model_dir, device=str(dev), batch_size=batch_size,
+                                 precision=precision, allow_precision_mismatch=allow_precision_mismatch)
+        notes += more
+        # the one check of a backbone against the contract: D, precision, fingerprint at the trained precision
+        notes += [n for n in contract.check_backbone(bb, where=f"the model {model_dir}", check_fingerprint=check_backbone,
                                                      allow_precision_mismatch=allow_precision_mismatch)
                   if n not in notes]
-        if clean_cfg is not None and extra.get("clean_fingerprint"):
-            fp = TextCleaner(clean_cfg).fingerprint()
-            if fp != extra["clean_fingerprint"]:
-                notes.append("text cleaning differs from training (settings, jieba version or stop-word "
-                             "lists changed): cleaned texts may not match the training features")
+        notes += contract.check_cleaner(clean_cfg)
         return cls(pred, bb, clean_cfg, image_choice, max_pixels=max_pixels, batch_size=batch_size, notes=notes,
                    max_images=max_images)
 
@@ -310,12 +252,9 @@ class PostPredictor:
         several = self.image_choice == "mean" and len(idx) > 1
         image_used: Any = ([given[j] for j in idx] if several else given[idx[0]]) if idx else None
         image_index: Any = (list(idx) if several else idx[0]) if idx else None
-        top = int(probs.argmax())
-        return {"label": self.label_names[top], "prob": float(probs[top]),
-                "probs": {n: float(p) for n, p in zip(self.label_names, probs)},
-                "text_used": enc.texts_used[r], "image_used": image_used, "image_index": image_index,
-                "text_mask": tm, "image_mask": im, "warnings": warnings, "image_rejects": rejects,
-                "uncertain": bool(uncertain), "explanation": explanation}
+        return post_result(self.label_names, probs, uncertain=uncertain, explanation=explanation,
+                           text_used=enc.texts_used[r], image_used=image_used, image_index=image_index,
+                           text_mask=tm, image_mask=im, warnings=warnings, image_rejects=rejects)
 
     # -- manifests ---------------------------------------------------------------------------
     def _encode_batches(self, batches, base):
@@ -345,63 +284,46 @@ class PostPredictor:
         t0 = time.perf_counter()
         check_min_confidence(min_confidence)
         manifest, out_path = Path(manifest), Path(out_path)
-        rejects_path = Path(rejects_path) if rejects_path is not None else out_path.with_name(
-            out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
-        if rejects_path.resolve() == out_path.resolve():
-            raise InputError(f"the rejects file must differ from the output file ({out_path})")
-        check_outputs({"the manifest": manifest},
-                      {"the output (--out)": out_path, "the rejects file (--rejects)": rejects_path})
+        rejects_path = _rejects_path(manifest, out_path, rejects_path)
         posts, row_rejects = read_manifest(manifest, label_names=self.label_names, check_images=True,
                                            on_error="skip", image_root=image_root,
                                            allow_any_path=allow_any_path, **(field_limits or {}))
-        base = manifest.resolve().parent
-        with_true = any(p.label is not None for p in posts)
-        names = self.label_names
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        batches = [posts[s:s + self.batch_size] for s in range(0, len(posts), self.batch_size)]
+        # per batch, in order: (its masks and image rejects, its probabilities)
+        encoded = (_encoded or self._encode_batches)(batches, manifest.resolve().parent)
         img_rejects: list[Reject] = []
-        counts: Counter = Counter()
-        n_text_missing = n_image_missing = n_labelled = n_correct = n_uncertain = 0
-        from tqdm.auto import tqdm
+        missing: Counter = Counter()
 
-        bar = tqdm(total=len(posts), unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
-        try:
-            with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
-                writer = PredictionWriter(f, prediction_format(out_path), names, with_true=with_true,
-                                          extras=("text_mask", "image_mask"), with_uncertain=True,
-                                          with_explanation=True)
-                batches = [posts[s:s + self.batch_size] for s in range(0, len(posts), self.batch_size)]
-                # per batch, in order: (its masks and image rejects, its probabilities)
-                encoded = (_encoded or self._encode_batches)(batches, base)
-                for batch, (enc, pb) in zip(batches, encoded):
-                    probs, unc = pb.probs, uncertain_mask(pb.probs, min_confidence)
-                    n_uncertain += int(unc.sum())
-                    for r, p in enumerate(batch):
-                        img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
-                                           for _, reason in enc.rejects[r])
-                        top = int(probs[r].argmax())
-                        counts[names[top]] += 1
-                        n_text_missing += not bool(enc.text_mask[r])
-                        n_image_missing += not bool(enc.image_mask[r])
-                        if p.label is not None:
-                            n_labelled += 1
-                            n_correct += p.label == names[top]
-                    writer.write([p.id for p in batch], probs,
-                                 [p.label for p in batch] if with_true else None,
-                                 {"text_mask": [bool(m) for m in enc.text_mask[:len(batch)]],
-                                  "image_mask": [bool(m) for m in enc.image_mask[:len(batch)]]},
-                                 uncertain=unc, explanations=pb.explanations)
-                    bar.update(len(batch))
-        finally:
-            bar.close()
+        def rows():
+            for batch, (enc, pb) in zip(batches, encoded):
+                n = len(batch)
+                img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
+                                   for r, p in enumerate(batch) for _, reason in enc.rejects[r])
+                masks = {"text_mask": [bool(m) for m in enc.text_mask[:n]],
+                         "image_mask": [bool(m) for m in enc.image_mask[:n]]}
+                missing.update(text=n - sum(masks["text_mask"]), image=n - sum(masks["image_mask"]))
+                yield PredictionBatch([p.id for p in batch], pb.probs, uncertain_mask(pb.probs, min_confidence),
+                                      pb.explanations, [p.label for p in batch], masks)
+
+        tally = write_prediction_batches(out_path, self.label_names, rows(), total=len(posts),
+                                         with_true=any(p.label is not None for p in posts),
+                                         extras=("text_mask", "image_mask"), progress=progress,
+                                         min_confidence=min_confidence, t0=t0)
         rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
         write_rejects(rejects_path, rejects)
-        summary = {"posts": len(posts), "out": str(out_path), "rejects_path": str(rejects_path),
-                   "rejects": len(rejects), "rows_rejected": len({r.line for r in row_rejects}),
-                   "images_rejected": len(img_rejects), "text_missing": n_text_missing,
-                   "image_missing": n_image_missing, "predicted": {n: counts[n] for n in names if counts[n]},
-                   "labelled": n_labelled, "seconds": round(time.perf_counter() - t0, 2)}
-        if min_confidence is not None:
-            summary.update(min_confidence=float(min_confidence), uncertain=n_uncertain)
-        if n_labelled:
-            summary["accuracy"] = n_correct / n_labelled
-        return summary
+        return tally.summary(rejects_path=str(rejects_path), rejects=len(rejects),
+                             rows_rejected=len({r.line for r in row_rejects}), images_rejected=len(img_rejects),
+                             text_missing=missing["text"], image_missing=missing["image"])
+
+
+def _rejects_path(manifest: Path, out_path: Path, rejects_path) -> Path:
+    """The rejects file (default ``<out>.rejects.jsonl``); refused when it is the output, or when
+    an output names the manifest (before anything is written)."""
+    rejects_path = Path(rejects_path) if rejects_path is not None else out_path.with_name(
+        out_path.name.rsplit(".", 1)[0] + ".rejects.jsonl")
+    if rejects_path.resolve() == out_path.resolve():
+        raise InputError(f"the rejects file must differ from the output file ({out_path})")
+    check_outputs({"the manifest": manifest},
+                  {"the output (--out)": out_path, "the rejects file (--rejects)": rejects_path})
+    return rejects_path

@@ -10,7 +10,7 @@ come back per batch and are written in post order, so the output file is the one
 local engine writes (byte for byte at equal torch ``threads``).
 
 Resumable as extraction is: each replica writes its batch's features as the extraction
-shard of those posts (:class:`sgmft.features.extract._Cache`, same content-addressed names,
+shard of those posts (:class:`sgmft.features.extract.ShardCache`, same content-addressed names,
 in ``<out>.cache`` or ``cache_dir``) before running the trained model on them. A rerun of a
 killed job finds the finished shards in the CPU tasks, skips decoding and the backbone for
 those batches, and runs only the (cheap) trained model on the stored features, so the
@@ -32,7 +32,7 @@ from sgmft.features import ray_engine as R
 from sgmft.predict.features import Predictions
 
 
-class _PredictReplica(R._Replica):
+class _PredictReplica(R.BatchReplica):
     """The backbone and the trained model, loaded once per replica (the driver's arguments)."""
 
     extra_fields = {"res": b""}
@@ -40,10 +40,10 @@ class _PredictReplica(R._Replica):
     def __init__(self, run_dir: str, load_kwargs: dict, threads: int, fingerprint: str,
                  cache_root: str | None = None, cache_salt: str = ""):
         super().__init__(threads)
-        from sgmft.features.extract import _Cache
+        from sgmft.features.extract import ShardCache
         from sgmft.predict.posts import PostPredictor
 
-        self.cache = _Cache(Path(cache_root), salt=cache_salt) if cache_root else None
+        self.cache = ShardCache(Path(cache_root), salt=cache_salt) if cache_root else None
         self.pp = PostPredictor.load(run_dir, **load_kwargs)
         if self.pp.backbone.fingerprint() != fingerprint:
             from sgmft.errors import BackboneMismatchError

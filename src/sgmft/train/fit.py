@@ -20,6 +20,7 @@ from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from sgmft.data.splits import resolve_split
 from sgmft.errors import SgmftNote, SgmftWarning
 from sgmft.features import FeatureStore
 from sgmft.models.input_norm import fit_input_norm
+from sgmft.models.registry import model_view, resolve_model
 from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_differences, fingerprint,
                         fingerprint_inputs, ids_digest)
 from sgmft.train.calibrate import fit_calibration
@@ -141,7 +143,25 @@ def _warn_if_not_learned(fs, tr, va, best_score) -> None:
 def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
     return {"status": "running", "fingerprint": fp, "fingerprint_inputs": inputs,
             "store": str(fs.path), "store_ids": ids_digest(fs.ids), "preset": p.name,
-            "model": asdict(model_cfg), "train": asdict(train_cfg), **extra}
+            "model": model_view(model_cfg), "train": asdict(train_cfg), **extra}
+
+
+def _legacy_fingerprint(info: dict, inputs: dict) -> str | None:
+    """The recorded fingerprint of a run written before fingerprints were taken from the model's view
+    (issue 19: every flat ModelConfig field, read or not), when it is this run: its recorded inputs
+    with the model reduced to its view equal ``inputs``. None otherwise."""
+    old = info.get("fingerprint_inputs")
+    if not isinstance(old, dict) or not isinstance(old.get("model"), dict) or not info.get("fingerprint"):
+        return None
+    from sgmft.config import model_config_from_dict
+
+    try:
+        view = model_view(model_config_from_dict(old["model"], "run.json: model"))
+    except ValueError:
+        return None
+    migrated = {**old, "model": json.loads(json.dumps(view, sort_keys=True))}
+    same = migrated == inputs and fingerprint(old) == info["fingerprint"]
+    return info["fingerprint"] if same else None
 
 
 def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
@@ -165,7 +185,7 @@ def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
     if not info.get("fingerprint"):
         raise RunError(f"{run_dir.run_json}: has no fingerprint (written by an older sgmft), so resuming it "
                        "could mix two configurations; use --overwrite to train it again, or a new --out")
-    if info["fingerprint"] != fp:
+    if info["fingerprint"] != fp and _legacy_fingerprint(info, inputs) is None:
         diffs = describe_differences(info.get("fingerprint_inputs"), inputs)
         raise RunError(f"{root}: was started with a different configuration, store or seed "
                        f"({'; '.join(diffs) or 'fingerprint ' + info['fingerprint'] + ' -> ' + fp}); "
@@ -180,11 +200,12 @@ def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
     return "resume"                          # interrupted, or extended to more epochs
 
 
-def _check_resume_state(path: Path, lit: LitClassifier, fp: str) -> dict:
-    """Read ``last.ckpt`` (never unpickled) and check it belongs to this run and this model."""
+def _check_resume_state(path: Path, lit: LitClassifier, fp: str, legacy: str | None = None) -> dict:
+    """Read ``last.ckpt`` (never unpickled) and check it belongs to this run (``fp``, or ``legacy``: the
+    same run's fingerprint from before issue 19) and this model."""
     state = load_state(path)
     rec = (state.get("callbacks") or {}).get(RunRecorder.STATE_KEY) or {}
-    if rec.get("fingerprint") != fp:
+    if rec.get("fingerprint") not in {fp, legacy} - {None}:
         raise ResumeCheckpointError(f"{path}: belongs to another run (fingerprint {rec.get('fingerprint')!r}, "
                                     f"this run is {fp!r}); use --overwrite to start the run again")
     weights = state.get("state_dict")
@@ -240,7 +261,8 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
     train_cfg = train_cfg or p.train
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     _check_store(fs)
-    model_cfg = dataclasses.replace(model_cfg, dim=fs.dim, num_classes=len(fs.label_names)).validate()
+    model_cfg = resolve_model(dataclasses.replace(model_cfg, dim=fs.dim, num_classes=len(fs.label_names)),
+                              where=f"preset {p.name}: model")   # refuses fields the arch does not read
     out = Path(out_dir)
     run_dir = RunDir(out)
 
@@ -252,11 +274,12 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
         raise InputError(f"{fs.path}: the split has no training posts")
     _check_training_rows(fs, tr)
     train_cfg = resolve_budget(train_cfg, len(tr))
-    inputs = fingerprint_inputs(asdict(model_cfg), asdict(train_cfg), fs.path)
+    inputs = fingerprint_inputs(model_view(model_cfg), asdict(train_cfg), fs.path)   # what the arch reads
     fp = fingerprint(inputs)
     if not _rank_zero_process():          # a DDP child: rank 0 holds the lock and owns the folder
         return _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0,
-                    resume=run_dir.last_checkpoint.exists())
+                    resume=run_dir.last_checkpoint.exists(),
+                    legacy=_legacy_fingerprint(run_dir.read_run_json() or {}, inputs))
 
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder; choose another --out")
@@ -273,6 +296,7 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
             return TrainResult(out, run_dir.model, info.get("best_val_acc"), 0.0, status="complete")
         run_dir.remove_orphans()
         resume = decision == "resume" and run_dir.last_checkpoint.exists()
+        legacy = _legacy_fingerprint(run_dir.read_run_json() or {}, inputs) if resume else None
         if not resume and run_dir.lightning.is_dir():       # killed before its first epoch ended
             import shutil
 
@@ -281,7 +305,8 @@ def _train(store, out_dir, preset: str | Preset | None = None, model_cfg: ModelC
             recorded = (run_dir.read_run_json() or {}).get("train") or {}
             if decision == "fresh" or recorded.get("epochs") != train_cfg.epochs:   # new, or extended
                 run_dir.write_run_json(_run_record(fs, p, model_cfg, train_cfg, fp, inputs))
-            res = _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, resume=resume)
+            res = _fit(fs, run_dir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, resume=resume,
+                       legacy=legacy)
         if decision == "resume":
             res.status = "resumed"
         return res
@@ -349,7 +374,7 @@ def _finish(fs, run_dir, p, model, model_cfg, train_cfg, split, tr, va, fp, inpu
 
 
 def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0, *,
-         resume: bool) -> TrainResult:
+         resume: bool, legacy: str | None = None) -> TrainResult:
     from sgmft.models import MODELS
 
     if getattr(MODELS.get(model_cfg.arch), "closed_form", False):
@@ -359,7 +384,7 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     norm_info = fit_input_norm(lit.model, fs, tr)         # training split only; buffers of the model
     preloaded = {}
     if resume and _rank_zero_process():
-        state = _check_resume_state(run_dir.last_checkpoint, lit, fp)
+        state = _check_resume_state(run_dir.last_checkpoint, lit, fp, legacy)
         preloaded[str(run_dir.last_checkpoint)] = state
         done = [r["epoch"] for r in (state["callbacks"][RunRecorder.STATE_KEY].get("history") or [])]
         n_done = f"{max(done) + 1}" if done else "?"      # history epochs count from 0, as in metrics.csv

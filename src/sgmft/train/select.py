@@ -21,6 +21,7 @@ from pathlib import Path
 from sgmft.atomic import atomic_dir
 from sgmft.config import Preset, TrainConfig, load_preset
 from sgmft.errors import SgmftNote
+from sgmft.models.registry import model_view, resolve_model
 from sgmft.runs import RunDir, RunLock, fingerprint, fingerprint_inputs
 from sgmft.train.result import TrainResult
 
@@ -59,7 +60,9 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
     run = RunDir(out)
     base = _written_train(preset)
     presets = [_candidate_preset(c, preset.train, base) for c in preset.candidates]
-    inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": asdict(p.model)} for p in presets]},
+    for p in presets:                           # each candidate's model, checked and resolved (issue 19)
+        p.model = resolve_model(p.model, where=f"preset {p.name}: model")
+    inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": model_view(p.model)} for p in presets]},
                                 asdict(preset.train), fs.path)
     fp = fingerprint(inputs)
     out.mkdir(parents=True, exist_ok=True)
