@@ -37,7 +37,7 @@ with open(man, "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": f"p{i:08d}", "user": f"u{i % 997}", "label": "home",
                             "text": " ".join(words[(i + k) % 10] for k in range(6))}, ensure_ascii=False) + "\n")
 import threading
-import sgmft.features.extract as E
+import sgmft.features.shards as S
 import sgmft.features.ray_engine as R
 phase, peaks = ["start"], {}
 def _rss():
@@ -54,7 +54,7 @@ def _phase(mod, fn, name):
         finally:
             peaks[name] = max(peaks.get(name, 0), _rss())
     setattr(mod, fn, g)
-_phase(R, "spill_manifest", "spill"); _phase(R, "_run_extract", "ray_run"); _phase(E, "_assemble", "assemble")
+_phase(R, "spill_manifest", "spill"); _phase(R, "_run_extract", "ray_run"); _phase(S, "assemble_store", "assemble")
 threading.Thread(target=_sample, daemon=True).start()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

@@ -24,7 +24,8 @@ import pytest
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features.backbones import load_backbone
 from sgmft.features.backbones.tiny import build_tiny_chinese_clip
-from sgmft.features.extract import _Cache, _setup, extract_features
+from sgmft.features.extract import _Cache, extract_features
+from sgmft.features.shards import setup as _setup
 from sgmft.features.extract_options import ExtractOptions
 from sgmft.features import ray_engine as R
 from sgmft.labels import DEFAULT_LABELS
@@ -139,7 +140,9 @@ def test_streaming_assembly_from_spill_and_shards_equals_local(env, tmp_path, mo
     import time
 
     import sgmft.features.store as S
-    from sgmft.features.extract import _assemble, _post_key, _Target
+    from sgmft.features.shards import StoreTarget as _Target
+    from sgmft.features.shards import assemble_store as _assemble
+    from sgmft.features.shards import post_key as _post_key
 
     local = extract_features(env["manifest"], tmp_path / "loc", backbone=env["spec"], batch_size=BS, threads=1,
                              progress=False, cache_dir=tmp_path / "loc.cache")

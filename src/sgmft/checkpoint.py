@@ -37,6 +37,7 @@ from sgmft.atomic import atomic_dir
 from sgmft.config import ModelConfig, TrainConfig, model_config_from_dict
 from sgmft.errors import BackboneMismatchError, InputError, PrecisionMismatchError
 from sgmft.models import build_model
+from sgmft.models.registry import model_view
 from sgmft.runs import RunDir, locate
 
 FILES = ("config.json", "labels.json", "features.json", "model.safetensors")
@@ -298,7 +299,7 @@ def write_model_folder(out_dir, model: torch.nn.Module, model_cfg: ModelConfig, 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         _write_json(tmp / "config.json", {"format": "sgmft-checkpoint", "version": SCHEMA_VERSION, "preset": preset,
-                                          "model": asdict(model_cfg), "train": train,
+                                          "model": model_view(model_cfg), "train": train,
                                           **calibration_entry(calibration)})
         _write_json(tmp / "labels.json", list(label_names))
         _write_json(tmp / "features.json", contract.to_dict())

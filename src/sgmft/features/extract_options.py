@@ -21,7 +21,7 @@ from sgmft.ingest.images import DEFAULT_MAX_PIXELS
 from sgmft.ingest.text import CleanConfig
 from sgmft.labels import DEFAULT_LABELS
 
-__all__ = ["ENGINES", "DEFAULT_OBJECT_STORE_MB", "DEFAULT_PREFETCH_BYTES", "ExtractOptions"]
+__all__ = ["ENGINES", "DEFAULT_OBJECT_STORE_MB", "DEFAULT_PREFETCH_BYTES", "ExtractOptions", "resolve_options"]
 
 ENGINES = ("local", "ray")
 # Prepared batches waiting for the model forward, all together (bytes of their tensors).
@@ -123,3 +123,21 @@ class ExtractOptions:
         :func:`~sgmft.ingest.manifest.read_manifest` / ``iter_manifest``)."""
         return dict(label_names=self.label_names, check_images=True, on_error=self.on_error,
                     image_root=self.image_root, allow_any_path=self.allow_any_path, **(self.field_limits or {}))
+
+
+def resolve_options(manifest, out_store, options: ExtractOptions | None = None, **changes: Any) -> ExtractOptions:
+    """What every engine runs with: ``options`` with ``changes`` (:meth:`ExtractOptions.of`),
+    ``progress`` decided (``None``: bars only on a terminal, as the CLI) and ``cache_dir``
+    defaulted to ``<out_store>.cache``; output paths naming the manifest are refused here,
+    before anything is written."""
+    from sgmft.atomic import check_outputs
+    from sgmft.config import progress_enabled
+
+    o = ExtractOptions.of(options, **changes)
+    out_store = Path(out_store)
+    o = o.replace(progress=progress_enabled(o.progress),
+                  cache_dir=o.cache_dir or out_store.with_name(out_store.name + ".cache"))
+    check_outputs({"the manifest": manifest},
+                  {"the store (--out)": out_store, "the cache (--cache-dir)": o.cache_dir,
+                   "the rejects file (--rejects)": o.rejects_path})
+    return o

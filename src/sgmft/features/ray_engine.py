@@ -2,7 +2,7 @@
 
 The same batches as the local engine (batch ``b`` = posts ``[b*B, (b+1)*B)`` of the
 validated manifest), through the same code (:mod:`sgmft.features.encode`), into the same
-content-addressed shards (:class:`sgmft.features.extract.ShardCache`) and the same store
+content-addressed shards (:class:`sgmft.features.shards.ShardCache`) and the same store
 assembly (``_assemble``); only *where* each stage runs changes:
 
 1. the driver streams the manifest (:func:`~sgmft.ingest.manifest.iter_manifest`: the same
@@ -19,7 +19,7 @@ assembly (``_assemble``); only *where* each stage runs changes:
    then the shard is written atomically by the replica;
 4. the driver streams the spill file and the shards, batch by batch in post order, into the
    store (the local engine's assembly). Its memory does not grow with the manifest beyond
-   44 bytes a batch and the duplicate-id hashes (about 28 bytes a post).
+   44 bytes a batch and the duplicate-id hashes (about 24 bytes a post).
 
 So the store is byte-identical to ``--engine local`` for the same backbone, precision and
 torch thread count (float sums depend on the thread count in the last bits), and a killed
@@ -163,7 +163,7 @@ def _context(ref) -> dict:
 
         ctx = dict(ctx, cleaner=TextCleaner(ctx["clean_cfg"]))
         if ctx.get("cache_root") is not None:
-            from sgmft.features.extract import ShardCache
+            from sgmft.features.shards import ShardCache
 
             ctx["cache"] = ShardCache(ctx["cache_root"], salt=ctx["cache_salt"])
         _CTX_CACHE[key] = ctx
@@ -206,7 +206,7 @@ def _prepare(row: dict, ctx_ref) -> dict:
     posts = pickle.loads(row["posts"]) if "posts" in row else read_spilled(ctx["spill"], ctx["spill_offsets"], b)
     keys: list[str] = []
     if ctx.get("prefix") is not None:
-        from sgmft.features.extract import post_key
+        from sgmft.features.shards import post_key
 
         keys = [post_key(ctx["prefix"], p) for p in posts]
         if ctx["cache"].valid(keys):
@@ -264,7 +264,7 @@ class _ExtractReplica(BatchReplica):
         super().__init__(threads)
         from sgmft.features.backbones import load_backbone
         from sgmft.features.backbones.precision import maybe_compile
-        from sgmft.features.extract import ShardCache
+        from sgmft.features.shards import ShardCache
 
         self.bb = load_backbone(spec, device=device, dtype=dtype, batch_size=batch_size)
         maybe_compile(self.bb, n_posts)  # the local engine's rule (opt-in: SGMFT_COMPILE)
@@ -378,7 +378,7 @@ def spill_manifest(manifest: Path, path: Path, batch_size: int, reader_options: 
     ``on_error="raise"`` a bad row raises once the whole file is read, before any work."""
     from array import array
 
-    from sgmft.features.extract import SplitCount
+    from sgmft.features.shards import SplitCount
     from sgmft.ingest.manifest import iter_manifest
 
     splits, rejects, offsets = SplitCount(), [], array("q", [0])
@@ -402,10 +402,11 @@ def extract_features_ray(manifest, out_store, *, backbone: str, address: str | N
     ``actors``: backbone replicas (default: one per GPU, see :func:`cluster_plan`);
     ``threads``: torch threads per CPU replica. ``result.engine`` holds the plan and the
     start-up / run seconds."""
-    from sgmft.features.extract import extract_features
+    from sgmft.features.extract_options import resolve_options
 
-    return extract_features(manifest, out_store, backbone=backbone, engine="ray", address=address,
-                            num_cpus=num_cpus, actors=actors, object_store_mb=object_store_mb, **options)
+    o = resolve_options(manifest, out_store, engine="ray", address=address, num_cpus=num_cpus, actors=actors,
+                        object_store_mb=object_store_mb, **options)
+    return run_extract_ray(Path(manifest), Path(out_store), backbone, o)
 
 
 def run_extract_ray(manifest: Path, out_store: Path, backbone: str, o) -> "ExtractResult":  # noqa: F821
@@ -413,8 +414,8 @@ def run_extract_ray(manifest: Path, out_store: Path, backbone: str, o) -> "Extra
     :class:`~sgmft.features.extract_options.ExtractOptions`, ``o.cache_dir`` set): probe the
     backbone, stream the manifest into a spill file, run the batches on Ray, then stream the
     spill and the shards into the store. Holds one batch of posts at a time, plus 44 bytes a
-    batch and the duplicate-id hashes (about 28 bytes a post)."""
-    from sgmft.features.extract import _assemble, _remove_stale_tmp, _setup, _Target
+    batch and the duplicate-id hashes (about 24 bytes a post)."""
+    from sgmft.features.shards import StoreTarget, assemble_store, remove_stale_tmp, setup
 
     if not isinstance(backbone, str):
         raise InputError("--engine ray needs the backbone as a spec string (every replica loads it)")
@@ -426,7 +427,7 @@ def run_extract_ray(manifest: Path, out_store: Path, backbone: str, o) -> "Extra
         with ray_session(o.address, o.num_cpus, o.object_store_mb, o.progress) as ray:
             plan = cluster_plan(ray, o.device, o.actors, o.threads)
             info, stage = _probe(ray, plan, backbone, o.device, o.dtype, o.batch_size, t0)
-            cleaner, prefix, cache = _setup(info, o)
+            cleaner, prefix, cache = setup(info, o)
             _remove_stale_spills(cache.root, started)
             spill, splits, row_rejects = spill_manifest(
                 manifest, cache.root / f".posts-{os.getpid()}-{time.time_ns()}.spill", o.batch_size,
@@ -438,11 +439,11 @@ def run_extract_ray(manifest: Path, out_store: Path, backbone: str, o) -> "Extra
                           threads=plan["threads"], image_choice=o.image_choice, cache_root=str(cache.root),
                           cache_salt=cache.salt, fingerprint=info.fingerprint(), n_posts=splits.n)
             names, hits, encoded = _run_extract(ray, spill, ctx, kwargs, plan, cache, splits.n, o.progress)
-        _remove_stale_tmp(cache, started)
+        remove_stale_tmp(cache, started)
         parts = ((spill.batch(b), _shard_named(cache, names[b])) for b in range(spill.n_batches))
-        target = _Target(out_store, info, cleaner, o.image_choice, o.label_names, manifest, o.rejects_path,
-                         o.overwrite, cache.root)
-        res = _assemble(target, parts, splits, row_rejects, hits, encoded, plan["actors"], t0)
+        target = StoreTarget(out_store, info, cleaner, o.image_choice, o.label_names, manifest, o.rejects_path,
+                             o.overwrite, cache.root)
+        res = assemble_store(target, parts, splits, row_rejects, hits, encoded, plan["actors"], t0)
     finally:
         if spill is not None:
             spill.path.unlink(missing_ok=True)
@@ -495,9 +496,9 @@ def _run_extract(ray, spill: SpilledPosts, ctx: dict, kwargs: dict, plan: dict, 
 
 
 def _shard_named(cache, name: bytes) -> dict:
-    from sgmft.features.extract import _shard
+    from sgmft.features.shards import load_shard
 
-    return _shard(cache, name=name.decode())
+    return load_shard(cache, name=name.decode())
 
 
 def _remove_stale_spills(root: Path, started: float) -> None:

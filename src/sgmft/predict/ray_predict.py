@@ -10,7 +10,7 @@ come back per batch and are written in post order, so the output file is the one
 local engine writes (byte for byte at equal torch ``threads``).
 
 Resumable as extraction is: each replica writes its batch's features as the extraction
-shard of those posts (:class:`sgmft.features.extract.ShardCache`, same content-addressed names,
+shard of those posts (:class:`sgmft.features.shards.ShardCache`, same content-addressed names,
 in ``<out>.cache`` or ``cache_dir``) before running the trained model on them. A rerun of a
 killed job finds the finished shards in the CPU tasks, skips decoding and the backbone for
 those batches, and runs only the (cheap) trained model on the stored features, so the
@@ -40,7 +40,7 @@ class _PredictReplica(R.BatchReplica):
     def __init__(self, run_dir: str, load_kwargs: dict, threads: int, fingerprint: str,
                  cache_root: str | None = None, cache_salt: str = ""):
         super().__init__(threads)
-        from sgmft.features.extract import ShardCache
+        from sgmft.features.shards import ShardCache
         from sgmft.predict.posts import PostPredictor
 
         self.cache = ShardCache(Path(cache_root), salt=cache_salt) if cache_root else None
@@ -130,7 +130,7 @@ def _cache_setup(pp, out_path, cache_dir) -> tuple[Path, bytes, str]:
     """(cache folder, post-key prefix, shard salt): the extraction cache's, for this
     predictor's backbone, cleaning and image settings (``<out>.cache`` by default)."""
     from sgmft.features.encode import reduce_side
-    from sgmft.features.extract import CACHE_VERSION
+    from sgmft.features.shards import CACHE_VERSION
 
     out_path = Path(out_path)
     root = Path(cache_dir) if cache_dir is not None else out_path.with_name(out_path.name + ".cache")

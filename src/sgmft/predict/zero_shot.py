@@ -141,7 +141,9 @@ def build_zero_shot(backbone, out: str | Path, *, labels: Sequence[str] = DEFAUL
     # logits = the combined cosine score (order 1); CLIP's temperature is the calibration record, so
     # predict/serve/evaluate/export give softmax(scale * score), CLIP's zero-shot probabilities
     cfg = ModelConfig(arch="zeroshot", dim=int(bb.dim), num_classes=len(labels),
-                      extra={"text_weight": float(text_weight), "logit_scale": 1.0}).validate()
+                      extra={"text_weight": float(text_weight), "logit_scale": 1.0})
+    # (build_model checks what the zero-shot head reads; ModelConfig.validate would also demand
+    # SG-MFT's n_tokens | dim, which this head does not read)
     calibration = {"method": "temperature", "temperature": 1.0 / scale,
                    "source": "CLIP logit_scale of the backbone (zero-shot; not fitted on data)"}
     model = build_model(cfg)
