@@ -12,6 +12,7 @@ generator's own per-post regimes).  Prints one JSON document (and writes it with
 ``--train key=value`` overrides TrainConfig fields of every preset (e.g. epochs=3).
 ``--render RESULT.json`` prints the markdown tables of docs/design.md from a saved result;
 ``--merge A.json B.json --out C.json`` joins results run apart (seed 0, then seeds 1-2);
+``--summary RESULT.json`` prints one row per profile with every preset;
 ``--acceptance RESULT.json`` prints issue 17's bars (default against the best other model, per regime).
 Runs are sequential; each run's seconds are recorded (wall clock, shared machine).
 """
@@ -125,6 +126,34 @@ def merge(paths: list[str]) -> dict:
     return out
 
 
+def summary_table(result: dict, default: str = "auto") -> str:
+    """One row per profile: the oracle, every preset's mean (± sd, with the number of seeds when they
+    differ from the default's) and the default's margin over the best other preset."""
+    presets = []
+    for prof in result["profiles"].values():
+        presets += [p for p in prof["summary"] if p not in presets and p != default]
+    lines = ["| profile | oracle | **default** | / oracle | " + " | ".join(presets) + " | default − best other |",
+             "|---|---|---|---|" + "---|" * (len(presets) + 1)]
+    for name, prof in result["profiles"].items():
+        summ = prof["summary"]
+        if default not in summ:
+            continue
+        n0 = summ[default]["accuracy"]["n"]
+
+        def cell(p):
+            if p not in summ:
+                return "-"
+            a = summ[p]["accuracy"]
+            seeds = "" if a["n"] == n0 else f" ({a['n']})"
+            return f"{100 * a['mean']:.2f}" + (f" ± {100 * a['sd']:.2f}" if a["n"] > 1 else "") + seeds
+        others = {p: summ[p]["accuracy"]["mean"] for p in presets if p in summ}
+        best = max(others.values()) if others else float("nan")
+        lines.append(f"| `{name}` | {100 * prof['oracle']['accuracy']:.2f} | **{cell(default)}** | "
+                     f"{summ[default]['over_oracle']['mean']:.3f} | " + " | ".join(cell(p) for p in presets)
+                     + f" | {100 * (summ[default]['accuracy']['mean'] - best):+.2f} |")
+    return "\n".join(lines)
+
+
 def acceptance(result: dict, default: str = "auto", band: float = 0.003, regime_band: float = 0.05) -> str:
     """Issue 17's bars per profile: the default's mean against the best other preset's, its fraction of
     the oracle, and its regimes more than ``regime_band`` below the oracle (except "neither" and regimes
@@ -179,12 +208,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     ap.add_argument("--render", metavar="JSON", help="print markdown tables of an earlier result and exit")
+    ap.add_argument("--summary", metavar="JSON", help="print one row per profile (every preset) and exit")
     ap.add_argument("--acceptance", metavar="JSON", help="print issue 17's bars for an earlier result and exit")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="join earlier results (e.g. seed 0 and seeds 1-2) into one, print it (and --out) and exit")
     a = ap.parse_args(argv)
     if a.render:
         print(render(json.loads(Path(a.render).read_text(encoding="utf-8"))))
+        return 0
+    if a.summary:
+        print(summary_table(json.loads(Path(a.summary).read_text(encoding="utf-8"))))
         return 0
     if a.acceptance:
         print(acceptance(json.loads(Path(a.acceptance).read_text(encoding="utf-8"))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import yaml
@@ -190,3 +191,141 @@ def test_print_config_yaml_loads_back_as_a_preset(tmp_path, capsys):
     f.write_text(capsys.readouterr().out, encoding="utf-8")
     p = load_preset(f)                                              # its "preset:" line is informational
     assert model_view(p.model)["extra"]["looks"] == 2 and p.train == load_preset("trust").train
+
+
+# -- one configuration grammar (issue 19): model, train, SimFeat, serve and cleaning overrides --------
+def _model_overrides(items):
+    from sgmft.models.registry import apply_model_overrides
+
+    return apply_model_overrides(load_preset("trust").model, items)
+
+
+def _simfeat_overrides(items):
+    from sgmft.data.simfeat import parse_overrides
+
+    return parse_overrides(items)
+
+
+def _serve_overrides(items):
+    from sgmft.serve.config import ServeConfig
+
+    return apply_overrides(ServeConfig(), items, "serve")
+
+
+def _clean_overrides(items):
+    from sgmft.ingest.text import clean_config
+
+    return clean_config(overrides=items)
+
+
+# section, how its overrides are applied, a misspelt key, the field it should have been
+TYPOS = [
+    ("model", _model_overrides, "hiddn", "hidden"),
+    ("train", lambda items: apply_overrides(TrainConfig(), items, "train"), "epoch", "epochs"),
+    ("simfeat", _simfeat_overrides, "num_post", "num_posts"),
+    ("serve", _serve_overrides, "max_queu", "max_queue"),
+    ("clean", _clean_overrides, "urlz", "urls"),
+]
+
+
+@pytest.mark.parametrize("section,apply,typo,right", TYPOS, ids=[t[0] for t in TYPOS])
+def test_a_typo_is_the_same_config_error_in_every_section(section, apply, typo, right):
+    from sgmft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        apply([f"{typo}=1"])
+    msg = str(e.value)
+    # override <section>.<key>=<value>: unknown field|option '<key>' ...; the names it takes, the right one among them
+    assert msg.startswith(f"override {section}.{typo}=1: unknown ")
+    assert f" '{typo}'" in msg.split(":", 2)[1] and re.search(rf"\b{right}\b", msg.split(";", 1)[1])
+    assert "\n" not in msg
+
+
+BAD_VALUES = [
+    ("model", lambda items: apply_overrides(ModelConfig(), items, "model"), "heads", "x", "an integer"),
+    ("train", lambda items: apply_overrides(TrainConfig(), items, "train"), "split", "random",
+     "one of: 'stratified', 'user'"),
+    ("simfeat", _simfeat_overrides, "fine_regimes", "maybe", "true or false"),
+    ("serve", _serve_overrides, "max_queue", "0", "a value > 0"),
+    ("clean", _clean_overrides, "extra_stopwords", "电影", "a list"),
+]
+
+
+@pytest.mark.parametrize("section,apply,key,value,expected", BAD_VALUES, ids=[t[0] for t in BAD_VALUES])
+def test_a_bad_value_is_the_same_config_error_in_every_section(section, apply, key, value, expected):
+    from sgmft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        apply([f"{key}={value}"])
+    parsed = yaml.safe_load(value)
+    shown = parsed if isinstance(parsed, (int, str)) and not isinstance(parsed, bool) else value
+    assert str(e.value) == f"override {section}.{key}={value}: {key}={shown!r} is not allowed; expected {expected}"
+
+
+def test_overrides_parse_yaml_and_keep_text_fields_as_written():
+    from sgmft.data.simfeat import parse_overrides
+    from sgmft.ingest.text import CleanConfig, clean_config
+    from sgmft.serve.config import ServeConfig
+
+    # the grammar SimFeat's --set had before stays (yes/no/1/0 booleans, typed numbers), plus YAML lists
+    assert parse_overrides(["fine_regimes=yes", "distractor_excludes_label=0", "seed=4", "nuisance=1",
+                            "simfeat.test_size=500", "profile=123"]) == \
+        {"fine_regimes": True, "distractor_excludes_label": False, "seed": 4, "nuisance": 1.0, "test_size": 500,
+         "profile": "123"}
+    assert clean_config(overrides=["urls=false", "extra_stopwords=[电影, 看]", "join_with=|"]) == \
+        CleanConfig(urls=False, extra_stopwords=("电影", "看"), join_with="|")
+    cfg = apply_overrides(ServeConfig(), ["allowed_hosts=*.example.com", "max_wait_ms=0", "expose_paths=true"])
+    assert (cfg.allowed_hosts, cfg.max_wait_ms, cfg.expose_paths) == ("*.example.com", 0.0, True)
+
+
+def test_checks_across_fields_run_after_the_last_override():
+    from sgmft.data.simfeat import SimFeatConfig
+    from sgmft.errors import ConfigError
+
+    # num_posts=600 alone breaks test_size < num_posts; with test_size=120 after it, it holds
+    cfg = apply_overrides(SimFeatConfig(), ["num_posts=600", "test_size=120"], "simfeat")
+    assert (cfg.num_posts, cfg.test_size) == (600, 120) and isinstance(cfg, SimFeatConfig)
+    with pytest.raises(ConfigError, match=r"^simfeat overrides: SimFeat: need 0 < test_size < num_posts"):
+        apply_overrides(SimFeatConfig(), ["num_posts=600"], "simfeat")
+
+
+def test_build_config_names_the_place_and_the_field_for_every_config():
+    from sgmft.config import build_config
+    from sgmft.data.simfeat import SimFeatConfig, profile_config
+    from sgmft.errors import ConfigError
+    from sgmft.ingest.text import CleanConfig, clean_config
+    from sgmft.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"^SimFeat profile 'hetero': unknown SimFeatConfig field\(s\) \['nope'\]"):
+        profile_config("hetero", nope=1)
+    with pytest.raises(ConfigError, match=r"^SimFeat profile 'default': dim='wide' is not allowed; expected an integer$"):
+        profile_config("default", dim="wide")
+    with pytest.raises(ConfigError, match=r"^clean options: long_text 'nope': choose truncate"):
+        clean_config({"long_text": "nope"})
+    with pytest.raises(ConfigError, match=r"^serve options: --max-queue=-3 is not allowed; expected a value > 0$"):
+        build_config(ServeConfig, {"max_queue": -3}, "serve options", label=lambda f: "--" + f.replace("_", "-"))
+    # the constructors the Python API uses are unchanged where SimFeat's data and the cleaners depend on them
+    assert build_config(SimFeatConfig, {"seed": 3}) == SimFeatConfig(seed=3) == profile_config("default", seed=3)
+    assert clean_config() == CleanConfig()
+    with pytest.raises(TypeError):
+        CleanConfig(extra_stopwords="电影")
+
+
+def test_cli_simulate_set_typo_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "s"), "--set", "num_post=300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sgmft simulate: error: override simfeat.num_post=300: unknown field 'num_post' of "
+                          "SimFeatConfig (did you mean 'num_posts'?); known: ")
+    assert "Traceback" not in err and not (tmp_path / "s").exists()
+
+
+def test_experiment_tables_look_presets_up_like_load_preset(tmp_path):
+    from sgmft.errors import ConfigError, UnknownNameError
+    from sgmft.experiments.tables import load_table
+
+    t = tmp_path / "t.yaml"
+    t.write_text("rows:\n  - {name: a, preset: trust}\n  - {name: b, preset: trsut}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^experiment table t: rows\[1\]: unknown preset 'trsut'; known: .*trust"):
+        load_table(t)
+    with pytest.raises(UnknownNameError, match=r"^unknown experiment config 'tabel1'; known: table1, "):
+        load_table("tabel1")

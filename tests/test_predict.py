@@ -234,3 +234,129 @@ def test_post_result_is_the_one_result_builder(raw_run):
                        explanation=got["explanation"])
     assert {k: got[k] for k in want} == want
     assert list(got)[:5] == ["label", "prob", "probs", "uncertain", "explanation"]
+
+
+# -- the streamed manifest (issue 22): bounded memory, the same files, a public encoder= -------------
+@pytest.fixture(scope="module")
+def dirty(raw_run):
+    """A dirty SimPosts manifest (bad rows, broken images), and the same without its labels."""
+    from sgmft.data.simposts import SimPostsConfig, generate_simposts
+
+    man = generate_simposts(raw_run["root"] / "dirty", SimPostsConfig(num_posts=45, dirty=True, seed=4))
+    lines = man.read_text(encoding="utf-8").splitlines(keepends=True)
+    nolab = man.with_name("nolabel.jsonl")
+    with open(nolab, "w", encoding="utf-8") as f:
+        for line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                f.write(line)                      # a malformed row stays malformed, on its line
+                continue
+            if isinstance(obj, dict):
+                obj.pop("label", None)
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    return {"labelled": man, "unlabelled": nolab}
+
+
+def _whole_file_reference(pp, manifest, out, rejects_out):
+    """The pre-streaming algorithm from public parts: the whole manifest read at once
+    (read_manifest), the same batches encoded, one whole-file write, rejects sorted by line."""
+    from sgmft.ingest.manifest import Reject, read_manifest, write_rejects
+    from sgmft.predict.features import uncertain_mask
+
+    posts, row_rej = read_manifest(manifest, label_names=pp.label_names, check_images=True, on_error="skip")
+    batches = [posts[s:s + pp.batch_size] for s in range(0, len(posts), pp.batch_size)]
+    probs, expl, tm, im, img_rej = [], [], [], [], []
+    for batch, enc, p in pp.encode_batches(batches, manifest.resolve().parent):
+        probs.append(p.probs)
+        expl += p.explanations
+        tm += [bool(m) for m in enc.text_mask[:len(batch)]]
+        im += [bool(m) for m in enc.image_mask[:len(batch)]]
+        img_rej += [Reject(q.line, q.id, "images", why, stage="extract")
+                    for r, q in enumerate(batch) for _, why in enc.rejects[r]]
+    probs = np.concatenate(probs)
+    write_predictions(out, [q.id for q in posts], probs, pp.label_names, [q.label for q in posts],
+                      extras={"text_mask": tm, "image_mask": im}, uncertain=uncertain_mask(probs, 0.4),
+                      explanations=expl)
+    write_rejects(rejects_out, sorted(list(row_rej) + img_rej, key=lambda r: r.line))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("which", ["labelled", "unlabelled"])
+def test_streamed_predict_manifest_writes_the_whole_file_output(raw_run, dirty, tmp_path, fmt, which):
+    """predict_manifest streams the manifest in chunks of batch_size (several chunks here) and
+    writes the file the whole-file algorithm writes, byte for byte, rejects with their line
+    numbers included; without labels a CSV has no ``true`` column (decided at the end)."""
+    from sgmft.predict import PostPredictor
+
+    pp = PostPredictor.load(raw_run["run"], batch_size=7)
+    man = dirty[which]
+    s = pp.predict_manifest(man, tmp_path / f"got.{fmt}", min_confidence=0.4)
+    _whole_file_reference(pp, man, tmp_path / f"want.{fmt}", tmp_path / "want.rejects.jsonl")
+    assert (tmp_path / f"got.{fmt}").read_bytes() == (tmp_path / f"want.{fmt}").read_bytes()
+    assert (tmp_path / "got.rejects.jsonl").read_bytes() == (tmp_path / "want.rejects.jsonl").read_bytes()
+    rows, rejects = read_predictions(tmp_path / f"got.{fmt}"), read_predictions(tmp_path / "got.rejects.jsonl")
+    assert s["posts"] == len(rows) > 2 * pp.batch_size and s["rejects"] == len(rejects) > 0
+    assert s["rows_rejected"] > 0 and s["images_rejected"] > 0
+    assert ("true" in rows[0]) == (which == "labelled") and s["labelled"] == (len(rows) if which == "labelled" else 0)
+    src = man.read_text(encoding="utf-8").splitlines()
+    for r in rejects:                                          # each reject names its manifest line
+        if r["id"] is not None:
+            assert f'"{r["id"]}"' in src[r["line"] - 1]
+    assert [r["line"] for r in rejects] == sorted(r["line"] for r in rejects)
+    assert not list(tmp_path.glob(".*"))                       # no temporary body or file left behind
+
+
+def test_predict_manifest_refuses_a_missing_manifest_before_writing(raw_run, tmp_path):
+    from sgmft.predict import PostPredictor
+
+    pp = PostPredictor.load(raw_run["run"])
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        pp.predict_manifest(tmp_path / "nope.jsonl", tmp_path / "out" / "p.jsonl")
+    assert not (tmp_path / "out" / "p.jsonl").exists()
+
+
+def test_ray_batch_encoder_driver_without_ray(raw_run, dirty, tmp_path, monkeypatch):
+    """The Ray predict driver (RayBatchEncoder through the public encoder=) with the Ray pipeline
+    replaced by its two stages run in process and results coming back in reverse order: the
+    batches go through a spill file, come out in post order, and the files are the local
+    engine's, byte for byte; a second run finds every batch's shard (resume) and encodes none."""
+    import pickle
+
+    from sgmft.features import ray_engine as R
+    from sgmft.predict import PostPredictor
+    from sgmft.predict.ray_predict import RayBatchEncoder, _cache_setup, _PredictReplica
+
+    seen = {}
+
+    def fake_run_spilled(ray, spill, ctx, replica_cls, replica_kwargs, plan):
+        R._CTX_CACHE.clear()
+        seen["spill"] = spill.path
+        ctx = dict(ctx, spill=str(spill.path), spill_offsets=spill.offsets)
+        rep = replica_cls(**replica_kwargs)
+        out = []
+        for b in range(spill.n_batches):
+            row = R._prepare_row({"id": b}, ctx)
+            batch = {k: np.asarray([row[k]], dtype=object) for k in ("keys", "payload", "error")}
+            res = rep(dict(batch, b=np.asarray([b])))
+            out.append({k: v[0] for k, v in res.items()})
+        yield from reversed(out)                            # the last batch first
+
+    monkeypatch.setattr(R, "run_spilled", fake_run_spilled)
+    pp = PostPredictor.load(raw_run["run"], batch_size=7)
+    local = pp.predict_manifest(dirty["labelled"], tmp_path / "local.csv")
+    root, prefix, salt = _cache_setup(pp, tmp_path / "ray.csv", None)
+    kw = dict(run_dir=str(raw_run["run"]), load_kwargs={"batch_size": 7, "device": "cpu"}, threads=1,
+              fingerprint=pp.backbone.fingerprint(), cache_root=str(root), cache_salt=salt)
+    root.mkdir(parents=True)
+    for rerun in (False, True):
+        enc = RayBatchEncoder(None, pp, {}, kw, root, prefix, salt)
+        s = pp.predict_manifest(dirty["labelled"], tmp_path / "ray.csv", encoder=enc)
+        assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+        assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (tmp_path / "local.rejects.jsonl").read_bytes()
+        assert {k: s[k] for k in ("posts", "rejects", "text_missing")} == {k: local[k] for k in
+                                                                          ("posts", "rejects", "text_missing")}
+        assert enc.info["cached" if rerun else "encoded"] == local["posts"]
+        assert enc.info["encoded" if rerun else "cached"] == 0
+        assert not seen["spill"].exists()                  # the spill file is removed after the run
+    assert issubclass(_PredictReplica, R.BatchReplica) and pickle.dumps(kw)

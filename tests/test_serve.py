@@ -509,7 +509,7 @@ def test_cli_errors(capsys, tmp_path):
     assert "run directory not found" in capsys.readouterr().err
     (tmp_path / "r").mkdir()
     assert main(["serve", str(tmp_path / "r"), "--max-queue", "0"]) == 2
-    assert "--max-queue must be > 0" in capsys.readouterr().err
+    assert "serve options: --max-queue=0 is not allowed; expected a value > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "serve" in capsys.readouterr().out

@@ -55,7 +55,7 @@ def test_mixture_equations_against_a_direct_computation():
     with torch.no_grad():
         lt, gt = m.ev_t(m.text_in(t, None))
         lv, gv = m.ev_v(m.image_in(v, None))
-        log_pi = torch.log_softmax(m.log_prior, 0).view(3, 3)
+        log_pi = torch.log_softmax(m.table_scale * m.log_prior, 0).view(3, 3)   # eq T3, table_scale
         K = 5
 
         def a(l, g, s, y):
@@ -181,7 +181,28 @@ def test_looks_and_learnt_conflict_table_against_a_direct_computation():
         got = m.state_evidence(l, torch.zeros(6, 2), m.conflict_t)[:, 2]
         for y in range(K):
             others = [c for c in range(K) if c != y]
-            q = torch.log_softmax(m.conflict_t[y, others], 0)
+            q = torch.log_softmax(m.table_scale * m.conflict_t[y, others], 0)         # Q's logits, scaled
             torch.testing.assert_close(got[:, y], (l[:, others] + q).logsumexp(-1))         # eq T1'
     with pytest.raises(ValueError, match="conflict"):
         build_model(_cfg(conflict="sometimes"))
+
+
+def test_table_scale_is_a_faster_step_for_the_tables_only():
+    """table_scale s multiplies the logits of the state prior and of Q_m: the same function with the
+    parameters divided by s, and the tables' gradients (so Adam's relative step) s times larger."""
+    torch.manual_seed(2)
+    models = {s: build_model(_cfg(gate=False, input_dropout=0.0, looks=2, conflict="learnt", table_scale=s)).eval()
+              for s in (1.0, 10.0)}
+    one, ten = models[1.0], models[10.0]
+    ten.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        one.log_prior.copy_(torch.randn(9))
+        one.conflict_t.copy_(torch.randn(5, 5))
+        ten.log_prior.copy_(one.log_prior / 10)
+        ten.conflict_t.copy_(one.conflict_t / 10)
+    t, v = _x(), _x(seed=1)
+    torch.testing.assert_close(ten(t, v).logits, one(t, v).logits)
+    for m in (one, ten):
+        m(t, v).logits.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(ten.log_prior.grad, 10 * one.log_prior.grad)
+    torch.testing.assert_close(ten.ev_t.linear.weight.grad, one.ev_t.linear.weight.grad)

@@ -27,11 +27,14 @@ fingerprint). This module cannot import the models, so :func:`load_preset` and
 
 from __future__ import annotations
 
-from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+from sgmft.errors import ConfigError, InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
 import dataclasses
+import difflib
+import functools
 import json
 import sys
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -40,6 +43,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as checked_dataclass
+from pydantic.dataclasses import is_pydantic_dataclass
 
 _CHECKED = ConfigDict(validate_assignment=True)
 
@@ -262,11 +266,15 @@ def _expected(err: dict) -> str:
     return err["msg"]
 
 
-def explain_validation_error(err: ValidationError, where: str, data: dict | None = None) -> str:
-    """A one-line message per field: the value given and what is allowed."""
+def explain_validation_error(err: ValidationError, where: str, data: dict | None = None,
+                             names=None, label=None) -> str:
+    """A one-line message per field: ``<where>: <field>=<value> is not allowed; expected <what>``.
+    ``names``: the config's field names (default: ModelConfig's and TrainConfig's); ``label`` shows a
+    field under another name (``sgmft serve`` shows its flags: ``--max-queue``)."""
+    names = _FIELD_NAMES if names is None else set(names)
     by_field: dict[str, tuple[Any, list[str]]] = {}
     for e in err.errors():
-        loc = [x for x in e["loc"] if isinstance(x, int) or x in _FIELD_NAMES]
+        loc = [x for x in e["loc"] if isinstance(x, int) or x in names]
         name = str(loc[0]) if loc else ".".join(map(str, e["loc"])) or "value"
         name += "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
         top = str(loc[0]) if loc else name
@@ -275,6 +283,8 @@ def explain_validation_error(err: ValidationError, where: str, data: dict | None
         else:
             w = _expected(e)
         given = data[name] if data and name in _FIELD_HINTS and name in data else e.get("input")
+        if label is not None and top in names:
+            name = label(top) + name[len(top):]
         given, wants = by_field.setdefault(name, (given, []))
         if w not in wants:
             wants.append(w)
@@ -286,7 +296,45 @@ def explain_validation_error(err: ValidationError, where: str, data: dict | None
 _FIELD_NAMES = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
 
 
-def _build(cls, data: dict[str, Any], where: str):
+# -- the one configuration grammar (issue 19): every config of sgmft (ModelConfig, TrainConfig,
+# SimFeatConfig, ServeConfig, CleanConfig) is built from a mapping and takes ``key=value`` overrides
+# through the functions below, and every mistake is one ConfigError of one shape:
+#   <where>: unknown <Config> field(s) [...]; known: [...]                  (a mapping)
+#   override <section>.<key>=<value>: unknown field '<key>' of <Config> (did you mean ...?); known: ...
+#   override <section>.<key>=<value>: <key>=<value> is not allowed; expected <what is allowed>
+#   <where>: <a check across fields, in the config's own words>
+# A pydantic dataclass (ModelConfig, TrainConfig, ServeConfig) is checked by its own constructor; a
+# plain frozen dataclass (SimFeatConfig, CleanConfig: their constructors stay as they are, so SimFeat's
+# data and the cleaners' pickles do not change) has its values checked against its field types by a
+# pydantic twin (:func:`_field_checker`) before it is built.
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_checker(cls):
+    """A pydantic dataclass with ``cls``'s fields, types and defaults and nothing else (no methods,
+    no ``__post_init__``): it checks and coerces values for a plain dataclass ``cls``."""
+    if is_pydantic_dataclass(cls):
+        return cls
+    hints, spec = _field_types(cls), []
+    for f in fields(cls):
+        default = (field(default=f.default) if f.default is not dataclasses.MISSING
+                   else field(default_factory=f.default_factory))
+        spec.append((f.name, hints[f.name], default))
+    return checked_dataclass(dataclasses.make_dataclass(f"{cls.__name__}", spec), config=_CHECKED)
+
+
+def _checked_values(cls, data: dict[str, Any], where: str, label=None) -> dict[str, Any]:
+    """``data``'s values checked and coerced against ``cls``'s field types (``"64"`` -> 64)."""
+    try:
+        inst = _field_checker(cls)(**data)
+    except ValidationError as e:
+        raise ConfigError(explain_validation_error(e, where, data, [f.name for f in fields(cls)], label)) from None
+    return {k: getattr(inst, k) for k in data}
+
+
+def _build(cls, data: dict[str, Any], where: str, label=None):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
@@ -295,10 +343,18 @@ def _build(cls, data: dict[str, Any], where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "
                          f"known: {sorted(known)}")
+    values = _checked_values(cls, data, where, label)
     try:
-        return cls(**data)
-    except ValidationError as e:
-        raise ConfigError(explain_validation_error(e, where, data)) from None
+        return cls(**values)
+    except InputError as e:            # a check across fields in the config's __post_init__
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def build_config(cls, data: dict[str, Any], where: str = "config", label=None):
+    """A ``cls`` (any config dataclass of sgmft) from the mapping ``data``: unknown fields, bad values and
+    failed checks across fields are one :class:`ConfigError` that names ``where``, the field, the
+    value and what is allowed. ``label`` shows field names otherwise (``sgmft serve``: its flags)."""
+    return _build(cls, data, where, label)
 
 
 def model_config_from_dict(data: dict[str, Any], where: str = "model config") -> ModelConfig:
@@ -317,19 +373,25 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """Load a packaged preset by name, or a user YAML file by path."""
+def find_yaml(name_or_path: str | Path, folder, kind: str, known) -> tuple[str, str]:
+    """``(name, text)`` of a named YAML config: a path to a ``.yaml``/``.yml`` file (named by its stem),
+    or a name in the packaged ``folder``. The one lookup of presets (:func:`load_preset`) and experiment
+    tables (:mod:`sgmft.experiments.tables`); an unknown name lists ``known()``."""
     p = Path(name_or_path)
     if p.suffix in {".yaml", ".yml"} and p.exists():
-        text, name = p.read_text(encoding="utf-8"), p.stem
-    else:
-        res = _preset_dir() / f"{name_or_path}.yaml"
-        if not res.is_file():
-            from sgmft.errors import UnknownNameError
+        return p.stem, p.read_text(encoding="utf-8")
+    res = folder / f"{name_or_path}.yaml"
+    if not res.is_file():
+        from sgmft.errors import UnknownNameError
 
-            raise UnknownNameError(f"unknown preset {str(name_or_path)!r}; known: {', '.join(list_presets())} "
-                           "(or give a path to a .yaml file)")
-        text, name = res.read_text(encoding="utf-8"), str(name_or_path)
+        raise UnknownNameError(f"unknown {kind} {str(name_or_path)!r}; known: {', '.join(known())} "
+                               "(or give a path to a .yaml file)")
+    return str(name_or_path), res.read_text(encoding="utf-8")
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a packaged preset by name, or a user YAML file by path."""
+    name, text = find_yaml(name_or_path, _preset_dir(), "preset", list_presets)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -370,13 +432,60 @@ def parse_value(text: str):
         return text
 
 
-def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
+def _split_override(item: str, section: str) -> tuple[str, str]:
+    """``key=value`` -> (key, value text); a leading ``<section>.`` on the key is dropped
+    (``simfeat.test_size=500`` is ``test_size=500`` of the simfeat section)."""
+    prefix = f"{section}." if section else ""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"override {prefix}{item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if prefix and key.startswith(prefix):
+        key = key[len(prefix):]
+    return key, value
+
+
+def _override_value(cls, key: str, text: str):
+    """The value of ``key=text``: YAML, except that a plain text field takes the text as written unless
+    it is quoted (``profile=123`` is the string "123", ``join_with=|`` is "|", ``allowed_hosts=*.x.com``
+    is not a YAML alias)."""
+    if _field_types(cls).get(key) is str and text.strip()[:1] not in ("'", '"'):
+        return text.strip() or text
+    return parse_value(text)
+
+
+def _unknown_field(cls, key: str, where: str) -> ConfigError:
+    known = sorted(f.name for f in fields(cls))
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown field {key!r} of {cls.__name__}{hint}; known: {', '.join(known)}")
+
+
+def parse_overrides(cls, overrides: list[str] | None, section: str = "", label=None) -> dict[str, Any]:
+    """``key=value`` strings -> ``{field: value}`` for the config dataclass ``cls``, each value parsed as
+    YAML and checked against the field's type (``seed=4`` -> 4, ``fine_regimes=false`` -> False). For a
+    config that is built later from these values (SimFeat: a profile plus overrides); ``section``
+    names the overrides in errors (``override simfeat.seed=x: ...``)."""
+    prefix = f"{section}." if section else ""
+    known = {f.name for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        key, value = _split_override(item, section)
+        where = f"override {prefix}{item.strip()}"
+        if key not in known:
+            raise _unknown_field(cls, key, where)
+        out[key] = _checked_values(cls, {key: _override_value(cls, key, value)}, where, label)[key]
+    return out
+
+
+def apply_overrides(obj, overrides: list[str] | None, section: str = "", label=None):
     """Apply ``key=value`` strings (value parsed as YAML, then checked against the field's
-    type) to a config dataclass, returning a new one. ``section`` (``"model"``/``"train"``)
-    only names the override in error messages. On a ModelConfig, ``extra.<option>=V`` sets one
-    option and ``extra={a: 1}`` merges into ``extra`` (never replacing it); the option's name and
-    type are the architecture's to check (:func:`sgmft.models.registry.apply_model_overrides`
-    also takes ``<option>=V`` and refuses fields the arch does not read)."""
+    type) to a config dataclass, returning a new one. ``section`` (``"model"``/``"train"``/
+    ``"simfeat"``/``"serve"``/``"clean"``) only names the override in error messages. On a
+    ModelConfig, ``extra.<option>=V`` sets one option and ``extra={a: 1}`` merges into ``extra``
+    (never replacing it); the option's name and type are the architecture's to check
+    (:func:`sgmft.models.registry.apply_model_overrides` also takes ``<option>=V`` and refuses
+    fields the arch does not read). Checks across fields run once, after the last override."""
     if not overrides:
         return obj
     cls = type(obj)
@@ -384,19 +493,16 @@ def apply_overrides(obj, overrides: list[str] | None, section: str = ""):
     data = asdict(obj)
     prefix = f"{section}." if section else ""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {prefix}{item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        key = key.strip()
+        key, value = _split_override(item, section)
+        where = f"override {prefix}{item.strip()}"
         if "extra" in known and (key == "extra" or key.startswith("extra.")):
-            data["extra"] = _merge_extra(data["extra"], key, parse_value(value), f"override {prefix}{item}")
+            data["extra"] = _merge_extra(data["extra"], key, parse_value(value), where)
             continue
         if key not in known:
-            raise ConfigError(f"override {prefix}{item}: unknown field {key!r} of {cls.__name__}; "
-                             f"known: {', '.join(sorted(known))}")
-        data[key] = parse_value(value)
-        _build(cls, data, f"override {prefix}{item}")      # names the offending item
-    return _build(cls, data, "overrides")
+            raise _unknown_field(cls, key, where)
+        data[key] = _override_value(cls, key, value)
+        data.update(_checked_values(cls, data, where, label))      # names the offending item
+    return _build(cls, data, f"{section} overrides" if section else "overrides", label)
 
 
 def _merge_extra(extra: dict, key: str, value, where: str) -> dict:

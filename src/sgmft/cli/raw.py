@@ -37,8 +37,10 @@ def clean_config_from_args(args) -> CleanConfig:
     off = {step: False for step in CLEAN_STEPS if getattr(args, f"no_{step}", False)}
     if args.user_dict and not Path(args.user_dict).is_file():
         raise FileNotFoundError(f"--user-dict: file not found: {args.user_dict}")
-    return CleanConfig(**off, user_dict=str(Path(args.user_dict).resolve()) if args.user_dict else None,
-                       long_text=getattr(args, "long_text", None) or "truncate")
+    from sgmft.ingest.text import clean_config   # the one config builder: errors in the common shape
+
+    return clean_config({**off, "user_dict": str(Path(args.user_dict).resolve()) if args.user_dict else None,
+                         "long_text": getattr(args, "long_text", None) or "truncate"})
 
 
 def input_safety_kwargs(args) -> dict:

@@ -7,19 +7,29 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from sgmft.errors import UserError
 from sgmft.serve.config import ServeConfig
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def serve_config_from_args(args) -> ServeConfig:
+    """The ServeConfig of the flags, through the one config builder (sgmft.config.build_config): a bad
+    value is the common ConfigError, naming the flag (``--max-queue=0 is not allowed; expected a value > 0``)."""
+    from sgmft.config import build_config
+
+    cfg = build_config(ServeConfig, {f.name: getattr(args, f.name) for f in ServeConfig.fields()},
+                       "serve options", label=_flag)
+    if not cfg.allowed_hosts:   # default: the bind address and localhost
+        cfg = dataclasses.replace(cfg, allowed_hosts=",".join(cfg.hosts(args.host)))
+    return cfg
 
 
 def cmd_serve(args) -> int:
     if not Path(args.run_dir).exists():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
-    try:
-        cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in ServeConfig.fields()})
-        if not cfg.allowed_hosts:   # default: the bind address and localhost
-            cfg = dataclasses.replace(cfg, allowed_hosts=",".join(cfg.hosts(args.host)))
-    except ValueError as e:
-        raise UserError(f"--{str(e).replace('_', '-')}") from None
+    cfg = serve_config_from_args(args)
     if args.threads:
         import torch
 

@@ -233,11 +233,9 @@ def profile_config(name: str = "default", **overrides) -> SimFeatConfig:
     """The SimFeatConfig of profile ``name`` (a PROFILES key), with ``overrides`` on top."""
     if name not in PROFILES:
         raise InputError(f"unknown SimFeat profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
-    fields_ = SimFeatConfig.__dataclass_fields__
-    unknown = set(overrides) - set(fields_)
-    if unknown:
-        raise InputError(f"unknown SimFeatConfig field(s) {sorted(unknown)} for profile {name!r}")
-    return SimFeatConfig(**{**PROFILES[name], **overrides, "profile": name})
+    from sgmft.config import build_config   # unknown fields and bad values: one ConfigError shape
+
+    return build_config(SimFeatConfig, {**PROFILES[name], **overrides, "profile": name}, f"SimFeat profile {name!r}")
 
 
 @dataclass
@@ -771,23 +769,10 @@ def textbook_report(cfg: SimFeatConfig | None = None) -> dict:
 
 
 def parse_overrides(items) -> dict:
-    """``["key=value", ...]`` -> SimFeatConfig field overrides, each value cast to the field's type."""
-    fields_ = SimFeatConfig.__dataclass_fields__
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"SimFeat override {item!r} must look like key=value")
-        key, value = (x.strip() for x in item.split("=", 1))
-        if key not in fields_:
-            raise InputError(f"SimFeat override {item!r}: unknown field {key!r}")
-        kind = type(fields_[key].default)
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise InputError(f"SimFeat override {item!r}: expected true or false")
-            out[key] = value.lower() in ("true", "1", "yes")
-        else:
-            try:
-                out[key] = kind(value)
-            except ValueError:
-                raise InputError(f"SimFeat override {item!r}: expected a {kind.__name__}") from None
-    return out
+    """``["key=value", ...]`` (``--set``) -> SimFeatConfig field overrides, in the one override grammar
+    of :func:`sgmft.config.parse_overrides`: each value parsed as YAML and checked against the
+    field's type; a typo or a bad value is a ConfigError naming the field, the value and what is
+    allowed. ``simfeat.<field>=V`` is the same as ``<field>=V``."""
+    from sgmft.config import parse_overrides as parse
+
+    return parse(SimFeatConfig, list(items or []), "simfeat")

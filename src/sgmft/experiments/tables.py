@@ -27,7 +27,7 @@ resolve to the same configuration, which :func:`collect_rows` checks.
 
 from __future__ import annotations
 
-from sgmft.errors import ConfigError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+from sgmft.errors import ConfigError, UnknownNameError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
 import csv
 import dataclasses
@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from sgmft.config import find_yaml, load_preset
 from sgmft.experiments.runner import Row
 
 __all__ = ["SCALES", "DATA_KINDS", "SuiteRow", "TableSpec", "Suite", "load_table", "load_suite",
@@ -58,16 +59,12 @@ def list_tables() -> list[str]:
 
 
 def _read_yaml(name_or_path: str | Path) -> tuple[str, dict]:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p.stem, yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    res = _config_dir() / f"{name_or_path}.yaml"
-    if not res.is_file():
-        from sgmft.errors import UnknownNameError
-
-        raise UnknownNameError(f"unknown experiment config {str(name_or_path)!r}; known tables: "
-                       f"{', '.join(list_tables())} (or give a path to a .yaml file)")
-    return str(name_or_path), yaml.safe_load(res.read_text(encoding="utf-8")) or {}
+    """A table or suite config by name or path: the lookup of presets (:func:`sgmft.config.find_yaml`)."""
+    name, text = find_yaml(name_or_path, _config_dir(), "experiment config", list_tables)
+    try:
+        return name, yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"experiment config {name}: not valid YAML: {e}") from None
 
 
 def _strs(v, where: str) -> list[str]:
@@ -135,6 +132,10 @@ class SuiteRow:
         for key in ("name", "preset"):
             if not isinstance(d.get(key), str) or not d[key]:
                 raise ConfigError(f"{where}: '{key}' must be a non-empty string")
+        try:
+            load_preset(d["preset"])          # the one preset lookup: a typo fails here, naming the row
+        except UnknownNameError as e:
+            raise ConfigError(f"{where}: {e}") from None
         data = d.get("data", "simfeat")
         if data not in DATA_KINDS:
             raise ConfigError(f"{where}: data must be one of {DATA_KINDS}, got {data!r}")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sgmft.errors import InputError
 
-__all__ = ["CleanConfig", "TextCleaner", "clean_text", "load_stopwords", "parse_long_text", "LONG_TEXT_POLICIES",
+__all__ = ["CleanConfig", "TextCleaner", "clean_config", "clean_text", "load_stopwords", "parse_long_text", "LONG_TEXT_POLICIES",
            "STOPWORD_SOURCES"]
 
 # Bump when the meaning of a step changes, so cached cleaned text is invalidated.
@@ -108,6 +108,17 @@ class CleanConfig:
         unknown = set(self.stopword_sources) - set(STOPWORD_SOURCES)
         if unknown:
             raise InputError(f"unknown stopword source(s) {sorted(unknown)}; known: {STOPWORD_SOURCES}")
+
+
+def clean_config(data: dict | None = None, overrides: list[str] | None = None,
+                 where: str = "clean options") -> CleanConfig:
+    """A CleanConfig from a mapping of its fields and ``key=value`` overrides (``urls=false``,
+    ``extra_stopwords=[电影]``, ``long_text=chunk-mean:4``), through the one configuration grammar
+    (:func:`sgmft.config.build_config`, :func:`sgmft.config.apply_overrides`): a typo or a bad value
+    is a ConfigError naming the field, the value and what is allowed."""
+    from sgmft.config import apply_overrides, build_config
+
+    return apply_overrides(build_config(CleanConfig, dict(data or {}), where), overrides, "clean")
 
 
 LONG_TEXT_POLICIES = ("truncate", "head-tail", "chunk-mean")

@@ -30,8 +30,11 @@ gone. Files are written atomically (:mod:`sgmft.atomic`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -238,32 +241,61 @@ class BatchTally:
 
 
 def write_prediction_batches(out_path, label_names: Sequence[str], batches: Iterable[PredictionBatch], *,
-                             total: int, with_true: bool, extras: Sequence[str] = (), progress: bool = False,
-                             min_confidence: float | None = None, t0: float | None = None) -> BatchTally:
+                             total: int | None, with_true: bool | None, extras: Sequence[str] = (),
+                             progress: bool = False, min_confidence: float | None = None,
+                             t0: float | None = None) -> BatchTally:
     """The one batch prediction writer (``predict --store`` and ``predict --manifest``, local or
     on Ray): write ``batches`` to ``out_path`` atomically (CSV or JSONL by its suffix, with the
-    ``uncertain`` column and the explanation), with a progress bar of ``total`` posts, counting
-    as it goes. Returns the :class:`BatchTally` (its ``summary()`` is the command's summary; its
-    ``seconds`` count from ``t0``, a ``time.perf_counter()`` value, default now)."""
+    ``uncertain`` column and the explanation), with a progress bar of ``total`` posts (None:
+    unknown), counting as it goes. Returns the :class:`BatchTally` (its ``summary()`` is the
+    command's summary; its ``seconds`` count from ``t0``, a ``time.perf_counter()`` value,
+    default now).
+
+    ``with_true=None`` (a streamed manifest, whose labels are not known before the end): the
+    file has a ``true`` column when some row has a known truth. JSONL rows do not depend on it;
+    a CSV body is written to a temporary file beside ``out_path`` with the column and copied
+    into place at the end, without the column when no row had a truth. Memory stays one batch."""
     from tqdm.auto import tqdm
 
     out_path = Path(out_path)
+    fmt = prediction_format(out_path)
     tally = BatchTally(list(label_names), out_path, min_confidence)
     if t0 is not None:
         tally.t0 = t0
+    decide_later = with_true is None and fmt == "csv"
     bar = tqdm(total=total, unit="post", desc="predict", disable=not progress, dynamic_ncols=True)
     try:
         with atomic_file(out_path, "w", encoding="utf-8", newline="") as f:
-            writer = PredictionWriter(f, prediction_format(out_path), label_names, with_true=with_true,
-                                      extras=extras, with_uncertain=True, with_explanation=True)
-            for b in batches:
-                writer.write(b.ids, b.probs, b.true if with_true else None, b.extras if extras else None,
-                             uncertain=b.uncertain, explanations=b.explanations)
-                tally.add(b, with_true)
-                bar.update(len(b.ids))
+            body = (tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=out_path.parent,
+                                           prefix=f".{out_path.name}.", suffix=".body") if decide_later
+                    else contextlib.nullcontext(f))
+            with body as g:
+                writer = PredictionWriter(g, fmt, label_names, with_true=with_true is not False,
+                                          extras=extras, with_uncertain=True, with_explanation=True)
+                for b in batches:
+                    writer.write(b.ids, b.probs, b.true if with_true is not False else None,
+                                 b.extras if extras else None, uncertain=b.uncertain, explanations=b.explanations)
+                    tally.add(b, with_true is not False)
+                    bar.update(len(b.ids))
+                if decide_later:
+                    g.seek(0)
+                    _copy_csv(g, f, drop=None if tally.labelled else writer.columns.index("true"))
     finally:
         bar.close()
     return tally
+
+
+def _copy_csv(src: IO[str], dst: IO[str], drop: int | None) -> None:
+    """Copy CSV text from ``src`` to ``dst``, without column ``drop`` (an index) unless None; the
+    rows are written as :class:`PredictionWriter` writes them (same dialect), so the result is
+    the file it would have written without that column."""
+    if drop is None:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    w = csv.writer(dst, lineterminator="\n")
+    for row in csv.reader(src):
+        del row[drop]
+        w.writerow(row)
 
 
 def read_predictions(path, fmt: str | None = None) -> list[dict]:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
+import heapq
+import itertools
 import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -42,13 +44,13 @@ from sgmft.checkpoint import FeatureContract
 from sgmft.checkpoint import clean_config_from as _clean_cfg_from  # noqa: F401  (older imports)
 from sgmft.features.encode import DEFAULT_MAX_IMAGES, check_image_choice, encode_posts
 from sgmft.ingest.images import DEFAULT_MAX_PIXELS, ImageBytes
-from sgmft.ingest.manifest import Post, Reject, read_manifest, write_rejects
+from sgmft.ingest.manifest import Post, Reject, iter_manifest, write_rejects
 from sgmft.ingest.text import CleanConfig, TextCleaner
 from sgmft.predict.features import (BackboneMismatchError, PrecisionMismatchError, Predictions,  # noqa: F401
                                     Predictor, check_min_confidence, uncertain_mask)
 from sgmft.predict.output import PredictionBatch, write_prediction_batches
 
-__all__ = ["BackboneMismatchError", "PostPredictor", "post_result"]
+__all__ = ["BackboneMismatchError", "BatchEncoder", "PostPredictor", "post_result"]
 
 
 def post_result(label_names: Sequence[str], probs, *, uncertain: bool = False, explanation: dict | None = None,
@@ -257,17 +259,21 @@ class PostPredictor:
                            text_mask=tm, image_mask=im, warnings=warnings, image_rejects=rejects)
 
     # -- manifests ---------------------------------------------------------------------------
-    def _encode_batches(self, batches, base):
-        """``(EncodedBatch, Predictions with explanations)`` of each batch of posts, in order, in this process."""
+    def encode_batches(self, batches: Iterable[list[Post]],
+                       base: Path) -> Iterator[tuple[list[Post], Any, Predictions]]:
+        """The default ``encoder`` of :meth:`predict_manifest`, in this process: for each batch of
+        posts, in order, ``(posts, encoded, predictions)``: the :class:`~sgmft.features.encode.EncodedBatch`
+        (its ``text_mask``, ``image_mask`` and per-post image ``rejects`` are read) and the
+        :class:`~sgmft.predict.features.Predictions` with explanations."""
         for batch in batches:
             enc = encode_posts(self.backbone, self.cleaner, batch, self.image_choice, max_pixels=self.max_pixels,
                                base=base, max_images=self.max_images)
-            yield enc, self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask,
-                                                       explain=True)
+            yield batch, enc, self.predictor.predict_features(enc.text, enc.image, enc.text_mask, enc.image_mask,
+                                                              explain=True)
 
     def predict_manifest(self, manifest, out_path, rejects_path=None, *, progress: bool = False,
                          image_root=None, allow_any_path: bool = False, field_limits: dict | None = None,
-                         min_confidence: float | None = None, _encoded=None) -> dict:
+                         min_confidence: float | None = None, encoder: BatchEncoder | None = None) -> dict:
         """Predict every valid post of a manifest; write one row per post to ``out_path``.
 
         The rows follow the one prediction schema (:mod:`sgmft.predict.output`): ``id, pred,
@@ -279,24 +285,39 @@ class PostPredictor:
         and counted, never raised. Returns a summary dict. Image paths are confined as in
         ``sgmft extract`` (``image_root``, ``allow_any_path``; docs/posts-manifest.md), and an
         output naming the manifest is refused before anything is written.
-        The same on Ray Data: :func:`sgmft.predict.ray_predict.predict_manifest_ray`.
+
+        The manifest is streamed (:func:`~sgmft.ingest.manifest.iter_manifest`, one chunk per
+        batch of ``batch_size`` posts) and the rows are written as the batches come back, so
+        memory holds a few batches, the rejects and the duplicate-id hashes (about 24 bytes a
+        post), whatever the manifest's length; the output appears atomically at the end.
+
+        ``encoder``: who encodes and predicts the batches (:class:`BatchEncoder`, default
+        :meth:`encode_batches`, in this process). It is called once with the iterator of
+        batches (lists of :class:`~sgmft.ingest.manifest.Post`) and the folder image paths are
+        relative to, and yields ``(posts, encoded, predictions)`` per batch in the same order.
+        The same on Ray Data: :func:`sgmft.predict.ray_predict.predict_manifest_ray`, which passes
+        :class:`sgmft.predict.ray_predict.RayBatchEncoder`.
         """
         t0 = time.perf_counter()
         check_min_confidence(min_confidence)
         manifest, out_path = Path(manifest), Path(out_path)
         rejects_path = _rejects_path(manifest, out_path, rejects_path)
-        posts, row_rejects = read_manifest(manifest, label_names=self.label_names, check_images=True,
-                                           on_error="skip", image_root=image_root,
-                                           allow_any_path=allow_any_path, **(field_limits or {}))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        batches = [posts[s:s + self.batch_size] for s in range(0, len(posts), self.batch_size)]
-        # per batch, in order: (its masks and image rejects, its probabilities)
-        encoded = (_encoded or self._encode_batches)(batches, manifest.resolve().parent)
+        chunks = iter_manifest(manifest, chunk_size=self.batch_size, label_names=self.label_names,
+                               check_images=True, on_error="skip", image_root=image_root,
+                               allow_any_path=allow_any_path, **(field_limits or {}))
+        first = next(chunks, None)          # a missing manifest or image root raises here, before any output
+        row_rejects: list[Reject] = []
         img_rejects: list[Reject] = []
         missing: Counter = Counter()
 
+        def batches() -> Iterator[list[Post]]:
+            for chunk in itertools.chain([first] if first is not None else [], chunks):
+                row_rejects.extend(chunk.rejects)
+                if chunk.posts:
+                    yield chunk.posts
+
         def rows():
-            for batch, (enc, pb) in zip(batches, encoded):
+            for batch, enc, pb in (encoder or self.encode_batches)(batches(), manifest.resolve().parent):
                 n = len(batch)
                 img_rejects.extend(Reject(p.line, p.id, "images", reason, stage="extract")
                                    for r, p in enumerate(batch) for _, reason in enc.rejects[r])
@@ -306,15 +327,29 @@ class PostPredictor:
                 yield PredictionBatch([p.id for p in batch], pb.probs, uncertain_mask(pb.probs, min_confidence),
                                       pb.explanations, [p.label for p in batch], masks)
 
-        tally = write_prediction_batches(out_path, self.label_names, rows(), total=len(posts),
-                                         with_true=any(p.label is not None for p in posts),
+        # with_true=None: a "true" column when some post has a label (known only at the end)
+        tally = write_prediction_batches(out_path, self.label_names, rows(), total=None, with_true=None,
                                          extras=("text_mask", "image_mask"), progress=progress,
                                          min_confidence=min_confidence, t0=t0)
-        rejects = sorted(list(row_rejects) + img_rejects, key=lambda r: r.line)
-        write_rejects(rejects_path, rejects)
-        return tally.summary(rejects_path=str(rejects_path), rejects=len(rejects),
+        # both lists are in line order; a stable merge keeps a row's problems before its images'
+        write_rejects(rejects_path, heapq.merge(row_rejects, img_rejects, key=lambda r: r.line))
+        n_rejects = len(row_rejects) + len(img_rejects)
+        return tally.summary(rejects_path=str(rejects_path), rejects=n_rejects,
                              rows_rejected=len({r.line for r in row_rejects}), images_rejected=len(img_rejects),
                              text_missing=missing["text"], image_missing=missing["image"])
+
+
+class BatchEncoder(Protocol):
+    """The ``encoder=`` of :meth:`PostPredictor.predict_manifest`: called once with the batches
+    of valid posts (an iterator, consumed lazily or all at once) and the manifest's folder;
+    yields, per batch and in the same order, ``(posts, encoded, predictions)``: the batch's
+    posts, an object with ``text_mask``, ``image_mask`` (n bools) and ``rejects`` (per post, a
+    list of ``(image index, reason)``), and :class:`~sgmft.predict.features.Predictions` with
+    ``probs`` and ``explanations``. Implementations: :meth:`PostPredictor.encode_batches`
+    (in process) and :class:`sgmft.predict.ray_predict.RayBatchEncoder` (Ray Data)."""
+
+    def __call__(self, batches: Iterator[list[Post]], base: Path) -> Iterator[tuple[list[Post], Any, Predictions]]:
+        ...
 
 
 def _rejects_path(manifest: Path, out_path: Path, rejects_path) -> Path:

@@ -8,37 +8,43 @@ document (``maxLength``, ``maxItems``, ``x-limits``).
 
 from __future__ import annotations
 
-from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
-
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 MiB = 1024 * 1024
 
-# Flags whose value may be 0 or empty (everything else must be > 0).
-_MAY_BE_ZERO = {"max_wait_ms", "drain_seconds"}
-_TEXT = {"allowed_hosts", "cors_origins"}
+#: > 0 (a limit, a count, a timeout); >= 0 (a wait that may be 0)
+Positive = Annotated[int, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(frozen=True)
+# A pydantic dataclass like ModelConfig/TrainConfig (sgmft.config): every value is checked on
+# construction (``ServeConfig(max_queue=0)`` is a ValueError naming max_queue); ``sgmft serve`` builds
+# it through sgmft.config.build_config, so a bad flag is the one ConfigError shape of every config.
+@checked_dataclass(frozen=True, config=ConfigDict(validate_assignment=True))
 class ServeConfig:
     # -- limits (bad or hostile input) --------------------------------------------------------
-    max_header_bytes: int = _f(64 * 1024, "largest request line + headers in bytes; above it the server "
-                                          "answers 431 and closes the connection")
-    max_body_bytes: int = _f(64 * MiB, "largest request body in bytes (413 above it)")
-    max_image_bytes: int = _f(16 * MiB, "largest image in bytes, after base64 decoding (413 above it)")
-    max_image_pixels: int = _f(40_000_000, "most pixels per image, read from the header before decoding: "
-                                           "decompression bombs stop here (413 above it)")
-    max_request_pixels: int = _f(100_000_000, "most pixels of all the images of one request together, read "
-                                              "from their headers before any decoding (413 above it)")
-    max_images_per_post: int = _f(9, "most images in one post (Weibo allows 9)")
-    max_text_chars: int = _f(5000, "longest post text in characters (Weibo long posts: up to 5000)")
-    max_batch_posts: int = _f(64, "most posts in one /v1/predict/batch or /v1/predict/features request")
-    decode_workers: int = _f(2, "threads that decode images, off the inference thread")
+    max_header_bytes: Positive = _f(64 * 1024, "largest request line + headers in bytes; above it the server "
+                                               "answers 431 and closes the connection")
+    max_body_bytes: Positive = _f(64 * MiB, "largest request body in bytes (413 above it)")
+    max_image_bytes: Positive = _f(16 * MiB, "largest image in bytes, after base64 decoding (413 above it)")
+    max_image_pixels: Positive = _f(40_000_000, "most pixels per image, read from the header before decoding: "
+                                                "decompression bombs stop here (413 above it)")
+    max_request_pixels: Positive = _f(100_000_000, "most pixels of all the images of one request together, read "
+                                                   "from their headers before any decoding (413 above it)")
+    max_images_per_post: Positive = _f(9, "most images in one post (Weibo allows 9)")
+    max_text_chars: Positive = _f(5000, "longest post text in characters (Weibo long posts: up to 5000)")
+    max_batch_posts: Positive = _f(64, "most posts in one /v1/predict/batch or /v1/predict/features request")
+    decode_workers: Positive = _f(2, "threads that decode images, off the inference thread")
     # -- exposure -----------------------------------------------------------------------------
     allowed_hosts: str = _f("", "comma-separated Host header values accepted ('*.example.com' allowed; "
                                 "'*' = any); default: the bind address, localhost, 127.0.0.1 and ::1")
@@ -46,25 +52,14 @@ class ServeConfig:
                                "(e.g. https://app.example.com; '*' = any); default: none (same origin only)")
     expose_paths: bool = _f(False, "show file-system paths (the backbone's folder) in /v1/model")
     # -- dynamic batching --------------------------------------------------------------------
-    max_batch_size: int = _f(32, "most posts per backbone + model forward (requests are grouped up to this)")
-    max_wait_ms: float = _f(5.0, "how long a batch waits for more requests once it has one (ms)")
-    max_queue: int = _f(512, "most posts waiting for a forward; beyond it requests get 503 + Retry-After")
+    max_batch_size: Positive = _f(32, "most posts per backbone + model forward (requests are grouped up to this)")
+    max_wait_ms: NonNegative = _f(5.0, "how long a batch waits for more requests once it has one (ms)")
+    max_queue: Positive = _f(512, "most posts waiting for a forward; beyond it requests get 503 + Retry-After")
     # -- shutdown ----------------------------------------------------------------------------
-    drain_seconds: float = _f(5.0, "on SIGTERM: seconds during which /v1/ready answers 503 (so a load "
-                                   "balancer stops sending) while requests are still served, before the "
-                                   "listener closes")
-    shutdown_timeout: float = _f(30.0, "after the drain: longest wait for in-flight requests before exiting")
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name in _TEXT or isinstance(v, bool):
-                continue
-            if (f.name in _MAY_BE_ZERO and v < 0) or (f.name not in _MAY_BE_ZERO and v <= 0):
-                raise InputError(f"{f.name} must be {'>= 0' if f.name in _MAY_BE_ZERO else '> 0'}, got {v}")
-        for f in _TEXT:
-            if not isinstance(getattr(self, f), str):
-                raise InputError(f"{f} must be a comma-separated string, got {getattr(self, f)!r}")
+    drain_seconds: NonNegative = _f(5.0, "on SIGTERM: seconds during which /v1/ready answers 503 (so a load "
+                                         "balancer stops sending) while requests are still served, before the "
+                                         "listener closes")
+    shutdown_timeout: PositiveSeconds = _f(30.0, "after the drain: longest wait for in-flight requests before exiting")
 
     @staticmethod
     def fields() -> list[dataclasses.Field]:
