@@ -188,11 +188,16 @@ def render(result: dict) -> str:
                   "|---|---|---|---|" + "---|" * len(regimes)]
         lines.append(f"| oracle | {100 * o['accuracy']:.2f} | 1 | - | "
                      + " | ".join(f"{100 * o['by_regime'][r]:.1f}" for r in regimes) + " |")
-        for preset, s in prof["summary"].items():
+        order = sorted(prof["summary"], key=lambda p: p != "auto")          # the default first
+        most = max(v["accuracy"]["n"] for v in prof["summary"].values())
+        for preset in order:
+            s = prof["summary"][preset]
             a, q, t = s["accuracy"], s["over_oracle"], s["train_seconds"]
-            cells = [f"{100 * s['by_regime'][r]['mean']:.1f} ± {100 * s['by_regime'][r]['sd']:.1f}"
-                     for r in regimes]
-            lines.append(f"| {Path(preset).stem} | {100 * a['mean']:.2f} ± {100 * a['sd']:.2f} | "
+            pm = (lambda sd: f" ± {100 * sd:.1f}") if a["n"] > 1 else (lambda sd: "")
+            cells = [f"{100 * s['by_regime'][r]['mean']:.1f}{pm(s['by_regime'][r]['sd'])}" for r in regimes]
+            seeds = f" ({a['n']} seed{'s' if a['n'] > 1 else ''})" if a["n"] != most else ""
+            lines.append(f"| {Path(preset).stem}{seeds} | {100 * a['mean']:.2f}"
+                         + (f" ± {100 * a['sd']:.2f}" if a["n"] > 1 else "") + " | "
                          f"{q['mean']:.3f} | {t['mean']:.0f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

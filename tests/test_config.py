@@ -329,3 +329,13 @@ def test_experiment_tables_look_presets_up_like_load_preset(tmp_path):
         load_table(t)
     with pytest.raises(UnknownNameError, match=r"^unknown experiment config 'tabel1'; known: table1, "):
         load_table("tabel1")
+
+
+def test_every_simfeat_profile_through_the_checked_builder_is_the_plain_dataclass():
+    # same values *and* types (an int where a float was would change nothing in ==, but could in numpy),
+    # so the generated data are those of SimFeatConfig(**profile), bit for bit
+    from sgmft.data.simfeat import PROFILES, SimFeatConfig, profile_config
+
+    for name, fields_ in PROFILES.items():
+        a, b = profile_config(name), SimFeatConfig(**{**fields_, "profile": name})
+        assert [(type(v), v) for v in dataclasses.astuple(a)] == [(type(v), v) for v in dataclasses.astuple(b)]

@@ -51,7 +51,9 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert s["chosen"] == next(n for n in ("trust", "lda") if vals[n] == best)   # ties go to the first
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(best)
     cands = {c["name"]: c["model"] for c in run["fingerprint_inputs"]["model"]["candidates"]}
-    assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 3   # resolved views (issue 19)
+    assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 1   # resolved views (issue 19)
+    # ~43 training posts per place: the TrustMix candidate was given one look per place, and says so
+    assert s["candidates"]["trust"]["sized"]["looks"] == 1 and "per place" in s["candidates"]["trust"]["sized"]["reason"]
     chosen_dir = tmp_path / "r" / "candidates" / s["chosen"] / "model"
     assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
         (chosen_dir / "model.safetensors").read_bytes()
@@ -65,6 +67,22 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert Predictor.load(tmp_path / "r").label_names == ["c0", "c1", "c2", "c3"]
     again = train(store, tmp_path / "r", _fast_auto())
     assert again.status == "complete"
+
+
+@pytest.mark.parametrize("per_class, looks", [(100, 1), (400, 3)])
+def test_trust_candidates_get_one_look_per_place_on_small_stores(per_class, looks):
+    import types
+
+    import sgmft.train.select as sel
+
+    labels = np.repeat(np.arange(5), per_class)
+    fs = types.SimpleNamespace(labels=labels, split=np.where(np.arange(labels.size) % 5 == 0, "test", "train"))
+    p = sel._candidate_preset("trust", load_preset("auto").train)
+    change = sel._fit_to_size(p, fs)
+    # per_class 100: 80 non-test posts a place, 72 after validation (< 150); 400: 288 (>= 150)
+    assert p.model.extra["looks"] == looks and (change is not None) == (looks == 1)
+    lda = sel._candidate_preset("lda", load_preset("auto").train)
+    assert sel._fit_to_size(lda, fs) is None
 
 
 def test_a_candidate_that_selects_is_refused(tmp_path):

@@ -322,7 +322,7 @@ def _field_checker(cls):
         default = (field(default=f.default) if f.default is not dataclasses.MISSING
                    else field(default_factory=f.default_factory))
         spec.append((f.name, hints[f.name], default))
-    return checked_dataclass(dataclasses.make_dataclass(f"{cls.__name__}", spec), config=_CHECKED)
+    return checked_dataclass(dataclasses.make_dataclass(cls.__name__, spec), config=_CHECKED)
 
 
 def _checked_values(cls, data: dict[str, Any], where: str, label=None) -> dict[str, Any]:
@@ -341,7 +341,9 @@ def _build(cls, data: dict[str, Any], where: str, label=None):
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}; "
+        close = [m for k in sorted(unknown) for m in difflib.get_close_matches(k, sorted(known), n=1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(f"{where}: unknown {cls.__name__} field(s) {sorted(unknown)}{hint}; "
                          f"known: {sorted(known)}")
     values = _checked_values(cls, data, where, label)
     try:

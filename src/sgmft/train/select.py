@@ -28,6 +28,10 @@ from sgmft.train.result import TrainResult
 __all__ = ["SHARED_TRAIN_FIELDS", "train_selected"]
 
 RULE = "highest validation accuracy; a tie goes to the earlier candidate"
+# Below this many training posts per place, TrustMix candidates get one look per place (eq T0): each
+# look is a mean to estimate, and on 1,000 posts of 10 places three looks lost 3-5 points to one
+# (docs/design.md, "The default model", item 7).
+LOOKS_MIN_POSTS_PER_PLACE = 150
 # settings of the selecting preset that every candidate gets (the split, the seed, where to run)
 SHARED_TRAIN_FIELDS = ("seed", "val_fraction", "test_fraction", "split", "num_workers", "accelerator",
                        "devices", "strategy", "num_nodes", "progress", "deterministic", "calibration")
@@ -41,6 +45,37 @@ def _candidate_preset(name: str, shared: TrainConfig, base: TrainConfig | None =
                if base is not None and getattr(shared, f.name) != getattr(base, f.name)}
     p.train = dataclasses.replace(p.train, **{f: getattr(shared, f) for f in set(SHARED_TRAIN_FIELDS) | changed})
     return p
+
+
+def _training_posts(fs, train: TrainConfig) -> float:
+    """About how many posts the training split will hold (labelled, not test, not validation)."""
+    import numpy as np
+
+    labels = np.asarray(fs.labels) if fs.labels is not None else np.zeros(0)
+    n = float(np.count_nonzero(labels >= 0))
+    if fs.split is not None:
+        n -= float(np.count_nonzero(np.asarray(fs.split) == "test"))
+    else:
+        n *= 1.0 - train.test_fraction
+    return n * (1.0 - train.val_fraction)
+
+
+def _fit_to_size(p: Preset, fs) -> dict | None:
+    """One look per place for a TrustMix candidate on a small store (LOOKS_MIN_POSTS_PER_PLACE);
+    returns what was changed and why (run.json ``selection``), or None."""
+    import numpy as np
+
+    looks = int(p.model.extra.get("looks", 1)) if p.model.arch == "trust" else 1
+    if looks <= 1 or fs.labels is None:
+        return None
+    places = max(1, len(np.unique(np.asarray(fs.labels)[np.asarray(fs.labels) >= 0])))
+    per_place = _training_posts(fs, p.train) / places
+    if per_place >= LOOKS_MIN_POSTS_PER_PLACE:
+        return None
+    p.model = dataclasses.replace(p.model, extra={**p.model.extra, "looks": 1})
+    return {"looks": 1, "was": looks,
+            "reason": f"about {per_place:.0f} training posts per place < {LOOKS_MIN_POSTS_PER_PLACE}: "
+                      "one look per place"}
 
 
 def _written_train(preset: Preset) -> TrainConfig | None:
@@ -60,7 +95,11 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
     run = RunDir(out)
     base = _written_train(preset)
     presets = [_candidate_preset(c, preset.train, base) for c in preset.candidates]
+    sized = {}
     for p in presets:                           # each candidate's model, checked and resolved (issue 19)
+        change = _fit_to_size(p, fs)
+        if change:
+            sized[p.name] = change
         p.model = resolve_model(p.model, where=f"preset {p.name}: model")
     inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": model_view(p.model)} for p in presets]},
                                 asdict(preset.train), fs.path)
@@ -88,7 +127,8 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
         chosen_run = RunDir(best.run_dir).read_run_json() or {}
         selection = {"chosen": chosen, "rule": RULE, "split": "validation",
                      "candidates": {n: {"val_acc": r.best_val_acc, "seconds": round(r.seconds, 2),
-                                        "run": f"candidates/{n}"} for n, r in results.items()}}
+                                        "run": f"candidates/{n}", **({"sized": sized[n]} if n in sized else {})}
+                                    for n, r in results.items()}}
         record = {k: chosen_run.get(k) for k in ("store", "store_ids", "num_train", "num_val", "num_test",
                                                   "best_epoch", "epochs_run", "model", "input_norm", "fit")
                   if k in chosen_run}
