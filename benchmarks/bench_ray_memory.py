@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
                 _run([sys.executable, "-c", SETUP_PREDICT, td], env)
             r = _run([sys.executable, "-c", CHILD, str(n), td, str(args.ray_cpus), args.mode], env)
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    out = {"benchmark": "ray-driver-memory" if args.mode == "extract" else "ray-predict-driver-memory", "runs": runs,
+    name = "ray-driver-memory" if args.mode == "extract" else "ray-predict-driver-memory"
+    out = {"benchmark": name, "runs": runs,
            "peak_rss_ratio_largest_over_smallest": round(runs[-1]["driver_peak_rss_mib"] / runs[0]["driver_peak_rss_mib"], 3),
            "driver_kib_per_post": round((runs[-1]["driver_peak_rss_mib"] - runs[0]["driver_peak_rss_mib"]) * 1024
                                         / max(1, runs[-1]["n"] - runs[0]["n"]), 2),

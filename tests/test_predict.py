@@ -330,6 +330,7 @@ def test_ray_batch_encoder_driver_without_ray(raw_run, dirty, tmp_path, monkeypa
     seen = {}
 
     def fake_run_spilled(ray, spill, ctx, replica_cls, replica_kwargs, plan):
+        assert ray.data.DataContext.get_current().execution_options.preserve_order   # rows in post order
         R._CTX_CACHE.clear()
         seen["spill"] = spill.path
         ctx = dict(ctx, spill=str(spill.path), spill_offsets=spill.offsets)
@@ -349,8 +350,13 @@ def test_ray_batch_encoder_driver_without_ray(raw_run, dirty, tmp_path, monkeypa
     kw = dict(run_dir=str(raw_run["run"]), load_kwargs={"batch_size": 7, "device": "cpu"}, threads=1,
               fingerprint=pp.backbone.fingerprint(), cache_root=str(root), cache_salt=salt)
     root.mkdir(parents=True)
+    from types import SimpleNamespace
+
+    opts = SimpleNamespace(preserve_order=False)       # Ray Data's DataContext, as far as the driver uses it
+    fake_ray = SimpleNamespace(data=SimpleNamespace(DataContext=SimpleNamespace(
+        get_current=lambda: SimpleNamespace(execution_options=opts))))
     for rerun in (False, True):
-        enc = RayBatchEncoder(None, pp, {}, kw, root, prefix, salt)
+        enc = RayBatchEncoder(fake_ray, pp, {}, kw, root, prefix, salt)
         s = pp.predict_manifest(dirty["labelled"], tmp_path / "ray.csv", encoder=enc)
         assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
         assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (tmp_path / "local.rejects.jsonl").read_bytes()
@@ -359,4 +365,5 @@ def test_ray_batch_encoder_driver_without_ray(raw_run, dirty, tmp_path, monkeypa
         assert enc.info["cached" if rerun else "encoded"] == local["posts"]
         assert enc.info["encoded" if rerun else "cached"] == 0
         assert not seen["spill"].exists()                  # the spill file is removed after the run
+        assert opts.preserve_order is False                # the caller's setting is back
     assert issubclass(_PredictReplica, R.BatchReplica) and pickle.dumps(kw)

@@ -93,8 +93,9 @@ class RayBatchEncoder:
     driver does), runs the spill through :func:`sgmft.features.ray_engine.run_spilled` (CPU
     tasks read their batches from the file; :class:`_PredictReplica` encodes and predicts) and
     yields each batch in post order as soon as it and those before it are back, its posts read
-    back from the file. The driver holds 8 bytes a batch plus the results that came back ahead
-    of an unfinished one. ``info`` counts ``cached`` / ``encoded`` posts and ``run_s``."""
+    back from the file. The dataset keeps its rows in order (Ray Data's ``preserve_order``), so
+    the driver holds 8 bytes a batch and one batch's results; ``info`` counts ``cached`` /
+    ``encoded`` posts and ``run_s``."""
 
     def __init__(self, ray, pp, plan: dict, replica_kwargs: dict, cache_root: Path, prefix: bytes, salt: str):
         self.ray, self.pp, self.plan, self.replica_kwargs = ray, pp, plan, replica_kwargs
@@ -111,21 +112,34 @@ class RayBatchEncoder:
                        prefix=self.prefix, cache_root=str(self.cache_root), cache_salt=self.salt)
             done: dict[int, tuple] = {}
             nxt, t_run = 0, time.perf_counter()
-            for row in R.run_spilled(self.ray, spill, ctx, _PredictReplica, self.replica_kwargs, self.plan):
-                done[int(row["b"])] = pickle.loads(row["res"])
-                self.info["encoded"] += int(row["n"])
-                self.info["cached"] += len(json.loads(row["keys"])) - int(row["n"])
-                while nxt in done:  # written in post order as soon as the next batch is in
-                    probs, tm, im, rej, expl = done.pop(nxt)
-                    yield (spill.batch(nxt), _Encoded(tm, im, rej),
-                           Predictions(probs, None, pp.label_names, explanations=expl))
-                    nxt += 1
+            with _in_order(self.ray):
+                for row in R.run_spilled(self.ray, spill, ctx, _PredictReplica, self.replica_kwargs, self.plan):
+                    done[int(row["b"])] = pickle.loads(row["res"])
+                    self.info["encoded"] += int(row["n"])
+                    self.info["cached"] += len(json.loads(row["keys"])) - int(row["n"])
+                    while nxt in done:  # in post order (rows come in order; a safeguard if not)
+                        probs, tm, im, rej, expl = done.pop(nxt)
+                        yield (spill.batch(nxt), _Encoded(tm, im, rej),
+                               Predictions(probs, None, pp.label_names, explanations=expl))
+                        nxt += 1
             self.info["run_s"] = time.perf_counter() - t_run
             if nxt != spill.n_batches:
                 raise RuntimeError(f"--engine ray: batches {nxt}..{spill.n_batches - 1} produced no result; "
                                    "run the same command again to finish them")
         finally:
             spill.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _in_order(ray):
+    """Datasets made in the block keep their rows in order (Ray Data's ``preserve_order``), so a
+    batch that comes back ahead of a slow one waits in the object store, not in the driver."""
+    opts = ray.data.DataContext.get_current().execution_options
+    old, opts.preserve_order = opts.preserve_order, True
+    try:
+        yield
+    finally:
+        opts.preserve_order = old
 
 
 def spill_batches(batches, path: Path) -> R.SpilledPosts:
