@@ -179,4 +179,5 @@ def test_default_learns_from_300_simposts_without_flags(tmp_path):
     y = np.asarray(fs.labels)
     majority = np.bincount(y[split == "train"]).argmax()
     rate = float((y[split == "test"] == majority).mean())
-    assert m["accuracy"] >= rate + 0.25, (m["accuracy"], rate)    # measured: 0.59 against about 0.15
+    print(f"300 SimPosts, no flags: test accuracy {m['accuracy']:.3f}, majority rate {rate:.3f}")
+    assert m["accuracy"] >= rate + 0.25, (m["accuracy"], rate)    # measured: 0.593 against 0.169
