@@ -47,14 +47,13 @@ def _candidate_preset(name: str, shared: TrainConfig, base: TrainConfig | None =
     return p
 
 
-def _training_posts(fs, train: TrainConfig) -> float:
-    """About how many posts the training split will hold (labelled, not test, not validation)."""
+def _training_posts(labelled: int, split, train: TrainConfig) -> float:
+    """About how many of ``labelled`` posts the training split will hold (not test, not validation)."""
     import numpy as np
 
-    labels = np.asarray(fs.labels) if fs.labels is not None else np.zeros(0)
-    n = float(np.count_nonzero(labels >= 0))
-    if fs.split is not None:
-        n -= float(np.count_nonzero(np.asarray(fs.split) == "test"))
+    n = float(labelled)
+    if split is not None:
+        n -= float(np.count_nonzero(np.asarray(split) == "test"))
     else:
         n *= 1.0 - train.test_fraction
     return n * (1.0 - train.val_fraction)
@@ -68,8 +67,9 @@ def _fit_to_size(p: Preset, fs) -> dict | None:
     looks = int(p.model.extra.get("looks", 1)) if p.model.arch == "trust" else 1
     if looks <= 1 or fs.labels is None:
         return None
-    places = max(1, len(np.unique(np.asarray(fs.labels)[np.asarray(fs.labels) >= 0])))
-    per_place = _training_posts(fs, p.train) / places
+    labels = np.asarray(fs.labels)
+    labels = labels[labels >= 0]
+    per_place = _training_posts(labels.size, fs.split, p.train) / max(1, len(np.unique(labels)))
     if per_place >= LOOKS_MIN_POSTS_PER_PLACE:
         return None
     p.model = dataclasses.replace(p.model, extra={**p.model.extra, "looks": 1})
