@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
             "serial_prepare_posts_per_s": round(n / prep_s, 2),
             "pipeline_s": round(pipe_s, 3), "forward_s": round(fwd_s, 3), "serial_prepare_s": round(prep_s, 3),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "allocator": _allocator(),
             "load_average_1min": round(os.getloadavg()[0], 2),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
         }
@@ -362,7 +362,7 @@ def precision_main(args) -> dict:
         "hardware_ceiling": ceiling,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_end_mib": _rss_breakdown(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "allocator": _allocator(),
         "load_average_1min_end": round(os.getloadavg()[0], 2),
         "python": platform.python_version(), "torch": torch.__version__,
         "command": "python benchmarks/bench_extract.py " + " ".join(sys.argv[1:]),
@@ -392,6 +392,14 @@ def _ceiling_rates(ceiling) -> dict:
     g = ceiling["gflops"]
     return {"float32": g.get("fp32_matmul"), "bfloat16": g.get("bf16_matmul"), "float16": g.get("fp16_matmul"),
             "int8": g.get(f"int8_dynamic_linear_{ceiling['int8_engine_sgmft']}")}
+
+
+def _allocator() -> dict:
+    """Whether glibc keeps freed activation blocks (set when a CPU backbone loads; SGMFT_MALLOC=system
+    keeps glibc's defaults, for a before/after pair of runs)."""
+    from sgmft.features.backbones.allocator import allocator_state
+
+    return allocator_state()
 
 
 def hardware_ceiling(**kw) -> dict:

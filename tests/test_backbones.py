@@ -202,3 +202,24 @@ def test_sampled_weights_digest_independent_of_torch_threads():
     with torch.no_grad():
         m[1].weight[5, 7] += 1e-3                                     # a weight outside the sample
     assert hash_state_dict(m, full_limit_bytes=0) not in digests
+
+
+def test_quick_gelu_folded_into_the_weights_is_the_same_function(tiny, tiny_dir):
+    """fold_quick_gelu: every vision MLP runs SiLU on rescaled weights, and the image features equal
+    the untouched transformers model's (fp32, within float rounding)."""
+    import torch
+    from transformers import ChineseCLIPModel
+
+    from sgmft.features.backbones.hf_clip import fold_quick_gelu
+
+    ref = ChineseCLIPModel.from_pretrained(str(tiny_dir)).eval()
+    acts = {type(m.activation_fn).__name__ for m in tiny.model.modules() if hasattr(m, "fc1")}
+    assert acts == {"SiLU"}
+    pix = tiny.preprocess_images(_images(3))
+    with torch.no_grad():
+        want = ref.get_image_features(pixel_values=pix).pooler_output
+    want = torch.nn.functional.normalize(want, dim=-1).numpy()
+    np.testing.assert_allclose(tiny.forward_images(pix), want, atol=2e-6, rtol=0)
+    assert fold_quick_gelu(tiny.model) == 0          # nothing left to fold: a second call is a no-op
+    n_layers = ref.config.vision_config.num_hidden_layers
+    assert fold_quick_gelu(ref) == n_layers

@@ -73,10 +73,15 @@ def load_backbone(spec: str, *, device: str = "auto", dtype: str = "auto", batch
     ``device="auto"`` picks this process's GPU, else CPU; ``dtype="auto"`` means bf16/fp16
     autocast on CUDA; on CPU bf16 with AMX, int8 with VNNI and no AMX, else fp32
     (:mod:`sgmft.features.backbones.precision`). Raises :class:`BackboneUnavailableError` (with download
-    instructions) when the weights are not available offline.
+    instructions) when the weights are not available offline. On CPU, glibc is then told to keep
+    freed activation blocks for the next batch (:mod:`sgmft.features.backbones.allocator`).
     """
     name, ref = parse_spec(spec)
     bb = BACKBONES.get(name)(ref, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
+    if str(getattr(bb, "device", "cpu")).startswith("cpu"):
+        from sgmft.features.backbones.allocator import keep_freed_memory
+
+        keep_freed_memory()
     return bb
 
 

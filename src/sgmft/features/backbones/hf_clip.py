@@ -115,6 +115,38 @@ def resolve_checkpoint(ref: str, name: str) -> Path:
             + download_help(ref, name)) from None
 
 
+QUICK_GELU = 1.702   # QuickGELU(x) = x * sigmoid(1.702 x) (CLIP's activation)
+
+
+@torch.no_grad()
+def fold_quick_gelu(model: torch.nn.Module) -> int:
+    """Rewrite every ``fc1 -> QuickGELU -> fc2`` MLP of ``model`` as ``fc1' -> SiLU -> fc2'`` with
+    fc1' = 1.702 fc1 and fc2'.weight = fc2.weight / 1.702; returns how many MLPs were rewritten.
+
+    The same function: x sigmoid(1.702 x) = SiLU(1.702 x) / 1.702, and the two factors go into the
+    weights (once, in fp32, before any reduced-precision cast). The activation becomes one in-place
+    pass over the (batch, tokens, 4 x width) tensor instead of three (a scalar multiply, a sigmoid, a
+    multiply, each writing a new tensor): ViT-B/16 image forward at batch 32 on 2 AMX cores, one
+    interleaved run, 0.909 -> 0.780 s in bf16 and 3.43 -> 3.26 s in fp32, features at cosine
+    1.000000 to the unfolded model in fp32 (docs/scale.md). It changes only the last bits, like the
+    thread count, so it is not part of the fingerprint. The weights' identity is hashed before.
+    """
+    n = 0
+    for mod in model.modules():
+        act = getattr(mod, "activation_fn", None)
+        fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
+        if type(act).__name__ != "QuickGELUActivation" or not isinstance(fc1, torch.nn.Linear) \
+                or not isinstance(fc2, torch.nn.Linear):
+            continue
+        fc1.weight.mul_(QUICK_GELU)
+        if fc1.bias is not None:
+            fc1.bias.mul_(QUICK_GELU)
+        fc2.weight.div_(QUICK_GELU)
+        mod.activation_fn = torch.nn.SiLU(inplace=True)
+        n += 1
+    return n
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
@@ -132,6 +164,7 @@ class HFClipBackbone(Backbone):
         model.eval().requires_grad_(False)
         self._weights_digest = hash_state_dict(model)  # before any device move / quantisation: stable identity
         self._model_class = type(model).__name__
+        fold_quick_gelu(model)
         self.model = apply_precision(model.to(self.device), self.precision)
         self._recipe = precision_recipe(self.precision)  # as applied now (the int8 engine is chosen here)
         cfg = model.config

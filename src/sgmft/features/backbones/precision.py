@@ -272,6 +272,8 @@ def explain_hardware(n: int = 1024, rounds: int = 2, seconds: float = 0.2) -> st
              f"GEMM ceiling ({c['matrix']}, {c['torch_threads']} torch threads, {c['method']}):"]
     for k, v in c["gflops"].items():
         lines.append(f"  {k:36s} {v:9.1f} GFLOP/s  ({v / c['gflops']['fp32_matmul']:.2f}x fp32)")
-    lines += [f"verdict: {c['verdict']}",
+    from sgmft.features.backbones.allocator import allocator_plan
+
+    lines += [f"verdict: {c['verdict']}", f"allocator: {allocator_plan()}",
               f"--precision auto on CPU: {c['auto_precision']['cpu']} ({c['auto_precision']['reason']})"]
     return "\n".join(lines)
