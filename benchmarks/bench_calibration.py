@@ -58,7 +58,35 @@ def compare_methods(pred, fs, val: np.ndarray, test: np.ndarray, y: np.ndarray) 
                            ("temperature_uniform", fit_temperature_uniform(zv, yv))):
         m = calibration_metrics(y, calibrated_probs(zt, t, eps).numpy())
         out[name] = {"temperature": t, "uniform_weight": eps, **{k: m[k] for k in ("ece", "nll", "brier")}}
+    pv = calibrated_probs(torch.as_tensor(zv, dtype=torch.float64), t, eps).numpy()
+    pt = calibrated_probs(zt, t, eps).numpy()
+    for name, f in _top_maps(pv, yv).items():   # tried, not adopted (docs/predict.md)
+        m = calibration_metrics(y, _map_top(pt, f))
+        out[name] = {k: m[k] for k in ("ece", "nll", "brier")}
     return out
+
+
+def _top_maps(pv: np.ndarray, yv: np.ndarray) -> dict:
+    """Two more flexible maps of the top confidence after temperature_uniform, fitted on the
+    validation rows with scikit-learn: isotonic regression and Platt scaling of its log-odds."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+
+    conf, hit = pv.max(1), (pv.argmax(1) == yv)
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(conf, hit.astype(float))
+    lo = lambda c: np.log(np.clip(c, 1e-9, 1 - 1e-9) / np.clip(1 - c, 1e-9, 1.0))[:, None]  # noqa: E731
+    platt = LogisticRegression(C=1e6).fit(lo(conf), hit.astype(int))
+    return {"temperature_uniform+isotonic_top": iso.predict,
+            "temperature_uniform+platt_top": lambda c: platt.predict_proba(lo(c))[:, 1]}
+
+
+def _map_top(p: np.ndarray, f) -> np.ndarray:
+    """``p`` with its top probability replaced by ``f(top)`` and the others rescaled to sum to 1."""
+    c, k = p.max(1), p.argmax(1)
+    c2 = np.clip(f(c), 1e-6, 1 - 1e-6)
+    q = p * ((1 - c2) / np.maximum(1 - c, 1e-12))[:, None]
+    q[np.arange(len(p)), k] = c2
+    return q
 
 
 def score_run(pred, fs, test: np.ndarray, y: np.ndarray, regimes: np.ndarray) -> dict:
