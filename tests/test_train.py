@@ -181,3 +181,25 @@ def test_default_learns_from_300_simposts_without_flags(tmp_path):
     rate = float((y[split == "test"] == majority).mean())
     print(f"300 SimPosts, no flags: test accuracy {m['accuracy']:.3f}, majority rate {rate:.3f}")
     assert m["accuracy"] >= rate + 0.25, (m["accuracy"], rate)    # measured: 0.593 against 0.169
+
+
+def test_select_on_val_loss_keeps_the_lowest_loss_epoch(tmp_path, small_store):
+    """train.select_on=val_loss exports the epoch with the lowest validation loss (its val_acc is what
+    run.json calls best_val_acc); the default keeps the highest val_acc."""
+    import csv
+
+    from sgmft.runs import fingerprint_inputs
+
+    for sel in ("val_acc", "val_loss"):
+        res = train(small_store, tmp_path / sel, quick_preset(select_on=sel, epochs=6, lr=3e-3))
+        info = json.loads((tmp_path / sel / "run.json").read_text())
+        rows = list(csv.DictReader(open(tmp_path / sel / "lightning" / "metrics.csv")))
+        key = [float(r[sel]) for r in rows]
+        want = int(np.argmin(key)) if sel == "val_loss" else int(np.argmax(key))
+        assert info["best_epoch"] == want, (sel, key)
+        assert res.best_val_acc == pytest.approx(float(rows[want]["val_acc"]))
+    # the old behaviour's value stays out of the fingerprint; the new one enters it
+    a = fingerprint_inputs({}, {"lr": 1.0, "select_on": "val_acc"}, None, digest="d")
+    b = fingerprint_inputs({}, {"lr": 1.0}, None, digest="d")
+    c = fingerprint_inputs({}, {"lr": 1.0, "select_on": "val_loss"}, None, digest="d")
+    assert a == b and c != b

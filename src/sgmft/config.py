@@ -200,6 +200,9 @@ class TrainConfig:
     # "temperature_uniform": p = (1 - eps) softmax(z / T) + eps / K, T and eps fitted by NLL;
     # "temperature": eps = 0 (Guo et al. 2017); "none". The argmax never changes.
     calibration: Literal["temperature_uniform", "temperature", "none"] = "temperature_uniform"
+    # which epoch's weights the run keeps (docs/training.md, "Which epoch is kept"): the highest validation
+    # accuracy, or the lowest validation loss (NLL; TrustMix's preset: its accuracy peaks early and noisily)
+    select_on: Literal["val_acc", "val_loss"] = "val_acc"
 
 
 def progress_enabled(flag: bool | None) -> bool:

@@ -281,6 +281,9 @@ FINGERPRINT_VERSION = 1
 # and `epochs`: a run may be extended to more epochs (the result equals a run that had the
 # larger count from the start); train() checks it separately
 COSMETIC_TRAIN_FIELDS = ("progress", "num_workers", "tensorboard", "epochs")
+# train fields added after runs were recorded, left out of the fingerprint at the value that gives the old
+# behaviour, so those runs keep their fingerprint (and resume, and count as done)
+TRAIN_FIELDS_ADDED = {"select_on": "val_acc"}
 _HASH_CHUNK = 8 * 2**20
 
 
@@ -308,7 +311,8 @@ def _plain(obj):
 def fingerprint_inputs(model: dict, train: dict, store_path, digest: str | None = None) -> dict:
     """What a run's result depends on: the model config, the train config (seed included;
     cosmetic fields left out) and the store's contents."""
-    train = {k: v for k, v in train.items() if k not in COSMETIC_TRAIN_FIELDS}
+    train = {k: v for k, v in train.items() if k not in COSMETIC_TRAIN_FIELDS
+             and not (k in TRAIN_FIELDS_ADDED and v == TRAIN_FIELDS_ADDED[k])}
     return _plain({"version": FINGERPRINT_VERSION, "model": model, "train": train,
                    "store": digest or store_digest(store_path)})
 

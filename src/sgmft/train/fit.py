@@ -396,7 +396,8 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
                                num_workers=train_cfg.num_workers, full_epochs=full)
     val_loader = (make_loader(fs, va, max(train_cfg.batch_size, 256), shuffle=False,
                               num_workers=train_cfg.num_workers) if len(va) else None)
-    recorder = RunRecorder(run_dir, has_val=val_loader is not None, fingerprint=fp)
+    recorder = RunRecorder(run_dir, has_val=val_loader is not None, fingerprint=fp,
+                           select_on=getattr(train_cfg, "select_on", "val_acc"))
     callbacks = [recorder]
     progress = progress_enabled(train_cfg.progress)     # None: only on a terminal
     if progress:

@@ -228,10 +228,11 @@ class RunRecorder(Callback):
 
     STATE_KEY = "sgmft.RunRecorder"
 
-    def __init__(self, run: RunDir, has_val: bool, fingerprint: str = ""):
+    def __init__(self, run: RunDir, has_val: bool, fingerprint: str = "", select_on: str = "val_acc"):
         self.run, self.has_val, self.fingerprint = run, has_val, fingerprint
+        self.select_on = select_on          # TrainConfig.select_on: which epoch's weights are kept
         self.history: list[dict] = []
-        self.best_score: float | None = None
+        self.best_score: float | None = None   # the validation accuracy of the kept epoch
         self.best_epoch: int | None = None
 
     @property
@@ -264,15 +265,27 @@ class RunRecorder(Callback):
                                  "training stopped and nothing was exported; lower the learning rate, then "
                                  "re-run with --overwrite (or a new --out)")
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
-        score = row.get("val_acc")
-        improved = self.has_val and score is not None and (self.best_score is None or score > self.best_score)
+        improved = self.has_val and self._better(row)
         if improved:
-            self.best_score, self.best_epoch = score, epoch
+            self.best_score, self.best_epoch = row.get("val_acc"), epoch
             if trainer.is_global_zero:
                 save_weights(pl_module.model, self.run.best_weights)
         trainer.save_checkpoint(str(self.run.last_checkpoint))
         if trainer.is_global_zero:
             write_metrics_csv(self.run.metrics_csv, self.history)
+
+
+    def _better(self, row: dict) -> bool:
+        """Whether this epoch beats the kept one: higher val_acc, or lower val_loss (``select_on``)."""
+        key = self.select_on
+        if row.get(key) is None:
+            return False
+        if self.best_epoch is None:
+            return True
+        kept = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
+        if kept is None or kept.get(key) is None:
+            return True
+        return row[key] > kept[key] if key == "val_acc" else row[key] < kept[key]
 
 
 def save_weights(model: torch.nn.Module, path) -> Path:
