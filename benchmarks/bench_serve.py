@@ -80,18 +80,77 @@ class Conn:
         self.r = self.w = None
 
 
+class _Reader(asyncio.Protocol):
+    """Collects one HTTP/1.1 response at a time: (status, body) once its Content-Length bytes are in."""
+
+    def __init__(self):
+        self.buf, self.fut, self.transport, self.lost = bytearray(), None, None, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes):
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.fut is None or self.fut.done():
+            return
+        head = bytes(self.buf[:end]).lower()
+        i = head.find(b"content-length:")
+        length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+        if len(self.buf) < end + 4 + length:
+            return
+        status = int(self.buf[9:12])
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        self.fut.set_result((status, body, b"connection: close" in head))
+
+    def connection_lost(self, exc):
+        self.lost = exc or ConnectionError("the server closed the connection")
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_exception(self.lost)
+
+
+class LeanConn:
+    """The same keep-alive client as :class:`Conn` on a bare asyncio Protocol: no stream objects, no
+    task per request, so a request costs the load generator a few microseconds of the shared CPU."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.p = host, port, None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        if self.p is None or self.p.lost is not None:
+            _, self.p = await loop.create_connection(_Reader, self.host, self.port)
+        self.p.fut = loop.create_future()
+        self.p.transport.write(raw)
+        status, body, close = await self.p.fut
+        if close:
+            self.close()
+        return status, body
+
+    def close(self):
+        if self.p is not None and self.p.transport is not None:
+            self.p.transport.close()
+        self.p = None
+
+
 def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+CLIENT = {"lean": LeanConn, "streams": Conn}
+CLIENT_KIND = ["lean"]                                                 # --client
 
 
 async def drive(host, port, requests: list[bytes], concurrency: int, seconds: float, max_requests: int):
     """C workers send ``requests`` round-robin until ``seconds`` pass or ``max_requests`` are sent."""
     lat, errors, sent = [], [], [0]
     deadline = time.perf_counter() + seconds
+    make = CLIENT[CLIENT_KIND[0]]
 
     async def worker(k: int):
-        conn, i = Conn(host, port), k
+        conn, i = make(host, port), k
         try:
             while time.perf_counter() < deadline and sent[0] < max_requests:
                 sent[0] += 1
@@ -99,7 +158,8 @@ async def drive(host, port, requests: list[bytes], concurrency: int, seconds: fl
                 i += concurrency
                 t0 = time.perf_counter()
                 try:
-                    status, body = await asyncio.wait_for(conn.request(raw), 60)
+                    async with asyncio.timeout(60):
+                        status, body = await conn.request(raw)
                     if status != 200 or b'"label"' not in body:
                         errors.append(f"{status}: {body[:200]!r}")
                     else:
@@ -127,11 +187,19 @@ def summarize(lat, errors, wall) -> dict:
 
 
 def rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its children (the worker processes of ``--workers``), from /proc."""
+    total = 0.0
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+                total += float(line.split()[1]) / 1024
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        for child in (t / "children").read_text().split():
+            try:
+                total += rss_mb(int(child))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return total
 
 
 def free_port() -> int:
@@ -237,12 +305,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--soak-concurrency", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32, help="server --max-batch-size and the in-process batch")
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--workers", type=int, default=1, help="sgmft serve --workers (server processes on one port)")
+    ap.add_argument("--server-batch-size", type=int,
+                    help="the server's --max-batch-size (default: --batch-size); with N workers at concurrency C, "
+                         "about C/N, so that a worker's batch fills without waiting --max-wait-ms")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved in-process/server rounds for the c32 ratios")
     ap.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time hostile requests (a 1 MiB header, 6300^2 PNG images) against small ones")
+    ap.add_argument("--client", choices=sorted(CLIENT), default="lean",
+                    help="load generator: lean (asyncio Protocol) or streams (asyncio streams, the earlier client)")
+    ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                    help="the load generator's event loop (uvloop, as the server's, or the standard one)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
+    CLIENT_KIND[0] = args.client
+    if args.client_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -308,6 +389,13 @@ def main(argv=None) -> dict:
     f_one, f_batched = timed(feat_one), timed(feat_batched)
     inproc = {"raw_one_post_per_s": round(one, 1), "raw_batched_per_s": round(batched, 1),
               "features_one_post_per_s": round(f_one, 1), "features_batched_per_s": round(f_batched, 1)}
+    all_threads = args.threads * args.workers
+    if all_threads > args.threads:   # the server's cores all given to one in-process predictor, for fairness
+        torch.set_num_threads(all_threads)
+        inproc[f"features_batched_per_s_{all_threads}_threads"] = round(timed(feat_batched), 1)
+        inproc[f"raw_batched_per_s_{all_threads}_threads"] = round(
+            timed(lambda: sum(len(pp.predict_posts(raw)) for _ in range(reps))), 1)
+        torch.set_num_threads(args.threads)
     print(json.dumps({"in_process": inproc}), file=sys.stderr, flush=True)
 
     # -- the server ---------------------------------------------------------------------------------
@@ -316,7 +404,8 @@ def main(argv=None) -> dict:
            "OMP_NUM_THREADS": str(args.threads)}
     log = open(Path(tmp.name) / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(run), "--host", host, "--port", str(port),
-                             "--threads", str(args.threads), "--max-batch-size", str(args.batch_size),
+                             "--threads", str(args.threads), "--max-batch-size", str(args.server_batch_size or args.batch_size),
+                             "--workers", str(args.workers),
                              "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(max(512, 2 * args.batch_size * max(levels))),
                              "--log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -422,6 +511,8 @@ def main(argv=None) -> dict:
         "benchmark": "bench_serve", "run": "demo-raw (tiny RANDOM Chinese-CLIP)" if not args.run else str(args.run),
         "posts": len(raw), "images_per_post": round(float(np.mean([len(ims) for _, ims in raw])), 2),
         "threads": args.threads, "max_batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms,
+        "workers": args.workers, "server_max_batch_size": args.server_batch_size or args.batch_size,
+        "client": {"kind": args.client, "loop": args.client_loop},
         "in_process": inproc, "server": server, "server_mean_batch_size": mean_batch, "interleaved": inter,
         "hostile": hostile_res,
         "soak": soak,
@@ -432,6 +523,11 @@ def main(argv=None) -> dict:
             "features_c32_vs_in_process_batched": round(server["features"][top]["posts_per_s"] / f_batched, 3),
             "raw_c32_vs_in_process_batched_interleaved_median": _median(inter["raw"]),
             "features_c32_vs_in_process_batched_interleaved_median": _median(inter["features"]),
+            **({f"features_c32_vs_in_process_batched_{all_threads}_threads": round(
+                server["features"][top]["posts_per_s"] / inproc[f"features_batched_per_s_{all_threads}_threads"], 3),
+                f"raw_c32_vs_in_process_batched_{all_threads}_threads": round(
+                server["raw"][top]["posts_per_s"] / inproc[f"raw_batched_per_s_{all_threads}_threads"], 3)}
+               if all_threads > args.threads else {}),
             f"features_{args.batch_size}_per_request_c32_vs_in_process_batched": round(
                 server[f"features_{args.batch_size}_per_request"][top]["posts_per_s"] / f_batched, 3)},
         "server_exit_code_after_sigterm": exit_code,

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -475,6 +476,9 @@ def test_sigterm_drains_a_real_server(env, tmp_path):
             resp = c.getresponse()
             results[name] = (resp.status, json.loads(resp.read()))
 
+        # a second, idle connection: the batch keeps waiting for a request from it (with every
+        # open connection waiting for an answer, a batch would run at once)
+        idle = socket.create_connection(("127.0.0.1", port))
         first = threading.Thread(target=slow, args=("before",))
         first.start()
         time.sleep(0.8)
@@ -490,12 +494,78 @@ def test_sigterm_drains_a_real_server(env, tmp_path):
         assert resp.status == 503 and json.loads(resp.read())["error"]["code"] == "shutting_down"
         for t in (first, second):
             t.join(30)
+        idle.close()
         for name in ("before", "grace"):
             status, body = results[name]
             assert status == 200 and body["label"] in body["probs"], name
         assert proc.wait(30) == 0
         out = proc.stdout.read()
         assert "draining (1 request(s) in flight; /v1/ready is 503 for 1 s" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes of ``pid`` (multiprocessing's resource tracker left out)."""
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow   # ~30 s: starts a real server with two worker processes, twice
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc")
+def test_workers_serve_one_port_and_stop_together(env, tmp_path):
+    """`sgmft serve --workers 2`: two worker processes answer on one port; SIGTERM drains both and
+    the parent exits 0. A worker that dies on its own stops the other, and the parent exits non-zero."""
+    import http.client
+
+    envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "sgmft.cli", "serve", str(env["run"]), "--port", str(port),
+                                 "--workers", "2", "--drain-seconds", "0.2", "--log-level", "warning"],
+                                env=envv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                c.request("GET", "/v1/model")
+                r = c.getresponse()
+                if r.status == 200:
+                    return proc, port, json.loads(r.read())["dim"]
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            time.sleep(0.3)
+
+    proc, port, dim = start()
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        for k in range(6):                       # new connections: both workers answer on the port
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.request("POST", "/v1/predict/features", body=json.dumps({"posts": [{"text": [0.1 * k] * dim}]}),
+                      headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            assert r.status == 200 and len(json.loads(r.read())["predictions"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        out = proc.stdout.read()
+        assert re.search(r"2 worker processes, \d+ torch thread\(s\) each", out), out
+        assert out.count("SIGTERM: draining") == 2, out
+        assert not any(Path(f"/proc/{w}").exists() for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc, port, _ = start()                      # a worker killed: the service stops, non-zero
+    try:
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        assert proc.wait(60) != 0
+        assert "exited with status -9; stopping the others" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -510,6 +580,8 @@ def test_cli_errors(capsys, tmp_path):
     (tmp_path / "r").mkdir()
     assert main(["serve", str(tmp_path / "r"), "--max-queue", "0"]) == 2
     assert "serve options: --max-queue=0 is not allowed; expected a value > 0" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "r"), "--workers", "0"]) == 2
+    assert "serve options: --workers=0 is not allowed; expected a value >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "serve" in capsys.readouterr().out
@@ -524,6 +596,58 @@ def test_service_does_not_import_lightning(env):
     envv = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(env["run"])], env=envv, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_service_keeps_glibc_defaults_unless_told(env):
+    """The server leaves glibc's allocator alone (large uploaded images decode slower with the
+    extraction tuning, sgmft.features.backbones.allocator); SGMFT_MALLOC=keep turns it on."""
+    code = ("import sys; from sgmft.serve import load_app; load_app(sys.argv[1]); "
+            "from sgmft.features.backbones.allocator import allocator_state; print(allocator_state()['tuned'])")
+    for mode, tuned in ((None, "False"), ("keep", "True")):
+        envv = {k: v for k, v in os.environ.items() if k != "SGMFT_MALLOC"}
+        envv.update({"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
+                     **({"SGMFT_MALLOC": mode} if mode else {})})
+        r = subprocess.run([sys.executable, "-c", code, str(env["run"])], env=envv, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == tuned, (mode, r.stdout + r.stderr)
+
+
+def test_batcher_does_not_wait_when_no_request_can_come():
+    """can_wait False (every open connection already waits for an answer): the batch runs at once
+    instead of waiting max_wait_ms, so an item submitted later forms its own batch; with can_wait
+    True the same two items share one batch. The service answers can_wait from the server's
+    open connections and the requests waiting on a batcher."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sgmft.serve.batching import Batcher
+
+    def batches(can_wait):
+        seen = []
+
+        async def scenario():
+            b = Batcher("t", lambda items: seen.append(list(items)) or list(items), ThreadPoolExecutor(1),
+                        max_batch=8, max_wait_ms=2000, max_queue=8, can_wait=can_wait)
+            first = asyncio.ensure_future(b.submit([1]))
+            await asyncio.sleep(0.2)
+            await asyncio.gather(first, b.submit([2]))
+        asyncio.run(scenario())
+        return seen
+
+    assert batches(lambda: False) == [[1], [2]]
+    assert batches(lambda: True) == [[1, 2]]
+
+    class _Svc:   # the rule alone, on Service's method
+        from sgmft.serve.service import Service
+        _can_wait = Service._can_wait
+
+    svc = _Svc()
+    svc.open_connections, svc.waiting = None, 3
+    assert svc._can_wait()                                    # no server (tests, ASGI): wait as configured
+    svc.open_connections = lambda: 3
+    assert not svc._can_wait()                                # all three connections wait for answers
+    svc.open_connections = lambda: 4
+    assert svc._can_wait()                                    # a fourth could still send one
 
 
 def test_batcher_wait_size_bound_and_stop():

@@ -116,8 +116,12 @@ def create_app(pp, config: ServeConfig | None = None) -> "FastAPIOffline":
 
 
 def load_app(run_dir, config: ServeConfig | None = None, **load_kw):
-    """Load a run (``PostPredictor.load(run_dir, **load_kw)``) and wrap it in an app."""
+    """Load a run (``PostPredictor.load(run_dir, **load_kw)``) and wrap it in an app (glibc's
+    allocator left at its defaults: :func:`sgmft.features.backbones.allocator.serving_default`)."""
+    from sgmft.features.backbones.allocator import serving_default
     from sgmft.predict import PostPredictor
+
+    serving_default()
 
     return create_app(PostPredictor.load(run_dir, **load_kw), config)
 

@@ -125,7 +125,9 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: st
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log, http=http,
                             h11_max_incomplete_event_size=cfg.max_header_bytes,
                             timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout)), lifespan="on")
-    return DrainingServer(config, svc, cfg.drain_seconds, cfg.shutdown_timeout)
+    server = DrainingServer(config, svc, cfg.drain_seconds, cfg.shutdown_timeout)
+    svc.open_connections = lambda: len(server.server_state.connections)   # for the batchers' can_wait
+    return server
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

@@ -28,7 +28,10 @@ class Service:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgmft-infer")
         self.decoder = inputs.Decoder(config.decode_workers, config.max_image_pixels, reduce_side(pp.backbone))
         kw = dict(max_batch=config.max_batch_size, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-                  on_batch=self.metrics.observe_batch)
+                  on_batch=self.metrics.observe_batch, can_wait=self._can_wait)
+        #: open HTTP connections (set by the server, :func:`sgmft.serve.server.make_server`); None: unknown
+        self.open_connections = None
+        self.waiting = 0          # requests waiting for a batcher's answer
         self.posts = Batcher("posts", self._run_posts, self.executor, **kw)
         self.features = Batcher("features", self._run_features, self.executor, **kw)
         self.metrics.track_queues({"posts": self.posts, "features": self.features})
@@ -89,10 +92,18 @@ class Service:
         self.decoder.close()
         self.executor.shutdown(wait=True)
 
+    def _can_wait(self) -> bool:
+        """Whether a batch may still wait for batch-mates: some open connection is not waiting for an
+        answer already (a keep-alive HTTP/1.1 client sends its next request after the answer)."""
+        return self.open_connections is None or self.waiting < self.open_connections()
+
     async def submit(self, batcher: Batcher, items: list):
+        self.waiting += 1
         try:
             return await batcher.submit(items)
         except QueueFull as e:
             raise ApiError(503, "queue_full", f"The server is busy ({e.depth} posts waiting). Retry in "
                            f"{e.retry_after} s.", limit=e.limit, headers={"Retry-After": str(e.retry_after)},
                            hint="server flag --max-queue") from None
+        finally:
+            self.waiting -= 1

@@ -16,6 +16,13 @@ The cost: the process keeps its high-water mark of freed heap memory instead of 
 is what a long extraction or a server wants. It is called after a backbone is loaded (the transient
 fp32 copy of a reduced-precision load is freed before, the normal way), once per process, on CPU
 only. ``SGMFT_MALLOC=system`` leaves glibc's defaults alone. Elsewhere than Linux/glibc it does nothing.
+
+**Not in the HTTP service.** ``sgmft serve`` (and :func:`sgmft.serve.load_app`) keep glibc's
+defaults (:func:`serving_default`): the service decodes large uploaded images in threads, and with
+the tuning, while a post with two 6300 x 6300 PNGs was decoded (4.4-5.0 s either way), a small
+``/v1/predict`` sent meanwhile waited up to 1.6-2.6 s (4 runs) instead of 0.47-0.53 s (3 runs), and
+about a quarter as many of them were answered (``benchmarks/bench_serve.py``, its hostile cases,
+2026-12-04). ``SGMFT_MALLOC=keep`` turns the tuning on there too.
 """
 
 from __future__ import annotations
@@ -25,7 +32,12 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["MMAP_THRESHOLD", "allocator_plan", "allocator_state", "keep_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "allocator_plan", "allocator_state", "keep_freed_memory", "serving_default"]
+
+
+def serving_default() -> None:
+    """In a server process: keep glibc's defaults unless ``SGMFT_MALLOC`` says otherwise (docstring)."""
+    os.environ.setdefault("SGMFT_MALLOC", "system")
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3    # <malloc.h>
 MMAP_THRESHOLD = 1 << 30          # blocks below 1 GiB come from the heap
