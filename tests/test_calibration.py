@@ -178,3 +178,26 @@ def test_export_applies_the_calibration(runs, tmp_path):
         got = torch.export.load(str(tmp_path / "m.pt2")).module()(x_t, x_i, on, on)
     np.testing.assert_allclose(torch.softmax(got, -1).numpy(), pred.predict_store(fs, np.arange(7)).probs,
                                atol=1e-6)
+
+
+def test_calibration_holdout_keeps_the_calibration_rows_out_of_selection(runs):
+    """calibration_holdout=f: a seeded f of the validation rows fits only the calibration, the rest
+    chooses the epoch; 0 (the default) uses every row for both, as before."""
+    from sgmft.features import FeatureStore
+    from sgmft.train.calibrate import holdout_rows
+
+    rows = np.arange(100, 300)
+    sel, cal = holdout_rows(rows, 0.0, 0)
+    assert (sel == rows).all() and (cal == rows).all()
+    sel, cal = holdout_rows(rows, 0.5, 0)
+    assert len(cal) == 100 and len(sel) == 100 and not set(sel) & set(cal) and set(sel) | set(cal) == set(rows)
+    assert (holdout_rows(rows, 0.5, 0)[1] == cal).all() and not (holdout_rows(rows, 0.5, 1)[1] == cal).all()
+    fs = FeatureStore.open(runs["store"])
+    val = fs.indices("val")
+    model = Predictor.load(runs["none"]).model
+    cfg = type("C", (), {"calibration": "temperature_uniform", "calibration_holdout": 0.5, "seed": 0})()
+    if len(holdout_rows(val, 0.5, 0)[1]) >= 50:
+        rec = fit_calibration(model, fs, val, None, cfg)
+        assert rec["num_posts"] == len(holdout_rows(val, 0.5, 0)[1]) and "held-out 0.5" in rec["fitted_on"]
+    else:   # a small store: the held-out part is too small to fit on, and says so
+        assert "too few" in fit_calibration(model, fs, val, None, cfg)["reason"]

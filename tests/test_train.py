@@ -203,3 +203,5 @@ def test_select_on_val_loss_keeps_the_lowest_loss_epoch(tmp_path, small_store):
     b = fingerprint_inputs({}, {"lr": 1.0}, None, digest="d")
     c = fingerprint_inputs({}, {"lr": 1.0, "select_on": "val_loss"}, None, digest="d")
     assert a == b and c != b
+    assert fingerprint_inputs({}, {"lr": 1.0, "calibration_holdout": 0.0}, None, digest="d") == b
+    assert fingerprint_inputs({}, {"lr": 1.0, "calibration_holdout": 0.5}, None, digest="d") != b

@@ -200,6 +200,9 @@ class TrainConfig:
     # "temperature_uniform": p = (1 - eps) softmax(z / T) + eps / K, T and eps fitted by NLL;
     # "temperature": eps = 0 (Guo et al. 2017); "none". The argmax never changes.
     calibration: Literal["temperature_uniform", "temperature", "none"] = "temperature_uniform"
+    # the fraction of the validation split kept out of epoch selection and used only to fit the
+    # calibration (docs/predict.md, "Calibrating on posts that chose nothing"); 0 = one split for both
+    calibration_holdout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # which epoch's weights the run keeps (docs/training.md, "Which epoch is kept"): the highest validation
     # accuracy, or the lowest validation loss (NLL; TrustMix's preset: its accuracy peaks early and noisily)
     select_on: Literal["val_acc", "val_loss"] = "val_acc"

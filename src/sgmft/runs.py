@@ -283,7 +283,7 @@ FINGERPRINT_VERSION = 1
 COSMETIC_TRAIN_FIELDS = ("progress", "num_workers", "tensorboard", "epochs")
 # train fields added after runs were recorded, left out of the fingerprint at the value that gives the old
 # behaviour, so those runs keep their fingerprint (and resume, and count as done)
-TRAIN_FIELDS_ADDED = {"select_on": "val_acc"}
+TRAIN_FIELDS_ADDED = {"select_on": "val_acc", "calibration_holdout": 0.0}
 _HASH_CHUNK = 8 * 2**20
 
 

@@ -34,7 +34,7 @@ from sgmft.models import forward_batch
 ECE_BINS = 15          # as sgmft.eval.metrics.ECE_BINS (reported beside every ECE)
 MIN_VAL_POSTS = 50     # fewer labelled validation posts: no calibration (two parameters would overfit them)
 
-__all__ = ["fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits"]
+__all__ = ["fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows"]
 
 
 @torch.no_grad()
@@ -120,6 +120,20 @@ def _stats(logits: np.ndarray, labels: np.ndarray, t: float, eps: float = 0.0) -
             "mean_confidence": float(p.max(1).values.mean())}
 
 
+def holdout_rows(val_rows, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(selection rows, calibration rows)`` of the validation split: with ``fraction`` 0 both are
+    the whole split; else a seeded ``fraction`` of it fits only the calibration, and the rest
+    chooses the epoch. Why: the epoch (or fit) kept is the one that scored best on its rows, so
+    those rows flatter it, and a calibration fitted on them inherits the flattery
+    (docs/predict.md, "Calibrating on posts that chose nothing")."""
+    rows = np.asarray(val_rows, dtype=np.int64)
+    if fraction <= 0 or len(rows) == 0:
+        return rows, rows
+    held = np.zeros(len(rows), bool)
+    held[np.random.default_rng([seed, 0xCA1]).permutation(len(rows))[:int(round(fraction * len(rows)))]] = True
+    return rows[~held], rows[held]
+
+
 def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, train_cfg=None) -> dict | None:
     """The calibration record of a trained model, fitted on the validation rows of ``store``.
 
@@ -133,7 +147,8 @@ def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, tra
         "temperature_uniform"
     if method == "none":
         return None
-    rows = np.asarray(val_rows, dtype=np.int64)
+    holdout = float(getattr(train_cfg, "calibration_holdout", 0.0) or 0.0)
+    rows = holdout_rows(val_rows, holdout, getattr(train_cfg, "seed", 0))[1]
     rows = rows[np.asarray(store.labels)[rows] >= 0] if len(rows) else rows
     if len(rows) < MIN_VAL_POSTS:
         return {"method": "none", "temperature": 1.0, "num_posts": int(len(rows)),
@@ -143,6 +158,7 @@ def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, tra
         t, eps = fit_temperature(logits, labels), 0.0
     else:
         t, eps = fit_temperature_uniform(logits, labels)
-    return {"method": method, "temperature": t, "uniform_weight": eps, "fitted_on": "val",
+    return {"method": method, "temperature": t, "uniform_weight": eps,
+            "fitted_on": f"val (a held-out {holdout:g} of it, not used to choose the epoch)" if holdout else "val",
             "num_posts": int(len(labels)), "ece_bins": ECE_BINS, "val_before": _stats(logits, labels, 1.0),
             "val_after": _stats(logits, labels, t, eps)}

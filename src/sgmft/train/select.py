@@ -34,7 +34,8 @@ RULE = "highest validation accuracy; a tie goes to the earlier candidate"
 LOOKS_MIN_POSTS_PER_PLACE = 150
 # settings of the selecting preset that every candidate gets (the split, the seed, where to run)
 SHARED_TRAIN_FIELDS = ("seed", "val_fraction", "test_fraction", "split", "num_workers", "accelerator",
-                       "devices", "strategy", "num_nodes", "progress", "deterministic", "calibration")
+                       "devices", "strategy", "num_nodes", "progress", "deterministic", "calibration",
+                       "calibration_holdout")
 
 
 def _candidate_preset(name: str, shared: TrainConfig, base: TrainConfig | None = None) -> Preset:
