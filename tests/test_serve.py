@@ -582,6 +582,20 @@ def test_cli_errors(capsys, tmp_path):
     assert "serve options: --max-queue=0 is not allowed; expected a value > 0" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "r"), "--workers", "0"]) == 2
     assert "serve options: --workers=0 is not allowed; expected a value >= 1" in capsys.readouterr().err
+    with socket.socket() as taken:                      # a port in use: one line, not a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "r"), "--workers", "2", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    with socket.socket() as taken:                      # ... also when it was opened with SO_REUSEPORT
+        taken.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", socket.SO_REUSEADDR), 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "r"), "--workers", "2", "--port", str(port)]) == 2
+    assert "another server already listens there" in capsys.readouterr().err or not hasattr(socket, "SO_REUSEPORT")
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "serve" in capsys.readouterr().out

@@ -55,8 +55,11 @@ def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True,
     try:
         sock.bind((host, port))
     except OSError as e:
+        from sgmft.errors import UserError
+
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or "
+                        "--host)") from None
     if listen:
         sock.listen(backlog)
     sock.set_inheritable(True)
@@ -67,7 +70,21 @@ def reserve(host: str, port: int) -> tuple[socket.socket, bool]:
     """The parent's socket: with SO_REUSEPORT, bound but not listening (it holds the port and takes
     no connection; each worker listens on its own); without, the one listening socket all share."""
     reuse = hasattr(socket, "SO_REUSEPORT")
+    if reuse and port and _someone_listens(host, port):   # SO_REUSEPORT would share it with them silently
+        from sgmft.errors import UserError
+
+        raise UserError(f"cannot listen on {host}:{port}: another server already listens there (choose "
+                        "another --port or --host)")
     return bind(host, port, reuse_port=reuse, listen=not reuse), reuse
+
+
+def _someone_listens(host: str, port: int) -> bool:
+    probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((probe, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _worker(target: Callable[..., Any], k: int, sock: socket.socket, reuse: bool, payload: Any) -> None:
