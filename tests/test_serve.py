@@ -570,6 +570,23 @@ def test_workers_serve_one_port_and_stop_together(env, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    proc, port, _ = start()                      # the parent killed: no worker is left serving
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    def running(w):                              # not gone, and not a zombie nobody reaped yet
+        try:
+            return Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.time() + 30
+    while any(running(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if running(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"orphaned workers {left}"
 
 
 def test_cli_errors(capsys, tmp_path):

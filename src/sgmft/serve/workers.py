@@ -19,7 +19,8 @@ Signals: the workers leave the terminal's process group, so Ctrl-C reaches the p
 only; the parent passes SIGTERM and SIGINT on to every worker, each drains as a single
 server does (:mod:`sgmft.serve.server`), and the parent exits 0 when all of them did. If a
 worker dies on its own, the parent stops the others and exits with that worker's status,
-so that a supervisor (systemd, Kubernetes) restarts the whole service.
+so that a supervisor (systemd, Kubernetes) restarts the whole service. If the parent dies
+(SIGKILL, the OOM killer), each worker notices within a second and drains as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from typing import Any, Callable
 
 
@@ -87,8 +90,21 @@ def _someone_listens(host: str, port: int) -> bool:
         return False
 
 
-def _worker(target: Callable[..., Any], k: int, sock: socket.socket, reuse: bool, payload: Any) -> None:
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """SIGTERM this worker (it drains and exits) once its parent is gone, e.g. killed with SIGKILL:
+    a worker in its own process group would otherwise go on serving the port as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sgmft-parent-watch", daemon=True).start()
+
+
+def _worker(target: Callable[..., Any], k: int, sock: socket.socket, reuse: bool, payload: Any,
+            parent: int) -> None:
     os.setpgrp()                # Ctrl-C in the terminal reaches the parent, which passes it on
+    _exit_with_parent(parent)
     if reuse:                   # this worker's own listening socket on the reserved port
         host, port = sock.getsockname()[:2]
         sock = bind(host, port, reuse_port=True)
@@ -101,7 +117,7 @@ def run_workers(n: int, host: str, port: int, target: Callable[..., Any], payloa
     a signal stops it."""
     sock, reuse = reserve(host, port)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(target, k, sock, reuse, payload), name=f"sgmft-serve-{k}")
+    procs = [ctx.Process(target=_worker, args=(target, k, sock, reuse, payload, os.getpid()), name=f"sgmft-serve-{k}")
              for k in range(n)]
     stopping: list[int] = []
 
