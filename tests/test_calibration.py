@@ -201,3 +201,28 @@ def test_calibration_holdout_keeps_the_calibration_rows_out_of_selection(runs):
         assert rec["num_posts"] == len(holdout_rows(val, 0.5, 0)[1]) and "held-out 0.5" in rec["fitted_on"]
     else:   # a small store: the held-out part is too small to fit on, and says so
         assert "too few" in fit_calibration(model, fs, val, None, cfg)["reason"]
+
+
+@pytest.mark.parametrize("preset", ["lda", "concat"])
+def test_calibration_holdout_rows_do_not_choose_the_epoch(tmp_path, preset):
+    """With calibration_holdout, the score that chose the kept weights (run.json's best_val_acc) is
+    the exported model's accuracy on the selection rows alone, not on the whole validation split."""
+    from sgmft.config import load_preset
+    from sgmft.features import FeatureStore
+    from sgmft.train import train
+    from sgmft.train.calibrate import validation_rows
+
+    store = make_store(tmp_path / "store", n=600, dim=4, k=4, with_split=True, seed=1)   # overlapping classes
+    p = load_preset(preset)
+    p.train.epochs, p.train.batch_size, p.train.progress, p.train.calibration_holdout = 3, 32, False, 0.5
+    res = train(store, tmp_path / "run", p)
+    fs = FeatureStore.open(store)
+    va = np.flatnonzero(np.load(tmp_path / "run" / "split.npy", allow_pickle=True) == "val")
+    sel, cal = validation_rows(va, p.train)
+    pred = Predictor.load(tmp_path / "run")
+
+    def acc(rows):
+        return float((pred.predict_store(fs, rows).probs.argmax(1) == np.asarray(fs.labels)[rows]).mean())
+
+    assert acc(sel) != acc(va)                       # the two scores differ here, so the test can tell
+    assert res.best_val_acc == pytest.approx(acc(sel), abs=1e-6)

@@ -34,7 +34,8 @@ from sgmft.models import forward_batch
 ECE_BINS = 15          # as sgmft.eval.metrics.ECE_BINS (reported beside every ECE)
 MIN_VAL_POSTS = 50     # fewer labelled validation posts: no calibration (two parameters would overfit them)
 
-__all__ = ["fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows"]
+__all__ = ["fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows",
+           "validation_rows"]
 
 
 @torch.no_grad()
@@ -134,6 +135,13 @@ def holdout_rows(val_rows, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return rows[~held], rows[held]
 
 
+def validation_rows(val_rows, train_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`holdout_rows` with the run's ``calibration_holdout`` and ``seed`` (0 and 0 without a
+    config): what chooses the epoch, and what fits the calibration."""
+    return holdout_rows(val_rows, float(getattr(train_cfg, "calibration_holdout", 0.0) or 0.0),
+                        getattr(train_cfg, "seed", 0))
+
+
 def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, train_cfg=None) -> dict | None:
     """The calibration record of a trained model, fitted on the validation rows of ``store``.
 
@@ -148,7 +156,7 @@ def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, tra
     if method == "none":
         return None
     holdout = float(getattr(train_cfg, "calibration_holdout", 0.0) or 0.0)
-    rows = holdout_rows(val_rows, holdout, getattr(train_cfg, "seed", 0))[1]
+    rows = validation_rows(val_rows, train_cfg)[1]
     rows = rows[np.asarray(store.labels)[rows] >= 0] if len(rows) else rows
     if len(rows) < MIN_VAL_POSTS:
         return {"method": "none", "temperature": 1.0, "num_posts": int(len(rows)),

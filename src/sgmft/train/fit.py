@@ -44,7 +44,7 @@ from sgmft.models.input_norm import fit_input_norm
 from sgmft.models.registry import model_view, resolve_model
 from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_differences, fingerprint,
                         fingerprint_inputs, ids_digest)
-from sgmft.train.calibrate import fit_calibration
+from sgmft.train.calibrate import fit_calibration, validation_rows
 from sgmft.train.data import FeatureDataset, make_loader
 from sgmft.train.module import EpochLines, LitClassifier
 from sgmft.train.select import train_selected
@@ -331,13 +331,6 @@ def _rows_batch(fs, rows: np.ndarray) -> dict:
     return FeatureDataset(fs, rows).__getitems__(np.arange(len(rows)))
 
 
-def _selection_rows(va, train_cfg) -> np.ndarray:
-    """The validation rows that choose the epoch (all of them unless ``calibration_holdout``)."""
-    from sgmft.train.calibrate import holdout_rows
-
-    return holdout_rows(va, float(getattr(train_cfg, "calibration_holdout", 0.0) or 0.0), train_cfg.seed)[0]
-
-
 def _fit_closed_form(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs, t0) -> TrainResult:
     """Heads with a closed-form or convex fit (``closed_form = True``: shrinkage LDA, logistic
     regression, models/linear.py): no optimiser loop, same run folder and checkpoint as any run."""
@@ -346,7 +339,7 @@ def _fit_closed_form(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
     norm_info = fit_input_norm(model, fs, tr)
-    va_sel = _selection_rows(va, train_cfg)
+    va_sel = validation_rows(va, train_cfg)[0]
     val = _rows_batch(fs, va_sel) if len(va_sel) else None
     fit_info = model.fit_closed_form(_rows_batch(fs, tr), val, seed=train_cfg.seed)
     model.eval()
@@ -402,7 +395,7 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     full = lim == 1.0 or (isinstance(lim, int) and lim >= -(-len(tr) // train_cfg.batch_size))
     train_loader = make_loader(fs, tr, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
                                num_workers=train_cfg.num_workers, full_epochs=full)
-    va_sel = _selection_rows(va, train_cfg)              # calibration_holdout: the rest fits the calibration
+    va_sel = validation_rows(va, train_cfg)[0]              # calibration_holdout: the rest fits the calibration
     val_loader = (make_loader(fs, va_sel, max(train_cfg.batch_size, 256), shuffle=False,
                               num_workers=train_cfg.num_workers) if len(va_sel) else None)
     recorder = RunRecorder(run_dir, has_val=val_loader is not None, fingerprint=fp,
