@@ -47,7 +47,7 @@ def _mean_sd(xs: list[float]) -> dict:
 
 
 def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Path, sets: dict,
-                train_sets: list[str], log) -> dict:
+                train_sets: list[str], log, reuse: bool = False) -> dict:
     from sgmft.config import apply_overrides, load_preset
     from sgmft.data.simfeat import generate_simfeat, profile_config, write_simfeat
     from sgmft.features import FeatureStore
@@ -79,7 +79,8 @@ def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Pat
             p = load_preset(preset)
             p.train = apply_overrides(p.train, [f"seed={seed}", "progress=false", *train_sets])
             run_dir = workdir / f"run-{profile}-{preset}-{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)   # never resume a run trained on another store
+            if not reuse:                                 # --reuse: train() keeps a finished run of this
+                shutil.rmtree(run_dir, ignore_errors=True)   # store and config (its fingerprint), refuses others
             t1 = time.time()
             train(fs, run_dir, p)
             secs = time.time() - t1
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SimFeatConfig overrides")
     ap.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs in --workdir (same store and "
+                    "configuration, e.g. from bench_calibration.py) instead of training them again")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     ap.add_argument("--render", metavar="JSON", help="print markdown tables of an earlier result and exit")
     ap.add_argument("--summary", metavar="JSON", help="print one row per profile (every preset) and exit")
@@ -237,7 +240,8 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         result = {"argv": sys.argv[1:] if argv is None else argv,
                   "torch_threads": __import__("torch").get_num_threads(),
-                  "profiles": {p: run_profile(p, a.presets, a.seeds, work, _parse_sets(a.set), a.train, log)
+                  "profiles": {p: run_profile(p, a.presets, a.seeds, work, _parse_sets(a.set), a.train, log,
+                                               reuse=a.reuse)
                                for p in a.profiles}}
     result["seconds"] = round(time.time() - t0, 1)
     _emit(result, a.out)

@@ -153,6 +153,17 @@ def test_evaluate_json_and_human_line_on_stderr(run, simfeat, tmp_path, capsys):
     assert json.loads(cap.out)["report"] == str(tmp_path / "e") and "report written to" in cap.err
 
 
+def test_evaluate_tsne_points_zero_skips_the_tsne_plot(run, simfeat, tmp_path, capsys):
+    """--tsne-points 0: no t-SNE (the slow part of a report); a negative count is a one-line error."""
+    assert main(["evaluate", str(run), str(simfeat), "--out", str(tmp_path / "e"), "--tsne-points", "0", "--json"]) == 0
+    assert (tmp_path / "e" / "metrics.json").is_file() and (tmp_path / "e" / "confusion.png").is_file()
+    assert not (tmp_path / "e" / "tsne.png").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run), str(simfeat), "--tsne-points", "-3"])
+    assert e.value.code == 2 and "'-3': expected a whole number >= 0" in capsys.readouterr().err
+
+
 # -- --json on every verb --------------------------------------------------------------------------
 def test_every_verb_but_the_server_has_json():
     subs = subparsers()

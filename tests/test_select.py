@@ -15,6 +15,10 @@ from sgmft.train import train
 from conftest import make_store
 
 
+def run_init(run_dir):
+    return json.loads((run_dir / "run.json").read_text())["init"]
+
+
 def _fast_auto():
     p = load_preset("auto")
     p.train.progress = False
@@ -23,16 +27,16 @@ def _fast_auto():
 
 def test_auto_is_the_default_and_lists_plain_candidates():
     p = load_preset(DEFAULT_PRESET)
-    assert DEFAULT_PRESET == "auto" and p.candidates == ["trust", "lda"]
+    assert DEFAULT_PRESET == "auto" and p.candidates == ["trust", "trust_lda", "lda"]
     assert all(not load_preset(c).candidates for c in p.candidates)
-    assert "model" not in p.to_dict() and p.to_dict()["candidates"] == ["trust", "lda"]
+    assert "model" not in p.to_dict() and p.to_dict()["candidates"] == ["trust", "trust_lda", "lda"]
 
 
 def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     import sgmft.train.select as sel
 
     store = make_store(tmp_path / "s", n=240, dim=16, k=4)
-    fast = {"trust": ["epochs=2", "min_steps=0", "batch_size=32"]}
+    fast = {t: ["epochs=2", "min_steps=0", "batch_size=32"] for t in ("trust", "trust_lda")}
     real = sel._candidate_preset
 
     def quick(name, shared, base=None):           # the same candidates, trained briefly
@@ -48,8 +52,13 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     s = run["selection"]
     vals = {n: c["val_acc"] for n, c in s["candidates"].items()}
     best = max(vals.values())
-    assert s["chosen"] == next(n for n in ("trust", "lda") if vals[n] == best)   # ties go to the first
-    assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(best)
+    kept = "trust"                                 # the one-standard-error rule, in the candidates' order
+    for duel in s["comparisons"]:
+        assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
+        kept = duel["candidate"] if duel["replaces"] else kept
+    assert [d["candidate"] for d in s["comparisons"]] == ["trust_lda", "lda"] and s["chosen"] == kept
+    assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(vals[kept])
+    assert "standard error" in s["rule"]
     cands = {c["name"]: c["model"] for c in run["fingerprint_inputs"]["model"]["candidates"]}
     assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 1   # resolved views (issue 19)
     # ~43 training posts per place: the TrustMix candidate was given one look per place, and says so
@@ -57,7 +66,8 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     chosen_dir = tmp_path / "r" / "candidates" / s["chosen"] / "model"
     assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
         (chosen_dir / "model.safetensors").read_bytes()
-    for c in ("trust", "lda"):                    # one split for every candidate
+    assert run_init(tmp_path / "r" / "candidates" / "trust_lda")["text"]["looks"] == 1   # eq T6 start, recorded
+    for c in ("trust", "trust_lda", "lda"):       # one split for every candidate
         assert np.array_equal(np.load(tmp_path / "r" / "candidates" / c / "split.npy"),
                               np.load(tmp_path / "r" / "split.npy"))
     card = (tmp_path / "r" / "model" / "README.md").read_text()
@@ -67,6 +77,28 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert Predictor.load(tmp_path / "r").label_names == ["c0", "c1", "c2", "c3"]
     again = train(store, tmp_path / "r", _fast_auto())
     assert again.status == "complete"
+
+
+def test_one_se_rule_keeps_the_earlier_candidate_unless_a_later_one_clearly_wins():
+    from sgmft.train.select import one_se_choice
+
+    g = np.random.default_rng(0)
+    a = g.random(400) < 0.80
+    slightly = a.copy()                              # 20 posts gained, 16 lost: +1 point, inside one paired
+    slightly[np.flatnonzero(~a)[:20]] = True         # standard error (about 1.5 points here)
+    slightly[np.flatnonzero(a)[:16]] = False
+    clearly = a.copy()
+    clearly[np.flatnonzero(~a)[:40]] = True          # +10 points
+    chosen, duels = one_se_choice({"a": a, "b": slightly}, ["a", "b"])
+    assert chosen == "a" and duels[0]["gain"] == pytest.approx(0.01) and duels[0]["gain"] < duels[0]["se"]
+    assert one_se_choice({"a": a, "b": clearly}, ["a", "b"])[0] == "b"
+    assert one_se_choice({"b": slightly, "a": a}, ["b", "a"])[0] == "b"          # the order is the preference
+    c = clearly.copy()                               # +1 point on b, +11 on a
+    c[np.flatnonzero(~clearly)[:20]] = True
+    c[np.flatnonzero(clearly)[:16]] = False
+    chosen, duels = one_se_choice({"a": a, "b": clearly, "c": c}, ["a", "b", "c"])
+    assert chosen == "b" and [d["against"] for d in duels] == ["a", "b"]      # c is compared with b, not a
+    assert one_se_choice({"a": a, "b": a.copy()}, ["a", "b"])[0] == "a"      # a tie keeps the first
 
 
 @pytest.mark.parametrize("per_class, looks", [(100, 1), (400, 3)])
@@ -103,4 +135,4 @@ def test_train_flags_reach_the_candidates_and_model_options_are_refused(tmp_path
     store = make_store(tmp_path / "s", n=80, dim=16, k=4)
     assert main(["train", str(store), "--out", str(tmp_path / "r"), "--set", "model.hidden=3"]) == 2
     err = capsys.readouterr().err
-    assert "chooses between the presets trust, lda" in err and "--preset trust" in err
+    assert "chooses between the presets trust, trust_lda, lda" in err and "--preset trust" in err

@@ -206,3 +206,86 @@ def test_table_scale_is_a_faster_step_for_the_tables_only():
         m(t, v).logits.logsumexp(-1).sum().backward()
     torch.testing.assert_close(ten.log_prior.grad, 10 * one.log_prior.grad)
     torch.testing.assert_close(ten.ev_t.linear.weight.grad, one.ev_t.linear.weight.grad)
+
+
+def _aniso_batch(n=600, d=32, k=5, seed=0):
+    """Gaussian places whose shared noise is spread over correlated directions (a power-law spectrum
+    in a random basis), the case the LDA start (eq T6) is for. The places are fixed; ``seed`` draws
+    the posts."""
+    world, g = np.random.default_rng(1234), np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(world.standard_normal((d, d)))
+    sd = np.arange(1, d + 1) ** -0.8 * 2.0
+    means = {m: world.standard_normal((k, d)) * 0.35 for m in ("text", "image")}
+    y = g.integers(0, k, n)
+
+    def modality(m):
+        return means[m][y] + (g.standard_normal((n, d)) * sd) @ basis.T
+
+    return {"text": torch.tensor(modality("text"), dtype=torch.float32),
+            "image": torch.tensor(modality("image"), dtype=torch.float32),
+            "label": torch.as_tensor(y)}
+
+
+def test_lda_start_is_eq_t6_against_a_direct_computation():
+    """init: lda writes z(c) = mu_c^T P x - mu_c^T P mu_c / 2 (one look, log w = 0) with P the inverse
+    Ledoit-Wolf within-place covariance of the normalised inputs, and b_y = log p(y)."""
+    from sklearn.covariance import ledoit_wolf
+
+    b = _aniso_batch()
+    m = build_model(_cfg(init="lda", looks=1, gate=False, input_dropout=0.0))
+    info = m.init_from_data(b, seed=0)
+    assert info["text"]["looks"] == 1 and info["image"]["posts"] == 600 and 0 <= info["text"]["shrinkage"] <= 1
+    m.eval()
+    x = m.text_in(b["text"], None).double().numpy()
+    y = b["label"].numpy()
+    mu = np.stack([x[y == c].mean(0) for c in range(5)])
+    prec = np.linalg.inv(ledoit_wolf(x - mu[y])[0])
+    want = x @ prec @ mu.T - 0.5 * np.einsum("cd,de,ce->c", mu, prec, mu)
+    with torch.no_grad():
+        got, _ = m.ev_t(m.text_in(b["text"], None))
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(m.bias.detach().numpy(), np.log((np.bincount(y, minlength=5) + 1) / (600 + 5)), rtol=1e-5)
+
+
+def test_lda_start_learns_what_random_initialisation_does_not_yet_know():
+    """Before any step, the LDA start classifies held-out posts about as well as scikit-learn's
+    shrinkage LDA on each modality; a random start is at chance. init: random leaves the weights."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    fit, held = _aniso_batch(seed=0), _aniso_batch(seed=1)     # same places, new posts
+    accs = {}
+    for init in ("lda", "random"):
+        torch.manual_seed(0)
+        m = build_model(_cfg(init=init, looks=2, input_dropout=0.0))
+        before = m.ev_t.linear.weight.detach().clone()
+        assert (m.init_from_data(fit, seed=0) is None) == (init == "random")
+        if init == "random":
+            torch.testing.assert_close(m.ev_t.linear.weight, before)
+        with torch.no_grad():
+            out = m.eval()(held["text"], held["image"])
+        accs[init] = float((out.extras["logits_text"].argmax(1) == held["label"]).float().mean())
+    sk = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(fit["text"].numpy(), fit["label"].numpy())
+    sk_acc = float((sk.predict(held["text"].numpy()) == held["label"].numpy()).mean())
+    assert accs["lda"] > sk_acc - 0.05 and accs["lda"] > 0.6, (accs, sk_acc)
+    assert accs["random"] < 0.4, accs
+
+
+def test_evidence_lr_scales_only_the_evidence_networks():
+    """param_groups: evidence_lr x lr for E_t and E_v, lr for the rest; 0 leaves the evidence as it
+    was initialised while the mixture still learns."""
+    torch.manual_seed(3)
+    b = _aniso_batch(n=200)
+    m = build_model(_cfg(init="lda", looks=1, evidence_lr=0.0))
+    m.init_from_data(b)
+    groups = m.param_groups(1e-2)
+    assert len(groups) == 1 and not {id(p) for p in m.ev_t.parameters()} & {id(p) for p in groups[0]["params"]}
+    ev0, prior0 = m.ev_v.linear.weight.detach().clone(), m.log_prior.detach().clone()
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(b["text"], b["image"]).logits, b["label"]).backward()
+        opt.step()
+    torch.testing.assert_close(m.ev_v.linear.weight, ev0)
+    assert not torch.equal(m.log_prior, prior0)
+    tenth = build_model(_cfg(evidence_lr=0.1)).param_groups(1e-2)
+    assert [g.get("lr") for g in tenth] == [None, pytest.approx(1e-3)]

@@ -48,7 +48,7 @@ from pydantic.dataclasses import is_pydantic_dataclass
 _CHECKED = ConfigDict(validate_assignment=True)
 
 #: The preset ``sgmft train`` (and :func:`sgmft.train.train`) uses when none is given: ``auto``
-#: trains TrustMix and the shrinkage-LDA bar and keeps the better on the validation split
+#: trains TrustMix, TrustMix started from LDA and the shrinkage-LDA bar; chooses on the validation split
 #: (docs/design.md, "The default model"). The ``sgmft`` and ``paper`` presets remain the paper's method.
 DEFAULT_PRESET = "auto"
 

@@ -45,6 +45,17 @@ def _overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
     return model, train
 
 
+def _count_arg(value: str) -> int:
+    """A whole number >= 0 (argparse type)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number >= 0")
+    return n
+
+
 def _devices_arg(value: str):
     from sgmft.config import parse_devices
 
@@ -295,8 +306,9 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="report directory (default: eval-<split> in the run folder)")
     s.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="which posts: a split of the run's own saved split (else the store's), or all")
-    s.add_argument("--tsne-points", type=int, default=2000, dest="tsne_points",
-                   help="points in the t-SNE plot (a random subset when the split is larger)")
+    s.add_argument("--tsne-points", type=_count_arg, default=2000, dest="tsne_points",
+                   help="points in the t-SNE plot (a random subset when the split is larger); 0: no "
+                        "t-SNE plot (the slow part of a report)")
 
 
 def _demo_args(s: argparse.ArgumentParser) -> None:

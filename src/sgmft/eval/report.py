@@ -65,7 +65,7 @@ def write_eval_report(out_dir, *, y_true, y_pred, probs, fused, label_names, ids
                    title=f"{title} — confusion (row-normalised)" if title else
                    "Confusion (row-normalised)")
 
-    if fused is not None:
+    if fused is not None and tsne_max_points > 0:          # 0: no t-SNE (it is the slow part)
         fused = np.asarray(fused)
         if len(fused) != n:
             raise ValueError(f"fused has {len(fused)} rows for {n} samples")

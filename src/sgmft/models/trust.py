@@ -58,6 +58,8 @@ modalities (mask False) contribute no evidence: a_m^s(y) = 0 for every state.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from typing import Literal
 
 import torch
@@ -101,6 +103,51 @@ class _Evidence(nn.Module):
         return place, z[:, kl:]
 
 
+# k-means for eq T6 sees at most this many rows (a seeded subset): a start needs rough centres, and
+# on 13,600 posts of width 1,024 all rows cost seconds per modality
+KMEANS_ROWS = 4000
+
+
+def _centres(x: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` k-means centres of ``x`` and the share of rows nearest each (repeats if too few rows)."""
+    from sklearn.cluster import KMeans
+
+    if n == 1 or len(x) < 2 * n:
+        mu = x.mean(0, keepdims=True) if len(x) else np.zeros((1, x.shape[1]))
+        return np.repeat(mu, n, 0), np.full(n, 1.0 / n)
+    if len(x) > KMEANS_ROWS:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), KMEANS_ROWS, replace=False))]
+    km = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(x)
+    share = np.bincount(km.labels_, minlength=n) + 1.0
+    return km.cluster_centers_, share / share.sum()
+
+
+def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+    """Eq T6 for one modality: write the LDA form of each look and theme into ``ev.linear``."""
+    from sklearn.covariance import ledoit_wolf
+
+    k, looks = ev.k, ev.looks
+    j = ev.linear.out_features - k * looks
+    present = [c for c in range(k) if np.any(y == c)]
+    means = np.zeros((k, x.shape[1]))
+    means[present] = [x[y == c].mean(0) for c in present]
+    cov, shrink = ledoit_wolf(x - means[y], block_size=max(1000, x.shape[1]))   # one block: 20x faster, same result
+    prec = np.linalg.inv(cov)
+    rows, bias = [], []
+    for c in range(k):
+        mu, w = _centres(x[y == c], looks, seed) if c in present else (np.repeat(means[:1], looks, 0), np.full(looks, 1e-6))
+        rows.append(mu), bias.append(np.log(w))
+    mu, w = _centres(x, j, seed)
+    rows.append(mu), bias.append(np.log(w))
+    mu, logw = np.concatenate(rows), np.concatenate(bias)
+    pm = mu @ prec
+    wgt = torch.from_numpy(pm).float()
+    jitter = 1e-3 * wgt.std() * torch.randn(wgt.shape, generator=torch.Generator().manual_seed(seed))
+    ev.linear.weight.copy_(wgt + jitter)                       # jitter: repeated looks can part
+    ev.linear.bias.copy_(torch.from_numpy(logw - 0.5 * (pm * mu).sum(1)).float())
+    return {"shrinkage": round(float(shrink), 4), "posts": int(len(x)), "looks": looks, "themes": j}
+
+
 @MODELS.register("trust")
 class TrustMix(nn.Module):
     """Per-post latent mixture over which modalities show the post's place (eqs T1-T5 above)."""
@@ -124,6 +171,13 @@ class TrustMix(nn.Module):
         table_scale: float = option(
             1.0, "the logits of Q_m (eq T1') and of the state prior (eq T3) are table_scale x their parameters, "
             "so the optimiser moves them table_scale times faster", gt=0)
+        init: Literal["random", "lda"] = option(
+            "random", "`lda`: before training, each evidence network starts as the modality's shrinkage LDA "
+            "(eq T6: Gaussian looks and generic themes with one Ledoit-Wolf covariance, fitted on the training "
+            "split); `random`: PyTorch's default initialisation")
+        evidence_lr: float = option(
+            1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
+            ge=0)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,6 +267,40 @@ class TrustMix(nn.Module):
             extras["logits_text"] = (pi_t[..., None] + at).logsumexp(1) + self.bias
             extras["logits_image"] = (pi_v[..., None] + av).logsumexp(1) + self.bias
         return HeadOutput(logits=logits, fused=fused, extras=extras)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups: the evidence networks at ``evidence_lr`` x lr, the rest at lr."""
+        ev = [p for p in (*self.ev_t.parameters(), *self.ev_v.parameters()) if p.requires_grad]
+        ids = {id(p) for p in ev}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        scale = float(self.opt["evidence_lr"])
+        return [{"params": rest}] + ([{"params": ev, "lr": lr * scale}] if scale > 0 else [])
+
+    # -- eq T6: a generative start ------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, batch: dict, seed: int = 0) -> dict | None:
+        """With ``init: lda``, set each evidence network to the modality's shrinkage LDA (eq T6):
+
+            z_m(c, l) = mu_cl^T P x - mu_cl^T P mu_cl / 2 + log w_cl,    h_m(j) = the same for theme j
+
+        with P the inverse of the Ledoit-Wolf within-place covariance of the normalised inputs,
+        mu_cl the k-means centres of place c's training posts (its looks, weights w_cl), the generic
+        themes the k-means centres of all the modality's posts, and b_y = log p(y). Gradient steps
+        start from there. A discriminative linear layer needs many posts to find the directions that a
+        shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
+        Returns what was fitted (run.json), or None with ``init: random``."""
+        if self.opt["init"] != "lda":
+            return None
+        y_all = batch["label"].numpy()
+        info = {}
+        for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
+            mask = batch.get(f"{key}_mask")
+            keep = np.ones(len(y_all), bool) if mask is None else mask.bool().numpy()
+            x = inp(batch[key], None).double().numpy()[keep]
+            info[key] = _lda_start(ev, x, y_all[keep], seed)
+        counts = np.bincount(y_all, minlength=self.cfg.num_classes) + 1.0
+        self.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())
+        return info
 
     def aux_loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         w = float(self.opt["aux_weight"])

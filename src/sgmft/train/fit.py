@@ -383,6 +383,8 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     lit = LitClassifier(model_cfg, train_cfg)
     norm_info = fit_input_norm(lit.model, fs, tr)         # training split only; buffers of the model
+    init = getattr(lit.model, "init_from_data", None)    # a data-dependent start (TrustMix init: lda)
+    init_info = init(_rows_batch(fs, tr), seed=train_cfg.seed) if init is not None and not resume else None
     preloaded = {}
     if resume and _rank_zero_process():
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp, legacy)
@@ -439,5 +441,5 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
         write_metrics_csv(run_dir.metrics_csv, recorder.history)
         _finish(fs, run_dir, p, lit.model, model_cfg, train_cfg, split, tr, va, fp, inputs, t0,
                 best_score=best_score, best_epoch=recorder.best_epoch, epochs_run=int(trainer.current_epoch),
-                extra={"input_norm": norm_info})
+                extra={"input_norm": norm_info, **({"init": init_info} if init_info else {})})
     return TrainResult(run_dir.root, run_dir.model, best_score, time.time() - t0)

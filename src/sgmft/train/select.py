@@ -1,12 +1,12 @@
 """Selecting presets (``candidates:``, the default ``auto``): train each candidate preset on the same
-split and keep the one with the best validation accuracy (docs/design.md, "The default model").
+split and keep one by the validation split (:data:`RULE`; docs/design.md, "The default model").
 
 Users bring data whose shape nobody tuned for. No single head wins on every kind of data, so the
-default trains a small set of candidates (TrustMix and the shrinkage-LDA bar) and chooses on the
-run's validation split, never the test split. The run folder is an ordinary run: ``model/`` is a
-copy of the chosen candidate's checkpoint, ``split.npy`` the shared split, and ``run.json`` says
-what was chosen and why (``selection``); the model card repeats it. Each candidate is itself a
-complete, resumable run under ``candidates/<preset>/``.
+default trains a small set of candidates (TrustMix, TrustMix started from LDA, the shrinkage-LDA
+bar) and chooses on the run's validation split, never the test split. The run folder is an
+ordinary run: ``model/`` is a copy of the chosen candidate's checkpoint, ``split.npy`` the shared
+split, and ``run.json`` says what was chosen and why (``selection``); the model card repeats it.
+Each candidate is itself a complete, resumable run under ``candidates/<preset>/``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from sgmft.atomic import atomic_dir
 from sgmft.config import Preset, TrainConfig, load_preset
 from sgmft.errors import SgmftNote
@@ -27,7 +29,8 @@ from sgmft.train.result import TrainResult
 
 __all__ = ["SHARED_TRAIN_FIELDS", "train_selected"]
 
-RULE = "highest validation accuracy; a tie goes to the earlier candidate"
+RULE = ("the first candidate, unless a later one is more accurate on the validation split by more than one "
+        "standard error of the paired per-post difference (the one-standard-error rule, in the candidates' order)")
 # Below this many training posts per place, TrustMix candidates get one look per place (eq T0): each
 # look is a mean to estimate, and on 1,000 posts of 10 places three looks lost 3-5 points to one
 # (docs/design.md, "The default model", item 7).
@@ -50,8 +53,6 @@ def _candidate_preset(name: str, shared: TrainConfig, base: TrainConfig | None =
 
 def _training_posts(labelled: int, split, train: TrainConfig) -> float:
     """About how many of ``labelled`` posts the training split will hold (not test, not validation)."""
-    import numpy as np
-
     n = float(labelled)
     if split is not None:
         n -= float(np.count_nonzero(np.asarray(split) == "test"))
@@ -63,8 +64,6 @@ def _training_posts(labelled: int, split, train: TrainConfig) -> float:
 def _fit_to_size(p: Preset, fs) -> dict | None:
     """One look per place for a TrustMix candidate on a small store (LOOKS_MIN_POSTS_PER_PLACE);
     returns what was changed and why (run.json ``selection``), or None."""
-    import numpy as np
-
     looks = int(p.model.extra.get("looks", 1)) if p.model.arch == "trust" else 1
     if looks <= 1 or fs.labels is None:
         return None
@@ -77,6 +76,39 @@ def _fit_to_size(p: Preset, fs) -> dict | None:
     return {"looks": 1, "was": looks,
             "reason": f"about {per_place:.0f} training posts per place < {LOOKS_MIN_POSTS_PER_PLACE}: "
                       "one look per place"}
+
+
+def one_se_choice(correct: dict[str, np.ndarray], order: list[str]) -> tuple[str, list[dict]]:
+    """The candidate kept by the one-standard-error rule (Hastie, Tibshirani & Friedman, ESL 7.10), in
+    ``order`` of preference: ``correct[name]`` is 1/0 per validation post. The first candidate is kept
+    until a later one beats the kept one by more than one standard error of the paired difference;
+    a gain inside the noise of a few hundred posts does not replace it. Returns the choice and each
+    comparison (run.json ``selection.comparisons``)."""
+    kept, duels = order[0], []
+    for name in order[1:]:
+        d = correct[name].astype(float) - correct[kept].astype(float)
+        gain = float(d.mean()) if d.size else 0.0
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
+        won = gain > se
+        duels.append({"candidate": name, "against": kept, "gain": round(gain, 4), "se": round(se, 4), "replaces": won})
+        kept = name if won else kept
+    return kept, duels
+
+
+def choose(fs, results: dict, order: list[str], train: TrainConfig) -> tuple[str, list[dict]]:
+    """:func:`one_se_choice` on the validation posts that chose each candidate's epoch (the same rows
+    for every candidate: one split); without labelled validation posts, the first candidate."""
+    from sgmft.predict import Predictor
+    from sgmft.train.calibrate import validation_rows
+
+    split = np.load(RunDir(results[order[0]].run_dir).split, allow_pickle=True)
+    rows = validation_rows(np.flatnonzero(split == "val"), train)[0]
+    labels = np.asarray(fs.labels)[rows] if fs.labels is not None else np.empty(0)
+    rows, labels = rows[labels >= 0], labels[labels >= 0]
+    if not len(rows):
+        return order[0], []
+    correct = {n: Predictor.load(results[n].checkpoint).predict_store(fs, rows).top == labels for n in order}
+    return one_se_choice(correct, order)
 
 
 def _written_train(preset: Preset) -> TrainConfig | None:
@@ -117,7 +149,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
     for p in presets:
         res = train_fn(fs, out / "candidates" / p.name, p, overwrite=overwrite)
         results[p.name] = res
-    chosen = max(presets, key=lambda p: (results[p.name].best_val_acc or 0.0, -presets.index(p))).name
+    chosen, duels = choose(fs, results, [p.name for p in presets], presets[0].train)
     best = results[chosen]
     with RunLock(run):
         with atomic_dir(run.model) as tmp:
@@ -126,7 +158,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
                     shutil.copy2(f, tmp / f.name)
         shutil.copy2(RunDir(best.run_dir).split, run.split)
         chosen_run = RunDir(best.run_dir).read_run_json() or {}
-        selection = {"chosen": chosen, "rule": RULE, "split": "validation",
+        selection = {"chosen": chosen, "rule": RULE, "split": "validation", "comparisons": duels,
                      "candidates": {n: {"val_acc": r.best_val_acc, "seconds": round(r.seconds, 2),
                                         "run": f"candidates/{n}", **({"sized": sized[n]} if n in sized else {})}
                                     for n, r in results.items()}}

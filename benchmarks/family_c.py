@@ -1,0 +1,216 @@
+"""Family C: a held-out feature benchmark that is not SimFeat, for the default model (issue 17).
+
+SimFeat puts class content in a low-dimensional subspace with a few noise spikes. Real CLIP
+features spread their variance over every direction with a decaying spectrum. Family C draws, per
+modality (text, image):
+
+* class-free noise N(0, R diag(lambda) R^T) in D = 512 with lambda_i proportional to i^-alpha and R a
+  random rotation (no axis, no few spikes carry it); each place scales it by its own factor
+  (0.7-1.3);
+* 10 places with 1-3 looks each (uneven Dirichlet(2) weights), prototypes of norm 3 drawn along a
+  flatter spectrum, 10 generic themes (selfies, memes);
+* regimes both / text / image / neither = 0.5 / 0.2 / 0.2 / 0.1; an uninformative modality shows
+  another place (from a per-place Dirichlet(0.5) table, "missing the beach") with probability
+  ``q_other``, else a generic theme;
+* a shared mean (norm 2) and a modality gap (3), users with Dirichlet(1) place mixes, 3 % label
+  noise, then L2 normalisation; a random 20 % of posts is the test split.
+
+The oracle is the exact posterior on the latent vectors (before normalisation), so no model on the
+stored features can beat it in expectation. Variants C0-C3 change the world seed and the spectrum
+(``VARIANTS``). For each variant and size the script writes the store, trains each preset with
+``sgmft.train.train`` (its own validation split, seed 0) and prints one JSON document: test
+accuracy, ECE, validation accuracy and, for ``auto``, the chosen candidate.
+
+    python benchmarks/family_c.py --variants C0 C1 C2 C3 --sizes 2500 17000 \\
+        --presets auto pdf qmf concat logreg --out benchmarks/results-family_c.json
+    python benchmarks/family_c.py --table benchmarks/results-family_c.json     # the docs' table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.special import logsumexp
+
+VARIANTS = {
+    "C0": {},
+    "C1": {"seed": 1, "seed_world": 7, "alpha": 1.3, "noise": 1.2},
+    "C2": {"seed": 2, "seed_world": 11, "alpha": 0.8, "noise": 0.9},
+    "C3": {"seed": 3, "seed_world": 5, "alpha": 1.5, "noise": 1.1, "q_other": 0.7},
+}
+K, GENERIC, REGIMES = 10, 10, ("both", "text", "image", "neither")
+NAMES = ["home", "work", "school", "restaurant", "cinema", "gym", "shopping", "travel", "hospital", "park"]
+
+
+def _world(rw, D, alpha, sig, noise, gap, common, sgn) -> dict:
+    lam = np.arange(1, D + 1) ** -alpha
+    lam = lam / lam.sum() * D
+    R, _ = np.linalg.qr(rw.standard_normal((D, D)))
+    sd = np.sqrt(lam)
+
+    def proto():
+        p = (R * sd ** 0.3) @ rw.standard_normal(D)
+        return sig * 3.0 * p / np.linalg.norm(p)
+
+    looks = rw.integers(1, 4, size=K)
+    protos = [[proto() for _ in range(n)] for n in looks]
+    weights = [rw.dirichlet(np.full(n, 2.0)) for n in looks]
+    themes = [proto() for _ in range(GENERIC)]
+    scale = rw.uniform(0.7, 1.3, size=K)
+    conf = np.stack([rw.dirichlet(np.full(K, 0.5)) for _ in range(K)])
+    conf[np.arange(K), np.arange(K)] = 0
+    conf /= conf.sum(1, keepdims=True)
+    return dict(R=R, sd=sd * noise, protos=protos, w=weights, themes=themes, scale=scale, conf=conf,
+                off=common + sgn * gap / 2)
+
+
+def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.0,
+             p=(0.5, 0.2, 0.2, 0.1), q_other=0.5, label_noise=0.03, gap=3.0) -> dict:
+    """Posts of one variant: latent features, labels, regimes, users, split and the exact oracle."""
+    rw = np.random.default_rng(seed_world)
+    g = rw.standard_normal(D)
+    g /= np.linalg.norm(g)
+    common = rw.standard_normal(D)
+    common *= 2.0 / np.linalg.norm(common)
+    worlds = {m: _world(rw, D, alpha, sig, noise, gap * g, common, s) for m, s in (("t", 1), ("v", -1))}
+    r = np.random.default_rng(seed)
+    users = r.integers(0, 100, size=n)
+    mix = np.stack([r.dirichlet(np.ones(K)) for _ in range(100)])
+    y = np.array([r.choice(K, p=mix[u]) for u in users])
+    reg = r.choice(4, size=n, p=p)
+    feats = {m: _draw(r, worlds[m], y, (reg == 0) | (reg == (1 if m == "t" else 2)), q_other)
+             for m in ("t", "v")}
+    y_obs = y.copy()
+    flip = r.random(n) < label_noise
+    y_obs[flip] = r.integers(0, K, flip.sum())
+    post = _oracle(worlds, feats, p, q_other, label_noise)
+    split = np.where(np.random.default_rng(seed + 1000).random(n) < 0.2, "test", "train")
+    return dict(text=feats["t"], image=feats["v"], labels=y_obs, regime=np.array(REGIMES)[reg],
+                users=users, split=split, oracle=post)
+
+
+def _draw(r, W, y, informative, q_other) -> np.ndarray:
+    n, D = len(y), W["R"].shape[0]
+    X, sc = np.empty((n, D)), np.ones(n)
+    for i in range(n):
+        c = y[i] if informative[i] else (r.choice(K, p=W["conf"][y[i]]) if r.random() < q_other else -1)
+        if c < 0:
+            X[i] = W["themes"][r.integers(GENERIC)]
+            continue
+        sc[i] = W["scale"][c]
+        X[i] = W["protos"][c][r.choice(len(W["protos"][c]), p=W["w"][c])]
+    return X + (r.standard_normal((n, D)) * W["sd"] * sc[:, None]) @ W["R"].T + W["off"]
+
+
+def _evidence(W, x, q_other):
+    """Per post: log p(x | place c) (n, K) and log p(x | uninformative, post's place y) (n, K)."""
+    xw = ((x - W["off"]) @ W["R"]) / W["sd"]
+    D = x.shape[1]
+
+    def comp(mu, s):
+        return -0.5 * ((xw - (mu @ W["R"]) / W["sd"]) ** 2).sum(1) / s ** 2 - D * np.log(s)
+
+    lc = np.stack([logsumexp([np.log(W["w"][c][l]) + comp(W["protos"][c][l], W["scale"][c])
+                              for l in range(len(W["protos"][c]))], axis=0) for c in range(K)], 1)
+    lg = logsumexp([comp(t, 1.0) for t in W["themes"]], axis=0) - np.log(GENERIC)
+    lo = logsumexp(lc[:, None, :] + np.log(W["conf"][None] + 1e-300), axis=2)
+    return lc, np.logaddexp(np.log(q_other) + lo, np.log(1 - q_other) + lg[:, None])
+
+
+def _oracle(worlds, feats, p, q_other, label_noise) -> np.ndarray:
+    (lt, ut), (lv, uv) = (_evidence(worlds[m], feats[m], q_other) for m in ("t", "v"))
+    terms = [np.log(p[0]) + lt + lv, np.log(p[1]) + lt + uv, np.log(p[2]) + ut + lv, np.log(p[3]) + ut + uv]
+    post = logsumexp(np.stack(terms), axis=0)
+    pr = np.exp(post - logsumexp(post, axis=1, keepdims=True))
+    return (1 - label_noise) * pr + label_noise / K
+
+
+def write_store(path: Path, d: dict) -> float:
+    """Write the store; returns the oracle's test accuracy."""
+    from sgmft.features import write_feature_store
+
+    te = d["split"] == "test"
+    acc = float((d["oracle"].argmax(1)[te] == d["labels"][te]).mean())
+    unit = {m: d[m] / np.linalg.norm(d[m], axis=1, keepdims=True) for m in ("text", "image")}
+    write_feature_store(path, ids=[f"p{i}" for i in range(len(d["labels"]))], text=unit["text"].astype(np.float32),
+                        image=unit["image"].astype(np.float32), label_names=NAMES, labels=d["labels"],
+                        users=[f"u{u}" for u in d["users"]], split=d["split"], regime=d["regime"],
+                        backbone="family_c", overwrite=True, extra={"family_c": {"oracle_test_accuracy": acc}})
+    return acc
+
+
+def _score(run_dir: Path, store: Path) -> dict:
+    from sgmft.eval.run import evaluate
+
+    m = evaluate(run_dir, store, run_dir / "eval", tsne_max_points=0)
+    return {"accuracy": round(m["accuracy"], 4), "ece": round(m["ece"], 4)}
+
+
+def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
+    from sgmft.train import train
+
+    d = generate(n, **VARIANTS[variant])
+    store = work / f"{variant}-{n}" / "store"
+    row = {"variant": variant, "posts": n, "oracle": round(write_store(store, d), 4), "presets": {}}
+    for name in presets:
+        out = store.parent / name
+        res = train(store, out, name)
+        info = json.loads((out / "run.json").read_text())
+        row["presets"][name] = {**_score(out, store), "val_acc": round(res.best_val_acc or 0.0, 4),
+                                "chosen": info.get("selection", {}).get("chosen")}
+        for cand, c in info.get("selection", {}).get("candidates", {}).items():   # auto's candidates, same split
+            row["presets"].setdefault(cand, {**_score(out / c["run"], store), "val_acc": c["val_acc"]})
+        print(json.dumps({"variant": variant, "posts": n, "preset": name, **row["presets"][name]}), file=sys.stderr)
+    return row
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per variant and size, test accuracy (%) per preset, auto's choice, / oracle."""
+    names = ["auto", "trust", "trust_lda", "lda", "logreg", "concat", "qmf", "pdf"]
+    rows = result["rows"]
+    shown = [n for n in names if any(n in r["presets"] for r in rows)]
+    out = ["| store | posts | oracle | " + " | ".join(f"`{n}`" for n in shown) + " | default / oracle | default - best other |",
+           "|---|---|---|" + "---|" * (len(shown) + 2)]
+    for r in rows:
+        p = r["presets"]
+        acc = {n: 100 * p[n]["accuracy"] for n in shown if n in p}
+        other = max(v for n, v in acc.items() if n not in ("auto", p["auto"].get("chosen")))
+        cells = [f"**{acc[n]:.2f}** ({p['auto']['chosen']})" if n == "auto" else
+                 (f"{acc[n]:.2f}" if n in acc else "-") for n in shown]
+        out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | " + " | ".join(cells) +
+                   f" | {acc['auto'] / (100 * r['oracle']):.3f} | {acc['auto'] - other:+.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=[2500, 17000])
+    ap.add_argument("--presets", nargs="+", default=["auto", "pdf", "qmf", "concat", "logreg"],
+                    help="presets to train (auto's candidates are scored from its own runs)")
+    ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
+    ap.add_argument("--out", help="also write the JSON here (atomically)")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of an earlier result and exit")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.table).read_text())))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        rows = [run(v, n, a.presets, work) for n in a.sizes for v in a.variants]
+    text = json.dumps({"benchmark": "family_c", "rows": rows}, indent=1)
+    if a.out:
+        from sgmft import atomic
+
+        atomic.write_bytes(Path(a.out), (text + "\n").encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
