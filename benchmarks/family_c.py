@@ -174,7 +174,8 @@ def table(result: dict) -> str:
     names = ["auto", "trust", "trust_lda", "lda", "logreg", "concat", "qmf", "pdf"]
     rows = result["rows"]
     shown = [n for n in names if any(n in r["presets"] for r in rows)]
-    out = ["| store | posts | oracle | " + " | ".join(f"`{n}`" for n in shown) + " | default / oracle | default - best other |",
+    head = " | ".join(f"`{n}`" for n in shown)
+    out = [f"| store | posts | oracle | {head} | default / oracle | default - best other |",
            "|---|---|---|" + "---|" * (len(shown) + 2)]
     for r in rows:
         p = r["presets"]

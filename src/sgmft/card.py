@@ -98,9 +98,9 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
              "predict, serve and export apply it"))
     sel = runj.get("selection") or {}
     if sel.get("chosen"):                   # a selecting preset (auto): what was chosen and why
-        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}`, by {sel.get('rule')} on the "
-                 "validation split (" + ", ".join(f"`{n}` {_fmt(c.get('val_acc'))}" for n, c in
-                                                 (sel.get("candidates") or {}).items()) + ")")
+        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; "
+                 "validation accuracy " + ", ".join(f"`{n}` {_fmt(c.get('val_acc'))}" for n, c in
+                                                    (sel.get("candidates") or {}).items()) + ")")
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))
