@@ -290,3 +290,15 @@ def test_evidence_lr_scales_only_the_evidence_networks():
     assert not torch.equal(m.log_prior, prior0)
     tenth = build_model(_cfg(evidence_lr=0.1)).param_groups(1e-2)
     assert [g.get("lr") for g in tenth] == [None, pytest.approx(1e-3)]
+
+
+def test_lda_start_skips_a_modality_too_few_posts_have():
+    """A modality absent from (almost) every training post keeps its random start and says so."""
+    b = _aniso_batch(n=200)
+    b["image_mask"] = torch.zeros(200, dtype=torch.bool)
+    b["image_mask"][:3] = True
+    m = build_model(_cfg(init="lda", looks=1))
+    before = m.ev_v.linear.weight.detach().clone()
+    info = m.init_from_data(b)
+    assert info["image"] == {"posts": 3, "fitted": False} and info["text"]["posts"] == 200
+    torch.testing.assert_close(m.ev_v.linear.weight, before)

@@ -303,6 +303,9 @@ class TrustMix(nn.Module):
             mask = batch.get(f"{key}_mask")
             keep = np.ones(len(y_all), bool) if mask is None else mask.bool().numpy()
             x = inp(batch[key], None).double().numpy()[keep]
+            if len(np.unique(y_all[keep])) < 2 or len(x) <= len(np.unique(y_all[keep])):
+                info[key] = {"posts": int(len(x)), "fitted": False}   # too few posts with this modality
+                continue
             info[key] = _lda_start(ev, x, y_all[keep], seed)
         counts = np.bincount(y_all, minlength=self.cfg.num_classes) + 1.0
         self.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())
