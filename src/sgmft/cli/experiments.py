@@ -84,7 +84,9 @@ def learning_curve_args(s) -> None:
 
     s.add_argument("--profile", default="hetero", choices=sorted(PROFILES), help="SimFeat profile")
     s.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                   help="dataset sizes in posts, comma-separated")
+                   help="dataset sizes in posts, comma-separated; the training pool is drawn for the largest "
+                        "size and the smaller ones are subsets of it, so commands with another largest size "
+                        "see other data and another fixed test set")
     s.add_argument("--models", help=f"presets, comma-separated (default: {','.join(default_models())})")
     s.add_argument("--seeds", type=int, default=1, help="seeds per cell")
     s.add_argument("--epochs", type=int, help="epochs per run (default: ceil(60000 / training posts), 3..10)")
