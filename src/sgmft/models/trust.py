@@ -116,9 +116,8 @@ def _centres(x: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` k-means centres of ``x`` and the share of rows nearest each (repeats if too few rows)."""
     from sklearn.cluster import KMeans
 
-    if n == 1 or len(x) < 2 * n:
-        mu = x.mean(0, keepdims=True) if len(x) else np.zeros((1, x.shape[1]))
-        return np.repeat(mu, n, 0), np.full(n, 1.0 / n)
+    if n == 1 or len(x) < 2 * n:                 # x has rows: absent places never get here
+        return np.repeat(x.mean(0, keepdims=True), n, 0), np.full(n, 1.0 / n)
     if len(x) > KMEANS_ROWS:
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), KMEANS_ROWS, replace=False))]
     km = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(x)
@@ -283,6 +282,11 @@ class TrustMix(nn.Module):
         return [{"params": rest}] + ([{"params": ev, "lr": lr * scale}] if scale > 0 else [])
 
     # -- eq T6: a generative start ------------------------------------------------------
+    @property
+    def wants_data_init(self) -> bool:
+        """Whether training should call :meth:`init_from_data` (``init: lda``) before the first step."""
+        return self.opt["init"] == "lda"
+
     @torch.no_grad()
     def init_from_data(self, batch: dict, seed: int = 0) -> dict | None:
         """With ``init: lda``, set each evidence network to the modality's shrinkage LDA (eq T6):
@@ -295,15 +299,15 @@ class TrustMix(nn.Module):
         start from there. A discriminative linear layer needs many posts to find the directions that a
         shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
         Returns what was fitted (run.json), or None with ``init: random``."""
-        if self.opt["init"] != "lda":
+        if not self.wants_data_init:
             return None
         y_all = batch["label"].numpy()
         info = {}
         for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
             mask = batch.get(f"{key}_mask")
             keep = np.ones(len(y_all), bool) if mask is None else mask.bool().numpy()
-            x = inp(batch[key], None).double().numpy()[keep]
-            if len(np.unique(y_all[keep])) < 2 or len(x) <= len(np.unique(y_all[keep])):
+            x, places = inp(batch[key], None).double().numpy()[keep], len(np.unique(y_all[keep]))
+            if places < 2 or len(x) <= places:
                 info[key] = {"posts": int(len(x)), "fitted": False}   # too few posts with this modality
                 continue
             info[key] = _lda_start(ev, x, y_all[keep], seed)

@@ -383,8 +383,9 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     lit = LitClassifier(model_cfg, train_cfg)
     norm_info = fit_input_norm(lit.model, fs, tr)         # training split only; buffers of the model
-    init = getattr(lit.model, "init_from_data", None)    # a data-dependent start (TrustMix init: lda)
-    init_info = init(_rows_batch(fs, tr), seed=train_cfg.seed) if init is not None and not resume else None
+    init_info = None                                      # a data-dependent start (TrustMix init: lda)
+    if getattr(lit.model, "wants_data_init", False) and not resume:   # resume: weights come from last.ckpt
+        init_info = lit.model.init_from_data(_rows_batch(fs, tr), seed=train_cfg.seed)
     preloaded = {}
     if resume and _rank_zero_process():
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp, legacy)

@@ -98,31 +98,20 @@ def one_se_choice(correct: dict[str, np.ndarray], order: list[str]) -> tuple[str
 def choose(fs, results: dict, order: list[str], train: TrainConfig) -> tuple[str, list[dict]]:
     """:func:`one_se_choice` on the validation posts that chose each candidate's epoch (the same rows
     for every candidate: one split); without labelled validation posts, the first candidate."""
-    from sgmft.train.calibrate import validation_rows
+    from sgmft.checkpoint import load_checkpoint
+    from sgmft.train.calibrate import collect_logits, validation_rows
 
     split = np.load(RunDir(results[order[0]].run_dir).split, allow_pickle=True)
     rows = np.sort(validation_rows(np.flatnonzero(split == "val"), train)[0])
-    labels = np.asarray(fs.labels)[rows] if fs.labels is not None else np.empty(0, dtype=np.int64)
-    rows, labels = rows[labels >= 0], labels[labels >= 0]
-    if not len(rows):
+    if fs.labels is not None:
+        rows = rows[np.asarray(fs.labels)[rows] >= 0]
+    if fs.labels is None or not len(rows):
         return order[0], []
-    correct = {n: _predicted(fs, results[n].checkpoint, rows) == labels for n in order}
+    correct = {}
+    for n in order:
+        logits, labels = collect_logits(load_checkpoint(results[n].checkpoint)[0], fs, rows)
+        correct[n] = logits.argmax(1) == labels
     return one_se_choice(correct, order)
-
-
-def _predicted(fs, checkpoint, rows: np.ndarray) -> np.ndarray:
-    """The place a run's exported model predicts for each of the store's ``rows`` (sorted)."""
-    import torch
-
-    from sgmft.checkpoint import load_checkpoint
-    from sgmft.models import forward_batch
-    from sgmft.train.data import FeatureDataset
-
-    model, _ = load_checkpoint(checkpoint)
-    data = FeatureDataset(fs, rows)
-    with torch.no_grad():
-        return np.concatenate([forward_batch(model, data.__getitems__(np.arange(i, min(i + 4096, len(rows)))))
-                               .logits.argmax(1).numpy() for i in range(0, len(rows), 4096)])
 
 
 def _written_train(preset: Preset) -> TrainConfig | None:
