@@ -22,10 +22,11 @@ variant and size the script writes the store, trains each preset with ``sgmft.tr
 own validation split, seed 0) and prints one JSON document: test accuracy, ECE, validation
 accuracy and, for ``auto``, the chosen candidate.
 
-    python benchmarks/family_c.py --variants C0 C1 C2 C3 --sizes 2500 17000 \\
-        --presets auto pdf qmf concat logreg --out benchmarks/results-family_c.json
+    python benchmarks/family_c.py --variants C0 C1 C2 C3 --sizes 600 1000 2500 17000 \\
+        --presets auto logreg concat qmf pdf --out benchmarks/results-family_c.json
     python benchmarks/family_c.py --table benchmarks/results-family_c.json     # the docs' table
-    python benchmarks/family_c.py --variants C4 C5 C6 C7 --out benchmarks/results-family_c-c4c7.json
+    python benchmarks/family_c.py --variants C4 C5 C6 C7 --sizes 600 1000 2500 17000 \\
+        --presets auto logreg concat qmf pdf --out benchmarks/results-family_c-c4c7.json
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
         out = store.parent / name
         res = train(store, out, name)
         info = json.loads((out / "run.json").read_text())
+        sel = info.get("selection", {})
         row["presets"][name] = {**_score(out, store), "val_acc": round(res.best_val_acc or 0.0, 4),
-                                "chosen": info.get("selection", {}).get("chosen")}
+                                "chosen": sel.get("chosen"), "chosen_on": sel.get("split")}
         for cand, c in info.get("selection", {}).get("candidates", {}).items():   # auto's candidates, same split
             row["presets"].setdefault(cand, {**_score(out / c["run"], store), "val_acc": c["val_acc"]})
         print(json.dumps({"variant": variant, "posts": n, "preset": name, **row["presets"][name]}), file=sys.stderr)
@@ -178,7 +180,7 @@ def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
 
 def table(result: dict) -> str:
     """Markdown: one row per variant and size, test accuracy (%) per preset, auto's choice, / oracle."""
-    names = ["auto", "trust", "trust_lda", "lda", "logreg", "concat", "qmf", "pdf"]
+    names = ["auto", "trust", "trust_lda", "lda", "trust_lda+lda", "logreg", "concat", "qmf", "pdf"]
     rows = result["rows"]
     shown = [n for n in names if any(n in r["presets"] for r in rows)]
     head = " | ".join(f"`{n}`" for n in shown)
@@ -188,7 +190,8 @@ def table(result: dict) -> str:
         p = r["presets"]
         acc = {n: 100 * p[n]["accuracy"] for n in shown if n in p}
         other = max(v for n, v in acc.items() if n not in ("auto", p["auto"].get("chosen")))
-        cells = [f"**{acc[n]:.2f}** ({p['auto']['chosen']})" if n == "auto" else
+        cv = ", CV" if p["auto"].get("chosen_on") == "cross-validation" else ""
+        cells = [f"**{acc[n]:.2f}** ({p['auto']['chosen']}{cv})" if n == "auto" else
                  (f"{acc[n]:.2f}" if n in acc else "-") for n in shown]
         out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | " + " | ".join(cells) +
                    f" | {acc['auto'] / (100 * r['oracle']):.3f} | {acc['auto'] - other:+.2f} |")

@@ -25,11 +25,23 @@ def _fast_auto():
     return p
 
 
-def test_auto_is_the_default_and_lists_plain_candidates():
+AUTO = ["trust", "trust_lda", "lda", "trust_lda+lda"]
+
+
+def test_auto_is_the_default_and_lists_plain_candidates_and_an_ensemble_of_two():
     p = load_preset(DEFAULT_PRESET)
-    assert DEFAULT_PRESET == "auto" and p.candidates == ["trust", "trust_lda", "lda"]
-    assert all(not load_preset(c).candidates for c in p.candidates)
-    assert "model" not in p.to_dict() and p.to_dict()["candidates"] == ["trust", "trust_lda", "lda"]
+    assert DEFAULT_PRESET == "auto" and p.candidates == AUTO
+    assert all(not load_preset(c).candidates for c in p.candidates if "+" not in c)
+    assert "model" not in p.to_dict() and p.to_dict()["candidates"] == AUTO
+
+
+@pytest.mark.parametrize("bad", ["[trust, lda+trust]", "[trust, lda, lda+lda]", "[trust, lda, trust+]",
+                                 "[trust, lda, trust+lda, trust+lda+trust]"])
+def test_an_ensemble_candidate_joins_different_candidates_listed_before_it(tmp_path, bad):
+    f = tmp_path / "sel.yaml"
+    f.write_text(f"candidates: {bad}\n")
+    with pytest.raises(ValueError, match="must join two or more different plain candidates listed before it"):
+        load_preset(f)
 
 
 def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
@@ -47,19 +59,22 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
         return p
 
     monkeypatch.setattr(sel, "_candidate_preset", quick)
+    monkeypatch.setattr(sel, "CV_BELOW_VAL_POSTS", 0)    # the validation split chooses (19 posts here)
     res = train(store, tmp_path / "r", _fast_auto())
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     s = run["selection"]
+    assert s["split"] == "validation" and "cross_validation" not in s and not (tmp_path / "r" / "cv").exists()
     vals = {n: c["val_acc"] for n, c in s["candidates"].items()}
     best = max(vals.values())
     kept = "trust"                                 # the one-standard-error rule, in the candidates' order
     for duel in s["comparisons"]:
         assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
         kept = duel["candidate"] if duel["replaces"] else kept
-    assert [d["candidate"] for d in s["comparisons"]] == ["trust_lda", "lda"] and s["chosen"] == kept
+    assert [d["candidate"] for d in s["comparisons"]] == AUTO[1:] and s["chosen"] == kept
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(vals[kept])
     assert "standard error" in s["rule"]
-    cands = {c["name"]: c["model"] for c in run["fingerprint_inputs"]["model"]["candidates"]}
+    cands = {c["name"]: c.get("model") for c in run["fingerprint_inputs"]["model"]["candidates"]}
+    assert {"name": "trust_lda+lda", "ensemble": ["trust_lda", "lda"]} in run["fingerprint_inputs"]["model"]["candidates"]
     assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 1   # resolved views (issue 19)
     # ~43 training posts per place: the TrustMix candidate was given one look per place, and says so
     assert s["candidates"]["trust"]["sized"]["looks"] == 1 and "per place" in s["candidates"]["trust"]["sized"]["reason"]
@@ -67,16 +82,93 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
         (chosen_dir / "model.safetensors").read_bytes()
     assert run_init(tmp_path / "r" / "candidates" / "trust_lda")["text"]["looks"] == 1   # eq T6 start, recorded
-    for c in ("trust", "trust_lda", "lda"):       # one split for every candidate
+    for c in AUTO:                                # one split for every candidate
         assert np.array_equal(np.load(tmp_path / "r" / "candidates" / c / "split.npy"),
                               np.load(tmp_path / "r" / "split.npy"))
     card = (tmp_path / "r" / "model" / "README.md").read_text()
     assert f"`{s['chosen']}`" in card and "validation split" in card
+    ens = tmp_path / "r" / "candidates" / "trust_lda+lda"          # eq E1, assembled from the two runs
+    cfg = json.loads((ens / "model" / "config.json").read_text())
+    assert cfg["model"]["arch"] == "ensemble" and cfg["model"]["extra"]["names"] == ["trust_lda", "lda"]
+    assert s["candidates"]["trust_lda+lda"]["ensemble_of"] == ["trust_lda", "lda"]
+    x = np.load(store / "text.npy"), np.load(store / "image.npy")
+    probs = {c: Predictor.load(tmp_path / "r" / "candidates" / c).predict_features(*x).probs
+             for c in ("trust_lda", "lda", "trust_lda+lda")}
+    mean = (probs["trust_lda"] + probs["lda"]) / 2                 # calibrated members; the ensemble's own
+    top2 = np.sort(mean, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5                          # not a float tie
+    assert clear.mean() > 0.9                                       # calibration keeps the argmax:
+    assert np.array_equal(probs["trust_lda+lda"].argmax(1)[clear], mean.argmax(1)[clear])
+    assert "members (the mean of their calibrated probabilities" in (ens / "model" / "README.md").read_text()
     m = evaluate(tmp_path / "r", store, tmp_path / "ev", tsne_max_points=20)
     assert m["num_samples"] == 48 and m["accuracy"] > 0.5
     assert Predictor.load(tmp_path / "r").label_names == ["c0", "c1", "c2", "c3"]
     again = train(store, tmp_path / "r", _fast_auto())
     assert again.status == "complete"
+
+
+def _quick_candidates(monkeypatch):
+    import sgmft.train.select as sel
+    from sgmft.config import apply_overrides
+
+    real = sel._candidate_preset
+
+    def quick(name, shared, base=None):           # the same candidates, trained briefly
+        p = real(name, shared, base)
+        if name != "lda":
+            p.train = apply_overrides(p.train, ["epochs=2", "min_steps=0", "batch_size=32"])
+        return p
+
+    monkeypatch.setattr(sel, "_candidate_preset", quick)
+
+
+@pytest.mark.parametrize("mode", ["stratified", "user"])
+def test_cv_folds_cut_training_and_validation_posts_never_test_posts(mode):
+    from sgmft.train.select import cv_folds
+
+    n = 300
+    labels = np.arange(n) % 3
+    labels[::50] = -1                                     # unlabelled: in no fold
+    users = np.array([f"u{i % 30}" for i in range(n)])
+    split = np.array(["train", "train", "val", "test", "train"] * (n // 5))
+    folds = cv_folds(split, labels, users, mode, seed=0, k=5)
+    pool = np.flatnonzero(np.isin(split, ["train", "val"]) & (labels >= 0))
+    assert len(folds) == 5 and np.array_equal(np.sort(np.concatenate(folds)), pool)   # disjoint, all of them
+    for f in folds:
+        assert np.bincount(labels[f], minlength=3).min() > 0                        # every place in every fold
+    if mode == "user":
+        assert all(set(users[a]).isdisjoint(users[b]) for i, a in enumerate(folds) for b in folds[i + 1:])
+
+
+def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypatch):
+    import sgmft.train.select as sel
+
+    _quick_candidates(monkeypatch)
+    store = make_store(tmp_path / "s", n=240, dim=16, k=4)
+    train(store, tmp_path / "r", _fast_auto())
+    r = tmp_path / "r"
+    s = json.loads((r / "run.json").read_text())["selection"]
+    cv = s["cross_validation"]
+    assert s["split"] == "cross-validation" and cv["folds"] == sel.CV_FOLDS == 5
+    main_split = np.load(r / "split.npy")
+    assert cv["posts"] == np.count_nonzero(np.isin(main_split, ["train", "val"]))      # 192 posts, not 19
+    assert set(cv["accuracy"]) == set(AUTO)
+    kept = "trust"                                         # the rule, replayed on the recorded comparisons
+    for duel in s["comparisons"]:
+        assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
+        kept = duel["candidate"] if duel["replaces"] else kept
+    assert s["chosen"] == kept
+    assert duel["se"] < 0.1                                # ~190 paired posts, not 19
+    held = []
+    for i in range(5):                                     # each fold: trained without its own posts, never
+        for c in ("trust", "trust_lda", "lda"):            # on the test split
+            fold = np.load(r / "cv" / f"fold-{i}" / c / "split.npy")
+            assert not np.isin(fold[main_split == "test"], ["train", "val"]).any()
+            assert (r / "cv" / f"fold-{i}" / c / "model" / "model.safetensors").is_file()
+        held.append(np.flatnonzero(fold == "test"))
+    assert np.array_equal(np.sort(np.concatenate(held)), np.flatnonzero(np.isin(main_split, ["train", "val"])))
+    assert "cross-validated accuracy on 192" in (r / "model" / "README.md").read_text()
+    assert train(store, r, _fast_auto()).status == "complete"          # nothing re-runs
 
 
 def test_one_se_rule_keeps_the_earlier_candidate_unless_a_later_one_clearly_wins():

@@ -223,6 +223,15 @@ def _tiny_checkpoint(root, arch="sgmft", fusion=None, paper=False, dim=16):
     from sgmft.config import load_preset
     from sgmft.models import build_model
 
+    if arch == "ensemble":                          # assembled by auto from trained runs: two tiny members
+        from sgmft.models.ensemble import ensemble_config
+
+        members = [dataclasses.replace(load_preset(a).model, dim=dim, num_classes=4) for a in ("trust", "lda")]
+        cfg = ensemble_config(dim, 4, ["trust", "lda"], members,
+                              [{"temperature": 1.3, "uniform_weight": 0.02}, {"temperature": 0.8}])
+        torch.manual_seed(0)
+        return save_checkpoint(root / "ensemble-default", build_model(cfg), cfg, ["a", "b", "c", "d"],
+                               {"backbone": "test", "dim": dim, "normalization": "l2"})
     p = load_preset("paper" if paper else arch)
     cfg = dataclasses.replace(p.model, dim=dim, num_classes=4)
     if not paper:

@@ -72,6 +72,21 @@ def _model_items(cfg) -> list[tuple[str, object]]:
     return sorted([(k, v) for k, v in view.items() if k != "extra"] + list((view.get("extra") or {}).items()))
 
 
+def _inputs_line(cfg) -> str:
+    """How the model treats its inputs: its input normalisation, or an ensemble's members (eq E1)."""
+    if cfg.arch == "ensemble":              # the members' full configs are in config.json
+        ex = cfg.extra
+        return ("* members (the mean of their calibrated probabilities, eq E1; each keeps its own input "
+                "normalisation and calibration): " + ", ".join(
+                    f"`{n}` (arch `{m.get('arch')}`, input_norm `{m.get('input_norm', 'none')}`, temperature "
+                    f"{c.get('temperature', 1.0):.3g}, uniform weight {c.get('uniform_weight', 0.0):.3g})"
+                    for n, m, c in zip(ex["names"], ex["members"], ex["calibrations"])))
+    norm = getattr(cfg, "input_norm", "none")
+    return "* input normalisation: " + ("none (raw features)" if norm == "none" else
+                                        f"`{norm}`, fitted on the training split only and stored in the weights "
+                                        "(buffers), so predict, serve and export apply it")
+
+
 def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, preset: str) -> list[str]:
     """The Data and "Preset and configuration" sections."""
     cfg, feats, train = info["model_cfg"], info.get("features") or {}, info.get("train") or {}
@@ -91,16 +106,17 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
     L += ["", "## Preset and configuration", "",
           f"* preset `{preset}`, architecture `{cfg.arch}`" + (f", fusion `{fusion}`" if fusion else ""),
           "* model (what the architecture reads, options resolved): "
-          + ", ".join(f"{k} = {v}" for k, v in _model_items(cfg))]
-    norm = getattr(cfg, "input_norm", "none")
-    L.append("* input normalisation: " + ("none (raw features)" if norm == "none" else
-             f"`{norm}`, fitted on the training split only and stored in the weights (buffers), so "
-             "predict, serve and export apply it"))
+          + ", ".join(f"{k} = {v}" for k, v in _model_items(cfg)
+                      if cfg.arch != "ensemble" or k not in ("members", "calibrations"))]   # next line
+    L.append(_inputs_line(cfg))
     sel = runj.get("selection") or {}
     if sel.get("chosen"):                   # a selecting preset (auto): what was chosen and why
-        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; "
-                 "validation accuracy " + ", ".join(f"`{n}` {_fmt(c.get('val_acc'))}" for n, c in
-                                                    (sel.get("candidates") or {}).items()) + ")")
+        cv = sel.get("cross_validation")
+        accs = (cv["accuracy"] if cv else {n: c.get("val_acc") for n, c in (sel.get("candidates") or {}).items()})
+        how = (f"{cv['folds']}-fold cross-validated accuracy on {cv['posts']} training and validation posts"
+               if cv else "validation accuracy")
+        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
+                 + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))

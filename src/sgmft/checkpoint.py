@@ -37,6 +37,7 @@ from sgmft.atomic import atomic_dir
 from sgmft.config import ModelConfig, TrainConfig, model_config_from_dict
 from sgmft.errors import BackboneMismatchError, InputError, PrecisionMismatchError
 from sgmft.models import build_model
+from sgmft.models.output import calibrated_probs  # noqa: F401  (its home is the models' output contract)
 from sgmft.models.registry import model_view
 from sgmft.runs import RunDir, locate
 
@@ -487,14 +488,3 @@ def read_calibration(cfg_data: dict, where) -> dict:
                               f"\"temperature\": a positive number, \"uniform_weight\": a number in [0, 1)}}, "
                               f"got {str(rec)[:120]}")
     return {**rec, "temperature": float(t), "uniform_weight": float(w)}
-
-
-def calibrated_probs(logits: torch.Tensor, temperature=1.0, uniform_weight=0.0) -> torch.Tensor:
-    """The probabilities a calibration record gives ``logits`` (..., K): ``(1 - eps)
-    softmax(logits / T) + eps / K`` with eps = ``uniform_weight`` (fitted by
-    :mod:`sgmft.train.calibrate`; applied by predict, serve and export). Both maps increase
-    with each logit, so the argmax is that of ``logits``."""
-    p = torch.softmax(logits / temperature, -1)
-    if uniform_weight:
-        p = (1.0 - uniform_weight) * p + uniform_weight / logits.shape[-1]
-    return p

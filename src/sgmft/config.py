@@ -421,13 +421,19 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 
 def _candidates(value, name: str) -> list[str]:
-    """A selecting preset's candidate presets: a list of packaged preset names, none selecting."""
+    """A selecting preset's candidate presets: a list of packaged preset names, none selecting, and
+    ensembles ``a+b`` of candidates listed before them (models/ensemble.py, eq E1)."""
     if value is None:
         return []
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"preset {name}: candidates must be a non-empty list of preset names")
-    for v in value:
-        if load_preset(v).candidates:
+    for i, v in enumerate(value):
+        if "+" in v:
+            parts = v.split("+")
+            if len(parts) < 2 or len(set(parts)) != len(parts) or any(p not in value[:i] or "+" in p for p in parts):
+                raise ConfigError(f"preset {name}: ensemble candidate {v!r} must join two or more different "
+                                  "plain candidates listed before it, e.g. trust_lda+lda")
+        elif load_preset(v).candidates:
             raise ConfigError(f"preset {name}: candidate {v!r} selects itself; candidates must be plain presets")
     return list(value)
 

@@ -108,7 +108,7 @@ class RunDir:
         return self.root / "run.lock"
 
     # entries of a run folder that sgmft writes (``--overwrite`` removes exactly these)
-    OWNED = ("model", "run.json", "split.npy", "lightning", "tensorboard", "candidates")   # candidates: train/select.py
+    OWNED = ("model", "run.json", "split.npy", "lightning", "tensorboard", "candidates", "cv")   # both: train/select.py
 
     def owned_entries(self) -> list[Path]:
         """What ``train``/``evaluate`` wrote here (model/, run.json, ..., eval-*/), existing ones only."""

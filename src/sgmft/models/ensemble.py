@@ -1,0 +1,88 @@
+"""An ensemble of trained runs: the mean of their calibrated probabilities (eq E1).
+
+    p(y | x) = (1 / M) sum_i p_i(y | x),    p_i = (1 - eps_i) softmax(z_i / T_i) + eps_i / K   (eq E1)
+
+with z_i member i's logits and (T_i, eps_i) its own post-hoc calibration (train/calibrate.py), so a
+member with sharp raw probabilities (LDA's) does not drown the other. The ensemble's logits are
+log p, and its own calibration is fitted on top like any model's.
+
+It is not trained: a selecting preset assembles it from candidates it has trained (``auto``'s
+candidate ``trust_lda+lda``, train/select.py; docs/design.md, "The default model", item 10). On
+small stores the two disagree where each is unsure, and the mean of a TrustMix that starts from
+LDA and the joint LDA itself was 0-3 points more accurate than the better of them on family C at
+2,500 posts. Each member keeps its own input normalisation (buffers), so the ensemble reads the raw
+features like any model, and predict, serve and export need nothing new.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sgmft.config import ConfigError, ModelConfig
+from sgmft.models.comparisons import HeadOutput, head_options
+from sgmft.models.options import ArchOptions, option
+from sgmft.models.output import calibrated_probs
+from sgmft.models.registry import MODELS
+
+__all__ = ["Ensemble", "ensemble_config"]
+
+
+@MODELS.register("ensemble")
+class Ensemble(nn.Module):
+    """The mean of the calibrated probabilities of trained members (eq E1 above)."""
+
+    reads: tuple[str, ...] = ()
+    assembled = True        # built from trained runs by a selecting preset; no preset, no gradient steps
+
+    class Options(ArchOptions):
+        members: list[dict[str, Any]] = option(
+            [], "the members' model configs, as each checkpoint's config.json `model` (written by the selecting "
+            "preset that assembles the ensemble)")
+        names: list[str] = option([], "the members' preset names, in order")
+        calibrations: list[dict[str, float]] = option(
+            [], "each member's post-hoc calibration: `temperature` and `uniform_weight` (eq E1)")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from sgmft.config import model_config_from_dict
+        from sgmft.models.registry import build_model
+
+        o = head_options(cfg, self.Options)
+        members, cals = o["members"], o["calibrations"]
+        if len(members) < 2 or len(cals) != len(members) or len(o["names"]) != len(members):
+            raise ConfigError("model config: arch 'ensemble' needs two or more members, each with a name and a "
+                              "calibration; it is assembled from trained runs by a selecting preset (candidates "
+                              "such as `trust_lda+lda` in auto.yaml), not trained on its own")
+        built = []
+        for i, m in enumerate(members):
+            mc = model_config_from_dict(m, f"model config: ensemble member {i}")
+            if (mc.dim, mc.num_classes) != (cfg.dim, cfg.num_classes):
+                raise ConfigError(f"model config: ensemble member {i} has dim {mc.dim} and {mc.num_classes} "
+                                  f"classes; the ensemble has {cfg.dim} and {cfg.num_classes}")
+            built.append(build_model(mc))
+        self.members = nn.ModuleList(built)
+        self.cal = [(float(c.get("temperature", 1.0)), float(c.get("uniform_weight", 0.0))) for c in cals]
+
+    def forward(self, text, image, text_mask=None, image_mask=None) -> HeadOutput:
+        probs, fused = [], []
+        for m, (t, eps) in zip(self.members, self.cal):
+            out = m(text, image, text_mask, image_mask)
+            probs.append(calibrated_probs(out.logits, t, eps))
+            fused.append(out.fused)
+        p = torch.stack(probs).mean(0)                                      # eq E1
+        return HeadOutput(logits=p.clamp_min(1e-30).log(), fused=torch.cat(fused, -1))
+
+
+def ensemble_config(dim: int, num_classes: int, names: list[str], member_cfgs: list[ModelConfig],
+                    calibrations: list[dict]) -> ModelConfig:
+    """The ensemble's config from its members' names, configs and calibration records."""
+    from sgmft.models.registry import model_view
+
+    return ModelConfig(arch="ensemble", dim=dim, num_classes=num_classes,
+                       extra={"members": [model_view(c) for c in member_cfgs], "names": list(names),
+                              "calibrations": [{"temperature": float(c.get("temperature", 1.0)),
+                                                "uniform_weight": float(c.get("uniform_weight", 0.0))}
+                                               for c in calibrations]})
