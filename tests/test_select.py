@@ -167,7 +167,15 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
             assert (r / "cv" / f"fold-{i}" / c / "model" / "model.safetensors").is_file()
         held.append(np.flatnonzero(fold == "test"))
     assert np.array_equal(np.sort(np.concatenate(held)), np.flatnonzero(np.isin(main_split, ["train", "val"])))
-    assert "cross-validated accuracy on 192" in (r / "model" / "README.md").read_text()
+    card = (r / "model" / "README.md").read_text()
+    assert "cross-validated accuracy on 192" in card and "out-of-fold predictions" in card
+    # the kept model's calibration is refitted on the 192 out-of-fold predictions, not on 19 validation posts
+    cal = json.loads((r / "model" / "config.json").read_text())["calibration"]
+    assert cal["num_posts"] == 192 and "out-of-fold" in cal["fitted_on"] and cv["calibration"]["num_posts"] == 192
+    own = json.loads((r / "candidates" / s["chosen"] / "model" / "config.json").read_text())["calibration"]
+    assert own.get("num_posts", 0) < 50                    # the candidate's own run: its small validation split
+    for f in ("model.safetensors", "labels.json", "features.json"):
+        assert (r / "model" / f).read_bytes() == (r / "candidates" / s["chosen"] / "model" / f).read_bytes()
     assert train(store, r, _fast_auto()).status == "complete"          # nothing re-runs
 
 

@@ -115,6 +115,10 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
         accs = (cv["accuracy"] if cv else {n: c.get("val_acc") for n, c in (sel.get("candidates") or {}).items()})
         how = (f"{cv['folds']}-fold cross-validated accuracy on {cv['posts']} training and validation posts"
                if cv else "validation accuracy")
+        if cv and cv.get("calibration"):
+            L.append(f"* calibration refitted on the {cv['posts']} out-of-fold predictions of that cross-validation "
+                     f"(T = {cv['calibration']['temperature']:.3g}, uniform weight "
+                     f"{cv['calibration']['uniform_weight']:.3g}), not on the small validation split")
         L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
                  + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
     if train:

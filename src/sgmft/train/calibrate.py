@@ -34,7 +34,7 @@ from sgmft.models import forward_batch
 ECE_BINS = 15          # as sgmft.eval.metrics.ECE_BINS (reported beside every ECE)
 MIN_VAL_POSTS = 50     # fewer labelled validation posts: no calibration (two parameters would overfit them)
 
-__all__ = ["fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows",
+__all__ = ["calibration_record", "fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows",
            "validation_rows"]
 
 
@@ -162,11 +162,18 @@ def fit_calibration(model: torch.nn.Module, store, val_rows, model_cfg=None, tra
         return {"method": "none", "temperature": 1.0, "num_posts": int(len(rows)),
                 "reason": f"{len(rows)} labelled validation posts: too few to fit on (< {MIN_VAL_POSTS})"}
     logits, labels = collect_logits(model, store, rows)
+    return calibration_record(logits, labels, method,
+                              f"val (a held-out {holdout:g} of it, not used to choose the epoch)" if holdout else "val")
+
+
+def calibration_record(logits, labels, method: str, fitted_on: str) -> dict:
+    """The calibration record (``method`` ``temperature`` or ``temperature_uniform``) fitted on
+    ``logits`` and ``labels``, with the ECE, NLL and confidence before and after on them (``val_before``,
+    ``val_after``) and where they came from (``fitted_on``)."""
     if method == "temperature":
         t, eps = fit_temperature(logits, labels), 0.0
     else:
         t, eps = fit_temperature_uniform(logits, labels)
-    return {"method": method, "temperature": t, "uniform_weight": eps,
-            "fitted_on": f"val (a held-out {holdout:g} of it, not used to choose the epoch)" if holdout else "val",
+    return {"method": method, "temperature": t, "uniform_weight": eps, "fitted_on": fitted_on,
             "num_posts": int(len(labels)), "ece_bins": ECE_BINS, "val_before": _stats(logits, labels, 1.0),
             "val_after": _stats(logits, labels, t, eps)}

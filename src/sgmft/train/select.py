@@ -3,7 +3,9 @@ split and keep one by the validation split (:data:`RULE`; docs/design.md, "The d
 
 Users bring data whose shape nobody tuned for. No single head wins on every kind of data, so the
 default trains a small set of candidates (TrustMix, TrustMix started from LDA, the shrinkage-LDA
-bar) and chooses on the run's validation split, never the test split. The run folder is an
+bar), assembles ensembles of them (``a+b``: the mean of their calibrated probabilities, eq E1 in
+models/ensemble.py; seconds, no training) and chooses on the run's validation split, never the test
+split. The run folder is an
 ordinary run: ``model/`` is a copy of the chosen candidate's checkpoint, ``split.npy`` the shared
 split, and ``run.json`` says what was chosen and why (``selection``); the model card repeats it.
 Each candidate is itself a complete, resumable run under ``candidates/<preset>/``.
@@ -112,14 +114,12 @@ def one_se_choice(correct: dict[str, np.ndarray], order: list[str]) -> tuple[str
 def cv_folds(split, labels, users, mode: str, seed: int, k: int = CV_FOLDS) -> list[np.ndarray]:
     """The labelled training and validation rows of ``split`` cut into ``k`` folds (store rows, sorted):
     stratified by place, or user-disjoint with ``mode`` "user". Test rows are in no fold."""
-    import warnings as _w
-
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.asarray(labels)
     pool = np.flatnonzero(np.isin(np.asarray(split), ["train", "val"]) & (labels >= 0))
-    with _w.catch_warnings():
-        _w.filterwarnings("ignore", message=".*least populated class.*")   # rare places: best effort
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")   # rare places: best effort
         if mode == "user":
             groups = np.unique(np.asarray(users, dtype=str)[pool], return_inverse=True)[1]
             cut = StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(pool, labels[pool], groups)
@@ -128,16 +128,18 @@ def cv_folds(split, labels, users, mode: str, seed: int, k: int = CV_FOLDS) -> l
         return [np.sort(pool[te]) for _, te in cut]
 
 
-def _cv_correct(fs, out: Path, presets: list[Preset], order: list[str], split, train_fn,
-                overwrite: bool) -> tuple[dict, int]:
-    """Per candidate, 1/0 per pooled post: its prediction by the fold model that did not train on it
-    (an ensemble ``a+b``: the mean of its members' calibrated fold probabilities, eq E1)."""
+def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], split, train_fn,
+                    overwrite: bool) -> tuple[dict, np.ndarray]:
+    """Per candidate, its logits on each pooled post from the fold model that did not train on it (an
+    ensemble ``a+b``: the log of the mean of its members' calibrated fold probabilities, eq E1), and
+    the pooled posts' labels."""
     from sgmft.checkpoint import calibrated_probs, load_checkpoint
     from sgmft.train.calibrate import collect_logits
 
     t = presets[0].train
     folds = cv_folds(split, fs.labels, fs.users, t.split, t.seed)
     pool = np.sort(np.concatenate(folds))
+    raw = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
     probs = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
     for i, rows in enumerate(folds):
         view = copy.copy(fs)                    # the same store, with the fold as its (unused) test split
@@ -149,15 +151,16 @@ def _cv_correct(fs, out: Path, presets: list[Preset], order: list[str], split, t
             res = train_fn(view, out / "cv" / f"fold-{i}" / p.name, p, overwrite=overwrite)
             model, info = load_checkpoint(res.checkpoint)
             cal = info["calibration"]
-            logits = torch.as_tensor(collect_logits(model, fs, rows)[0])
-            probs[p.name][np.searchsorted(pool, rows)] = calibrated_probs(
-                logits, cal["temperature"], cal.get("uniform_weight", 0.0)).numpy()
-    y = np.asarray(fs.labels)[pool]
-    correct = {n: np.mean([probs[m] for m in n.split("+")], axis=0).argmax(1) == y for n in order}
-    return correct, len(pool)
+            at = np.searchsorted(pool, rows)
+            raw[p.name][at] = collect_logits(model, fs, rows)[0]
+            probs[p.name][at] = calibrated_probs(torch.as_tensor(raw[p.name][at]), cal["temperature"],
+                                                 cal.get("uniform_weight", 0.0)).numpy()
+    logits = {n: raw[n] if "+" not in n else np.log(np.maximum(np.mean([probs[m] for m in n.split("+")], 0), 1e-30))
+              for n in order}
+    return logits, np.asarray(fs.labels)[pool]
 
 
-def _use_cv(fs, split, train: TrainConfig) -> bool:
+def _use_cv(fs, split) -> bool:
     """Cross-validate when the validation split is small and every fold can hold each place twice."""
     labels = np.asarray(fs.labels)
     val = np.count_nonzero((np.asarray(split) == "val") & (labels >= 0))
@@ -185,18 +188,43 @@ def choose(fs, results: dict, order: list[str], train: TrainConfig) -> tuple[str
 
 
 def _select(fs, out: Path, presets: list[Preset], order: list[str], results: dict, train_fn, overwrite: bool):
-    """``(chosen, comparisons, cross-validation record or None)``: the one-standard-error rule on the
-    validation split, or on cross-validation when that split is small (:func:`_use_cv`)."""
+    """``(chosen, comparisons, cross-validation record or None, its (logits, labels) of the chosen
+    candidate or None)``: the one-standard-error rule on the validation split, or on cross-validation
+    when that split is small (:func:`_use_cv`)."""
     split = np.load(RunDir(results[order[0]].run_dir).split, allow_pickle=True)
-    if fs.labels is None or not _use_cv(fs, split, presets[0].train):
-        return (*choose(fs, results, order, presets[0].train), None)
+    if fs.labels is None or not _use_cv(fs, split):
+        return (*choose(fs, results, order, presets[0].train), None, None)
     if overwrite:
         shutil.rmtree(out / "cv", ignore_errors=True)
-    correct, pooled = _cv_correct(fs, out, presets, order, split, train_fn, overwrite)
-    cv = {"folds": CV_FOLDS, "posts": pooled, "folder": "cv",
+    logits, y = _cross_validate(fs, out, presets, order, split, train_fn, overwrite)
+    correct = {n: z.argmax(1) == y for n, z in logits.items()}
+    chosen, duels = one_se_choice(correct, order)
+    cv = {"folds": CV_FOLDS, "posts": int(len(y)), "folder": "cv",
           "reason": f"fewer than {CV_BELOW_VAL_POSTS} labelled validation posts",
           "accuracy": {n: round(float(c.mean()), 4) for n, c in correct.items()}}
-    return (*one_se_choice(correct, order), cv)
+    return chosen, duels, cv, (logits[chosen], y)
+
+
+def _write_chosen(run: RunDir, best: TrainResult, oof, train: TrainConfig) -> dict | None:
+    """``run.model``: the chosen candidate's checkpoint; after cross-validation with its calibration
+    refitted on the out-of-fold predictions of all the pooled posts (as scikit-learn's
+    CalibratedClassifierCV with ``ensemble=False``) instead of the small validation split. Returns that
+    calibration record, or None."""
+    from sgmft.checkpoint import load_checkpoint, write_model_folder
+    from sgmft.train.calibrate import MIN_VAL_POSTS, calibration_record
+
+    if oof is None or train.calibration == "none" or len(oof[1]) < MIN_VAL_POSTS:
+        with atomic_dir(run.model) as tmp:
+            for f in Path(best.checkpoint).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        return None
+    model, info = load_checkpoint(best.checkpoint)
+    record = calibration_record(*oof, train.calibration, f"out-of-fold predictions of {CV_FOLDS}-fold "
+                                "cross-validation on the training and validation posts")
+    write_model_folder(run.model, model, info["model_cfg"], info["label_names"], info["contract"], info["train"],
+                       info["preset"], calibration=record)
+    return record
 
 
 def _assemble(fs, out: Path, name: str, results: dict, train: TrainConfig) -> TrainResult:
@@ -262,7 +290,8 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
         p.model = resolve_model(p.model, where=f"preset {p.name}: model")
     inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": model_view(p.model)} for p in presets]
                                  + [{"name": n, "ensemble": n.split("+")} for n in order if "+" in n],
-                                 "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS}},
+                                 "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS,
+                                               "cv_calibration": "out_of_fold"}},
                                 asdict(preset.train), fs.path)
     fp = fingerprint(inputs)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,13 +308,12 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
     for name in order:
         if "+" in name:                         # an ensemble of trained candidates (eq E1): seconds, no training
             results[name] = _assemble(fs, out, name, results, presets[0].train)
-    chosen, duels, cv = _select(fs, out, presets, order, results, train_fn, overwrite)
+    chosen, duels, cv, oof = _select(fs, out, presets, order, results, train_fn, overwrite)
     best = results[chosen]
     with RunLock(run):
-        with atomic_dir(run.model) as tmp:
-            for f in Path(best.checkpoint).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        refit = _write_chosen(run, best, oof, presets[0].train)
+        if refit is not None:
+            cv["calibration"] = {k: refit[k] for k in ("method", "temperature", "uniform_weight", "num_posts")}
         shutil.copy2(RunDir(best.run_dir).split, run.split)
         chosen_run = RunDir(best.run_dir).read_run_json() or {}
         selection = {"chosen": chosen, "rule": RULE, "split": "cross-validation" if cv else "validation",
