@@ -179,22 +179,27 @@ def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    """Markdown: one row per variant and size, test accuracy (%) per preset, auto's choice, / oracle."""
+    """Markdown: one row per variant and size, test accuracy (%) per preset, auto's choice (", CV" when it
+    chose by cross-validation), its ECE, / oracle, and its margin over the best textbook baseline or peer
+    (`lda`, `logreg`, `concat`, `qmf`, `pdf`) and over the best of its own candidates."""
     names = ["auto", "trust", "trust_lda", "lda", "trust_lda+lda", "logreg", "concat", "qmf", "pdf"]
+    bar = ("lda", "logreg", "concat", "qmf", "pdf")
     rows = result["rows"]
     shown = [n for n in names if any(n in r["presets"] for r in rows)]
     head = " | ".join(f"`{n}`" for n in shown)
-    out = [f"| store | posts | oracle | {head} | default / oracle | default - best other |",
-           "|---|---|---|" + "---|" * (len(shown) + 2)]
+    out = [f"| store | posts | oracle | {head} | ECE | default / oracle | default - best baseline or peer | "
+           "default - best candidate |", "|---|---|---|" + "---|" * (len(shown) + 4)]
     for r in rows:
         p = r["presets"]
         acc = {n: 100 * p[n]["accuracy"] for n in shown if n in p}
-        other = max(v for n, v in acc.items() if n not in ("auto", p["auto"].get("chosen")))
+        peer = max(v for n, v in acc.items() if n in bar)
+        cand = max(v for n, v in acc.items() if n not in bar and n != "auto")
         cv = ", CV" if p["auto"].get("chosen_on") == "cross-validation" else ""
         cells = [f"**{acc[n]:.2f}** ({p['auto']['chosen']}{cv})" if n == "auto" else
                  (f"{acc[n]:.2f}" if n in acc else "-") for n in shown]
         out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | " + " | ".join(cells) +
-                   f" | {acc['auto'] / (100 * r['oracle']):.3f} | {acc['auto'] - other:+.2f} |")
+                   f" | {p['auto']['ece']:.3f} | {acc['auto'] / (100 * r['oracle']):.3f} | {acc['auto'] - peer:+.2f} | "
+                   f"{acc['auto'] - cand:+.2f} |")
     return "\n".join(out)
 
 
