@@ -95,7 +95,9 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
         L += [f"* training store: `{store_name}` (backbone `{backbone}`, D = {feats.get('dim')})",
               f"* posts: {runj.get('num_train')} train, {runj.get('num_val')} validation, "
               f"{runj.get('num_test')} test (split saved in the run folder)",
-              f"* epochs run: {runj.get('epochs_run')}, training time {runj.get('seconds')} s"]
+              (f"* epochs run: {runj.get('epochs_run')}, training time {runj.get('seconds')} s"
+               if runj.get("epochs_run") is not None else
+               f"* not trained by gradient steps: assembled or fitted in {runj.get('seconds')} s")]
     else:
         L.append(f"* features from backbone `{backbone}`, D = {feats.get('dim')}; the training run folder "
                  "was not available when this card was written")
@@ -115,12 +117,12 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
         accs = (cv["accuracy"] if cv else {n: c.get("val_acc") for n, c in (sel.get("candidates") or {}).items()})
         how = (f"{cv['folds']}-fold cross-validated accuracy on {cv['posts']} training and validation posts"
                if cv else "validation accuracy")
+        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
+                 + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
         if cv and cv.get("calibration"):
             L.append(f"* calibration refitted on the {cv['posts']} out-of-fold predictions of that cross-validation "
                      f"(T = {cv['calibration']['temperature']:.3g}, uniform weight "
                      f"{cv['calibration']['uniform_weight']:.3g}), not on the small validation split")
-        L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
-                 + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))
@@ -206,7 +208,7 @@ def model_card(info: dict, run: RunDir | None = None, *, name: str | None = None
         front["model-index"] = [{"name": name, "results": results}]
     L = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
          f"# {name}", "",
-         f"A `{cfg.arch}` model (preset `{preset}`) of the [sgmft](https://arxiv.org/abs/2405.05760) toolkit: "
+         f"{'An' if cfg.arch[:1] in 'aeiou' else 'A'} `{cfg.arch}` model (preset `{preset}`) of the [sgmft](https://arxiv.org/abs/2405.05760) toolkit: "
          f"it predicts where the author of a social-media post is, one of {len(labels)} places, from the "
          "post's text and image features. This card was written by sgmft from the checkpoint and its run "
          "folder.", "",
