@@ -27,7 +27,12 @@ from sgmft.models.options import ArchOptions, option
 from sgmft.models.output import calibrated_probs
 from sgmft.models.registry import MODELS
 
-__all__ = ["Ensemble", "ensemble_config"]
+__all__ = ["Ensemble", "ensemble_config", "pooled_logits"]
+
+
+def pooled_logits(probs: list[torch.Tensor]) -> torch.Tensor:
+    """Eq E1: log of the mean of the members' calibrated probabilities (the ensemble's logits)."""
+    return torch.stack(probs).mean(0).clamp_min(1e-30).log()
 
 
 @MODELS.register("ensemble")
@@ -72,8 +77,7 @@ class Ensemble(nn.Module):
             out = m(text, image, text_mask, image_mask)
             probs.append(calibrated_probs(out.logits, t, eps))
             fused.append(out.fused)
-        p = torch.stack(probs).mean(0)                                      # eq E1
-        return HeadOutput(logits=p.clamp_min(1e-30).log(), fused=torch.cat(fused, -1))
+        return HeadOutput(logits=pooled_logits(probs), fused=torch.cat(fused, -1))          # eq E1
 
 
 def ensemble_config(dim: int, num_classes: int, names: list[str], member_cfgs: list[ModelConfig],

@@ -133,14 +133,16 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
     """Per candidate, its logits on each pooled post from the fold model that did not train on it (an
     ensemble ``a+b``: the log of the mean of its members' calibrated fold probabilities, eq E1), and
     the pooled posts' labels."""
-    from sgmft.checkpoint import calibrated_probs, load_checkpoint
+    from sgmft.checkpoint import load_checkpoint
+    from sgmft.models.ensemble import pooled_logits
+    from sgmft.models.output import calibrated_probs
     from sgmft.train.calibrate import collect_logits
 
     t = presets[0].train
     folds = cv_folds(split, fs.labels, fs.users, t.split, t.seed)
     pool = np.sort(np.concatenate(folds))
-    raw = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
-    probs = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
+    raw = {p.name: torch.zeros(len(pool), len(fs.label_names), dtype=torch.float64) for p in presets}
+    probs = {p.name: torch.zeros(len(pool), len(fs.label_names), dtype=torch.float64) for p in presets}
     for i, rows in enumerate(folds):
         view = copy.copy(fs)                    # the same store, with the fold as its (unused) test split
         view.split = np.full(len(fs), "", dtype="<U5")
@@ -151,12 +153,10 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
             res = train_fn(view, out / "cv" / f"fold-{i}" / p.name, p, overwrite=overwrite)
             model, info = load_checkpoint(res.checkpoint)
             cal = info["calibration"]
-            at = np.searchsorted(pool, rows)
-            raw[p.name][at] = collect_logits(model, fs, rows)[0]
-            probs[p.name][at] = calibrated_probs(torch.as_tensor(raw[p.name][at]), cal["temperature"],
-                                                 cal.get("uniform_weight", 0.0)).numpy()
-    logits = {n: raw[n] if "+" not in n else np.log(np.maximum(np.mean([probs[m] for m in n.split("+")], 0), 1e-30))
-              for n in order}
+            at = torch.from_numpy(np.searchsorted(pool, rows))
+            raw[p.name][at] = torch.from_numpy(collect_logits(model, fs, rows)[0])
+            probs[p.name][at] = calibrated_probs(raw[p.name][at], cal["temperature"], cal.get("uniform_weight", 0.0))
+    logits = {n: (raw[n] if "+" not in n else pooled_logits([probs[m] for m in n.split("+")])).numpy() for n in order}
     return logits, np.asarray(fs.labels)[pool]
 
 
