@@ -181,8 +181,9 @@ def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
 def table(result: dict) -> str:
     """Markdown: one row per variant and size, test accuracy (%) per preset, auto's choice (", CV" when it
     chose by cross-validation), its ECE, / oracle, and its margin over the best textbook baseline or peer
-    (`lda`, `logreg`, `concat`, `qmf`, `pdf`) and over the best of its own candidates."""
-    names = ["auto", "trust", "trust_lda", "lda", "trust_lda+lda", "logreg", "concat", "qmf", "pdf"]
+    (`lda`, `logreg`, `concat`, `qmf`, `pdf`) and over the best of its own candidates' runs. A merged
+    result may carry ``auto_before`` (an earlier `auto` on the same stores), shown beside it."""
+    names = ["auto", "auto_before", "trust", "trust_lda", "lda", "trust_lda+lda", "logreg", "concat", "qmf", "pdf"]
     bar = ("lda", "logreg", "concat", "qmf", "pdf")
     rows = result["rows"]
     shown = [n for n in names if any(n in r["presets"] for r in rows)]
@@ -193,9 +194,10 @@ def table(result: dict) -> str:
         p = r["presets"]
         acc = {n: 100 * p[n]["accuracy"] for n in shown if n in p}
         peer = max(v for n, v in acc.items() if n in bar)
-        cand = max(v for n, v in acc.items() if n not in bar and n != "auto")
+        cand = max(v for n, v in acc.items() if n not in bar and n not in ("auto", "auto_before"))
         cv = ", CV" if p["auto"].get("chosen_on") == "cross-validation" else ""
         cells = [f"**{acc[n]:.2f}** ({p['auto']['chosen']}{cv})" if n == "auto" else
+                 f"{acc[n]:.2f} ({p[n]['chosen']})" if n == "auto_before" and n in acc else
                  (f"{acc[n]:.2f}" if n in acc else "-") for n in shown]
         out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | " + " | ".join(cells) +
                    f" | {p['auto']['ece']:.3f} | {acc['auto'] / (100 * r['oracle']):.3f} | {acc['auto'] - peer:+.2f} | "

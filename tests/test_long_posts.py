@@ -108,7 +108,9 @@ def test_extract_keeps_a_huge_post_and_counts_cut_texts(tiny, tmp_path):
     fs2 = FeatureStore.open(res2.store_path)
     assert fs2.meta["extra"]["clean_config"]["long_text"] == "chunk-mean:10"   # in the feature contract
     t1, t2 = np.asarray(fs.text), np.asarray(fs2.text)
-    np.testing.assert_array_equal(t1[2], t2[2])                                 # the short post: same features
+    # the short post: the same features; it shares its batch with other windows, so the GEMM shapes differ,
+    # and on a CPU without AVX-512 (AVX2 kernels) that moves the last bits (seen: 3e-8)
+    np.testing.assert_allclose(t1[2], t2[2], rtol=0, atol=1e-6)
     assert (np.abs(t1[:2] - t2[:2]).max(axis=1) > 1e-5).all()                 # both long posts change
     assert np.array_equal(np.asarray(fs.image), np.asarray(fs2.image))
     again = extract_features(man, tmp_path / "store3", backbone=tiny, progress=False,

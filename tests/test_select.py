@@ -9,6 +9,7 @@ import pytest
 from sgmft.cli import main
 from sgmft.config import DEFAULT_PRESET, load_preset
 from sgmft.eval.run import evaluate
+from sgmft.features import FeatureStore
 from sgmft.predict import Predictor
 from sgmft.train import train
 
@@ -140,10 +141,13 @@ def test_cv_folds_cut_training_and_validation_posts_never_test_posts(mode):
         assert all(set(users[a]).isdisjoint(users[b]) for i, a in enumerate(folds) for b in folds[i + 1:])
 
 
-def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("forced", [None, "trust_lda+lda", "lda"])
+def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypatch, forced):
     import sgmft.train.select as sel
 
     _quick_candidates(monkeypatch)
+    if forced:                                             # the ensemble's committee: fold models + an LDA refit
+        monkeypatch.setattr(sel, "one_se_choice", lambda correct, order: (forced, []))
     store = make_store(tmp_path / "s", n=240, dim=16, k=4)
     train(store, tmp_path / "r", _fast_auto())
     r = tmp_path / "r"
@@ -151,14 +155,16 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     cv = s["cross_validation"]
     assert s["split"] == "cross-validation" and cv["folds"] == sel.CV_FOLDS == 5
     main_split = np.load(r / "split.npy")
-    assert cv["posts"] == np.count_nonzero(np.isin(main_split, ["train", "val"]))      # 192 posts, not 19
+    pooled = np.flatnonzero(main_split == "train")          # validation posts trained the committee: none left
+    assert set(main_split) <= {"train", "test"} and cv["posts"] == len(pooled) == 192          # not 19
     assert set(cv["accuracy"]) == set(AUTO)
-    kept = "trust"                                         # the rule, replayed on the recorded comparisons
-    for duel in s["comparisons"]:
-        assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
-        kept = duel["candidate"] if duel["replaces"] else kept
-    assert s["chosen"] == kept
-    assert duel["se"] < 0.1                                # ~190 paired posts, not 19
+    if not forced:
+        kept = "trust"                                     # the rule, replayed on the recorded comparisons
+        for duel in s["comparisons"]:
+            assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
+            kept = duel["candidate"] if duel["replaces"] else kept
+        assert s["chosen"] == kept
+        assert duel["se"] < 0.1                            # ~190 paired posts, not 19
     held = []
     for i in range(5):                                     # each fold: trained without its own posts, never
         for c in ("trust", "trust_lda", "lda"):            # on the test split
@@ -166,17 +172,72 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
             assert not np.isin(fold[main_split == "test"], ["train", "val"]).any()
             assert (r / "cv" / f"fold-{i}" / c / "model" / "model.safetensors").is_file()
         held.append(np.flatnonzero(fold == "test"))
-    assert np.array_equal(np.sort(np.concatenate(held)), np.flatnonzero(np.isin(main_split, ["train", "val"])))
+    assert np.array_equal(np.sort(np.concatenate(held)), pooled)
     card = (r / "model" / "README.md").read_text()
-    assert "cross-validated accuracy on 192" in card and "out-of-fold predictions" in card
-    # the kept model's calibration is refitted on the 192 out-of-fold predictions, not on 19 validation posts
-    cal = json.loads((r / "model" / "config.json").read_text())["calibration"]
-    assert cal["num_posts"] == 192 and "out-of-fold" in cal["fitted_on"] and cv["calibration"]["num_posts"] == 192
-    own = json.loads((r / "candidates" / s["chosen"] / "model" / "config.json").read_text())["calibration"]
-    assert own.get("num_posts", 0) < 50                    # the candidate's own run: its small validation split
-    for f in ("model.safetensors", "labels.json", "features.json"):
-        assert (r / "model" / f).read_bytes() == (r / "candidates" / s["chosen"] / "model" / f).read_bytes()
+    assert "cross-validated accuracy on 192" in card and "fold committee" in card
+    # the kept model is the chosen candidate's committee (eq E1): its five fold models, or one LDA refitted
+    # on all 192 pooled posts; each calibrated on its candidate's 192 out-of-fold predictions, not on 19
+    # validation posts; the two halves of an ensemble weigh one half each
+    cfg = json.loads((r / "model" / "config.json").read_text())
+    assert cfg["model"]["arch"] == ("lda" if forced == "lda" else "ensemble") and s["final"]["of"] == s["chosen"]
+    fs = FeatureStore.open(store)
+    test = np.flatnonzero(main_split == "test")
+    parts = []
+    for m in s["chosen"].split("+"):
+        assert s["final"]["member_calibration"][m]["num_posts"] == 192
+        dirs = ([r / "cv" / "all" / m] if m == "lda" else [r / "cv" / f"fold-{i}" / m for i in range(5)])
+        parts.append([_probs_with(Predictor.from_pretrained(d / "model"), s["final"]["member_calibration"][m], fs,
+                                  test) for d in dirs])
+    if "lda" in s["chosen"].split("+"):
+        refit = np.load(r / "cv" / "all" / "lda" / "split.npy")
+        assert np.array_equal(np.flatnonzero(refit == "train"), pooled) and "val" not in set(refit)
+    want = np.mean([np.mean(part, 0) for part in parts], 0)
+    if forced != "lda":                                    # the committee's own temperature, from the 192 posts
+        outer = cfg["calibration"]
+        assert outer["method"] == "temperature" and outer["num_posts"] == 192 and "cross-fitted" in outer["fitted_on"]
+        want = _softmax(np.log(want) / outer["temperature"])
+    if forced == "lda":                                    # LDA alone: its refit on all 192, calibrated out of fold
+        assert s["final"]["members"] == ["lda@all"] and cfg["calibration"]["num_posts"] == 192
+        assert "`lda` refitted on all 192 training and validation posts" in card
+    if forced == "trust_lda+lda":                          # 5 fold models of trust_lda and one LDA, half and half
+        assert cfg["model"]["extra"]["weights"] == [0.1] * 5 + [0.5]
+        assert cfg["model"]["extra"]["names"] == [f"trust_lda@fold-{i}" for i in range(5)] + ["lda@all"]
+    got = Predictor.from_pretrained(r / "model").predict_features(fs.text[test], fs.image[test]).probs
+    np.testing.assert_allclose(got, want, atol=1e-5)
     assert train(store, r, _fast_auto()).status == "complete"          # nothing re-runs
+
+
+def test_cross_fitted_calibration_never_reads_the_label_of_the_post_it_calibrates():
+    from sgmft.train.select import cross_fitted_probs
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    z = rng.normal(size=(300, 4)) + 3.0 * np.eye(4)[y]          # informative, over-confident logits
+    fold_of = np.arange(300) % 5
+    p = cross_fitted_probs(z, y, fold_of, "temperature_uniform").numpy()
+    y2 = y.copy()
+    y2[fold_of == 0] = rng.integers(0, 4, np.count_nonzero(fold_of == 0))    # fold 0's labels scrambled
+    p2 = cross_fitted_probs(z, y2, fold_of, "temperature_uniform").numpy()
+    np.testing.assert_array_equal(p[fold_of == 0], p2[fold_of == 0])        # fold 0: fitted on the others
+    assert not np.allclose(p[fold_of == 1], p2[fold_of == 1])               # the others read fold 0's labels
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert np.array_equal(p.argmax(1), z.argmax(1))                         # a calibration keeps the argmax
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _probs_with(pred, cal, fs, rows):
+    """A fold model's probabilities on ``rows`` under calibration ``cal`` (eq E1's members)."""
+    import torch
+
+    from sgmft.models.output import calibrated_probs
+    from sgmft.train.calibrate import collect_logits
+
+    z = torch.from_numpy(collect_logits(pred.model, fs, rows)[0])
+    return calibrated_probs(z, cal["temperature"], cal["uniform_weight"]).numpy()
 
 
 def test_one_se_rule_keeps_the_earlier_candidate_unless_a_later_one_clearly_wins():

@@ -57,10 +57,13 @@ def _model_index(evals: list[dict], runj: dict, store_name: str) -> list[dict]:
         results.append({"task": dict(_TASK), "metrics": metrics,
                         "dataset": {"name": m["store_name"], "type": "sgmft-feature-store", "split": m["split"]}})
     if not results and runj.get("best_val_acc") is not None:
+        cv = bool((runj.get("selection") or {}).get("final"))       # a fold committee: cross-validated figure
         results.append({"task": dict(_TASK),
-                        "dataset": {"name": store_name, "type": "sgmft-feature-store", "split": "validation"},
-                        "metrics": [{"type": "accuracy", "name": "best validation accuracy",
-                                     "value": round(float(runj["best_val_acc"]), 6)}]})
+                        "dataset": {"name": store_name, "type": "sgmft-feature-store",
+                                    "split": "cross-validation" if cv else "validation"},
+                        "metrics": [{"type": "accuracy", "value": round(float(runj["best_val_acc"]), 6),
+                                     "name": "cross-validated accuracy of the chosen candidate" if cv
+                                     else "best validation accuracy"}]})
     return results
 
 
@@ -87,6 +90,36 @@ def _inputs_line(cfg) -> str:
                                         "(buffers), so predict, serve and export apply it")
 
 
+def _training_line(runj: dict) -> str:
+    """How the model was made: epochs, a fold committee of cross-validation, or no gradient steps."""
+    final = (runj.get("selection") or {}).get("final")
+    if final:
+        return (f"* a fold committee of {len(final['members'])} models trained in cross-validation (see below); "
+                f"the whole selection took {runj.get('seconds')} s")
+    if runj.get("epochs_run") is not None:
+        return f"* epochs run: {runj.get('epochs_run')}, training time {runj.get('seconds')} s"
+    return f"* not trained by gradient steps: assembled or fitted in {runj.get('seconds')} s"
+
+
+def _committee_line(final: dict, posts: int) -> str:
+    """What a small store's model is (train/select.py ``_write_committee``): an LDA refitted on every pooled
+    post, or the weighted mean of the chosen candidate's fold models, each calibrated out of fold."""
+    cals = "; ".join(f"`{n}` T = {c.get('temperature', 1.0):.3g}, uniform weight {c.get('uniform_weight', 0.0):.3g}"
+                     for n, c in final["member_calibration"].items())
+    if len(final["members"]) == 1:
+        return (f"* the model is `{final['of']}` refitted on all {posts} training and validation posts, "
+                f"calibrated on its out-of-fold predictions ({cals})")
+    refit = [m for m in final["members"] if m.endswith("@all")]
+    weights = final.get("weights") or []
+    return (f"* the model is the fold committee of `{final['of']}`: the mean of the calibrated probabilities of "
+            f"{len(final['members'])} models, the cross-validation fold models (each trained on four fifths of "
+            f"the {posts} training and validation posts)"
+            + (f" and {', '.join(f'`{m}`' for m in refit)} (refitted on all of them)" if refit else "")
+            + (f", weights {weights}" if len(set(weights)) > 1 else "")
+            + f"; each calibrated on the out-of-fold predictions of its candidate ({cals}), then one temperature "
+            "for the committee, fitted on the same posts")
+
+
 def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, preset: str) -> list[str]:
     """The Data and "Preset and configuration" sections."""
     cfg, feats, train = info["model_cfg"], info.get("features") or {}, info.get("train") or {}
@@ -95,9 +128,7 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
         L += [f"* training store: `{store_name}` (backbone `{backbone}`, D = {feats.get('dim')})",
               f"* posts: {runj.get('num_train')} train, {runj.get('num_val')} validation, "
               f"{runj.get('num_test')} test (split saved in the run folder)",
-              (f"* epochs run: {runj.get('epochs_run')}, training time {runj.get('seconds')} s"
-               if runj.get("epochs_run") is not None else
-               f"* not trained by gradient steps: assembled or fitted in {runj.get('seconds')} s")]
+              _training_line(runj)]
     else:
         L.append(f"* features from backbone `{backbone}`, D = {feats.get('dim')}; the training run folder "
                  "was not available when this card was written")
@@ -119,10 +150,8 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
                if cv else "validation accuracy")
         L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
                  + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
-        if cv and cv.get("calibration"):
-            L.append(f"* calibration refitted on the {cv['posts']} out-of-fold predictions of that cross-validation "
-                     f"(T = {cv['calibration']['temperature']:.3g}, uniform weight "
-                     f"{cv['calibration']['uniform_weight']:.3g}), not on the small validation split")
+        if cv and sel.get("final"):
+            L.append(_committee_line(sel["final"], cv["posts"]))
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))
@@ -136,8 +165,11 @@ def _metrics(evals: list[dict], runj: dict, store_name: str) -> list[str]:
         return L + ["No figures recorded (the run folder was not available, or the model was not evaluated)."]
     L += ["| store | split | posts | accuracy | macro-F1 | accuracy / oracle |", "|---|---|---|---|---|---|"]
     if runj.get("best_val_acc") is not None:
-        L.append(f"| `{store_name}` (training store) | validation (best epoch, model selection) | "
-                 f"{runj.get('num_val')} | {_fmt(runj['best_val_acc'])} | – | – |")
+        cv = (runj.get("selection") or {}).get("cross_validation") if (runj.get("selection") or {}).get("final") \
+            else None
+        what, n = (("cross-validation of the chosen candidate (out-of-fold, model selection)", cv["posts"]) if cv
+                   else ("validation (best epoch, model selection)", runj.get("num_val")))
+        L.append(f"| `{store_name}` (training store) | {what} | {n} | {_fmt(runj['best_val_acc'])} | – | – |")
     for m in evals:
         where = f"`{m['store_name']}`" + (" (training store)" if m["training_store"] else "")
         ratio = m.get("accuracy_over_oracle")

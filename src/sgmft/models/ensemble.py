@@ -1,13 +1,17 @@
 """An ensemble of trained runs: the mean of their calibrated probabilities (eq E1).
 
-    p(y | x) = (1 / M) sum_i p_i(y | x),    p_i = (1 - eps_i) softmax(z_i / T_i) + eps_i / K   (eq E1)
+    p(y | x) = sum_i w_i p_i(y | x),    p_i = (1 - eps_i) softmax(z_i / T_i) + eps_i / K   (eq E1)
 
-with z_i member i's logits and (T_i, eps_i) its own post-hoc calibration (train/calibrate.py), so a
-member with sharp raw probabilities (LDA's) does not drown the other. The ensemble's logits are
+with z_i member i's logits, (T_i, eps_i) its own post-hoc calibration (train/calibrate.py), so a
+member with sharp raw probabilities (LDA's) does not drown the other, and weights w_i summing to
+one (1 / M unless given: a fold committee gives each candidate of ``a+b`` half the weight, however
+many fold models it has). The ensemble's logits are
 log p, and its own calibration is fitted on top like any model's.
 
 It is not trained: a selecting preset assembles it from candidates it has trained (``auto``'s
-candidate ``trust_lda+lda``, train/select.py; docs/design.md, "The default model", item 10). On
+candidate ``trust_lda+lda``, train/select.py; docs/design.md, "The default model", item 10), or, after
+cross-validation on a small store, from the chosen candidate's fold models (the fold committee, with
+weights; item 11). On
 small stores the two disagree where each is unsure, and the mean of a TrustMix that starts from
 LDA and the joint LDA itself was 0-3 points more accurate than the better of them on family C at
 2,500 posts. Each member keeps its own input normalisation (buffers), so the ensemble reads the raw
@@ -30,9 +34,13 @@ from sgmft.models.registry import MODELS
 __all__ = ["Ensemble", "ensemble_config", "pooled_logits"]
 
 
-def pooled_logits(probs: list[torch.Tensor]) -> torch.Tensor:
-    """Eq E1: log of the mean of the members' calibrated probabilities (the ensemble's logits)."""
-    return torch.stack(probs).mean(0).clamp_min(1e-30).log()
+def pooled_logits(probs: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """Eq E1: log of the (weighted) mean of the members' calibrated probabilities (the ensemble's logits)."""
+    stacked = torch.stack(probs)
+    if not weights:
+        return stacked.mean(0).clamp_min(1e-30).log()
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    return (w * stacked).sum(0).clamp_min(1e-30).log()
 
 
 @MODELS.register("ensemble")
@@ -49,6 +57,8 @@ class Ensemble(nn.Module):
         names: list[str] = option([], "the members' preset names, in order")
         calibrations: list[dict[str, float]] = option(
             [], "each member's post-hoc calibration: `temperature` and `uniform_weight` (eq E1)")
+        weights: list[float] = option(
+            [], "each member's weight w_i in eq E1, summing to one; empty: the plain mean")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,6 +78,11 @@ class Ensemble(nn.Module):
                 raise ConfigError(f"model config: ensemble member {i} has dim {mc.dim} and {mc.num_classes} "
                                   f"classes; the ensemble has {cfg.dim} and {cfg.num_classes}")
             built.append(build_model(mc))
+        w = [float(x) for x in o["weights"]]
+        if w and (len(w) != len(members) or min(w) < 0 or abs(sum(w) - 1.0) > 1e-6):
+            raise ConfigError(f"model config: ensemble weights {w} must be one non-negative weight per member "
+                              f"({len(members)}) summing to one")
+        self.weights = w
         self.members = nn.ModuleList(built)
         self.cal = [(float(c.get("temperature", 1.0)), float(c.get("uniform_weight", 0.0))) for c in cals]
 
@@ -77,16 +92,17 @@ class Ensemble(nn.Module):
             out = m(text, image, text_mask, image_mask)
             probs.append(calibrated_probs(out.logits, t, eps))
             fused.append(out.fused)
-        return HeadOutput(logits=pooled_logits(probs), fused=torch.cat(fused, -1))          # eq E1
+        return HeadOutput(logits=pooled_logits(probs, self.weights), fused=torch.cat(fused, -1))   # eq E1
 
 
 def ensemble_config(dim: int, num_classes: int, names: list[str], member_cfgs: list[ModelConfig],
-                    calibrations: list[dict]) -> ModelConfig:
-    """The ensemble's config from its members' names, configs and calibration records."""
+                    calibrations: list[dict], weights: list[float] | None = None) -> ModelConfig:
+    """The ensemble's config from its members' names, configs, calibration records and weights."""
     from sgmft.models.registry import model_view
 
     return ModelConfig(arch="ensemble", dim=dim, num_classes=num_classes,
                        extra={"members": [model_view(c) for c in member_cfgs], "names": list(names),
                               "calibrations": [{"temperature": float(c.get("temperature", 1.0)),
                                                 "uniform_weight": float(c.get("uniform_weight", 0.0))}
-                                               for c in calibrations]})
+                                               for c in calibrations],
+                              **({"weights": [float(w) for w in weights]} if weights else {})})

@@ -35,6 +35,7 @@ class LinearHead(_Head):
     """``logits = W [t'; v'] + b`` (docstring above); subclasses say how W and b are fitted."""
 
     closed_form = True
+    reads_validation = False    # the fit reads no validation split (logistic regression's C grid does)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)                   # options, normalised inputs with placeholders
@@ -99,6 +100,8 @@ class ShrinkageLDA(LinearHead):
 @MODELS.register("logreg")
 class LogisticHead(LinearHead):
     """Multinomial L2 logistic regression (scikit-learn, lbfgs); C picked on the validation split."""
+
+    reads_validation = True
 
     class Options(ArchOptions):
         c_grid: Annotated[list[Annotated[float, Field(gt=0.0)]], OneOrMany, Field(min_length=1)] = option(
