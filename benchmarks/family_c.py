@@ -27,6 +27,10 @@ accuracy and, for ``auto``, the chosen candidate.
     python benchmarks/family_c.py --table benchmarks/results-family_c.json     # the docs' table
     python benchmarks/family_c.py --variants C4 C5 C6 C7 --sizes 600 1000 2500 17000 \\
         --presets auto logreg concat qmf pdf --out benchmarks/results-family_c-c4c7.json
+    python benchmarks/family_c.py --variants C0 C1 C2 C3 C4 C5 C6 C7 --sizes 600 1000 2500 \\
+        --presets auto --out new.json             # the default alone, after a change to it
+    python benchmarks/family_c.py --merge new.json --base benchmarks/results-family_c-cv.json \\
+        benchmarks/results-family_c-c4c7-cv.json --out benchmarks/results-family_c-committee.json
 """
 
 from __future__ import annotations
@@ -205,6 +209,23 @@ def table(result: dict) -> str:
     return "\n".join(out)
 
 
+def merge(bases: list[dict], news: list[dict]) -> dict:
+    """The rows of ``bases`` with ``auto`` taken from ``news`` where those ran the same store (variant and
+    size; the oracle must agree) and the base's ``auto`` kept as ``auto_before``: a re-run of the default
+    alone, shown beside presets that did not change."""
+    fresh = {(r["variant"], r["posts"]): r for n in news for r in n["rows"]}
+    rows = []
+    for r in (json.loads(json.dumps(r)) for b in bases for r in b["rows"]):
+        n = fresh.get((r["variant"], r["posts"]))
+        if n is not None:
+            if abs(n["oracle"] - r["oracle"]) > 1e-9:
+                raise SystemExit(f"{r['variant']} at {r['posts']} posts: the stores differ (oracle {n['oracle']} "
+                                 f"against {r['oracle']})")
+            r["presets"]["auto_before"], r["presets"]["auto"] = r["presets"]["auto"], n["presets"]["auto"]
+        rows.append(r)
+    return {"benchmark": "family_c", "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["C0", "C1", "C2", "C3"], choices=list(VARIANTS))
@@ -214,9 +235,21 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of an earlier result and exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="with --base: put the `auto` of these results into "
+                    "the base's rows (the base's own `auto` kept as `auto_before`), write --out and exit")
+    ap.add_argument("--base", nargs="+", metavar="JSON", help="earlier results with every preset (see --merge)")
     a = ap.parse_args(argv)
     if a.table:
         print(table(json.loads(Path(a.table).read_text())))
+        return 0
+    if a.merge:
+        text = json.dumps(merge([json.loads(Path(f).read_text()) for f in a.base],
+                                [json.loads(Path(f).read_text()) for f in a.merge]), indent=1)
+        if a.out:
+            from sgmft import atomic
+
+            atomic.write_bytes(Path(a.out), (text + "\n").encode())
+        print(text)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
