@@ -174,7 +174,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         held.append(np.flatnonzero(fold == "test"))
     assert np.array_equal(np.sort(np.concatenate(held)), pooled)
     card = (r / "model" / "README.md").read_text()
-    assert "cross-validated accuracy on 192" in card and "fold committee" in card
+    assert "cross-validated accuracy on 192" in card and ("fold committee" in card) == (forced != "lda")
     # the kept model is the chosen candidate's committee (eq E1): its five fold models, or one LDA refitted
     # on all 192 pooled posts; each calibrated on its candidate's 192 out-of-fold predictions, not on 19
     # validation posts; the two halves of an ensemble weigh one half each
@@ -199,6 +199,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     if forced == "lda":                                    # LDA alone: its refit on all 192, calibrated out of fold
         assert s["final"]["members"] == ["lda@all"] and cfg["calibration"]["num_posts"] == 192
         assert "`lda` refitted on all 192 training and validation posts" in card
+        assert "one model refitted after cross-validation" in card and "committee of 1" not in card
     if forced == "trust_lda+lda":                          # 5 fold models of trust_lda and one LDA, half and half
         assert cfg["model"]["extra"]["weights"] == [0.1] * 5 + [0.5]
         assert cfg["model"]["extra"]["names"] == [f"trust_lda@fold-{i}" for i in range(5)] + ["lda@all"]

@@ -94,8 +94,9 @@ def _training_line(runj: dict) -> str:
     """How the model was made: epochs, a fold committee of cross-validation, or no gradient steps."""
     final = (runj.get("selection") or {}).get("final")
     if final:
-        return (f"* a fold committee of {len(final['members'])} models trained in cross-validation (see below); "
-                f"the whole selection took {runj.get('seconds')} s")
+        what = ("one model refitted after cross-validation" if len(final["members"]) == 1 else
+                f"a committee of {len(final['members'])} models from the cross-validation")
+        return f"* {what} (see below); the selection took {runj.get('seconds')} s"
     if runj.get("epochs_run") is not None:
         return f"* epochs run: {runj.get('epochs_run')}, training time {runj.get('seconds')} s"
     return f"* not trained by gradient steps: assembled or fitted in {runj.get('seconds')} s"
