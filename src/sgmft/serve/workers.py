@@ -17,7 +17,8 @@ keep-alive connections and throughput swung from round to round.) Each worker ha
 
 Signals: the workers leave the terminal's process group, so Ctrl-C reaches the parent
 only; the parent passes SIGTERM and SIGINT on to every worker, each drains as a single
-server does (:mod:`sgmft.serve.server`), and the parent exits 0 when all of them did. If a
+server does (:mod:`sgmft.serve.server`), and the parent exits 0 when all of them did (a worker
+still loading its model has nothing in flight and stops at once, also with 0). If a
 worker dies on its own, the parent stops the others and exits with that worker's status,
 so that a supervisor (systemd, Kubernetes) restarts the whole service. If the parent dies
 (SIGKILL, the OOM killer), each worker notices within a second and drains as on SIGTERM.
@@ -101,9 +102,20 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name="sgmft-parent-watch", daemon=True).start()
 
 
+def _stop_before_serving(sig, frame) -> None:
+    """SIGTERM/SIGINT while this worker still loads its model (before the server's own handlers): nothing
+    is in flight, so it stops with status 0 instead of dying of the signal, which the parent would
+    report as a crash (exit 1) although the stop was asked for."""
+    print(f"sgmft serve: {signal.Signals(sig).name}: stopping before serving (nothing in flight)",
+          file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
 def _worker(target: Callable[..., Any], k: int, sock: socket.socket, reuse: bool, payload: Any,
             parent: int) -> None:
     os.setpgrp()                # Ctrl-C in the terminal reaches the parent, which passes it on
+    for s in (signal.SIGTERM, signal.SIGINT):     # the server replaces these once it serves
+        signal.signal(s, _stop_before_serving)
     _exit_with_parent(parent)
     if reuse:                   # this worker's own listening socket on the reserved port
         host, port = sock.getsockname()[:2]
@@ -149,4 +161,6 @@ def run_workers(n: int, host: str, port: int, target: Callable[..., Any], payloa
         sock.close()
     if crashed is not None:
         return crashed if crashed > 0 else 1
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    # a worker killed by the very signal passed on (still starting, before any handler) stopped as asked
+    asked = {-s for s in stopping}
+    return 0 if all(p.exitcode == 0 or p.exitcode in asked for p in procs) else 1
