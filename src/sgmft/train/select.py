@@ -151,6 +151,7 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
     E1 over its members' fold probabilities, each calibrated by a map fitted on the other folds' posts
     (cross-fitting: no post calibrates its own prediction, and a fold's small carved validation split,
     often too small to calibrate on, calibrates nothing)."""
+    from sgmft.checkpoint import load_checkpoint
     from sgmft.models.ensemble import pooled_logits
     from sgmft.train.calibrate import collect_logits
 
@@ -160,16 +161,14 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
     raw = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
     fold_of = np.zeros(len(pool), dtype=np.int64)
     for i, rows in enumerate(folds):
-        view = copy.copy(fs)                    # the same store, with the fold as its (unused) test split
-        view.split = np.full(len(fs), "", dtype="<U5")
-        view.split[pool], view.split[rows] = "train", "test"
+        view = _split_view(fs, pool, rows)     # the same store, with the fold as its (unused) test split
         warnings.warn(f"{out}: cross-validation fold {i + 1}/{len(folds)} ({len(rows)} held-out posts): training "
                       + ", ".join(p.name for p in presets), SgmftNote, stacklevel=4)
         at = np.searchsorted(pool, rows)
         fold_of[at] = i
         for p in presets:
             res = train_fn(view, out / "cv" / f"fold-{i}" / p.name, p, overwrite=overwrite)
-            raw[p.name][at] = collect_logits(_load_model(res.checkpoint), fs, rows)[0]
+            raw[p.name][at] = collect_logits(load_checkpoint(res.checkpoint)[0], fs, rows)[0]
     y = np.asarray(fs.labels)[pool]
     where = f"out-of-fold predictions of {CV_FOLDS}-fold cross-validation on the training and validation posts"
     cals = {p.name: _oof_calibration(raw[p.name], y, t.calibration, where) for p in presets}
@@ -192,10 +191,13 @@ def cross_fitted_probs(logits: np.ndarray, labels: np.ndarray, fold_of: np.ndarr
     return p
 
 
-def _load_model(checkpoint):
-    from sgmft.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint)[0]
+def _split_view(fs, train_rows, test_rows):
+    """The same store under another split: ``train_rows`` train (the run carves its validation split from
+    them), ``test_rows`` test, every other row in no split."""
+    view = copy.copy(fs)
+    view.split = np.full(len(fs), "", dtype="<U5")
+    view.split[train_rows], view.split[test_rows] = "train", "test"
+    return view
 
 
 def _oof_calibration(logits: np.ndarray, labels: np.ndarray, method: str, fitted_on: str) -> dict:
@@ -277,11 +279,9 @@ def _committee_members(fs, out: Path, p: Preset, split, train_fn, overwrite: boo
     ``cv/all/<preset>/``, no validation split carved)."""
     if not _refits_on_all(p):
         return [(f"{p.name}@fold-{i}", out / "cv" / f"fold-{i}" / p.name / "model") for i in range(CV_FOLDS)]
-    view = copy.copy(fs)
-    labels = np.asarray(fs.labels)
-    view.split = np.full(len(fs), "", dtype="<U5")
-    view.split[np.isin(np.asarray(split), ["train", "val"]) & (labels >= 0)] = "train"
-    view.split[np.asarray(split) == "test"] = "test"
+    split = np.asarray(split)
+    pooled = np.flatnonzero(np.isin(split, ["train", "val"]) & (np.asarray(fs.labels) >= 0))
+    view = _split_view(fs, pooled, np.flatnonzero(split == "test"))
     everything = copy.copy(p)
     everything.train = dataclasses.replace(p.train, val_fraction=0.0)
     res = train_fn(view, out / "cv" / "all" / p.name, everything, overwrite=overwrite)
