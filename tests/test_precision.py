@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sgmft.cli import main
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
@@ -77,6 +78,14 @@ def test_int8_quantises_linears_and_stays_close(env):
     assert any(type(m) is torch.nn.Linear for m in fp32.model.modules())  # fp32 untouched
     texts = ["今天在电影院看电影", "去公园跑步", "图书馆里很安静"]
     a, b, c = fp32.encode_text(texts), int8.encode_text(texts), bf16.encode_text(texts)
+    # one activation scale per post, not per batch: a post's int8 features do not depend on its
+    # batch-mates (with one scale per call they moved by ~1e-3 here; the cache and serve rely on it)
+    loud = ["哈" * 40 + "!!!" * 5, "图书馆里很安静"]
+    alone = np.concatenate([int8.encode_text([t]) for t in texts])
+    np.testing.assert_allclose(alone, b, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(int8.encode_text(loud + texts)[2:], b, atol=1e-6, rtol=0)
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)) for i in range(3)]
+    np.testing.assert_allclose(int8.encode_images(ims[:1]), int8.encode_images(ims)[:1], atol=1e-6, rtol=0)
     assert not np.array_equal(a, b)  # int8 really computes something else ...
     cos = (a * b).sum(1)
     assert cos.min() > 0.99  # ... but close (features are L2-normalised)
@@ -173,7 +182,7 @@ def test_precision_recipe_in_fingerprint(env, monkeypatch):
 
     assert base.precision_recipe("float32") is None and base.precision_recipe("float16") is None
     assert base.precision_recipe("bfloat16") == "bf16-weights+autocast"
-    assert base.precision_recipe("int8") == f"dynamic-int8-linear-per-channel:{base.int8_engine()}"
+    assert base.precision_recipe("int8") == f"dynamic-int8-linear-per-channel-per-post:{base.int8_engine()}"
     supported = torch.backends.quantized.supported_engines
     assert base.int8_engine() == next(e for e in base.INT8_ENGINE_PREFERENCE if e in supported)
     before = torch.backends.quantized.engine
@@ -223,8 +232,33 @@ def test_hardware_ceiling_reports_rates_flags_verdict_and_choice(monkeypatch):
     assert r["auto_precision"]["cpu"] == "bfloat16"
     text = pr.explain_hardware(n=128, rounds=1, seconds=0.01)
     assert "amx_bf16" in text and "bf16_matmul" in text and "--precision auto on CPU: bfloat16" in text
+    monkeypatch.setattr(pr, "cpu_flags", lambda: frozenset({"avx2", "fma"}))     # AVX2 only (AMD Zen 3)
+    r = pr.hardware_ceiling(n=128, rounds=1, seconds=0.01)
+    assert "emulated" in r["verdict"] and "int8 Linears run" in r["verdict"]
+    assert r["auto_precision"]["cpu"] == "int8" and "AVX2" in r["auto_precision"]["reason"]
     if Path("/proc/cpuinfo").is_file():
         assert real_flags()  # really parsed
+
+
+def test_a_kernel_emulated_in_software_is_timed_once_not_every_round():
+    """On a CPU without bf16 or fp16 GEMMs (AVX2 only) one 2048^3 bf16 matmul takes about a minute:
+    the ceiling times such a kernel in one round only, the others in every round."""
+    import time
+
+    from sgmft.features.backbones import precision as pr
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.12)
+
+    rates = pr._best_rates({"fast": fast, "slow": slow}, flops=1e6, rounds=3, seconds=0.01)
+    assert calls["slow"] == 2                      # the warm-up and one timed call
+    assert calls["fast"] > 3 and rates["slow"] == pytest.approx(1e6 / 0.12 / 1e9, rel=0.5)
 
 
 @pytest.mark.parametrize("flags, want", [
@@ -232,16 +266,20 @@ def test_hardware_ceiling_reports_rates_flags_verdict_and_choice(monkeypatch):
     ({"avx512_vnni", "avx512_bf16", "avx512f"}, "int8"),                # VNNI without AMX
     ({"avx_vnni", "avx2"}, "int8"),
     ({"amx_int8", "amx_tile", "avx512_vnni"}, "int8"),                  # AMX without bf16 tiles
-    ({"avx2", "fma"}, "float32"),
+    ({"avx2", "fma"}, "int8"),                                          # AVX2 only: int8 kernels still pay
+    ({"sse4_2", "avx"}, "float32"),                                     # older than AVX2
     (set(), "float32"),                                                  # no /proc/cpuinfo
 ])
 def test_auto_cpu_precision_follows_the_flags(flags, want):
-    from sgmft.features.backbones.precision import COSINE_BAR, MEASURED_COSINE, auto_cpu_precision
+    from sgmft.features.backbones.precision import (AVX2_INT8_COSINE, AVX2_INT8_SPEEDUP, COSINE_BAR,
+                                                    MEASURED_COSINE, auto_cpu_precision)
 
     prec, reason = auto_cpu_precision(flags)
     assert prec == want and reason
     if prec != "float32":  # only a precision measured within the cosine bar of fp32
         assert min(MEASURED_COSINE[prec].values()) >= COSINE_BAR
+    if flags == {"avx2", "fma"}:   # ... on that kind of CPU too
+        assert min(AVX2_INT8_COSINE.values()) >= COSINE_BAR and min(AVX2_INT8_SPEEDUP.values()) > 1
 
 
 def test_auto_resolves_to_the_machine_choice_and_is_announced_once(monkeypatch, recwarn):

@@ -192,6 +192,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         refit = np.load(r / "cv" / "all" / "lda" / "split.npy")
         assert np.array_equal(np.flatnonzero(refit == "train"), pooled) and "val" not in set(refit)
     want = np.mean([np.mean(part, 0) for part in parts], 0)
+    assert s["final"]["calibration"]["temperature"] == cfg["calibration"]["temperature"]   # run.json says it
     if forced != "lda":                                    # the committee's own temperature, from the 192 posts
         outer = cfg["calibration"]
         assert outer["method"] == "temperature" and outer["num_posts"] == 192 and "cross-fitted" in outer["fitted_on"]

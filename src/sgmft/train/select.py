@@ -326,8 +326,9 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
             cal.append(xv.calibrations[n])
             weights.append(1.0 / (len(parts) * len(part)))
     if len(models) == 1:                # LDA alone: its refit, calibrated on the out-of-fold predictions
+        own = cal[0]
         save_checkpoint(run.model, models[0], cfgs[0], fs.label_names, fs.meta, presets[0].train, preset=chosen,
-                        calibration=cal[0])
+                        calibration=own)
     else:
         cfg = ensemble_config(fs.dim, len(fs.label_names), names, cfgs, cal,
                               weights if len(set(weights)) > 1 else None)
@@ -335,9 +336,11 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
         for member, trained in zip(committee.members, models):
             member.load_state_dict(trained.state_dict())
         committee.eval()
+        own = _committee_calibration(xv.crossfit_logp[chosen], xv.labels, presets[0].train)
         save_checkpoint(run.model, committee, cfg, fs.label_names, fs.meta, presets[0].train, preset=chosen,
-                        calibration=_committee_calibration(xv.crossfit_logp[chosen], xv.labels, presets[0].train))
+                        calibration=own)
     return {"kind": "fold committee", "of": chosen, "members": names, "weights": [round(w, 6) for w in weights],
+            "calibration": {k: own.get(k) for k in ("method", "temperature", "num_posts", "fitted_on")},
             "member_calibration": {m: {k: xv.calibrations[m].get(k) for k in ("method", "temperature", "uniform_weight",
                                                                   "num_posts")} for m in chosen.split("+")}}
 

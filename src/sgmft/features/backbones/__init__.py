@@ -71,7 +71,7 @@ def load_backbone(spec: str, *, device: str = "auto", dtype: str = "auto", batch
     """Load a backbone from ``"<name>:<hub-id-or-dir>"``, e.g. ``"chinese-clip:/models/cc-vit-h"``.
 
     ``device="auto"`` picks this process's GPU, else CPU; ``dtype="auto"`` means bf16/fp16
-    autocast on CUDA; on CPU bf16 with AMX, int8 with VNNI and no AMX, else fp32
+    autocast on CUDA; on CPU bf16 with AMX, int8 with VNNI or AVX2 and no AMX, else fp32
     (:mod:`sgmft.features.backbones.precision`). Raises :class:`BackboneUnavailableError` (with download
     instructions) when the weights are not available offline. On CPU, glibc is then told to keep
     freed activation blocks for the next batch (:mod:`sgmft.features.backbones.allocator`).

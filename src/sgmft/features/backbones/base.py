@@ -57,7 +57,7 @@ def canonical_precision(dtype: str) -> str:
 def resolve_precision(dtype: str, device: torch.device) -> str:
     """``"auto"`` = bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; on CPU the
     machine's choice (:func:`sgmft.features.backbones.precision.auto_cpu_precision`: bf16
-    with AMX tiles, int8 with VNNI and no AMX, fp32 otherwise), announced once per process.
+    with AMX tiles, int8 with VNNI or AVX2 and no AMX, fp32 otherwise), announced once per process.
 
     ``"int8"`` (dynamic int8 quantisation of every ``nn.Linear``, activations quantised per
     batch) runs on CPU only: PyTorch's dynamic-quantised kernels have no CUDA version.
@@ -101,7 +101,7 @@ def precision_recipe(precision: str) -> str | None:
     if precision == "bfloat16":
         return "bf16-weights+autocast"
     if precision == "int8":
-        return f"dynamic-int8-linear-per-channel:{int8_engine()}"
+        return f"dynamic-int8-linear-per-channel-per-post:{int8_engine()}"
     return None
 
 
@@ -110,7 +110,9 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
     * ``int8``: every ``nn.Linear`` becomes a dynamically quantised one (int8 weights, one
       scale per output channel; ``torch.ao.quantization.quantize_dynamic`` with
-      ``per_channel_dynamic_qconfig``), packed for :func:`int8_engine`.
+      ``per_channel_dynamic_qconfig``), packed for :func:`int8_engine`, and run one post at a
+      time (:class:`PerPostLinear`): dynamic quantisation takes one activation scale per call, so
+      a batch would give each post a scale set by its batch-mates.
       The packed weights carry their engine, so the forward does not depend on the global
       ``torch.backends.quantized.engine``, which is restored afterwards.
     * ``bfloat16``: parameters and buffers cast to bfloat16 (halves the weights' memory);
@@ -129,11 +131,44 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still works
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-            return torch.ao.quantization.quantize_dynamic(
+            q = torch.ao.quantization.quantize_dynamic(
                 model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8,
                 inplace=True)
     finally:
         torch.backends.quantized.engine = prev
+    return _per_post(q)
+
+
+class PerPostLinear(torch.nn.Module):
+    """A dynamically quantised Linear applied to each post (index of dim 0) on its own.
+
+    ``quantize_dynamic`` quantises a call's whole input with one scale (its min and max), so in a
+    batch a post's int8 activations, and so its features, would depend on the other posts (up
+    to 0.08 on a Linear's output; 1e-3 on a tiny model's probabilities). One call per post keeps
+    a post's features the same in any batch, which the content-addressed cache, the byte-identical
+    engines and "one post predicted alone == its row in the store" rely on. The int32 accumulation
+    is exact, so the split itself changes nothing else. Cost: 1.54x -> 1.46x fp32 on one ViT-B MLP
+    Linear (fbgemm, AVX2; docs/scale.md). The backbones here are batch-first (transformers)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] == 1:
+            return self.inner(x)
+        return torch.cat([self.inner(row) for row in x.split(1)])
+
+
+def _per_post(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, DynamicLinear):
+            setattr(model, name, PerPostLinear(child))
+        else:
+            _per_post(child)
+    return model
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

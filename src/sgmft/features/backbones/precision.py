@@ -32,8 +32,12 @@ COSINE_BAR = 0.999  # the mean cosine to fp32 a reduced precision must keep (iss
 # Chinese-CLIP weights; docs/scale.md): the evidence behind each automatic choice
 MEASURED_COSINE = {"bfloat16": {"ViT-B/16": 0.99994, "ViT-H/14": 0.99990},
                    "int8": {"ViT-B/16": 0.99942, "ViT-H/14": 0.99916}}
+# whole-extraction int8 / fp32 on an AVX2-only CPU (AMD EPYC Zen 3, 2 threads; docs/scale.md,
+# benchmarks/results-bench_extract-avx2-*.json): the evidence for int8 without VNNI
+AVX2_INT8_SPEEDUP = {"ViT-B/16": 1.28, "ViT-H/14": 1.53}
+AVX2_INT8_COSINE = {"ViT-B/16": 0.99951, "ViT-H/14": 0.99917}
 ISA_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni",
-             "avx_vnni", "avx512f")
+             "avx_vnni", "avx512f", "avx2")
 _announced = False
 
 
@@ -65,7 +69,13 @@ def auto_cpu_precision(flags=None) -> tuple[str, str]:
         return "int8", (f"this CPU has VNNI ({', '.join(vnni)}) but no AMX: int8 Linears are the only faster "
                         f"precision here (bf16 has no tiles and runs below fp32); int8 features keep mean "
                         f"cosine {c['ViT-H/14']}-{c['ViT-B/16']} to fp32 (bar {COSINE_BAR})")
-    return "float32", "this CPU has neither AMX nor VNNI: no reduced precision is faster than fp32 here"
+    if "avx2" in flags and _has_int8_engine():
+        c, x = AVX2_INT8_COSINE, AVX2_INT8_SPEEDUP
+        return "int8", (f"this CPU has AVX2 but neither AMX nor VNNI: int8 Linears still run "
+                        f"{x['ViT-B/16']}-{x['ViT-H/14']}x fp32 on ViT-B/16 to ViT-H/14 shapes (bf16 and fp16 are "
+                        f"emulated here, 0.12x); int8 features keep mean cosine {c['ViT-H/14']}-{c['ViT-B/16']} "
+                        f"to fp32 (bar {COSINE_BAR})")
+    return "float32", "this CPU has neither AMX, VNNI nor AVX2: no reduced precision is faster than fp32 here"
 
 
 def _has_int8_engine() -> bool:
@@ -211,12 +221,17 @@ def _ceiling_kernels(n: int) -> dict:
 def _best_rates(kernels: dict, flops: float, rounds: int, seconds: float) -> dict:
     import torch
 
-    best = {k: 0.0 for k in kernels}
+    best, slow = {k: 0.0 for k in kernels}, set()
     with torch.inference_mode():
-        for f in kernels.values():
+        for k, f in kernels.items():
+            t = time.perf_counter()
             f()  # warm-up: oneDNN primitive creation, weight packing
-        for _ in range(rounds):
+            if time.perf_counter() - t > 10 * seconds:
+                slow.add(k)     # emulated (bf16 / fp16 without AVX-512: minutes a round); one timed call
+        for i in range(rounds):
             for k, f in kernels.items():
+                if i and k in slow:
+                    continue
                 t, reps = time.perf_counter(), 0
                 while True:
                     f()
@@ -255,6 +270,8 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
                    f"{ratio['bf16_over_fp32']}x the fp32 GEMM rate, which bounds what a bf16 forward can gain here")
     else:
         verdict = f"neither AMX nor AVX-512 BF16: bf16 GEMMs are emulated ({ratio['bf16_over_fp32']}x fp32)"
+        if "int8_sgmft_over_fp32" in ratio:
+            verdict += f"; int8 Linears run {ratio['int8_sgmft_over_fp32']}x fp32"
     prec, why = auto_cpu_precision(flags)
     return {"matrix": f"{n}x{n}x{n}", "gflops": gf, "ratio": ratio, "int8_engine_sgmft": int8_engine(),
             "cpu_flags": has, "amx": amx, "onednn": onednn_kernels(), "torch_threads": torch.get_num_threads(),
