@@ -33,7 +33,8 @@ COSINE_BAR = 0.999  # the mean cosine to fp32 a reduced precision must keep (iss
 MEASURED_COSINE = {"bfloat16": {"ViT-B/16": 0.99994, "ViT-H/14": 0.99990},
                    "int8": {"ViT-B/16": 0.99942, "ViT-H/14": 0.99916}}
 # whole-extraction int8 / fp32 on an AVX2-only CPU (AMD EPYC Zen 3, 2 threads; docs/scale.md,
-# benchmarks/results-bench_extract-avx2-*.json): the evidence for int8 without VNNI
+# benchmarks/results-bench_extract-precision-{base,huge}-avx2.json, int8 one post at a time):
+# the evidence for int8 without VNNI
 AVX2_INT8_SPEEDUP = {"ViT-B/16": 1.28, "ViT-H/14": 1.53}
 AVX2_INT8_COSINE = {"ViT-B/16": 0.99951, "ViT-H/14": 0.99917}
 ISA_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni",
