@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from sgmft.errors import BackboneUnavailableError  # noqa: F401  (re-exported)
 from sgmft.features.backbones.precision import (  # noqa: F401  (re-exported)
@@ -60,7 +61,7 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
     with AMX tiles, int8 with VNNI or AVX2 and no AMX, fp32 otherwise), announced once per process.
 
     ``"int8"`` (dynamic int8 quantisation of every ``nn.Linear``, activations quantised per
-    batch) runs on CPU only: PyTorch's dynamic-quantised kernels have no CUDA version.
+    post) runs on CPU only: PyTorch's dynamic-quantised kernels have no CUDA version.
     """
     d = canonical_precision(dtype)
     if d == "auto":
@@ -131,15 +132,14 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still works
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-            q = torch.ao.quantization.quantize_dynamic(
+            return torch.ao.quantization.quantize_dynamic(
                 model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                inplace=True)
+                mapping={torch.nn.Linear: PerPostLinear}, inplace=True)
     finally:
         torch.backends.quantized.engine = prev
-    return _per_post(q)
 
 
-class PerPostLinear(torch.nn.Module):
+class PerPostLinear(DynamicQuantizedLinear):
     """A dynamically quantised Linear applied to each post (index of dim 0) on its own.
 
     ``quantize_dynamic`` quantises a call's whole input with one scale (its min and max), so in a
@@ -148,27 +148,14 @@ class PerPostLinear(torch.nn.Module):
     a post's features the same in any batch, which the content-addressed cache, the byte-identical
     engines and "one post predicted alone == its row in the store" rely on. The int32 accumulation
     is exact, so the split itself changes nothing else. Cost: 1.54x -> 1.46x fp32 on one ViT-B MLP
-    Linear (fbgemm, AVX2; docs/scale.md). The backbones here are batch-first (transformers)."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
+    Linear (fbgemm, AVX2; docs/scale.md). The backbones here are batch-first (transformers).
+    ``quantize_dynamic`` builds it in place of its own class (``mapping``), through ``from_float``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = super().forward
         if x.dim() < 2 or x.shape[0] == 1:
-            return self.inner(x)
-        return torch.cat([self.inner(row) for row in x.split(1)])
-
-
-def _per_post(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    for name, child in list(model.named_children()):
-        if isinstance(child, DynamicLinear):
-            setattr(model, name, PerPostLinear(child))
-        else:
-            _per_post(child)
-    return model
+            return one(x)
+        return torch.cat([one(row) for row in x.split(1)])
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
