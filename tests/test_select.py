@@ -26,7 +26,7 @@ def _fast_auto():
     return p
 
 
-AUTO = ["trust", "trust_lda", "lda", "trust_lda+lda"]
+AUTO = ["trust", "trust_lda", "trust_mda", "lda", "trust_lda+lda"]
 
 
 def test_auto_is_the_default_and_lists_plain_candidates_and_an_ensemble_of_two():
@@ -49,7 +49,7 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     import sgmft.train.select as sel
 
     store = make_store(tmp_path / "s", n=240, dim=16, k=4)
-    fast = {t: ["epochs=2", "min_steps=0", "batch_size=32"] for t in ("trust", "trust_lda")}
+    fast = {t: ["epochs=2", "min_steps=0", "batch_size=32"] for t in ("trust", "trust_lda", "trust_mda")}
     real = sel._candidate_preset
 
     def quick(name, shared, base=None):           # the same candidates, trained briefly
@@ -65,13 +65,16 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     s = run["selection"]
     assert s["split"] == "validation" and "cross_validation" not in s and not (tmp_path / "r" / "cv").exists()
-    vals = {n: c["val_acc"] for n, c in s["candidates"].items()}
+    vals = {n: c["val_acc"] for n, c in s["candidates"].items() if "skipped" not in c}
     best = max(vals.values())
     kept = "trust"                                 # the one-standard-error rule, in the candidates' order
     for duel in s["comparisons"]:
         assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
         kept = duel["candidate"] if duel["replaces"] else kept
-    assert [d["candidate"] for d in s["comparisons"]] == AUTO[1:] and s["chosen"] == kept
+    trained = [c for c in AUTO if c != "trust_mda"]   # one look here (below): trust_mda would be trust_lda again
+    assert s["candidates"]["trust_mda"]["skipped"] == "the same model as trust_lda here"
+    assert s["candidates"]["trust_mda"]["sized"]["looks"] == 1 and not (tmp_path / "r" / "candidates" / "trust_mda").exists()
+    assert [d["candidate"] for d in s["comparisons"]] == trained[1:] and s["chosen"] == kept
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(vals[kept])
     assert "standard error" in s["rule"]
     cands = {c["name"]: c.get("model") for c in run["fingerprint_inputs"]["model"]["candidates"]}
@@ -83,11 +86,12 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == \
         (chosen_dir / "model.safetensors").read_bytes()
     assert run_init(tmp_path / "r" / "candidates" / "trust_lda")["text"]["looks"] == 1   # eq T6 start, recorded
-    for c in AUTO:                                # one split for every candidate
+    for c in trained:                             # one split for every candidate
         assert np.array_equal(np.load(tmp_path / "r" / "candidates" / c / "split.npy"),
                               np.load(tmp_path / "r" / "split.npy"))
     card = (tmp_path / "r" / "model" / "README.md").read_text()
     assert f"`{s['chosen']}`" in card and "validation split" in card
+    assert "* not trained: `trust_mda`, the same model as trust_lda here (about" in card
     ens = tmp_path / "r" / "candidates" / "trust_lda+lda"          # eq E1, assembled from the two runs
     cfg = json.loads((ens / "model" / "config.json").read_text())
     assert cfg["model"]["arch"] == "ensemble" and cfg["model"]["extra"]["names"] == ["trust_lda", "lda"]
@@ -157,7 +161,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     main_split = np.load(r / "split.npy")
     pooled = np.flatnonzero(main_split == "train")          # validation posts trained the committee: none left
     assert set(main_split) <= {"train", "test"} and cv["posts"] == len(pooled) == 192          # not 19
-    assert set(cv["accuracy"]) == set(AUTO)
+    assert set(cv["accuracy"]) == set(AUTO) - {"trust_mda"}                 # one look here: trust_lda again
     if not forced:
         kept = "trust"                                     # the rule, replayed on the recorded comparisons
         for duel in s["comparisons"]:
@@ -280,6 +284,29 @@ def test_trust_candidates_get_one_look_per_place_on_small_stores(per_class, look
     assert sel._fit_to_size(lda, fs) is None
 
 
+@pytest.mark.parametrize("per_class, trained", [(100, False), (400, True)])
+def test_trust_mda_is_trained_only_where_it_keeps_its_looks(per_class, trained):
+    """With one look per place (a small store) trust_mda is trust_lda: it is dropped, and why is said."""
+    import types
+
+    import sgmft.train.select as sel
+    from sgmft.models.registry import resolve_model
+
+    labels = np.repeat(np.arange(5), per_class)
+    fs = types.SimpleNamespace(labels=labels, split=np.where(np.arange(labels.size) % 5 == 0, "test", "train"))
+    order = list(load_preset("auto").candidates)
+    presets, sized = [sel._candidate_preset(c, load_preset("auto").train) for c in order if "+" not in c], {}
+    for p in presets:
+        if (change := sel._fit_to_size(p, fs)):
+            sized[p.name] = change
+        p.model = resolve_model(p.model, where=p.name)
+    kept, names, skipped = sel._drop_repeats(presets, order, sized)
+    assert ("trust_mda" in names) == trained and [p.name for p in kept] == [n for n in names if "+" not in n]
+    assert "trust_lda" in names and "trust_lda+lda" in names
+    if not trained:
+        assert skipped == {"trust_mda": {"skipped": "the same model as trust_lda here", "sized": sized["trust_mda"]}}
+
+
 def test_a_candidate_that_selects_is_refused(tmp_path):
     bad = tmp_path / "sel.yaml"
     bad.write_text("candidates: [auto]\n")
@@ -298,4 +325,4 @@ def test_train_flags_reach_the_candidates_and_model_options_are_refused(tmp_path
     store = make_store(tmp_path / "s", n=80, dim=16, k=4)
     assert main(["train", str(store), "--out", str(tmp_path / "r"), "--set", "model.hidden=3"]) == 2
     err = capsys.readouterr().err
-    assert "chooses between the presets trust, trust_lda, lda" in err and "--preset trust" in err
+    assert "chooses between the presets trust, trust_lda, trust_mda, lda" in err and "--preset trust" in err

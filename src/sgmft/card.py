@@ -146,13 +146,16 @@ def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, pre
     sel = runj.get("selection") or {}
     if sel.get("chosen"):                   # a selecting preset (auto): what was chosen and why
         cv = sel.get("cross_validation")
-        accs = (cv["accuracy"] if cv else {n: c.get("val_acc") for n, c in (sel.get("candidates") or {}).items()})
+        cands = sel.get("candidates") or {}
+        accs = (cv["accuracy"] if cv else {n: c.get("val_acc") for n, c in cands.items() if "skipped" not in c})
         how = (f"{cv['folds']}-fold cross-validated accuracy on {cv['posts']} training and validation posts"
                if cv else "validation accuracy")
         L.append(f"* chosen by preset `{runj.get('preset')}`: `{sel['chosen']}` (rule: {sel.get('rule')}; {how} "
                  + ", ".join(f"`{n}` {_fmt(a)}" for n, a in accs.items()) + ")")
         if cv and sel.get("final"):
             L.append(_committee_line(sel["final"], cv["posts"]))
+        L += [f"* not trained: `{n}`, {c['skipped']}" + (f" ({c['sized']['reason']})" if c.get("sized") else "")
+              for n, c in cands.items() if "skipped" in c]
     if train:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "split", "precision")
         L.append("* training: " + ", ".join(f"{k} = {train[k]}" for k in keys if k in train))

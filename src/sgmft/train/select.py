@@ -99,6 +99,21 @@ def _fit_to_size(p: Preset, fs) -> dict | None:
                       "one look per place"}
 
 
+def _drop_repeats(presets: list[Preset], order: list[str], sized: dict) -> tuple[list[Preset], list[str], dict]:
+    """The candidates without those whose model, once fitted to the store's size, is an earlier
+    candidate's (``trust_mda`` with one look is ``trust_lda``): the same run twice would cost a
+    training and could never win. Returns the rest and, per dropped name, why (run.json)."""
+    kept, skipped = [], {}
+    for p in presets:
+        twin = next((q.name for q in kept if model_view(q.model) == model_view(p.model)), None)
+        if twin is None:
+            kept.append(p)
+        else:
+            skipped[p.name] = {"skipped": f"the same model as {twin} here", **({"sized": sized[p.name]}
+                                                                              if p.name in sized else {})}
+    return kept, [n for n in order if n not in skipped], skipped
+
+
 def one_se_choice(correct: dict[str, np.ndarray], order: list[str]) -> tuple[str, list[dict]]:
     """The candidate kept by the one-standard-error rule (Hastie, Tibshirani & Friedman, ESL 7.10), in
     ``order`` of preference: ``correct[name]`` is 1/0 per validation post. The first candidate is kept
@@ -432,6 +447,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
         if change:
             sized[p.name] = change
         p.model = resolve_model(p.model, where=f"preset {p.name}: model")
+    presets, order, skipped = _drop_repeats(presets, order, sized)
     inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": model_view(p.model)} for p in presets]
                                  + [{"name": n, "ensemble": n.split("+")} for n in order if "+" in n],
                                  "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS,
@@ -464,7 +480,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
                      "candidates": {n: {"val_acc": r.best_val_acc, "seconds": round(r.seconds, 2),
                                         "run": f"candidates/{n}", **({"sized": sized[n]} if n in sized else {}),
                                         **({"ensemble_of": n.split("+")} if "+" in n else {})}
-                                    for n, r in results.items()}}
+                                    for n, r in results.items()} | skipped}
         _write_record(run, results[chosen], selection, {"status": "complete", "fingerprint": fp,
                       "fingerprint_inputs": inputs, "preset": preset.name, "train": asdict(preset.train)}, t0)
     accs = cv["accuracy"] if cv else {n: r.best_val_acc or 0.0 for n, r in results.items()}
