@@ -236,11 +236,12 @@ def table(result: dict) -> str:
                  f"{acc[n]:.2f} ({p[n]['chosen']})" if n == "auto_before" and n in acc else
                  (f"{acc[n]:.2f}" if n in acc else "-") for n in shown]
         o2 = r.get("oracle_stored")
-        out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | "
-                   + (f"{100 * o2:.2f} | " if st and o2 else "- | " if st else "") + " | ".join(cells) +
-                   f" | {p['auto']['ece']:.3f} | {acc['auto'] / (100 * r['oracle']):.3f} | "
-                   + (f"{acc['auto'] / (100 * o2):.3f} | " if st and o2 else "- | " if st else "")
-                   + f"{acc['auto'] - peer:+.2f} | {acc['auto'] - cand:+.2f} |")
+        stored = [f"{100 * o2:.2f}" if o2 else "-"] if st else []
+        per_stored = [f"{acc['auto'] / (100 * o2):.3f}" if o2 else "-"] if st else []
+        row = [r["variant"], f"{r['posts']:,}", f"{100 * r['oracle']:.2f}", *stored, *cells,
+               f"{p['auto']['ece']:.3f}", f"{acc['auto'] / (100 * r['oracle']):.3f}", *per_stored,
+               f"{acc['auto'] - peer:+.2f}", f"{acc['auto'] - cand:+.2f}"]
+        out.append("| " + " | ".join(row) + " |")
     return "\n".join(out)
 
 
@@ -258,7 +259,8 @@ def merge(bases: list[dict], news: list[dict]) -> dict:
                                  f"against {r['oracle']})")
             r["presets"]["auto_before"], r["presets"]["auto"] = r["presets"]["auto"], n["presets"]["auto"]
             r["presets"].update({k: v for k, v in n["presets"].items() if k not in r["presets"]})   # new candidates
-            r.update({k: n[k] for k in ("oracle_stored",) if k in n})
+            if "oracle_stored" in n:
+                r["oracle_stored"] = n["oracle_stored"]
         rows.append(r)
     return {"benchmark": "family_c", "rows": rows}
 

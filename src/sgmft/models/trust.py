@@ -128,10 +128,12 @@ def _centres(x: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 MDA_ROUNDS = 3
 
 
-def _whitener(cov: np.ndarray) -> np.ndarray:
-    """W with W^T cov W = I (symmetric inverse square root; tiny eigenvalues floored)."""
+def _whitener(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W with W^T cov W = I (symmetric inverse square root; tiny eigenvalues floored) and its inverse,
+    from one eigendecomposition."""
     vals, vecs = np.linalg.eigh(cov)
-    return (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-9))) @ vecs.T
+    root = np.sqrt(np.maximum(vals, vals.max() * 1e-9))
+    return (vecs / root) @ vecs.T, (vecs * root) @ vecs.T
 
 
 def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarray, looks: int,
@@ -148,14 +150,14 @@ def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarr
     cov, shrink = ledoit_wolf(x - means[y], block_size=block)
     fitted = {}
     for _ in range(MDA_ROUNDS):
-        w = _whitener(cov)
+        w, w_inv = _whitener(cov)
         resid = np.empty_like(x)
         for c in present:
             rows = np.flatnonzero(y == c)
             z = x[rows] @ w
             cz, share = _centres(z, looks, seed)
             near = ((cz ** 2).sum(1)[None] - 2 * z @ cz.T).argmin(1)     # nearest centre
-            mu = np.linalg.solve(w, cz.T).T              # back to input coordinates
+            mu = cz @ w_inv                              # back to input coordinates
             resid[rows] = x[rows] - mu[near]
             fitted[c] = (mu, share)
         cov, shrink = ledoit_wolf(resid[np.isin(y, present)], block_size=block)
