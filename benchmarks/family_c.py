@@ -206,7 +206,8 @@ def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
         row["presets"][name] = {**_score(out, store), "val_acc": round(res.best_val_acc or 0.0, 4),
                                 "chosen": sel.get("chosen"), "chosen_on": sel.get("split")}
         for cand, c in info.get("selection", {}).get("candidates", {}).items():   # auto's candidates, same split
-            row["presets"].setdefault(cand, {**_score(out / c["run"], store), "val_acc": c["val_acc"]})
+            if "run" in c:                                                  # not skipped (trained)
+                row["presets"].setdefault(cand, {**_score(out / c["run"], store), "val_acc": c["val_acc"]})
         print(json.dumps({"variant": variant, "posts": n, "preset": name, **row["presets"][name]}), file=sys.stderr)
     return row
 
@@ -246,9 +247,10 @@ def table(result: dict) -> str:
 
 
 def merge(bases: list[dict], news: list[dict]) -> dict:
-    """The rows of ``bases`` with ``auto`` taken from ``news`` where those ran the same store (variant and
-    size; the oracle must agree) and the base's ``auto`` kept as ``auto_before``: a re-run of the default
-    alone, shown beside presets that did not change."""
+    """The rows of ``bases`` with ``auto`` and its candidates taken from ``news`` where those ran the same
+    store (variant and size; the oracle must agree) and the base's ``auto`` kept as ``auto_before``: a
+    re-run of the default alone (its candidates are retrained with it), shown beside presets that did
+    not change."""
     fresh = {(r["variant"], r["posts"]): r for n in news for r in n["rows"]}
     rows = []
     for r in (json.loads(json.dumps(r)) for b in bases for r in b["rows"]):
@@ -258,7 +260,7 @@ def merge(bases: list[dict], news: list[dict]) -> dict:
                 raise SystemExit(f"{r['variant']} at {r['posts']} posts: the stores differ (oracle {n['oracle']} "
                                  f"against {r['oracle']})")
             r["presets"]["auto_before"], r["presets"]["auto"] = r["presets"]["auto"], n["presets"]["auto"]
-            r["presets"].update({k: v for k, v in n["presets"].items() if k not in r["presets"]})   # new candidates
+            r["presets"].update({k: v for k, v in n["presets"].items() if k != "auto"})   # retrained candidates
             if "oracle_stored" in n:
                 r["oracle_stored"] = n["oracle_stored"]
         rows.append(r)

@@ -46,3 +46,20 @@ def test_the_stored_feature_oracle_reads_only_the_direction(fc):
     latent = [fc._evidence(W, x * c, 0.5)[0] for c in (1.0, 3.0)]
     assert np.abs(latent[0] - latent[1]).max() > 1.0
     assert (unit[0].argmax(1) == y).mean() > 0.9 and (latent[0].argmax(1) == y).mean() > 0.9
+
+
+def test_merge_takes_the_default_and_its_retrained_candidates_and_keeps_the_rest(fc):
+    """A re-run of ``auto`` retrains its candidates: merge takes both from the new run, keeps the base's
+    ``auto`` as ``auto_before`` and the presets the re-run did not train (peers) from the base; a store
+    that differs (another oracle) is an error."""
+    def row(oracle, **acc):
+        return {"variant": "C0", "posts": 600, "oracle": oracle, "presets": {k: {"accuracy": v} for k, v in acc.items()}}
+
+    base = {"rows": [row(0.8, auto=0.5, trust_lda=0.5, qmf=0.3), {**row(0.7, auto=0.1), "posts": 1000}]}
+    new = {"rows": [row(0.8, auto=0.6, trust_lda=0.6, trust_mda=0.55)]}
+    got = fc.merge([base], [new])["rows"]
+    acc = {k: v["accuracy"] for k, v in got[0]["presets"].items()}
+    assert acc == {"auto": 0.6, "auto_before": 0.5, "trust_lda": 0.6, "trust_mda": 0.55, "qmf": 0.3}
+    assert got[1]["presets"] == {"auto": {"accuracy": 0.1}}
+    with pytest.raises(SystemExit, match="stores differ"):
+        fc.merge([base], [{"rows": [row(0.9, auto=0.6)]}])

@@ -48,7 +48,12 @@ prior = s theta_pi), which is the same model with an s-times faster step for tho
 With ``init: lda`` the evidence networks do not start at random but as each modality's shrinkage
 LDA (eq T6, :meth:`TrustMix.init_from_data`), and ``evidence_lr`` scales their learning rate
 (preset ``trust_lda``): on features whose noise spreads over many correlated directions, gradient
-steps need far more posts than the closed form to find the discriminant directions.
+steps need far more posts than the closed form to find the discriminant directions. With ``init: em``
+(presets ``trust_lda``, ``trust_mda``) the start fits eq T1's states as well (eq T6', :func:`_em_fit`): each
+modality's posts are split by classification EM into those that show their place, a generic theme or
+another place, so that generic and contradicting posts neither widen the within-place covariance nor
+leave the themes where the places are, and the state prior (eq T3) and the conflict tables (eq T1')
+start from the fitted counts.
 
 A generic or contradicting modality is discounted because the mixture puts its weight on
 the states in which that modality's evidence does not depend on y. When both modalities
@@ -164,9 +169,65 @@ def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarr
     return fitted, cov, shrink
 
 
-def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+EM_ROUNDS = 5
+
+
+def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: dict, cov: np.ndarray,
+            seed: int) -> tuple[dict, tuple, np.ndarray, float, np.ndarray]:
+    """Eq T6' (eq T6 with the states of eq T1): classification EM of each modality's generative model. A post's
+    modality shows its place (a look of it), a generic theme, or another place's look; looks, themes,
+    state shares and the shared Ledoit-Wolf covariance are re-estimated from the assignments
+    (:data:`EM_ROUNDS` rounds). A look that explains more posts of other labels than of its own place is
+    a theme in disguise and moves to the themes. Without this, generic and contradicting posts widen the
+    within-place covariance along the very directions that tell places apart. Returns the looks (as
+    ``fitted``), the themes (centres, shares), the covariance, its shrinkage and each post's (state, place
+    shown; -1 for a theme)."""
+    from sklearn.covariance import ledoit_wolf
+
+    dim, kl = x.shape[1], k * looks
+    fill = np.repeat(x.mean(0, keepdims=True), looks, 0)
+    mu = np.concatenate([fitted[c][0] if c in fitted else fill for c in range(k)])           # (K*L, D)
+    cnt = np.concatenate([fitted[c][1] if c in fitted else np.full(looks, 1e-6) for c in range(k)])
+    w, w_inv = _whitener(cov)
+    tz, tcnt = _centres(x @ w, j, seed)
+    theme, state_cnt = tz @ w_inv, np.array([0.6, 0.2, 0.2])       # shares of inf, gen, oth: a first guess
+    owner = np.repeat(np.arange(k), looks)
+    alive = np.isin(owner, list(fitted))
+    for _ in range(EM_ROUNDS):
+        w, w_inv = _whitener(cov)
+        z, cz, tzz = x @ w, mu @ w, theme @ w
+        logw = np.log(cnt / np.bincount(owner, cnt, k)[owner])
+        ls = np.log(state_cnt / state_cnt.sum())
+        sl = z @ cz.T - 0.5 * (cz ** 2).sum(1) + logw + np.where(owner[None] == y[:, None], ls[0], ls[2] - math.log(k - 1))
+        sl[:, ~alive] = -np.inf                                        # a place without training posts
+        st = z @ tzz.T - 0.5 * (tzz ** 2).sum(1) + np.log(tcnt / tcnt.sum()) + ls[1]
+        comp = np.concatenate([sl, st], 1).argmax(1)
+        state = np.where(comp >= kl, 1, np.where(owner[np.minimum(comp, kl - 1)] == y, 0, 2))
+        per = np.bincount(comp, minlength=kl + j).astype(float)
+        own = np.bincount(comp[state == 0], minlength=kl + j)
+        for a in np.flatnonzero((per[:kl] - own[:kl] > own[:kl]) & (per[:kl] >= 2)):   # a theme in disguise
+            b = kl + int(per[kl:].argmin())
+            moved = comp == a
+            comp[moved], state[moved] = b, 1
+            per[b], per[a] = per[a] + per[b], 0
+            mu[a] = mu[owner == owner[a]][cnt[owner == owner[a]].argmax()]
+        centres = np.concatenate([mu, theme])
+        for q in np.flatnonzero(per >= 1):
+            centres[q] = x[comp == q].mean(0)
+        mu, theme = centres[:kl], centres[kl:]
+        cnt, tcnt = per[:kl] + 1e-3, per[kl:] + 1e-3
+        state_cnt = np.bincount(state, minlength=3) + 1.0
+        cov, shrink = ledoit_wolf(x - centres[comp], block_size=max(1000, dim))
+    shown = np.where(state == 1, -1, owner[np.minimum(comp, kl - 1)])
+    fitted = {c: (mu[owner == c], cnt[owner == c] / cnt[owner == c].sum()) for c in fitted}
+    return fitted, (theme, tcnt / tcnt.sum()), cov, shrink, np.stack([state, shown], 1)
+
+
+def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool = False):
     """Eq T6 for one modality: write the LDA form of each look and theme into ``ev.linear`` (with
-    several looks, their mixture-discriminant form: :func:`_mda_looks`)."""
+    several looks, their mixture-discriminant form: :func:`_mda_looks`; with ``em``, the states of eq
+    T1 fitted as well: :func:`_em_fit`). Returns what was fitted and, with ``em``, each post's (state,
+    place shown)."""
     from sklearn.covariance import ledoit_wolf
 
     k, looks = ev.k, ev.looks
@@ -179,12 +240,15 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     else:      # one block of the width: the same estimate as sklearn's default 1,000, 20x faster at 1,024
         cov, shrink = ledoit_wolf(x - means[y], block_size=max(1000, x.shape[1]))
         fitted = {c: (means[c:c + 1], np.ones(1)) for c in present}
+    states = None
+    if em:
+        fitted, themes, cov, shrink, states = _em_fit(x, y, k, looks, j, fitted, cov, seed)
     prec = np.linalg.inv(cov)
     rows, bias = [], []
     for c in range(k):                          # a place without training posts: never its evidence
         mu, w = fitted[c] if c in present else (np.repeat(means[:1], looks, 0), np.full(looks, 1e-6))
         rows.append(mu), bias.append(np.log(w))
-    mu, w = _centres(x, j, seed)
+    mu, w = themes if em else _centres(x, j, seed)
     rows.append(mu), bias.append(np.log(w))
     mu, logw = np.concatenate(rows), np.concatenate(bias)
     pm = mu @ prec
@@ -192,8 +256,11 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     jitter = 1e-3 * wgt.std() * torch.randn(wgt.shape, generator=torch.Generator().manual_seed(seed))
     ev.linear.weight.copy_(wgt + jitter)                       # jitter: repeated looks can part
     ev.linear.bias.copy_(torch.from_numpy(logw - 0.5 * (pm * mu).sum(1)).float())
-    return {"shrinkage": round(float(shrink), 4), "posts": int(len(x)), "looks": looks, "themes": j,
+    info = {"shrinkage": round(float(shrink), 4), "posts": int(len(x)), "looks": looks, "themes": j,
             **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {})}
+    if em:
+        info.update(em_rounds=EM_ROUNDS, state_shares=np.round(np.bincount(states[:, 0], minlength=3) / len(x), 4).tolist())
+    return info, states
 
 
 @MODELS.register("trust")
@@ -219,11 +286,13 @@ class TrustMix(nn.Module):
         table_scale: float = option(
             1.0, "the logits of Q_m (eq T1') and of the state prior (eq T3) are table_scale x their parameters, "
             "so the optimiser moves them table_scale times faster", gt=0)
-        init: Literal["random", "lda"] = option(
+        init: Literal["random", "lda", "em"] = option(
             "random", "`lda`: before training, each evidence network starts as the modality's shrinkage LDA "
             "(eq T6: Gaussian looks and generic themes with one Ledoit-Wolf covariance, fitted on the training "
-            "split; with several looks, by mixture discriminant analysis); `random`: PyTorch's default "
-            "initialisation")
+            "split; with several looks, by mixture discriminant analysis); `em`: the same, then eq T1's states "
+            "fitted by classification EM (looks, generic themes, covariance, state prior and conflict tables; "
+            "with `states: two`, as `lda`); "
+            "`random`: PyTorch's default initialisation")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
@@ -328,26 +397,28 @@ class TrustMix(nn.Module):
     # -- eq T6: a generative start ------------------------------------------------------
     @property
     def wants_data_init(self) -> bool:
-        """Whether training should call :meth:`init_from_data` (``init: lda``) before the first step."""
-        return self.opt["init"] == "lda"
+        """Whether training should call :meth:`init_from_data` (``init: lda`` or ``em``) before the first step."""
+        return self.opt["init"] in ("lda", "em")
 
     @torch.no_grad()
     def init_from_data(self, batch: dict, seed: int = 0) -> dict | None:
-        """With ``init: lda``, set each evidence network to the modality's shrinkage LDA (eq T6):
+        """With ``init: lda`` or ``em``, set each evidence network to the modality's shrinkage LDA (eq T6):
 
             z_m(c, l) = mu_cl^T P x - mu_cl^T P mu_cl / 2 + log w_cl,    h_m(j) = the same for theme j
 
         with P the inverse of the Ledoit-Wolf within-place covariance of the normalised inputs,
         mu_cl the k-means centres of place c's training posts (its looks, weights w_cl; with L > 1 found
         in the whitened space by mixture discriminant analysis, :func:`_mda_looks`), the generic
-        themes the k-means centres of all the modality's posts, and b_y = log p(y). Gradient steps
+        themes the k-means centres of all the modality's posts (with ``init: em``, the looks, themes,
+        covariance, state prior and conflict tables fitted by :func:`_em_fit`), and b_y = log p(y). Gradient steps
         start from there. A discriminative linear layer needs many posts to find the directions that a
         shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
         Returns what was fitted (run.json), or None with ``init: random``."""
         if not self.wants_data_init:
             return None
         y_all = batch["label"].numpy()
-        info = {}
+        em = self.opt["init"] == "em" and self.n_states == 3
+        info, states = {}, {}
         for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
             mask = batch.get(f"{key}_mask")
             keep = np.ones(len(y_all), bool) if mask is None else mask.bool().numpy()
@@ -355,10 +426,32 @@ class TrustMix(nn.Module):
             if places < 2 or len(x) <= places:
                 info[key] = {"posts": int(len(x)), "fitted": False}   # too few posts with this modality
                 continue
-            info[key] = _lda_start(ev, x, y_all[keep], seed)
+            info[key], st = _lda_start(ev, x, y_all[keep], seed, em)
+            if em:
+                states[key] = np.full((len(y_all), 2), -1)
+                states[key][keep] = st
         counts = np.bincount(y_all, minlength=self.cfg.num_classes) + 1.0
         self.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())
+        if len(states) == 2:
+            info["joint_states"] = self._state_start(y_all, states["text"], states["image"])
         return info
+
+    @torch.no_grad()
+    def _state_start(self, y: np.ndarray, st_t: np.ndarray, st_v: np.ndarray) -> list:
+        """With ``init: em`` (eq T6'): the state prior (eq T3) from the joint counts of the fitted states, and the
+        conflict tables Q_m(c | y) (eq T1') from the places the contradicting posts showed."""
+        both = (st_t[:, 0] >= 0) & (st_v[:, 0] >= 0)
+        joint = np.bincount(st_t[both, 0] * 3 + st_v[both, 0], minlength=9) + 1.0
+        self.log_prior.copy_(torch.from_numpy(np.log(joint / joint.sum()) / self.table_scale).float())
+        k = self.cfg.num_classes
+        for table, st in ((self.conflict_t, st_t), (self.conflict_v, st_v)):
+            if table is None:
+                continue
+            oth = st[:, 0] == 2
+            q = np.full((k, k), 0.5)
+            np.add.at(q, (y[oth], st[oth, 1]), 1.0)
+            table.copy_(torch.from_numpy(np.log(q) / self.table_scale).float())
+        return np.round(joint / joint.sum(), 4).tolist()
 
     def aux_loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         w = float(self.opt["aux_weight"])
