@@ -190,7 +190,8 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     cnt = np.concatenate([fitted[c][1] if c in fitted else np.full(looks, 1e-6) for c in range(k)])
     w, w_inv = _whitener(cov)
     tz, tcnt = _centres(x @ w, j, seed)
-    theme, state_cnt = tz @ w_inv, np.array([0.6, 0.2, 0.2])       # shares of inf, gen, oth: a first guess
+    theme = tz @ w_inv
+    state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     owner = np.repeat(np.arange(k), looks)
     alive = np.isin(owner, list(fitted))
     for _ in range(EM_ROUNDS):
