@@ -12,6 +12,9 @@ For each training size it fits, on the image features of the posts whose image s
 * ``mda``: mixture discriminant analysis (Hastie & Tibshirani 1996) with the generator's number of
   image looks per place: Ledoit-Wolf within-look covariance, k-means looks in its whitened space,
   three alternations;
+* ``lda_cv``, ``mda_cv``: the same two with the shrinkage intensity that TrustMix's start chooses by
+  cross-validation on the same training posts (``sgmft.models.trust._cv_shrinkage``, eq T6'';
+  regularised discriminant analysis) instead of Ledoit-Wolf's;
 
 and scores them on the test posts whose text is generic (only the image shows the place), against the
 oracle on the same posts. Prints one JSON document.
@@ -29,21 +32,27 @@ import time
 import numpy as np
 
 
-def _whitener(r: np.ndarray) -> np.ndarray:
+def _whitener(r: np.ndarray, shrinkage: float | None = None) -> np.ndarray:
     from sklearn.covariance import ledoit_wolf
 
-    cov, _ = ledoit_wolf(r, assume_centered=True)
+    if shrinkage is None:
+        cov, _ = ledoit_wolf(r, assume_centered=True)
+    else:
+        s = r.T @ r / len(r)
+        cov = (1 - shrinkage) * s + shrinkage * np.trace(s) / len(s) * np.eye(len(s))
     vals, vecs = np.linalg.eigh(cov)
     return (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-9))) @ vecs.T
 
 
-def fit_mda(x: np.ndarray, y: np.ndarray, k: int, looks: int, seed: int = 0, rounds: int = 3):
-    """Centres (K * looks, D) in the whitened space and the whitener W (D, D)."""
+def fit_mda(x: np.ndarray, y: np.ndarray, k: int, looks: int, seed: int = 0, rounds: int = 3,
+            shrinkage: float | None = None):
+    """Centres (K * looks, D) in the whitened space and the whitener W (D, D) (Ledoit-Wolf's shrinkage, or
+    ``shrinkage``)."""
     from sklearn.cluster import KMeans
 
     r = x - np.stack([x[y == c].mean(0) for c in range(k)])[y]
     for _ in range(rounds):
-        w = _whitener(r)
+        w = _whitener(r, shrinkage)
         z = x @ w
         cents, assign = [], np.zeros(len(z), int)
         for c in range(k):
@@ -65,6 +74,7 @@ def main(argv=None) -> int:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     from sgmft.data.simfeat import generate_simfeat, profile_config
+    from sgmft.models.trust import _cv_shrinkage
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="wide768")
@@ -94,9 +104,15 @@ def main(argv=None) -> int:
         rows = rows[np.isin(regime[rows], informative)]
         lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[rows], d.labels[rows])
         centres, w = fit_mda(x[rows], d.labels[rows], k, looks)
+        delta = _cv_shrinkage(x[rows], d.labels[rows], seed=0)[0]       # None: Ledoit-Wolf's is kept
+        lda_cv = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=delta or "auto").fit(x[rows], d.labels[rows])
+        centres_cv, w_cv = fit_mda(x[rows], d.labels[rows], k, looks, shrinkage=delta)
         out["sizes"][n] = {
             "lda": float((lda.predict(x[ev]) == d.labels[ev]).mean()),
-            "mda": float((mda_predict(x[ev], centres, w, k, looks) == d.labels[ev]).mean())}
+            "mda": float((mda_predict(x[ev], centres, w, k, looks) == d.labels[ev]).mean()),
+            "cv_shrinkage": delta,
+            "lda_cv": float((lda_cv.predict(x[ev]) == d.labels[ev]).mean()),
+            "mda_cv": float((mda_predict(x[ev], centres_cv, w_cv, k, looks) == d.labels[ev]).mean())}
         print(f"{n} training posts: {out['sizes'][n]}", file=sys.stderr, flush=True)
     out["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(out, indent=1))

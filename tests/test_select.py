@@ -26,7 +26,7 @@ def _fast_auto():
     return p
 
 
-AUTO = ["trust", "trust_lda", "trust_mda", "lda", "trust_lda+lda"]
+AUTO = ["trust", "trust_lda", "trust_mda", "lda", "trust_lda+lda", "trust+trust_mda"]
 
 
 def test_auto_is_the_default_and_lists_plain_candidates_and_an_ensemble_of_two():
@@ -71,8 +71,9 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     for duel in s["comparisons"]:
         assert duel["against"] == kept and duel["replaces"] == (duel["gain"] > duel["se"])
         kept = duel["candidate"] if duel["replaces"] else kept
-    trained = [c for c in AUTO if c != "trust_mda"]   # one look here (below): trust_mda would be trust_lda again
+    trained = [c for c in AUTO if "trust_mda" not in c]   # one look here (below): trust_mda would be trust_lda again
     assert s["candidates"]["trust_mda"]["skipped"] == "the same model as trust_lda here"
+    assert s["candidates"]["trust+trust_mda"] == {"skipped": "an ensemble with trust_mda, which is not trained here"}
     assert s["candidates"]["trust_mda"]["sized"]["looks"] == 1 and not (tmp_path / "r" / "candidates" / "trust_mda").exists()
     assert [d["candidate"] for d in s["comparisons"]] == trained[1:] and s["chosen"] == kept
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(vals[kept])
@@ -127,6 +128,25 @@ def _quick_candidates(monkeypatch):
     monkeypatch.setattr(sel, "_candidate_preset", quick)
 
 
+def test_auto_assembles_trust_with_trust_mda_where_trust_mda_keeps_its_looks(tmp_path, monkeypatch):
+    """Where a place has 150 training posts or more, trust_mda keeps its three looks and auto assembles its
+    sixth candidate, the mean of the calibrated probabilities of TrustMix from a random start and from the
+    mixture-discriminant start (eq E1); it is compared last, by the same rule, and recorded as an ensemble."""
+    import sgmft.train.select as sel
+
+    store = make_store(tmp_path / "s", n=1200, dim=16, k=4, with_split=True)     # 720 train, 180 per place
+    _quick_candidates(monkeypatch)
+    monkeypatch.setattr(sel, "CV_BELOW_VAL_POSTS", 0)    # the validation split chooses (240 posts here)
+    train(store, tmp_path / "r", _fast_auto())
+    s = json.loads((tmp_path / "r" / "run.json").read_text())["selection"]
+    assert all("skipped" not in c for c in s["candidates"].values()) and set(s["candidates"]) == set(AUTO)
+    assert [d["candidate"] for d in s["comparisons"]] == AUTO[1:]
+    assert s["candidates"]["trust+trust_mda"]["ensemble_of"] == ["trust", "trust_mda"]
+    cfg = json.loads((tmp_path / "r" / "candidates" / "trust+trust_mda" / "model" / "config.json").read_text())
+    assert cfg["model"]["arch"] == "ensemble" and cfg["model"]["extra"]["names"] == ["trust", "trust_mda"]
+    assert run_init(tmp_path / "r" / "candidates" / "trust_mda")["text"]["looks"] == 3
+
+
 @pytest.mark.parametrize("mode", ["stratified", "user"])
 def test_cv_folds_cut_training_and_validation_posts_never_test_posts(mode):
     from sgmft.train.select import cv_folds
@@ -161,7 +181,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     main_split = np.load(r / "split.npy")
     pooled = np.flatnonzero(main_split == "train")          # validation posts trained the committee: none left
     assert set(main_split) <= {"train", "test"} and cv["posts"] == len(pooled) == 192          # not 19
-    assert set(cv["accuracy"]) == set(AUTO) - {"trust_mda"}                 # one look here: trust_lda again
+    assert set(cv["accuracy"]) == set(AUTO) - {"trust_mda", "trust+trust_mda"}   # one look here: trust_lda again
     if not forced:
         kept = "trust"                                     # the rule, replayed on the recorded comparisons
         for duel in s["comparisons"]:
@@ -302,9 +322,10 @@ def test_trust_mda_is_trained_only_where_it_keeps_its_looks(per_class, trained):
         p.model = resolve_model(p.model, where=p.name)
     kept, names, skipped = sel._drop_repeats(presets, order, sized)
     assert ("trust_mda" in names) == trained and [p.name for p in kept] == [n for n in names if "+" not in n]
-    assert "trust_lda" in names and "trust_lda+lda" in names
-    if not trained:
-        assert skipped == {"trust_mda": {"skipped": "the same model as trust_lda here", "sized": sized["trust_mda"]}}
+    assert "trust_lda" in names and "trust_lda+lda" in names and ("trust+trust_mda" in names) == trained
+    if not trained:                              # and its ensemble with trust cannot be assembled
+        assert skipped == {"trust_mda": {"skipped": "the same model as trust_lda here", "sized": sized["trust_mda"]},
+                           "trust+trust_mda": {"skipped": "an ensemble with trust_mda, which is not trained here"}}
 
 
 def test_a_candidate_that_selects_is_refused(tmp_path):

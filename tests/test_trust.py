@@ -226,26 +226,83 @@ def _aniso_batch(n=600, d=32, k=5, seed=0):
             "label": torch.as_tensor(y)}
 
 
-def test_lda_start_is_eq_t6_against_a_direct_computation():
+def _spiked_batch(n=1000, d=300, k=5, seed=0):
+    """Places whose means differ a little in every direction, under isotropic noise plus five directions with
+    30x its spread (the dominant directions of CLIP-like features), with 200 posts per place for 300
+    dimensions. ``seed`` draws the posts; the places and directions are fixed."""
+    world, g = np.random.default_rng(3), np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(world.standard_normal((d, d)))
+    sd = np.where(np.arange(d) < 5, 30.0, 1.0)
+    means = world.standard_normal((k, d)) * 0.1
+    y = g.integers(0, k, n)
+    x = {m: means[y] + (g.standard_normal((n, d)) * sd) @ basis.T for m in ("text", "image")}
+    return {**{m: torch.tensor(v, dtype=torch.float32) for m, v in x.items()}, "label": torch.as_tensor(y)}
+
+
+@pytest.mark.parametrize("shrinkage,data", [("ledoit_wolf", "aniso"), ("cv", "aniso"), ("cv", "spiked")])
+def test_lda_start_is_eq_t6_against_a_direct_computation(shrinkage, data):
     """init: lda writes z(c) = mu_c^T P x - mu_c^T P mu_c / 2 (one look, log w = 0) with P the inverse
-    Ledoit-Wolf within-place covariance of the normalised inputs, and b_y = log p(y)."""
+    shrinkage within-place covariance of the normalised inputs, and b_y = log p(y). The covariance is
+    Ledoit-Wolf's, or with start_shrinkage cv (eq T6'') (1 - d) S + d (tr S / D) I where an intensity d of the grid
+    classifies held-out training posts best and better than Ledoit-Wolf's (the spiked data), else Ledoit-Wolf's
+    (the anisotropic data, where every intensity classifies them all)."""
     from sklearn.covariance import ledoit_wolf
 
-    b = _aniso_batch()
-    m = build_model(_cfg(init="lda", looks=1, gate=False, input_dropout=0.0))
+    from sgmft.models.trust import SHRINK_GRID
+
+    b = _aniso_batch() if data == "aniso" else _spiked_batch()
+    n, dim = b["text"].shape
+    m = build_model(dataclasses.replace(_cfg(init="lda", looks=1, gate=False, input_dropout=0.0,
+                                             start_shrinkage=shrinkage), dim=dim))
     info = m.init_from_data(b, seed=0)
-    assert info["text"]["looks"] == 1 and info["image"]["posts"] == 600 and 0 <= info["text"]["shrinkage"] <= 1
+    assert info["text"]["looks"] == 1 and info["image"]["posts"] == n and 0 <= info["text"]["shrinkage"] <= 1
     m.eval()
     x = m.text_in(b["text"], None).double().numpy()
     y = b["label"].numpy()
     mu = np.stack([x[y == c].mean(0) for c in range(5)])
-    prec = np.linalg.inv(ledoit_wolf(x - mu[y])[0])
+    cov, lw = ledoit_wolf(x - mu[y])
+    d = info["text"]["shrinkage"]
+    if shrinkage == "cv":
+        cv = info["text"]["shrinkage_cv"]
+        acc = {float(k): v for k, v in cv["held_out_accuracy"].items()}        # intensity -> held-out accuracy
+        acc_lw = acc[min(acc, key=lambda k: abs(k - lw))]
+        assert cv["ledoit_wolf"] == pytest.approx(lw, abs=1e-4) and set(SHRINK_GRID) < set(acc)
+        if data == "spiked":
+            assert d in SHRINK_GRID and acc[d] == max(acc.values()) > acc_lw, cv
+            r = x - mu[y] - (x - mu[y]).mean(0)
+            s = r.T @ r / len(r)
+            cov = (1 - d) * s + d * np.trace(s) / len(s) * np.eye(len(s))
+        else:
+            assert max(acc.values()) == acc_lw and d == pytest.approx(lw, abs=1e-4), cv
+    else:
+        assert "shrinkage_cv" not in info["text"] and d == pytest.approx(lw, abs=1e-4)
+    prec = np.linalg.inv(cov)
     want = x @ prec @ mu.T - 0.5 * np.einsum("cd,de,ce->c", mu, prec, mu)
     with torch.no_grad():
         got, _ = m.ev_t(m.text_in(b["text"], None))
-    np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
-    prior = (np.bincount(y, minlength=5) + 1) / (600 + 5)
+    # tolerance: the start's deliberate jitter (1e-3 of the weights' spread) along the spiked directions
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-3, atol=5e-3 * np.abs(want).max())
+    prior = (np.bincount(y, minlength=5) + 1) / (n + 5)
     np.testing.assert_allclose(m.bias.detach().numpy(), np.log(prior), rtol=1e-5)
+
+
+def test_cv_shrinkage_regularises_the_start_where_ledoit_wolf_barely_shrinks():
+    """Eq T6'': where a few dominant directions make the sample covariance far from a multiple of the identity,
+    Ledoit-Wolf (which minimises the covariance's Frobenius error) barely shrinks, and the inverse of the
+    other 295 sample eigenvalues, spread by estimation (Marchenko-Pastur), amplifies the noise. The intensity
+    that cross-validation picks for the discriminant is larger, and the start classifies held-out posts better
+    before any step."""
+    fit, held = _spiked_batch(seed=0), _spiked_batch(n=3000, seed=1)
+    accs, infos = {}, {}
+    for how in ("ledoit_wolf", "cv"):
+        m = build_model(dataclasses.replace(_cfg(init="lda", looks=1, input_dropout=0.0, gate=False,
+                                                 start_shrinkage=how), dim=300))
+        infos[how] = m.init_from_data(fit, seed=0)["text"]
+        with torch.no_grad():
+            z, _ = m.eval().ev_t(m.text_in(held["text"], None))
+        accs[how] = float((z.argmax(1) == held["label"]).float().mean())
+    assert infos["ledoit_wolf"]["shrinkage"] < 0.02 < infos["cv"]["shrinkage"], infos
+    assert accs["cv"] > accs["ledoit_wolf"] + 0.02, accs
 
 
 def test_lda_start_learns_what_random_initialisation_does_not_yet_know():

@@ -53,7 +53,11 @@ steps need far more posts than the closed form to find the discriminant directio
 modality's posts are split by classification EM into those that show their place, a generic theme or
 another place, so that generic and contradicting posts neither widen the within-place covariance nor
 leave the themes where the places are, and the state prior (eq T3) and the conflict tables (eq T1')
-start from the fitted counts.
+start from the fitted counts. With ``start_shrinkage: cv`` (presets ``trust_lda``, ``trust_mda``) the shared covariance of the start
+is shrunk towards a multiple of the identity by the intensity that cross-validation on the training posts
+chooses for the discriminant (eq T6'', :func:`_cv_shrinkage`, regularised discriminant analysis): Ledoit-Wolf's
+intensity, which suits the covariance itself, can be far too weak for its inverse when the width is not
+small against the posts and a few directions dominate the spectrum.
 
 A generic or contradicting modality is discounted because the mixture puts its weight on
 the states in which that modality's evidence does not depend on y. When both modalities
@@ -130,6 +134,62 @@ def _centres(x: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return km.cluster_centers_, share / share.sum()
 
 
+# eq T6'': the shrinkage intensities that cross-validation chooses among (beside Ledoit-Wolf's own), and its folds
+SHRINK_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 0.6)
+SHRINK_FOLDS = 3
+
+
+def _shrunk_cov(resid: np.ndarray, delta: float | None) -> tuple[np.ndarray, float]:
+    """(1 - delta) S + delta (tr S / D) I of the residual rows (S their covariance) and delta;
+    Ledoit-Wolf's own intensity when ``delta`` is None."""
+    from sklearn.covariance import ledoit_wolf
+
+    if delta is None:      # one block of the width: the same estimate as sklearn's default 1,000, 20x faster at 1,024
+        return ledoit_wolf(resid, block_size=max(1000, resid.shape[1]))
+    r = resid - resid.mean(0)
+    s = r.T @ r / len(r)
+    return (1 - delta) * s + delta * (np.trace(s) / len(s)) * np.eye(len(s)), delta
+
+
+def _cv_shrinkage(x: np.ndarray, y: np.ndarray, seed: int,
+                  group: np.ndarray | None = None) -> tuple[float | None, dict]:
+    """Eq T6'': the shrinkage intensity of the within-component covariance chosen for the discriminant, as in
+    regularised discriminant analysis (Friedman 1989): among Ledoit-Wolf's and :data:`SHRINK_GRID`, the
+    intensity whose Gaussian classifier (one component per ``group``, a place scored by its best component;
+    ``group`` defaults to the place) classifies held-out rows best (:data:`SHRINK_FOLDS` folds), if it beats
+    Ledoit-Wolf's by more than one standard error of the paired per-row difference (else Ledoit-Wolf's; ties go
+    to the weaker shrinkage). Ledoit-Wolf minimises the covariance's expected Frobenius error; where the width is not
+    small against the posts, the sample eigenvalues it keeps spread (Marchenko-Pastur) and their inverse,
+    which the discriminant uses, amplifies the noise. Returns the intensity (None: Ledoit-Wolf's, re-estimated
+    with the covariance) and the held-out accuracy of each."""
+    if len(x) < 10 * SHRINK_FOLDS:                                       # too few rows to tell intensities apart
+        return None, {"rows": int(len(x))}
+    group = y if group is None else group
+    gs, gi = np.unique(group, return_inverse=True)
+    owner = np.array([y[gi == i][0] for i in range(len(gs))])          # a group's place
+    lw = float(_shrunk_cov(x - np.stack([x[gi == i].mean(0) for i in range(len(gs))])[gi], None)[1])
+    grid = sorted({round(lw, 6), *SHRINK_GRID})
+    fold = np.random.default_rng(seed).permutation(len(x)) % SHRINK_FOLDS
+    right = np.zeros((len(grid), len(x)))
+    for f in range(SHRINK_FOLDS):
+        fit, held = fold != f, fold == f
+        seen = np.unique(gi[fit])
+        means = np.stack([x[fit & (gi == i)].mean(0) for i in seen])
+        r = x[fit] - means[np.searchsorted(seen, gi[fit])]
+        vals, vecs = np.linalg.eigh(np.cov(r.T, bias=True))
+        xp, mp = x[held] @ vecs, means @ vecs
+        logw = np.log(np.bincount(gi[fit], minlength=len(gs))[seen] / fit.sum())
+        for i, d in enumerate(grid):
+            inv = 1.0 / ((1 - d) * vals + d * vals.mean())
+            score = (xp * inv) @ mp.T - 0.5 * (mp ** 2 * inv).sum(1) + logw
+            right[i, held] = owner[seen][score.argmax(1)] == y[held]
+    diff = right - right[grid.index(round(lw, 6))]                 # paired, against Ledoit-Wolf's
+    gain = np.where(diff.mean(1) > diff.std(1) / np.sqrt(len(x)), diff.mean(1), 0.0)
+    best = grid[int(np.flatnonzero(gain == gain.max())[0])] if gain.max() > 0 else None
+    return best, {"ledoit_wolf": round(lw, 4), "rows": int(len(x)), "held_out_accuracy": {
+        str(d): round(float(a), 4) for d, a in zip(grid, right.mean(1))}}
+
+
 MDA_ROUNDS = 3
 
 
@@ -142,17 +202,15 @@ def _whitener(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarray, looks: int,
-               seed: int) -> tuple[dict, np.ndarray, float]:
+               seed: int, delta: float | None = None) -> tuple[dict, np.ndarray, float]:
     """Eq T6 with L > 1 looks: mixture discriminant analysis (Hastie & Tibshirani 1996, "Discriminant
     analysis by Gaussian mixtures"). The looks of a place are k-means centres found in the space
     whitened by the within-look covariance, which is then re-estimated from the residuals about those
     centres (:data:`MDA_ROUNDS` alternations, from the within-place covariance). In the raw space the
     noise swamps the distance between two looks and k-means splits the noise instead. Returns each
-    present place's (centres, shares) in input coordinates, the covariance and its shrinkage."""
-    from sklearn.covariance import ledoit_wolf
-
-    block = max(1000, x.shape[1])      # one block of the width: sklearn's estimate, 20x faster at 1,024
-    cov, shrink = ledoit_wolf(x - means[y], block_size=block)
+    present place's (centres, shares) in input coordinates, the covariance and its shrinkage
+    (``delta``, or Ledoit-Wolf's: :func:`_shrunk_cov`)."""
+    cov, shrink = _shrunk_cov(x - means[y], delta)
     fitted = {}
     for _ in range(MDA_ROUNDS):
         w, w_inv = _whitener(cov)
@@ -165,7 +223,7 @@ def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarr
             mu = cz @ w_inv                              # back to input coordinates
             resid[rows] = x[rows] - mu[near]
             fitted[c] = (mu, share)
-        cov, shrink = ledoit_wolf(resid[np.isin(y, present)], block_size=block)
+        cov, shrink = _shrunk_cov(resid[np.isin(y, present)], delta)
     return fitted, cov, shrink
 
 
@@ -173,18 +231,18 @@ EM_ROUNDS = 5
 
 
 def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: dict, cov: np.ndarray,
-            seed: int) -> tuple[dict, tuple, np.ndarray, float, np.ndarray]:
+            seed: int, cv: bool = False) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None]:
     """Eq T6' (eq T6 with the states of eq T1): classification EM of each modality's generative model. A post's
     modality shows its place (a look of it), a generic theme, or another place's look; looks, themes,
-    state shares and the shared Ledoit-Wolf covariance are re-estimated from the assignments
-    (:data:`EM_ROUNDS` rounds). A look that explains more posts of other labels than of its own place is
+    state shares and the shared shrinkage covariance are re-estimated from the assignments
+    (:data:`EM_ROUNDS` rounds; the covariance is Ledoit-Wolf's, or with ``cv``, from the second round on,
+    shrunk by the intensity :func:`_cv_shrinkage` chooses on the posts the first round found showing their
+    place, each look a component: eq T6''). A look that explains more posts of other labels than of its own place is
     a theme in disguise and moves to the themes. Without this, generic and contradicting posts widen the
     within-place covariance along the very directions that tell places apart. Returns the looks (as
-    ``fitted``), the themes (centres, shares), the covariance, its shrinkage and each post's (state, place
-    shown; -1 for a theme)."""
-    from sklearn.covariance import ledoit_wolf
-
-    dim, kl = x.shape[1], k * looks
+    ``fitted``), the themes (centres, shares), the covariance, its shrinkage, each post's (state, place
+    shown; -1 for a theme) and, with ``cv``, the held-out accuracies it chose by."""
+    kl = k * looks
     fill = np.repeat(x.mean(0, keepdims=True), looks, 0)
     mu = np.concatenate([fitted[c][0] if c in fitted else fill for c in range(k)])           # (K*L, D)
     cnt = np.concatenate([fitted[c][1] if c in fitted else np.full(looks, 1e-6) for c in range(k)])
@@ -194,6 +252,7 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     owner = np.repeat(np.arange(k), looks)
     alive = np.isin(owner, list(fitted))
+    delta, chosen = None, None
     for _ in range(EM_ROUNDS):
         w, w_inv = _whitener(cov)
         z, cz, tzz = x @ w, mu @ w, theme @ w
@@ -218,32 +277,35 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
         mu, theme = centres[:kl], centres[kl:]
         cnt, tcnt = per[:kl] + 1e-3, per[kl:] + 1e-3
         state_cnt = np.bincount(state, minlength=3) + 1.0
-        cov, shrink = ledoit_wolf(x - centres[comp], block_size=max(1000, dim))
+        if cv and chosen is None:                                         # eq T6''
+            delta, chosen = _cv_shrinkage(x[state == 0], y[state == 0], seed, group=comp[state == 0])
+        cov, shrink = _shrunk_cov(x - centres[comp], delta)
     shown = np.where(state == 1, -1, owner[np.minimum(comp, kl - 1)])
     fitted = {c: (mu[owner == c], cnt[owner == c] / cnt[owner == c].sum()) for c in fitted}
-    return fitted, (theme, tcnt / tcnt.sum()), cov, shrink, np.stack([state, shown], 1)
+    return fitted, (theme, tcnt / tcnt.sum()), cov, shrink, np.stack([state, shown], 1), chosen
 
 
-def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool = False):
+def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool = False,
+               shrinkage: str = "ledoit_wolf"):
     """Eq T6 for one modality: write the LDA form of each look and theme into ``ev.linear`` (with
     several looks, their mixture-discriminant form: :func:`_mda_looks`; with ``em``, the states of eq
-    T1 fitted as well: :func:`_em_fit`). Returns what was fitted and, with ``em``, each post's (state,
-    place shown)."""
-    from sklearn.covariance import ledoit_wolf
-
+    T1 fitted as well: :func:`_em_fit`; with ``shrinkage`` ``cv``, the covariance's shrinkage chosen by
+    :func:`_cv_shrinkage`, else Ledoit-Wolf's). Returns what was fitted and, with ``em``, each post's
+    (state, place shown)."""
     k, looks = ev.k, ev.looks
     j = ev.linear.out_features - k * looks
     present = [c for c in range(k) if np.any(y == c)]
     means = np.zeros((k, x.shape[1]))
     means[present] = [x[y == c].mean(0) for c in present]
+    delta, chosen = _cv_shrinkage(x, y, seed) if shrinkage == "cv" and (looks > 1 or not em) else (None, None)
     if looks > 1:
-        fitted, cov, shrink = _mda_looks(x, y, present, means, looks, seed)
-    else:      # one block of the width: the same estimate as sklearn's default 1,000, 20x faster at 1,024
-        cov, shrink = ledoit_wolf(x - means[y], block_size=max(1000, x.shape[1]))
+        fitted, cov, shrink = _mda_looks(x, y, present, means, looks, seed, delta)
+    else:
+        cov, shrink = _shrunk_cov(x - means[y], delta)
         fitted = {c: (means[c:c + 1], np.ones(1)) for c in present}
     states = None
     if em:
-        fitted, themes, cov, shrink, states = _em_fit(x, y, k, looks, j, fitted, cov, seed)
+        fitted, themes, cov, shrink, states, chosen = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv")
     prec = np.linalg.inv(cov)
     rows, bias = [], []
     for c in range(k):                          # a place without training posts: never its evidence
@@ -257,7 +319,8 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool 
     jitter = 1e-3 * wgt.std() * torch.randn(wgt.shape, generator=torch.Generator().manual_seed(seed))
     ev.linear.weight.copy_(wgt + jitter)                       # jitter: repeated looks can part
     ev.linear.bias.copy_(torch.from_numpy(logw - 0.5 * (pm * mu).sum(1)).float())
-    info = {"shrinkage": round(float(shrink), 4), "posts": int(len(x)), "looks": looks, "themes": j,
+    info = {"shrinkage": round(float(shrink), 4), **({"shrinkage_cv": chosen} if chosen else {}),
+            "posts": int(len(x)), "looks": looks, "themes": j,
             **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {})}
     if em:
         info.update(em_rounds=EM_ROUNDS, state_shares=np.round(np.bincount(states[:, 0], minlength=3) / len(x), 4).tolist())
@@ -289,11 +352,16 @@ class TrustMix(nn.Module):
             "so the optimiser moves them table_scale times faster", gt=0)
         init: Literal["random", "lda", "em"] = option(
             "random", "`lda`: before training, each evidence network starts as the modality's shrinkage LDA "
-            "(eq T6: Gaussian looks and generic themes with one Ledoit-Wolf covariance, fitted on the training "
+            "(eq T6: Gaussian looks and generic themes with one shrinkage covariance, fitted on the training "
             "split; with several looks, by mixture discriminant analysis); `em`: the same, then eq T1's states "
             "fitted by classification EM (looks, generic themes, covariance, state prior and conflict tables; "
             "with `states: two`, as `lda`); "
             "`random`: PyTorch's default initialisation")
+        start_shrinkage: Literal["cv", "ledoit_wolf"] = option(
+            "ledoit_wolf", "with `init: lda` or `em`, the shrinkage of the start's within-place covariance: `cv` (eq T6'', "
+            "regularised discriminant analysis), the intensity whose Gaussian classifier classifies held-out training "
+            "posts best, where it beats Ledoit-Wolf's by more than one standard error (with `em`, chosen again on the "
+            "posts the first EM round finds showing their place); `ledoit_wolf`, Ledoit-Wolf's")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
@@ -407,7 +475,8 @@ class TrustMix(nn.Module):
 
             z_m(c, l) = mu_cl^T P x - mu_cl^T P mu_cl / 2 + log w_cl,    h_m(j) = the same for theme j
 
-        with P the inverse of the Ledoit-Wolf within-place covariance of the normalised inputs,
+        with P the inverse of the shrinkage within-place covariance of the normalised inputs (Ledoit-Wolf's, or
+        with ``start_shrinkage: cv`` an intensity chosen by cross-validation: :func:`_cv_shrinkage`, eq T6''),
         mu_cl the k-means centres of place c's training posts (its looks, weights w_cl; with L > 1 found
         in the whitened space by mixture discriminant analysis, :func:`_mda_looks`), the generic
         themes the k-means centres of all the modality's posts (with ``init: em``, the looks, themes,
@@ -427,7 +496,7 @@ class TrustMix(nn.Module):
             if places < 2 or len(x) <= places:
                 info[key] = {"posts": int(len(x)), "fitted": False}   # too few posts with this modality
                 continue
-            info[key], st = _lda_start(ev, x, y_all[keep], seed, em)
+            info[key], st = _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"])
             if em:
                 states[key] = np.full((len(y_all), 2), -1)
                 states[key][keep] = st

@@ -102,7 +102,8 @@ def _fit_to_size(p: Preset, fs) -> dict | None:
 def _drop_repeats(presets: list[Preset], order: list[str], sized: dict) -> tuple[list[Preset], list[str], dict]:
     """The candidates without those whose model, once fitted to the store's size, is an earlier
     candidate's (``trust_mda`` with one look is ``trust_lda``): the same run twice would cost a
-    training and could never win. Returns the rest and, per dropped name, why (run.json)."""
+    training and could never win; and without the ensembles of a dropped candidate. Returns the rest
+    and, per dropped name, why (run.json)."""
     kept, skipped = [], {}
     for p in presets:
         twin = next((q.name for q in kept if model_view(q.model) == model_view(p.model)), None)
@@ -111,6 +112,10 @@ def _drop_repeats(presets: list[Preset], order: list[str], sized: dict) -> tuple
         else:
             skipped[p.name] = {"skipped": f"the same model as {twin} here", **({"sized": sized[p.name]}
                                                                               if p.name in sized else {})}
+    for n in order:
+        gone = [m for m in n.split("+") if m in skipped] if "+" in n else []
+        if gone:
+            skipped[n] = {"skipped": f"an ensemble with {gone[0]}, which is not trained here"}
     return kept, [n for n in order if n not in skipped], skipped
 
 
