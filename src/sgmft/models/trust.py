@@ -164,10 +164,13 @@ def _cv_shrinkage(x: np.ndarray, y: np.ndarray, seed: int,
     with the covariance) and the held-out accuracy of each."""
     if len(x) < 10 * SHRINK_FOLDS:                                       # too few rows to tell intensities apart
         return None, {"rows": int(len(x))}
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
     group = y if group is None else group
     gs, gi = np.unique(group, return_inverse=True)
     owner = np.array([y[gi == i][0] for i in range(len(gs))])          # a group's place
-    lw = float(_shrunk_cov(x - np.stack([x[gi == i].mean(0) for i in range(len(gs))])[gi], None)[1])
+    resid = x - np.stack([x[gi == i].mean(0) for i in range(len(gs))])[gi]
+    lw = float(ledoit_wolf_shrinkage(resid, block_size=max(1000, x.shape[1])))
     grid = sorted({round(lw, 6), *SHRINK_GRID})
     fold = np.random.default_rng(seed).permutation(len(x)) % SHRINK_FOLDS
     right = np.zeros((len(grid), len(x)))
