@@ -146,8 +146,7 @@ def _shrunk_cov(resid: np.ndarray, delta: float | None) -> tuple[np.ndarray, flo
 
     if delta is None:      # one block of the width: the same estimate as sklearn's default 1,000, 20x faster at 1,024
         return ledoit_wolf(resid, block_size=max(1000, resid.shape[1]))
-    r = resid - resid.mean(0)
-    s = r.T @ r / len(r)
+    s = np.cov(resid, rowvar=False, bias=True)
     return (1 - delta) * s + delta * (np.trace(s) / len(s)) * np.eye(len(s)), delta
 
 
@@ -170,8 +169,8 @@ def _cv_shrinkage(x: np.ndarray, y: np.ndarray, seed: int,
     gs, gi = np.unique(group, return_inverse=True)
     owner = np.array([y[gi == i][0] for i in range(len(gs))])          # a group's place
     resid = x - np.stack([x[gi == i].mean(0) for i in range(len(gs))])[gi]
-    lw = float(ledoit_wolf_shrinkage(resid, block_size=max(1000, x.shape[1])))
-    grid = sorted({round(lw, 6), *SHRINK_GRID})
+    lw = round(float(ledoit_wolf_shrinkage(resid, block_size=max(1000, x.shape[1]))), 6)
+    grid = sorted({lw, *SHRINK_GRID})
     fold = np.random.default_rng(seed).permutation(len(x)) % SHRINK_FOLDS
     right = np.zeros((len(grid), len(x)))
     for f in range(SHRINK_FOLDS):
@@ -179,14 +178,14 @@ def _cv_shrinkage(x: np.ndarray, y: np.ndarray, seed: int,
         seen = np.unique(gi[fit])
         means = np.stack([x[fit & (gi == i)].mean(0) for i in seen])
         r = x[fit] - means[np.searchsorted(seen, gi[fit])]
-        vals, vecs = np.linalg.eigh(np.cov(r.T, bias=True))
+        vals, vecs = np.linalg.eigh(np.cov(r, rowvar=False, bias=True))
         xp, mp = x[held] @ vecs, means @ vecs
         logw = np.log(np.bincount(gi[fit], minlength=len(gs))[seen] / fit.sum())
         for i, d in enumerate(grid):
             inv = 1.0 / ((1 - d) * vals + d * vals.mean())
             score = (xp * inv) @ mp.T - 0.5 * (mp ** 2 * inv).sum(1) + logw
             right[i, held] = owner[seen][score.argmax(1)] == y[held]
-    diff = right - right[grid.index(round(lw, 6))]                 # paired, against Ledoit-Wolf's
+    diff = right - right[grid.index(lw)]                           # paired, against Ledoit-Wolf's
     gain = np.where(diff.mean(1) > diff.std(1) / np.sqrt(len(x)), diff.mean(1), 0.0)
     best = grid[int(np.flatnonzero(gain == gain.max())[0])] if gain.max() > 0 else None
     return best, {"ledoit_wolf": round(lw, 4), "rows": int(len(x)), "held_out_accuracy": {
