@@ -1,5 +1,5 @@
-"""The ensemble that `auto` assembles (models/ensemble.py, eq E1): the mean of its members' calibrated
-probabilities, stored, loaded, predicted and exported like any checkpoint."""
+"""The ensemble that `auto` assembles (models/ensemble.py, eqs E1, E1'): the mean, or the logarithmic
+pool, of its members' calibrated probabilities, stored, loaded, predicted and exported like any checkpoint."""
 
 import dataclasses
 
@@ -25,8 +25,8 @@ def _members():
     return cfgs, models
 
 
-def _ensemble(cfgs, models):
-    cfg = ensemble_config(D, K, ["trust_lda", "lda"], cfgs, CALS)
+def _ensemble(cfgs, models, pool="mean"):
+    cfg = ensemble_config(D, K, ["trust_lda", "lda"], cfgs, CALS, pool=pool)
     ens = build_model(cfg)
     for dst, src in zip(ens.members, models):
         dst.load_state_dict(src.state_dict())
@@ -50,6 +50,38 @@ def test_eq_e1_the_mean_of_the_members_calibrated_probabilities():
         raw = sum(m(*x).logits.softmax(-1) for m in models) / 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, raw, atol=1e-3)          # the members' calibrations are applied
+
+
+@pytest.mark.parametrize("weights", [None, [0.3, 0.7]])
+def test_eq_e1_prime_the_normalised_weighted_geometric_mean(weights):
+    cfgs, models = _members()
+    cfg = ensemble_config(D, K, ["trust_lda", "lda"], cfgs, CALS, weights, pool="log_mean")
+    ens = build_model(cfg).eval()
+    for dst, src in zip(ens.members, models):
+        dst.load_state_dict(src.state_dict())
+    x = _inputs()
+    w = weights or [0.5, 0.5]
+    with torch.no_grad():
+        p = [calibrated_probs(m(*x).logits, c["temperature"], c["uniform_weight"]) for m, c in zip(models, CALS)]
+        geo = p[0] ** w[0] * p[1] ** w[1]                   # eq E1', written out
+        got = ens(*x).logits
+        mean = w[0] * p[0] + w[1] * p[1]                    # eq E1
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(9))          # log-probabilities: normalised
+    torch.testing.assert_close(got.softmax(-1), geo / geo.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.softmax(-1), mean, atol=1e-3)
+
+
+def test_a_config_without_pool_reads_the_mean_as_it_was_written():
+    cfgs, models = _members()
+    cfg, ens = _ensemble(cfgs, models)
+    old = dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "pool"})
+    assert cfg.extra["pool"] == "mean" and "pool" not in old.extra
+    again = build_model(old).eval()
+    again.load_state_dict(ens.state_dict())
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*x).logits, ens(*x).logits)
+    assert again.pool == "mean"
 
 
 def test_an_ensemble_round_trips_through_a_checkpoint_and_predicts(tmp_path):

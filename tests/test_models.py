@@ -28,8 +28,8 @@ def _small(arch: str):
     if arch == "ensemble":                          # assembled from trained runs: two small members
         from sgmft.models.ensemble import ensemble_config
 
-        return ensemble_config(D, K, ["trust", "lda"], [_small("trust"), _small("lda")],
-                               [{"temperature": 1.5, "uniform_weight": 0.05}, {"temperature": 0.7}])
+        return ensemble_config(D, K, ["trust", "lda"], [_small("trust"), _small("lda")],   # pooled as auto does
+                               [{"temperature": 1.5, "uniform_weight": 0.05}, {"temperature": 0.7}], pool="log_mean")
     cfg = load_preset(_preset_of(arch)).model
     kw = dict(dim=D, num_classes=K)
     if getattr(cfg, "n_tokens", 0) > D:            # the paper-literal reading: n = D

@@ -39,7 +39,8 @@ OLD_DEFAULTS = {
     "mplug": {"layers": 1}, "bridgetower": {"layers": 2}, "feature_fusion": {"hidden": 512},
     "mm_gate": {"hidden": 512}, "lda": {"shrinkage": "auto"}, "logreg": {"c_grid": [0.01, 0.1, 1.0], "max_iter": 300},
     "zeroshot": {"text_weight": 0.5, "logit_scale": 10.0},
-    "ensemble": {"members": [], "names": [], "calibrations": [], "weights": []},    # filled in when auto assembles one
+    "ensemble": {"members": [], "names": [], "calibrations": [], "weights": [],
+                 "pool": "mean"},    # filled in when auto assembles one
 }
 FLAT = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
 TRUST_KEYS = ("dim", "num_classes", "input_scale", "input_norm") + tuple(OLD_DEFAULTS["trust"])

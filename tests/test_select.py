@@ -79,7 +79,7 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     assert run["chosen_preset"] == s["chosen"] and res.best_val_acc == pytest.approx(vals[kept])
     assert "standard error" in s["rule"]
     cands = {c["name"]: c.get("model") for c in run["fingerprint_inputs"]["model"]["candidates"]}
-    assert {"name": "trust_lda+lda", "ensemble": ["trust_lda", "lda"]} in run["fingerprint_inputs"]["model"]["candidates"]
+    assert {"name": "trust_lda+lda", "ensemble": ["trust_lda", "lda"], "pool": "log_mean"} in run["fingerprint_inputs"]["model"]["candidates"]
     assert "fusion" not in cands["trust"] and cands["trust"]["extra"]["looks"] == 1   # resolved views (issue 19)
     # ~43 training posts per place: the TrustMix candidate was given one look per place, and says so
     assert s["candidates"]["trust"]["sized"]["looks"] == 1 and "per place" in s["candidates"]["trust"]["sized"]["reason"]
@@ -100,12 +100,13 @@ def test_auto_chooses_on_validation_and_says_so(tmp_path, monkeypatch):
     x = np.load(store / "text.npy"), np.load(store / "image.npy")
     probs = {c: Predictor.load(tmp_path / "r" / "candidates" / c).predict_features(*x).probs
              for c in ("trust_lda", "lda", "trust_lda+lda")}
-    mean = (probs["trust_lda"] + probs["lda"]) / 2                 # calibrated members; the ensemble's own
-    top2 = np.sort(mean, 1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 1e-5                          # not a float tie
-    assert clear.mean() > 0.9                                       # calibration keeps the argmax:
-    assert np.array_equal(probs["trust_lda+lda"].argmax(1)[clear], mean.argmax(1)[clear])
-    assert "members (the mean of their calibrated probabilities" in (ens / "model" / "README.md").read_text()
+    pooled = np.log(probs["trust_lda"]) + np.log(probs["lda"])      # eq E1' on the calibrated members; the
+    top2 = np.sort(pooled, 1)[:, -2:]                               # ensemble's own calibration keeps the argmax
+    clear = top2[:, 1] - top2[:, 0] > 1e-4                          # not a float tie
+    assert clear.mean() > 0.9
+    assert np.array_equal(probs["trust_lda+lda"].argmax(1)[clear], pooled.argmax(1)[clear])
+    assert "members (the logarithmic pool of their calibrated probabilities, eq E1'" in \
+        (ens / "model" / "README.md").read_text()
     m = evaluate(tmp_path / "r", store, tmp_path / "ev", tsne_max_points=20)
     assert m["num_samples"] == 48 and m["accuracy"] > 0.5
     assert Predictor.load(tmp_path / "r").label_names == ["c0", "c1", "c2", "c3"]
@@ -130,8 +131,9 @@ def _quick_candidates(monkeypatch):
 
 def test_auto_assembles_trust_with_trust_mda_where_trust_mda_keeps_its_looks(tmp_path, monkeypatch):
     """Where a place has 150 training posts or more, trust_mda keeps its three looks and auto assembles its
-    sixth candidate, the mean of the calibrated probabilities of TrustMix from a random start and from the
-    mixture-discriminant start (eq E1); it is compared last, by the same rule, and recorded as an ensemble."""
+    sixth candidate, the logarithmic pool of the calibrated probabilities of TrustMix from a random start and
+    from the mixture-discriminant start (eq E1'); it is compared last, by the same rule, and recorded as an
+    ensemble."""
     import sgmft.train.select as sel
 
     store = make_store(tmp_path / "s", n=1200, dim=16, k=4, with_split=True)     # 720 train, 180 per place
@@ -144,6 +146,7 @@ def test_auto_assembles_trust_with_trust_mda_where_trust_mda_keeps_its_looks(tmp
     assert s["candidates"]["trust+trust_mda"]["ensemble_of"] == ["trust", "trust_mda"]
     cfg = json.loads((tmp_path / "r" / "candidates" / "trust+trust_mda" / "model" / "config.json").read_text())
     assert cfg["model"]["arch"] == "ensemble" and cfg["model"]["extra"]["names"] == ["trust", "trust_mda"]
+    assert cfg["model"]["extra"]["pool"] == "log_mean"                               # eq E1', not the mean
     assert run_init(tmp_path / "r" / "candidates" / "trust_mda")["text"]["looks"] == 3
 
 
@@ -226,7 +229,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         assert "`lda` refitted on all 192 training and validation posts" in card
         assert "one model refitted after cross-validation" in card and "committee of 1" not in card
     if forced == "trust_lda+lda":                          # 5 fold models of trust_lda and one LDA, half and half
-        assert cfg["model"]["extra"]["weights"] == [0.1] * 5 + [0.5]
+        assert cfg["model"]["extra"]["weights"] == [0.1] * 5 + [0.5] and cfg["model"]["extra"]["pool"] == "mean"
         assert cfg["model"]["extra"]["names"] == [f"trust_lda@fold-{i}" for i in range(5)] + ["lda@all"]
     got = Predictor.from_pretrained(r / "model").predict_features(fs.text[test], fs.image[test]).probs
     np.testing.assert_allclose(got, want, atol=1e-5)

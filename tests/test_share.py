@@ -227,8 +227,8 @@ def _tiny_checkpoint(root, arch="sgmft", fusion=None, paper=False, dim=16):
         from sgmft.models.ensemble import ensemble_config
 
         members = [dataclasses.replace(load_preset(a).model, dim=dim, num_classes=4) for a in ("trust", "lda")]
-        cfg = ensemble_config(dim, 4, ["trust", "lda"], members,
-                              [{"temperature": 1.3, "uniform_weight": 0.02}, {"temperature": 0.8}])
+        cfg = ensemble_config(dim, 4, ["trust", "lda"], members,       # pooled as auto pools it (eq E1')
+                              [{"temperature": 1.3, "uniform_weight": 0.02}, {"temperature": 0.8}], pool="log_mean")
         torch.manual_seed(0)
         return save_checkpoint(root / "ensemble-default", build_model(cfg), cfg, ["a", "b", "c", "d"],
                                {"backbone": "test", "dim": dim, "normalization": "l2"})

@@ -76,11 +76,12 @@ def _model_items(cfg) -> list[tuple[str, object]]:
 
 
 def _inputs_line(cfg) -> str:
-    """How the model treats its inputs: its input normalisation, or an ensemble's members (eq E1)."""
+    """How the model treats its inputs: its input normalisation, or an ensemble's members (eqs E1, E1')."""
     if cfg.arch == "ensemble":              # the members' full configs are in config.json
         ex = cfg.extra
-        return ("* members (the mean of their calibrated probabilities, eq E1; each keeps its own input "
-                "normalisation and calibration): " + ", ".join(
+        pool = ("the logarithmic pool of their calibrated probabilities, eq E1'" if ex.get("pool") == "log_mean"
+                else "the mean of their calibrated probabilities, eq E1")
+        return (f"* members ({pool}; each keeps its own input normalisation and calibration): " + ", ".join(
                     f"`{n}` (arch `{m.get('arch')}`, input_norm `{m.get('input_norm', 'none')}`, temperature "
                     f"{c.get('temperature', 1.0):.3g}, uniform weight {c.get('uniform_weight', 0.0):.3g})"
                     for n, m, c in zip(ex["names"], ex["members"], ex["calibrations"])))

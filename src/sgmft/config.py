@@ -422,7 +422,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 def _candidates(value, name: str) -> list[str]:
     """A selecting preset's candidate presets: a list of packaged preset names, none selecting, and
-    ensembles ``a+b`` of candidates listed before them (models/ensemble.py, eq E1)."""
+    ensembles ``a+b`` of candidates listed before them (models/ensemble.py, eq E1')."""
     if value is None:
         return []
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):

@@ -3,8 +3,8 @@ split and keep one by the validation split (:data:`RULE`; docs/design.md, "The d
 
 Users bring data whose shape nobody tuned for. No single head wins on every kind of data, so the
 default trains a small set of candidates (TrustMix, TrustMix started from LDA, the shrinkage-LDA
-bar), assembles ensembles of them (``a+b``: the mean of their calibrated probabilities, eq E1 in
-models/ensemble.py; seconds, no training) and chooses on the run's validation split, never the test
+bar), assembles ensembles of them (``a+b``: the logarithmic pool of their calibrated probabilities,
+eq E1' in models/ensemble.py; seconds, no training) and chooses on the run's validation split, never the test
 split. The run folder is an
 ordinary run: ``model/`` is a copy of the chosen candidate's checkpoint, ``split.npy`` the shared
 split, and ``run.json`` says what was chosen and why (``selection``); the model card repeats it.
@@ -51,6 +51,10 @@ RULE = ("the first candidate, unless a later one is more accurate by more than o
 # default model", item 10). On 80-200 validation posts the paired standard error is 3-6 points, and the rule
 # kept random-start TrustMix 8 points below LDA on a 1,000-post family C store.
 CV_BELOW_VAL_POSTS = 500
+# How a candidate ``a+b`` chosen on the validation split pools its members (models/ensemble.py): eq E1',
+# the logarithmic pool, better calibrated than their mean (docs/design.md, "The default model", item 15).
+# Cross-validation scores ``a+b`` by eq E1, and its fold committee is the mean of the fold models (bagging).
+CANDIDATE_POOL = "log_mean"
 CV_FOLDS = 5
 # Below this many training posts per place, TrustMix candidates get one look per place (eq T0): each
 # look is a mean to estimate, and on 1,000 posts of 10 places three looks lost 3-5 points to one
@@ -366,8 +370,9 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
 
 
 def _assemble(fs, out: Path, name: str, results: dict, train: TrainConfig) -> TrainResult:
-    """Candidate ``a+b``: the ensemble of the trained candidates a and b (eq E1, models/ensemble.py),
-    calibrated on the validation split like any run and written as one under ``candidates/<name>/``."""
+    """Candidate ``a+b``: the ensemble of the trained candidates a and b (eq E1', the logarithmic pool of
+    their calibrated probabilities, models/ensemble.py), calibrated on the validation split like any run
+    and written as one under ``candidates/<name>/``."""
     from sgmft.card import write_model_card
     from sgmft.checkpoint import load_checkpoint, save_checkpoint
     from sgmft.models import build_model
@@ -377,7 +382,7 @@ def _assemble(fs, out: Path, name: str, results: dict, train: TrainConfig) -> Tr
     t0, names = time.time(), name.split("+")
     loaded = [load_checkpoint(results[n].checkpoint) for n in names]
     cfg = ensemble_config(fs.dim, len(fs.label_names), names, [i["model_cfg"] for _, i in loaded],
-                          [i["calibration"] for _, i in loaded])
+                          [i["calibration"] for _, i in loaded], pool=CANDIDATE_POOL)
     model = build_model(cfg)
     for member, (trained, _) in zip(model.members, loaded):
         member.load_state_dict(trained.state_dict())
@@ -454,7 +459,8 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
         p.model = resolve_model(p.model, where=f"preset {p.name}: model")
     presets, order, skipped = _drop_repeats(presets, order, sized)
     inputs = fingerprint_inputs({"candidates": [{"name": p.name, "model": model_view(p.model)} for p in presets]
-                                 + [{"name": n, "ensemble": n.split("+")} for n in order if "+" in n],
+                                 + [{"name": n, "ensemble": n.split("+"), "pool": CANDIDATE_POOL}
+                                    for n in order if "+" in n],
                                  "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS,
                                                "cv_final": "fold_committee_lda_refit",
                                                "cv_calibration": "cross_fitted",
@@ -473,7 +479,7 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
     for p in presets:
         results[p.name] = train_fn(fs, out / "candidates" / p.name, p, overwrite=overwrite)
     for name in order:
-        if "+" in name:                         # an ensemble of trained candidates (eq E1): seconds, no training
+        if "+" in name:                         # an ensemble of trained candidates (eq E1'): seconds, no training
             results[name] = _assemble(fs, out, name, results, presets[0].train)
     chosen, duels, cv, xv = _select(fs, out, presets, order, results, train_fn, overwrite)
     with RunLock(run):
