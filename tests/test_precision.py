@@ -240,6 +240,27 @@ def test_hardware_ceiling_reports_rates_flags_verdict_and_choice(monkeypatch):
         assert real_flags()  # really parsed
 
 
+def test_onednn_max_cpu_isa_takes_amx_and_vnni_out_of_the_choices(monkeypatch):
+    """$ONEDNN_MAX_CPU_ISA caps the kernels oneDNN may use: below AMX, bf16 has no tiles whatever
+    the CPU has, so auto must follow the cap, not /proc/cpuinfo."""
+    from sgmft.features.backbones import precision as pr
+
+    spr = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(pr, "cpu_flags", lambda: spr)
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    assert pr.auto_cpu_precision()[0] == "bfloat16"
+    for cap, want in (("AVX512_CORE_FP16", "int8"), ("avx10_1_512", "int8"), ("AVX512_CORE_AMX", "bfloat16"),
+                      ("ALL", "bfloat16")):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert pr.auto_cpu_precision()[0] == want, cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+    assert pr.usable_cpu_flags() == spr - {"amx_bf16", "amx_tile", "amx_int8"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")   # no VNNI either: AVX-512 kernels only
+    assert "neither AMX nor VNNI" in pr.auto_cpu_precision()[1] and "avx512_vnni" not in pr.usable_cpu_flags()
+
+
 def test_a_kernel_emulated_in_software_is_timed_once_not_every_round():
     """On a CPU without bf16 or fp16 GEMMs (AVX2 only) one 2048^3 bf16 matmul takes about a minute:
     the ceiling times such a kernel in one round only, the others in every round."""
@@ -377,3 +398,4 @@ def test_compiled_bf16_forward_matches_eager(tiny_spec):
         t = (texts * 2)[:n]
         a, b = eager.encode_text(t), comp.encode_text(t)
         assert a.shape == b.shape == (n, eager.dim) and (a * b).sum(1).min() > 0.999
+

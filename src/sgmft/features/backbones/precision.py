@@ -55,10 +55,29 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+_AMX_FLAGS = frozenset({"amx_bf16", "amx_tile", "amx_int8", "amx_fp16"})
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+
+
+def usable_cpu_flags() -> frozenset:
+    """:func:`cpu_flags`, less the AMX and VNNI units that ``$ONEDNN_MAX_CPU_ISA`` (or
+    ``$DNNL_MAX_CPU_ISA``) tells oneDNN not to use: with ``AVX512_CORE_FP16``, say, the CPU
+    has AMX tiles but no kernel runs on them, so the choices here must not count on them."""
+    flags = cpu_flags()
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if not isa or isa in ("ALL", "DEFAULT"):
+        return flags
+    if "AMX" not in isa:
+        flags = flags - _AMX_FLAGS
+    if not any(k in isa for k in ("VNNI", "BF16", "FP16", "AVX10", "AMX")):
+        flags = flags - _VNNI_FLAGS
+    return flags
+
+
 def auto_cpu_precision(flags=None) -> tuple[str, str]:
     """``(precision, reason)`` that ``--precision auto`` picks on a CPU with ``flags``
     (default: this CPU's)."""
-    flags = cpu_flags() if flags is None else frozenset(flags)
+    flags = usable_cpu_flags() if flags is None else frozenset(flags)
     if {"amx_bf16", "amx_tile"} <= flags:
         c = MEASURED_COSINE["bfloat16"]
         return "bfloat16", (f"this CPU has AMX tiles (amx_bf16, amx_tile): bf16 GEMMs run on them, several "
@@ -255,7 +274,7 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
 
     best = _best_rates(_ceiling_kernels(n), 2.0 * n ** 3, rounds, seconds)
     gf = {k: round(v, 2) for k, v in best.items()}
-    flags = cpu_flags()
+    flags = usable_cpu_flags()  # less the units $ONEDNN_MAX_CPU_ISA switches off
     has = {f: f in flags for f in ISA_FLAGS}
     ours = f"int8_dynamic_linear_{int8_engine()}"
     ratio = {"bf16_over_fp32": round(best["bf16_matmul"] / best["fp32_matmul"], 3),
@@ -275,6 +294,7 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
             verdict += f"; int8 Linears run {ratio['int8_sgmft_over_fp32']}x fp32"
     prec, why = auto_cpu_precision(flags)
     return {"matrix": f"{n}x{n}x{n}", "gflops": gf, "ratio": ratio, "int8_engine_sgmft": int8_engine(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
             "cpu_flags": has, "amx": amx, "onednn": onednn_kernels(), "torch_threads": torch.get_num_threads(),
             "verdict": verdict, "auto_precision": {"cpu": prec, "reason": why},
             "method": f"best of {rounds} interleaved rounds of >= {seconds}s per kernel"}
@@ -285,7 +305,8 @@ def explain_hardware(n: int = 1024, rounds: int = 2, seconds: float = 0.2) -> st
     (smaller GEMMs than the benchmark's, so it answers in seconds)."""
     c = hardware_ceiling(n=n, rounds=rounds, seconds=seconds)
     flags = ", ".join(f for f, v in c["cpu_flags"].items() if v) or "none of " + ", ".join(ISA_FLAGS)
-    lines = [f"CPU flags: {flags}",
+    lines = [f"CPU flags: {flags}" + (f" (as $ONEDNN_MAX_CPU_ISA={c['onednn_max_cpu_isa']} leaves them)"
+                                      if c["onednn_max_cpu_isa"] else ""),
              f"oneDNN: {c['onednn'].get('isa')}; matmul kernels {c['onednn'].get('matmul_impl')}",
              f"GEMM ceiling ({c['matrix']}, {c['torch_threads']} torch threads, {c['method']}):"]
     for k, v in c["gflops"].items():

@@ -1,0 +1,104 @@
+"""Why int8 is slower than bf16 on a CPU with AMX (issue 22): one MLP Linear of a ViT at the
+shapes a batch sends through it, in every recipe, interleaved, best of R rounds. Prints JSON.
+
+    python benchmarks/bench_int8_linear.py --threads 2 --rounds 7 --out benchmarks/results-bench_int8_linear.json
+
+Entries (y = x W^T + b, W with one int8 scale per output channel where int8):
+
+* ``fp32``, ``bf16``: ``F.linear`` on fp32 / bf16 tensors (bf16 is what ``--precision bf16`` runs);
+* ``int8_one_scale_per_post``: sgmft's int8 (``PerPostLinear``: dynamic quantisation, one activation
+  scale per post, so a post's features do not depend on its batch-mates), one call per post;
+* ``int8_one_scale_per_batch``: the same quantised Linear called once on the whole batch (one
+  scale for all posts: faster, but a post's features then depend on its batch-mates);
+* ``int8_gemm_only``: ``torch._int_mm`` on int8 inputs already quantised, int32 out: the int8 GEMM
+  with no quantisation or dequantisation at all, an upper bound for any int8 recipe in eager mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+SHAPES = {"ViT-B/16": dict(posts=32, tokens=197, d_in=768, d_out=3072),
+          "ViT-H/14": dict(posts=8, tokens=257, d_in=1280, d_out=5120)}
+
+
+def _entries(shape, torch):
+    from sgmft.features.backbones.base import PerPostLinear
+    from sgmft.features.backbones.precision import int8_engine
+
+    g = torch.Generator().manual_seed(0)
+    p, t, k, n = shape["posts"], shape["tokens"], shape["d_in"], shape["d_out"]
+    x = torch.randn(p, t, k, generator=g)
+    lin = torch.nn.Linear(k, n).eval().requires_grad_(False)
+    xb, wb, bb = x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()
+    src = torch.nn.Linear(k, n).eval()
+    src.load_state_dict(lin.state_dict())
+    prev, torch.backends.quantized.engine = torch.backends.quantized.engine, int8_engine()
+    try:  # packed for sgmft's engine, as apply_precision packs them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch.ao.quantization.quantize_dynamic(
+                torch.nn.Sequential(src), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                dtype=torch.qint8, mapping={torch.nn.Linear: PerPostLinear})
+    finally:
+        torch.backends.quantized.engine = prev
+    one = super(PerPostLinear, q[0]).forward   # the dynamic Linear itself, one call
+    xi = torch.randint(-127, 128, (p * t, k), dtype=torch.int8, generator=g)
+    wi = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+    return {"fp32": lambda: torch.nn.functional.linear(x, lin.weight, lin.bias),
+            "bf16": lambda: torch.nn.functional.linear(xb, wb, bb),
+            "int8_one_scale_per_post": lambda: q[0](x),
+            "int8_one_scale_per_batch": lambda: one(x),
+            "int8_gemm_only": lambda: torch._int_mm(xi, wi)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    import torch
+
+    from sgmft.features.backbones.precision import cpu_flags, int8_engine, onednn_kernels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = {}
+    with torch.inference_mode():
+        for name, shape in SHAPES.items():
+            fns = _entries(shape, torch)
+            for f in fns.values():
+                f(), f()   # warm-up: kernels, packing, allocator
+            best = {k: float("inf") for k in fns}
+            for _ in range(args.rounds):
+                for k, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+            flop = 2.0 * shape["posts"] * shape["tokens"] * shape["d_in"] * shape["d_out"]
+            res[name] = {"shape": shape, "entries": {
+                k: {"ms": round(1e3 * v, 3), "gflops": round(flop / v / 1e9, 1),
+                    "vs_fp32": round(best["fp32"] / v, 3), "vs_bf16": round(best["bf16"] / v, 3)}
+                for k, v in best.items()}}
+    out = {"benchmark": "int8-linear", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "int8_engine": int8_engine(), "onednn": onednn_kernels(),
+           "amx": {"amx_bf16", "amx_tile"} <= cpu_flags(), "cpu_count": os.cpu_count(),
+           "method": f"best of {args.rounds} interleaved rounds, one process", "results": res}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
