@@ -17,6 +17,7 @@ Entries (y = x W^T + b, W with one int8 scale per output channel where int8):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -36,8 +37,7 @@ def _entries(shape, torch):
     x = torch.randn(p, t, k, generator=g)
     lin = torch.nn.Linear(k, n).eval().requires_grad_(False)
     xb, wb, bb = x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()
-    src = torch.nn.Linear(k, n).eval()
-    src.load_state_dict(lin.state_dict())
+    src = copy.deepcopy(lin)   # quantize_dynamic replaces it in place; lin stays the fp32 reference
     prev, torch.backends.quantized.engine = torch.backends.quantized.engine, int8_engine()
     try:  # packed for sgmft's engine, as apply_precision packs them
         with warnings.catch_warnings():
@@ -93,10 +93,9 @@ def main(argv=None) -> dict:
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        from sgmft.atomic import write_text
+
+        write_text(args.out, text + "\n")
     return out
 
 

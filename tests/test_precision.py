@@ -398,4 +398,3 @@ def test_compiled_bf16_forward_matches_eager(tiny_spec):
         t = (texts * 2)[:n]
         a, b = eager.encode_text(t), comp.encode_text(t)
         assert a.shape == b.shape == (n, eager.dim) and (a * b).sum(1).min() > 0.999
-

@@ -45,14 +45,12 @@ def pooled_logits(probs: list[torch.Tensor], weights: list[float] | None = None,
     """The ensemble's logits, log p(y | x), from the members' calibrated probabilities ``probs`` and
     their (weighted) pool: eq E1 (``mean``) or eq E1' (``log_mean``, normalised over the places)."""
     stacked = torch.stack(probs)
-    if not weights:
-        if pool == "log_mean":
-            return torch.log_softmax(stacked.clamp_min(1e-30).log().mean(0), dim=-1)                # eq E1'
-        return stacked.mean(0).clamp_min(1e-30).log()                                            # eq E1
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
-    if pool == "log_mean":
-        return torch.log_softmax((w * stacked.clamp_min(1e-30).log()).sum(0), dim=-1)
-    return (w * stacked).sum(0).clamp_min(1e-30).log()
+    w = None if not weights else \
+        torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if pool == "log_mean":                                                                         # eq E1'
+        logs = stacked.clamp_min(1e-30).log()
+        return torch.log_softmax(logs.mean(0) if w is None else (w * logs).sum(0), dim=-1)
+    return (stacked.mean(0) if w is None else (w * stacked).sum(0)).clamp_min(1e-30).log()        # eq E1
 
 
 @MODELS.register("ensemble")

@@ -59,12 +59,17 @@ _AMX_FLAGS = frozenset({"amx_bf16", "amx_tile", "amx_int8", "amx_fp16"})
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
+def onednn_isa_cap() -> str | None:
+    """The cap ``$ONEDNN_MAX_CPU_ISA`` (or its older name ``$DNNL_MAX_CPU_ISA``) puts on oneDNN's kernels."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
+
+
 def usable_cpu_flags() -> frozenset:
     """:func:`cpu_flags`, less the AMX and VNNI units that ``$ONEDNN_MAX_CPU_ISA`` (or
     ``$DNNL_MAX_CPU_ISA``) tells oneDNN not to use: with ``AVX512_CORE_FP16``, say, the CPU
     has AMX tiles but no kernel runs on them, so the choices here must not count on them."""
     flags = cpu_flags()
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    isa = (onednn_isa_cap() or "").strip().upper()
     if not isa or isa in ("ALL", "DEFAULT"):
         return flags
     if "AMX" not in isa:
@@ -294,7 +299,7 @@ def hardware_ceiling(n: int = 2048, rounds: int = 3, seconds: float = 0.4) -> di
             verdict += f"; int8 Linears run {ratio['int8_sgmft_over_fp32']}x fp32"
     prec, why = auto_cpu_precision(flags)
     return {"matrix": f"{n}x{n}x{n}", "gflops": gf, "ratio": ratio, "int8_engine_sgmft": int8_engine(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+            "onednn_max_cpu_isa": onednn_isa_cap(),
             "cpu_flags": has, "amx": amx, "onednn": onednn_kernels(), "torch_threads": torch.get_num_threads(),
             "verdict": verdict, "auto_precision": {"cpu": prec, "reason": why},
             "method": f"best of {rounds} interleaved rounds of >= {seconds}s per kernel"}
