@@ -225,26 +225,6 @@ def test_learning_curve_bad_arguments(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- demo and experiments
-@pytest.mark.slow
-def test_quick_demo_both_profiles_with_regime_columns(tmp_path):
-    from sgmft.experiments.demo import run_demo
-    from sgmft.experiments.runner import default_preset
-
-    s = run_demo(tmp_path / "d", quick=True, progress=False, epochs=1)
-    assert s["profiles"] == ["default", "hetero"]
-    report = (tmp_path / "d" / "report.md").read_text()
-    assert "## SimFeat profile `default`" in report and "## SimFeat profile `hetero`" in report
-    assert "| image_other_place (n=" in report and "| both (n=" in report
-    for p in ("default", "hetero"):
-        regs = s["results"][p]["regimes"]
-        assert default_preset() in regs and "concat" in regs and "text_only" in regs
-        oracle = s["results"][p]["simfeat"]["oracle"]["test_accuracy_by_regime"]
-        assert {k: v["oracle_accuracy"] for k, v in regs["concat"].items()} == {k: oracle.get(k) for k in regs["concat"]}
-        assert (tmp_path / "d" / p / "tsne_panels.png").exists()
-    head = (tmp_path / "d" / "results.csv").read_text().splitlines()[0]
-    assert "profile" in head and "acc_image_generic" in head and "oracle_image_generic" in head
-
-
 def test_experiments_hetero_profile_per_regime_tables(tmp_path):
     from sgmft.cli import main
 
