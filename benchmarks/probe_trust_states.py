@@ -12,7 +12,7 @@ A diagnostic, not a model choice (issue 17). For a finished TrustMix run (``trus
 * ``p_text`` / ``p_image``: the mean state posterior of each modality (shows the place, generic,
   another place; eq T2's posterior summed over the other modality's states).
 
-Prints one JSON document (and writes it with ``--out``).
+Prints one JSON document on stdout (a line per regime on stderr).
 
     sgmft simulate STORE --profile wide768
     sgmft train STORE --preset trust_mda --seed 0 --out RUN
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished TrustMix run folder")
     ap.add_argument("store", type=Path, help="its SimFeat feature store")
-    ap.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
     doc = {"command": "python benchmarks/probe_trust_states.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "regimes": probe(args.run, args.store)}
@@ -81,12 +80,7 @@ def main(argv=None) -> int:
         print(f"{g:18s} n={r['posts']:5d} full {100 * r['full']:.1f} image alone {100 * r['image_alone']:.1f} "
               f"text alone {100 * r['text_alone']:.1f} generic wins: text {r['text_generic_wins']:.2f} "
               f"image {r['image_generic_wins']:.2f}", file=sys.stderr)
-    text = json.dumps(doc, indent=1)
-    if args.out:
-        from sgmft.atomic import write_text
-
-        write_text(args.out, text + "\n")
-    print(text)
+    print(json.dumps(doc, indent=1))
     return 0
 
 
