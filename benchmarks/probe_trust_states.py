@@ -47,26 +47,25 @@ def probe(run: Path, store: Path) -> dict:
     y = np.asarray(fs.labels)[test]
     text, image = np.asarray(fs.text)[test], np.asarray(fs.image)[test]
     on = np.ones(len(test), bool)
-    top = {"full": pred.predict_features(text, image).probs.argmax(1),
+    with torch.inference_mode():       # one pass: fused = [l_t, lse g_t, l_v, lse g_v, state posterior]
+        out = model(torch.as_tensor(text), torch.as_tensor(image))
+    k, s = len(pred.label_names), model.n_states
+    f = out.fused.numpy()
+    top = {"full": out.logits.argmax(-1).numpy(),      # calibration keeps the argmax
            "image_alone": pred.predict_features(text, image, text_mask=~on, image_mask=on).probs.argmax(1),
            "text_alone": pred.predict_features(text, image, text_mask=on, image_mask=~on).probs.argmax(1)}
-    with torch.inference_mode():
-        t, v = torch.as_tensor(text), torch.as_tensor(image)
-        lt, gt = model.ev_t(model.text_in(t, None))
-        lv, gv = model.ev_v(model.image_in(v, None))
-        s = model.n_states
-        post = model(t, v).extras["state_posterior"].view(-1, s, s).numpy()
-    wins = {"text_generic_wins": (gt.logsumexp(-1) > lt.amax(-1)).numpy(),
-            "image_generic_wins": (gv.logsumexp(-1) > lv.amax(-1)).numpy()}
+    wins = {"text_generic_wins": f[:, k] > f[:, :k].max(1),
+            "image_generic_wins": f[:, 2 * k + 1] > f[:, k + 1:2 * k + 1].max(1)}
+    post = f[:, 2 * k + 2:].reshape(-1, s, s)
     states = ["shows_place", "generic", "other_place"][:s]
-    out = {}
+    res = {}
     for g in dict.fromkeys(regime):
-        k = regime == g
-        out[g] = {"posts": int(k.sum()), **{n: float((p[k] == y[k]).mean()) for n, p in top.items()},
-                  **{n: float(w[k].mean()) for n, w in wins.items()},
-                  "p_text": dict(zip(states, post[k].sum(2).mean(0).round(4).tolist())),
-                  "p_image": dict(zip(states, post[k].sum(1).mean(0).round(4).tolist()))}
-    return out
+        m = regime == g
+        res[g] = {"posts": int(m.sum()), **{n: float((p[m] == y[m]).mean()) for n, p in top.items()},
+                  **{n: float(w[m].mean()) for n, w in wins.items()},
+                  "p_text": dict(zip(states, post[m].sum(2).mean(0).round(4).tolist())),
+                  "p_image": dict(zip(states, post[m].sum(1).mean(0).round(4).tolist()))}
+    return res
 
 
 def main(argv=None) -> int:
