@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     stores = {}
     for name in names:
         profile = name.split("-")[1]
-        fs = stores.setdefault(profile, FeatureStore.open(args.workdir / f"store-{profile}"))
+        if profile not in stores:
+            stores[profile] = FeatureStore.open(args.workdir / f"store-{profile}")
+        fs = stores[profile]
         r = out["runs"][name] = diagnose(args.workdir / name, fs, args.draws, args.resamples, args.bar, args.seed)
         print(f"{name}: val acc {r['val_accuracy']:.4f} test acc {r['test_accuracy']:.4f} "
               f"ECE {r['fitted_on_val']['test_ece']:.4f} (fitted on test {r['fitted_on_test']['test_ece']:.4f}, "
