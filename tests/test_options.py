@@ -30,6 +30,7 @@ OLD_DEFAULTS = {
               "table_scale": 1.0,       # added after typed options; 1.0 is the model as it was
               "init": "random",                         # added later (eq T6); these are the model as it was
               "start_shrinkage": "ledoit_wolf",         # added with eq T6''; the start as it was
+              "theme_start": "all",                     # added later (EM's themes); the start as it was
               "evidence_lr": 1.0},
     "qmf": {"hidden": 512, "temperature": 10.0, "uni_weight": 1.0, "rank_weight": 1.0},
     "pdf": {"hidden": 512, "uni_weight": 1.0, "tcp_weight": 1.0, "confid_weight_decay": 1.0,

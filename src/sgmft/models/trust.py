@@ -53,7 +53,8 @@ steps need far more posts than the closed form to find the discriminant directio
 modality's posts are split by classification EM into those that show their place, a generic theme or
 another place, so that generic and contradicting posts neither widen the within-place covariance nor
 leave the themes where the places are, and the state prior (eq T3) and the conflict tables (eq T1')
-start from the fitted counts. With ``start_shrinkage: cv`` (presets ``trust_lda``, ``trust_mda``) the shared covariance of the start
+start from the fitted counts (``theme_start`` says where EM's themes start: among all posts, the default, or
+among those no look of their own place explains, or both with the lower training cross-entropy kept). With ``start_shrinkage: cv`` (presets ``trust_lda``, ``trust_mda``) the shared covariance of the start
 is shrunk towards a multiple of the identity by the intensity that cross-validation on the training posts
 chooses for the discriminant (eq T6'', :func:`_cv_shrinkage`, regularised discriminant analysis): Ledoit-Wolf's
 intensity, which suits the covariance itself, can be far too weak for its inverse when the width is not
@@ -232,8 +233,20 @@ def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarr
 EM_ROUNDS = 5
 
 
+def _unexplained(z: np.ndarray, cz: np.ndarray, owner: np.ndarray, alive: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Eq T6' (the themes' start): the rows whose nearest look, in the whitened space ``z`` (looks ``cz``, of places
+    ``owner``; ``alive``: places with training posts), belongs to another place than their label. Those are the
+    posts the places do not explain, where a generic theme or a contradicting modality must be; k-means on all
+    posts puts the themes where most posts are, on the places."""
+    score = z @ cz.T - 0.5 * (cz ** 2).sum(1)
+    score[:, ~alive] = -np.inf
+    own = np.where(owner[None] == y[:, None], score, -np.inf).max(1)
+    return own < score.max(1)
+
+
 def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: dict, cov: np.ndarray,
-            seed: int, cv: bool = False) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None]:
+            seed: int, cv: bool = False, theme_start: str = "all"
+            ) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None]:
     """Eq T6' (eq T6 with the states of eq T1): classification EM of each modality's generative model. A post's
     modality shows its place (a look of it), a generic theme, or another place's look; looks, themes,
     state shares and the shared shrinkage covariance are re-estimated from the assignments
@@ -249,11 +262,13 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     mu = np.concatenate([fitted[c][0] if c in fitted else fill for c in range(k)])           # (K*L, D)
     cnt = np.concatenate([fitted[c][1] if c in fitted else np.full(looks, 1e-6) for c in range(k)])
     w, w_inv = _whitener(cov)
-    tz, tcnt = _centres(x @ w, j, seed)
-    theme = tz @ w_inv
-    state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     owner = np.repeat(np.arange(k), looks)
     alive = np.isin(owner, list(fitted))
+    z = x @ w
+    rows = _unexplained(z, mu @ w, owner, alive, y) if theme_start == "unexplained" else np.ones(len(x), bool)
+    tz, tcnt = _centres(z[rows] if rows.sum() >= 2 * j else z, j, seed)
+    theme = tz @ w_inv
+    state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     delta, chosen = None, None
     for _ in range(EM_ROUNDS):
         w, w_inv = _whitener(cov)
@@ -287,13 +302,31 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     return fitted, (theme, tcnt / tcnt.sum()), cov, shrink, np.stack([state, shown], 1), chosen
 
 
+def _lda_weights(fitted: dict, themes: tuple, cov: np.ndarray, means: np.ndarray, k: int, looks: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of ``ev.linear`` in eq T6's LDA form: z = mu^T P x - mu^T P mu / 2 + log w for each
+    look (``fitted``: a present place's centres and weights) and theme (``themes``), P = ``cov``^-1."""
+    prec = np.linalg.inv(cov)
+    rows, bias = [], []
+    for c in range(k):                          # a place without training posts: never its evidence
+        mu, w = fitted[c] if c in fitted else (np.repeat(means[:1], looks, 0), np.full(looks, 1e-6))
+        rows.append(mu), bias.append(np.log(w))
+    rows.append(themes[0]), bias.append(np.log(themes[1]))
+    mu, logw = np.concatenate(rows), np.concatenate(bias)
+    pm = mu @ prec
+    wgt = torch.from_numpy(pm).float()
+    jitter = 1e-3 * wgt.std() * torch.randn(wgt.shape, generator=torch.Generator().manual_seed(seed))
+    return wgt + jitter, torch.from_numpy(logw - 0.5 * (pm * mu).sum(1)).float()     # jitter: repeated looks can part
+
+
 def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool = False,
-               shrinkage: str = "ledoit_wolf"):
-    """Eq T6 for one modality: write the LDA form of each look and theme into ``ev.linear`` (with
-    several looks, their mixture-discriminant form: :func:`_mda_looks`; with ``em``, the states of eq
-    T1 fitted as well: :func:`_em_fit`; with ``shrinkage`` ``cv``, the covariance's shrinkage chosen by
-    :func:`_cv_shrinkage`, else Ledoit-Wolf's). Returns what was fitted and, with ``em``, each post's
-    (state, place shown)."""
+               shrinkage: str = "ledoit_wolf", theme_starts: tuple[str, ...] = ("all",)) -> list[tuple]:
+    """Eq T6 for one modality: the LDA form of each look and theme for ``ev.linear`` (with several looks,
+    their mixture-discriminant form: :func:`_mda_looks`; with ``em``, the states of eq T1 fitted as well,
+    once per start of the themes in ``theme_starts``: :func:`_em_fit`; with ``shrinkage`` ``cv``, the
+    covariance's shrinkage chosen by :func:`_cv_shrinkage`, else Ledoit-Wolf's). Returns one (what was
+    fitted, each post's (state, place shown) or None without ``em``, weight, bias) per start; the fit
+    before EM is shared by the starts."""
     k, looks = ev.k, ev.looks
     j = ev.linear.out_features - k * looks
     present = [c for c in range(k) if np.any(y == c)]
@@ -305,28 +338,17 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool 
     else:
         cov, shrink = _shrunk_cov(x - means[y], delta)
         fitted = {c: (means[c:c + 1], np.ones(1)) for c in present}
-    states = None
-    if em:
-        fitted, themes, cov, shrink, states, chosen = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv")
-    prec = np.linalg.inv(cov)
-    rows, bias = [], []
-    for c in range(k):                          # a place without training posts: never its evidence
-        mu, w = fitted[c] if c in present else (np.repeat(means[:1], looks, 0), np.full(looks, 1e-6))
-        rows.append(mu), bias.append(np.log(w))
-    mu, w = themes if em else _centres(x, j, seed)
-    rows.append(mu), bias.append(np.log(w))
-    mu, logw = np.concatenate(rows), np.concatenate(bias)
-    pm = mu @ prec
-    wgt = torch.from_numpy(pm).float()
-    jitter = 1e-3 * wgt.std() * torch.randn(wgt.shape, generator=torch.Generator().manual_seed(seed))
-    ev.linear.weight.copy_(wgt + jitter)                       # jitter: repeated looks can part
-    ev.linear.bias.copy_(torch.from_numpy(logw - 0.5 * (pm * mu).sum(1)).float())
-    info = {"shrinkage": round(float(shrink), 4), **({"shrinkage_cv": chosen} if chosen else {}),
-            "posts": int(len(x)), "looks": looks, "themes": j,
-            **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {})}
-    if em:
-        info.update(em_rounds=EM_ROUNDS, state_shares=np.round(np.bincount(states[:, 0], minlength=3) / len(x), 4).tolist())
-    return info, states
+    base = {"posts": int(len(x)), "looks": looks, "themes": j, **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {})}
+    if not em:
+        info = {"shrinkage": round(float(shrink), 4), **({"shrinkage_cv": chosen} if chosen else {}), **base}
+        return [(info, None, *_lda_weights(fitted, _centres(x, j, seed), cov, means, k, looks, seed))]
+    fits = []
+    for start in theme_starts:
+        f, themes, c, sh, states, ch = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv", start)
+        info = {"shrinkage": round(float(sh), 4), **({"shrinkage_cv": ch} if ch else {}), **base, "em_rounds": EM_ROUNDS,
+                "state_shares": np.round(np.bincount(states[:, 0], minlength=3) / len(x), 4).tolist()}
+        fits.append((info, states, *_lda_weights(f, themes, c, means, k, looks, seed)))
+    return fits
 
 
 @MODELS.register("trust")
@@ -364,6 +386,10 @@ class TrustMix(nn.Module):
             "regularised discriminant analysis), the intensity whose Gaussian classifier classifies held-out training "
             "posts best, where it beats Ledoit-Wolf's by more than one standard error (with `em`, chosen again on the "
             "posts the first EM round finds showing their place); `ledoit_wolf`, Ledoit-Wolf's")
+        theme_start: Literal["all", "unexplained", "best"] = option(
+            "all", "with `init: em`, where EM's generic themes start (eq T6'): `all`, k-means centres of all the "
+            "modality's posts; `unexplained`, of the posts whose nearest look belongs to another place than their "
+            "label; `best`, EM from both, keeping the start with the lower cross-entropy on the training posts")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
@@ -482,7 +508,8 @@ class TrustMix(nn.Module):
         mu_cl the k-means centres of place c's training posts (its looks, weights w_cl; with L > 1 found
         in the whitened space by mixture discriminant analysis, :func:`_mda_looks`), the generic
         themes the k-means centres of all the modality's posts (with ``init: em``, the looks, themes,
-        covariance, state prior and conflict tables fitted by :func:`_em_fit`), and b_y = log p(y). Gradient steps
+        covariance, state prior and conflict tables fitted by :func:`_em_fit`, its themes started as ``theme_start``
+        says; ``best``: from both starts, keeping the lower training cross-entropy), and b_y = log p(y). Gradient steps
         start from there. A discriminative linear layer needs many posts to find the directions that a
         shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
         Returns what was fitted (run.json), or None with ``init: random``."""
@@ -490,16 +517,43 @@ class TrustMix(nn.Module):
             return None
         y_all = batch["label"].numpy()
         em = self.opt["init"] == "em" and self.n_states == 3
-        info, states = {}, {}
+        starts = ("all", "unexplained") if self.opt["theme_start"] == "best" else (self.opt["theme_start"],)
+        fits = {}                                    # modality -> (rows with it, one fit per start of the themes)
         for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
             mask = batch.get(f"{key}_mask")
             keep = np.ones(len(y_all), bool) if mask is None else mask.bool().numpy()
             x, places = inp(batch[key], None).double().numpy()[keep], len(np.unique(y_all[keep]))
             if places < 2 or len(x) <= places:
-                info[key] = {"posts": int(len(x)), "fitted": False}   # too few posts with this modality
+                fits[key] = ({"posts": int(len(x)), "fitted": False}, None)   # too few posts with this modality
                 continue
-            info[key], st = _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"])
-            if em:
+            fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"],
+                                          starts if em else ("all",)))
+        if not em or not any(f[1] for f in fits.values()):
+            starts = starts[:1]
+        ce = []
+        for i in range(len(starts) if len(starts) > 1 else 0):
+            self._apply_start(fits, y_all, i)
+            ce.append(self._training_ce(batch))
+        kept = int(np.argmin(ce)) if ce else 0
+        info = self._apply_start(fits, y_all, kept)
+        if len(starts) > 1:                  # EM from two starts of the themes: the one that fits the training labels
+            info["theme_start"] = {"chosen": starts[kept],
+                                   "training_cross_entropy": {s: round(c, 4) for s, c in zip(starts, ce)}}
+        return info
+
+    def _apply_start(self, fits: dict, y_all: np.ndarray, i: int) -> dict:
+        """Write start ``i`` of each modality's fits (:func:`_lda_start`) into the evidence networks, b_y = log p(y),
+        and with EM's states the state prior and conflict tables (:meth:`_state_start`). Returns what was fitted."""
+        info, states = {}, {}
+        for key, ev in (("text", self.ev_t), ("image", self.ev_v)):
+            keep, per_start = fits[key]
+            if per_start is None:                    # not fitted: ``keep`` says why
+                info[key] = keep
+                continue
+            info[key], st, weight, bias = per_start[i]
+            ev.linear.weight.copy_(weight)
+            ev.linear.bias.copy_(bias)
+            if st is not None:
                 states[key] = np.full((len(y_all), 2), -1)
                 states[key][keep] = st
         counts = np.bincount(y_all, minlength=self.cfg.num_classes) + 1.0
@@ -507,6 +561,14 @@ class TrustMix(nn.Module):
         if len(states) == 2:
             info["joint_states"] = self._state_start(y_all, states["text"], states["image"])
         return info
+
+    def _training_ce(self, batch: dict) -> float:
+        """The start's cross-entropy on the training posts (eq T2, no dropout): the objective training goes on with."""
+        was = self.training
+        self.eval()
+        out = self(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask"))
+        self.train(was)
+        return float(F.cross_entropy(out.logits, batch["label"]))
 
     @torch.no_grad()
     def _state_start(self, y: np.ndarray, st_t: np.ndarray, st_v: np.ndarray) -> list:
