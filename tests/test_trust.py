@@ -393,7 +393,7 @@ def test_lda_start_skips_a_modality_too_few_posts_have():
     torch.testing.assert_close(m.ev_v.linear.weight, before)
 
 
-def _states_batch(n=2000, d=128, k=5, seed=0):
+def _states_batch(n=2000, d=128, k=5, seed=0, themes=3, shares=(0.6, 0.25, 0.15)):
     """Posts whose modality shows its place (60 %), a generic theme (25 %, three themes) or another
     place (15 %), independently per modality, under noise spread over every direction of a random
     basis. The places and themes are fixed; ``seed`` draws the posts. Returns the batch and each
@@ -405,11 +405,11 @@ def _states_batch(n=2000, d=128, k=5, seed=0):
     y = g.integers(0, k, n)
     batch, kinds = {"label": torch.as_tensor(y)}, {}
     for m in ("text", "image"):
-        means, themes = world.standard_normal((k, d)) * 0.2, world.standard_normal((3, d)) * 0.2
-        kinds[m] = kind = g.choice(3, n, p=[0.6, 0.25, 0.15])
+        means, th = world.standard_normal((k, d)) * 0.2, world.standard_normal((themes, d)) * 0.2
+        kinds[m] = kind = g.choice(3, n, p=list(shares))
         other = (y + g.integers(1, k, n)) % k
         centre = np.where(kind[:, None] == 0, means[y],
-                          np.where(kind[:, None] == 1, themes[g.integers(0, 3, n)], means[other]))
+                          np.where(kind[:, None] == 1, th[g.integers(0, themes, n)], means[other]))
         batch[m] = torch.tensor(centre + (g.standard_normal((n, d)) * sd) @ basis.T, dtype=torch.float32)
     return batch, kinds
 
@@ -439,23 +439,10 @@ def test_em_start_fits_the_states_that_blur_the_lda_start():
     assert float(m.conflict_t.detach().std()) > 0          # Q_t from the contradicting posts' places
 
 
-def _themes_batch(n=2000, d=64, k=5, themes=8, seed=0):
+def _themes_batch(seed=0):
     """As :func:`_states_batch`, but 30 % of each modality's posts show one of eight generic themes
-    (10 % another place): more themes than most places have posts near them."""
-    world, g = np.random.default_rng(7), np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(world.standard_normal((d, d)))
-    sd = np.arange(1, d + 1) ** -0.5
-    sd *= np.sqrt(d / (sd ** 2).sum())
-    y = g.integers(0, k, n)
-    batch, kinds = {"label": torch.as_tensor(y)}, {}
-    for m in ("text", "image"):
-        means, th = world.standard_normal((k, d)) * 0.2, world.standard_normal((themes, d)) * 0.2
-        kinds[m] = kind = g.choice(3, n, p=[0.6, 0.3, 0.1])
-        other = (y + g.integers(1, k, n)) % k
-        centre = np.where(kind[:, None] == 0, means[y],
-                          np.where(kind[:, None] == 1, th[g.integers(0, themes, n)], means[other]))
-        batch[m] = torch.tensor(centre + (g.standard_normal((n, d)) * sd) @ basis.T, dtype=torch.float32)
-    return batch, kinds
+    (10 % another place), at width 64."""
+    return _states_batch(d=64, seed=seed, themes=8, shares=(0.6, 0.3, 0.1))
 
 
 def test_em_themes_started_on_the_unexplained_posts_find_the_generic_ones():
