@@ -1,6 +1,6 @@
 """TrustMix's generative start alone (eq T6'), from each start of EM's generic themes (``theme_start``).
 
-A diagnostic for docs/design.md, "The default model", item 16. For a preset with ``init: em`` (``trust_lda``,
+A diagnostic for docs/design.md, "EM's themes from a second start" (under "The default model", item 15). For a preset with ``init: em`` (``trust_lda``,
 ``trust_mda``) on a feature store, it builds the model, fits the input normalisation and the start on the
 training split exactly as ``sgmft train`` does (seed 0 unless given), and scores the start *before any
 gradient step* on the training, validation and test splits: accuracy (%) and cross-entropy, the fitted state

@@ -265,8 +265,11 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     owner = np.repeat(np.arange(k), looks)
     alive = np.isin(owner, list(fitted))
     z = x @ w
-    rows = _unexplained(z, mu @ w, owner, alive, y) if theme_start == "unexplained" else np.ones(len(x), bool)
-    tz, tcnt = _centres(z[rows] if rows.sum() >= 2 * j else z, j, seed)
+    pool = z                                                       # the rows k-means starts the themes on
+    if theme_start == "unexplained":
+        rows = _unexplained(z, mu @ w, owner, alive, y)
+        pool = z[rows] if rows.sum() >= 2 * j else z                # too few: all rows, as with ``all``
+    tz, tcnt = _centres(pool, j, seed)
     theme = tz @ w_inv
     state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     delta, chosen = None, None
@@ -518,6 +521,7 @@ class TrustMix(nn.Module):
         y_all = batch["label"].numpy()
         em = self.opt["init"] == "em" and self.n_states == 3
         starts = ("all", "unexplained") if self.opt["theme_start"] == "best" else (self.opt["theme_start"],)
+        starts = starts if em else ("all",)          # without EM the themes are eq T6's k-means of all posts
         fits = {}                                    # modality -> (rows with it, one fit per start of the themes)
         for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
             mask = batch.get(f"{key}_mask")
@@ -526,9 +530,8 @@ class TrustMix(nn.Module):
             if places < 2 or len(x) <= places:
                 fits[key] = ({"posts": int(len(x)), "fitted": False}, None)   # too few posts with this modality
                 continue
-            fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"],
-                                          starts if em else ("all",)))
-        if not em or not any(f[1] for f in fits.values()):
+            fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"], starts))
+        if not any(f[1] for f in fits.values()):                 # nothing fitted: nothing to choose between
             starts = starts[:1]
         ce = []
         for i in range(len(starts) if len(starts) > 1 else 0):
