@@ -6,7 +6,8 @@ training split exactly as ``sgmft train`` does (seed 0 unless given), and scores
 gradient step* on the training, validation and test splits: accuracy (%) and cross-entropy, the fitted state
 shares per modality (shows the place, generic, another place) and, on a SimFeat store, the test accuracy
 per regime. It does this once per value of ``theme_start`` (``all``, ``unexplained``) and says which one
-``best`` keeps (the lower training cross-entropy). One JSON line on stdout.
+``best`` keeps (the higher validation accuracy, then the lower validation cross-entropy) and which one has
+the lower training cross-entropy (``best``'s rule without validation posts). One JSON line on stdout.
 
     sgmft simulate STORE --profile wide768
     python benchmarks/probe_em_start.py STORE trust_mda
@@ -42,7 +43,7 @@ def _score(model, fs, rows, names) -> dict:
     return res
 
 
-def probe(store: str, preset: str, seed: int) -> dict:
+def probe(store: str, preset: str, seed: int, extra: dict | None = None) -> dict:
     import torch
 
     from sgmft.config import load_preset
@@ -60,10 +61,11 @@ def probe(store: str, preset: str, seed: int) -> dict:
                           test_fraction=p.train.test_fraction, val_fraction=p.train.val_fraction, seed=seed)
     rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     names = np.asarray(fs.regime_names) if fs.regime is not None and fs.regime_names is not None else None
-    doc = {"store": store, "preset": preset, "seed": seed}
+    doc = {"store": store, "preset": preset, "seed": seed, **({"extra": extra} if extra else {})}
     for start in ("all", "unexplained"):
         cfg = dataclasses.replace(p.model, dim=fs.dim, num_classes=len(fs.label_names))
-        cfg = resolve_model(dataclasses.replace(cfg, extra={**cfg.extra, "theme_start": start}), where=preset)
+        cfg = resolve_model(dataclasses.replace(cfg, extra={**cfg.extra, **(extra or {}), "theme_start": start}),
+                             where=preset)
         torch.manual_seed(seed)
         model = build_model(cfg)
         fit_input_norm(model, fs, rows["train"])
@@ -73,8 +75,14 @@ def probe(store: str, preset: str, seed: int) -> dict:
         doc[start] = {"start_seconds": round(time.time() - t0, 1),
                       "state_shares": {m: info[m].get("state_shares") for m in ("text", "image")},
                       **{s: _score(model, fs, r, names if s == "test" else None) for s, r in rows.items()}}
-    ce = {s: doc[s]["train"]["cross_entropy"] for s in ("all", "unexplained")}
-    doc["best_keeps"] = min(ce, key=ce.get)
+    return _keeps(doc)
+
+
+def _keeps(doc: dict) -> dict:
+    """Add which start ``best`` keeps (TrustMix._choose_start's rule) and which one fits the training posts better."""
+    starts = ("all", "unexplained")
+    doc["best_keeps"] = min(starts, key=lambda s: (-doc[s]["val"]["accuracy"], doc[s]["val"]["cross_entropy"]))
+    doc["lower_training_cross_entropy"] = min(starts, key=lambda s: doc[s]["train"]["cross_entropy"])
     return doc
 
 
@@ -83,8 +91,12 @@ def main(argv=None) -> int:
     ap.add_argument("store", help="a feature store (sgmft simulate, sgmft extract)")
     ap.add_argument("preset", help="a preset with init: em (trust_lda, trust_mda)")
     ap.add_argument("--seed", type=int, default=0, help="the training seed (split and start), as sgmft train --seed")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="model options over the preset's (e.g. generic=16), as sgmft train --set model.extra.KEY=VALUE")
     args = ap.parse_args(argv)
-    print(json.dumps(probe(args.store, args.preset, args.seed)))
+    extra = dict(kv.split("=", 1) for kv in args.extra)
+    extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
+    print(json.dumps(probe(args.store, args.preset, args.seed, extra)))
     return 0
 
 

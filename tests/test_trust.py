@@ -468,8 +468,56 @@ def test_em_themes_started_on_the_unexplained_posts_find_the_generic_ones():
     best_info, best_acc, best_w = res["best"]
     ce = best_info["theme_start"]["training_cross_entropy"]
     assert best_info["theme_start"]["chosen"] == "unexplained" and ce["unexplained"] < ce["all"], best_info
+    assert "validation_accuracy" not in best_info["theme_start"]       # no validation posts: training CE decides
     assert best_acc == un_acc
     torch.testing.assert_close(best_w, un_w)
+
+
+def test_best_theme_start_follows_the_validation_posts_over_the_training_fit():
+    """With validation posts, ``best`` keeps the start that classifies them better, even where the other start
+    fits the training posts better: here the validation labels are what the first start (``all``) predicts, so
+    it scores 100 % there, while the second (``unexplained``) has the lower training cross-entropy."""
+    fit, _ = _themes_batch(seed=0)
+    val, _ = _themes_batch(seed=2)
+    first = build_model(dataclasses.replace(_cfg(init="em", looks=1, input_dropout=0.0, gate=False), dim=64))
+    first.init_from_data(fit, seed=0)
+    with torch.no_grad():
+        val = {**val, "label": first.eval()(val["text"], val["image"]).logits.argmax(1)}
+    m = build_model(dataclasses.replace(_cfg(init="em", looks=1, input_dropout=0.0, gate=False, theme_start="best"),
+                                        dim=64))
+    rec = m.init_from_data(fit, seed=0, val_batch=val)["theme_start"]
+    assert rec["training_cross_entropy"]["unexplained"] < rec["training_cross_entropy"]["all"], rec
+    assert rec["validation_accuracy"]["all"] == 100.0 > rec["validation_accuracy"]["unexplained"], rec
+    assert rec["chosen"] == "all" and rec["rule"].startswith("higher validation accuracy"), rec
+    for name, a in first.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[name], a, msg=name)
+
+
+def test_second_theme_start_is_not_refitted_when_the_places_explain_almost_every_post(monkeypatch):
+    """With fewer than 2J posts whose nearest look is another place's (a small, well separated store), the
+    second start would start on all posts, as the first does: ``best`` reuses the first fit instead of running
+    EM again, and keeps the first start."""
+    import sgmft.models.trust as trust_mod
+
+    fit, _ = _states_batch(n=300, seed=0, shares=(1.0, 0.0, 0.0))
+    fits = []
+    real = trust_mod._em_fit
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        fits.append(out is not None)
+        return out
+
+    monkeypatch.setattr(trust_mod, "_em_fit", counting)
+    models = {}
+    for ts in ("all", "best"):
+        models[ts] = m = build_model(dataclasses.replace(
+            _cfg(init="em", looks=1, input_dropout=0.0, gate=False, generic=3, theme_start=ts), dim=128))
+        info = m.init_from_data(fit, seed=0, val_batch=_states_batch(n=300, seed=1, shares=(1.0, 0.0, 0.0))[0])
+    assert fits == [True, True, True, False, True, False], fits     # all: text, image; best: text x2, image x2
+    assert info["theme_start"]["chosen"] == "all", info["theme_start"]
+    for name, a in models["all"].state_dict().items():
+        torch.testing.assert_close(models["best"].state_dict()[name], a, msg=name)
 
 
 def test_best_theme_start_keeps_the_first_start_when_it_fits_better():

@@ -245,8 +245,8 @@ def _unexplained(z: np.ndarray, cz: np.ndarray, owner: np.ndarray, alive: np.nda
 
 
 def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: dict, cov: np.ndarray,
-            seed: int, cv: bool = False, theme_start: str = "all"
-            ) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None]:
+            seed: int, cv: bool = False, theme_start: str = "all", skip_fallback: bool = False
+            ) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None] | None:
     """Eq T6' (eq T6 with the states of eq T1): classification EM of each modality's generative model. A post's
     modality shows its place (a look of it), a generic theme, or another place's look; looks, themes,
     state shares and the shared shrinkage covariance are re-estimated from the assignments
@@ -256,7 +256,9 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     a theme in disguise and moves to the themes. Without this, generic and contradicting posts widen the
     within-place covariance along the very directions that tell places apart. Returns the looks (as
     ``fitted``), the themes (centres, shares), the covariance, its shrinkage, each post's (state, place
-    shown; -1 for a theme) and, with ``cv``, the held-out accuracies it chose by."""
+    shown; -1 for a theme) and, with ``cv``, the held-out accuracies it chose by. ``theme_start`` ``unexplained``
+    with fewer than 2J such posts starts on all posts, as ``all`` does; with ``skip_fallback`` it returns None
+    then instead of fitting the same again."""
     kl = k * looks
     fill = np.repeat(x.mean(0, keepdims=True), looks, 0)
     mu = np.concatenate([fitted[c][0] if c in fitted else fill for c in range(k)])           # (K*L, D)
@@ -268,7 +270,10 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
     pool = z                                                       # the rows k-means starts the themes on
     if theme_start == "unexplained":
         rows = _unexplained(z, mu @ w, owner, alive, y)
-        pool = z[rows] if rows.sum() >= 2 * j else z                # too few: all rows, as with ``all``
+        if rows.sum() >= 2 * j:
+            pool = z[rows]
+        elif skip_fallback:                                         # too few: the same start as ``all``
+            return None
     tz, tcnt = _centres(pool, j, seed)
     theme = tz @ w_inv
     state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
@@ -347,7 +352,12 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool 
         return [(info, None, *_lda_weights(fitted, _centres(x, j, seed), cov, means, k, looks, seed))]
     fits = []
     for start in theme_starts:
-        f, themes, c, sh, states, ch = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv", start)
+        res = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv", start,
+                      skip_fallback=bool(fits) and theme_starts[0] == "all")
+        if res is None:                          # the places explain almost every post: the first start again
+            fits.append(fits[0])
+            continue
+        f, themes, c, sh, states, ch = res
         info = {"shrinkage": round(float(sh), 4), **({"shrinkage_cv": ch} if ch else {}), **base, "em_rounds": EM_ROUNDS,
                 "state_shares": np.round(np.bincount(states[:, 0], minlength=3) / len(x), 4).tolist()}
         fits.append((info, states, *_lda_weights(f, themes, c, means, k, looks, seed)))
@@ -392,7 +402,8 @@ class TrustMix(nn.Module):
         theme_start: Literal["all", "unexplained", "best"] = option(
             "all", "with `init: em`, where EM's generic themes start (eq T6'): `all`, k-means centres of all the "
             "modality's posts; `unexplained`, of the posts whose nearest look belongs to another place than their "
-            "label; `best`, EM from both, keeping the start with the lower cross-entropy on the training posts")
+            "label; `best`, EM from both, keeping the start that classifies the validation posts better (the higher "
+            "accuracy, then the lower cross-entropy; without a validation split, the lower training cross-entropy)")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
@@ -501,7 +512,7 @@ class TrustMix(nn.Module):
         return self.opt["init"] in ("lda", "em")
 
     @torch.no_grad()
-    def init_from_data(self, batch: dict, seed: int = 0) -> dict | None:
+    def init_from_data(self, batch: dict, seed: int = 0, val_batch: dict | None = None) -> dict | None:
         """With ``init: lda`` or ``em``, set each evidence network to the modality's shrinkage LDA (eq T6):
 
             z_m(c, l) = mu_cl^T P x - mu_cl^T P mu_cl / 2 + log w_cl,    h_m(j) = the same for theme j
@@ -512,7 +523,8 @@ class TrustMix(nn.Module):
         in the whitened space by mixture discriminant analysis, :func:`_mda_looks`), the generic
         themes the k-means centres of all the modality's posts (with ``init: em``, the looks, themes,
         covariance, state prior and conflict tables fitted by :func:`_em_fit`, its themes started as ``theme_start``
-        says; ``best``: from both starts, keeping the lower training cross-entropy), and b_y = log p(y). Gradient steps
+        says; ``best``: from both starts, keeping the one that classifies ``val_batch`` better, :meth:`_choose_start`),
+        and b_y = log p(y). Gradient steps
         start from there. A discriminative linear layer needs many posts to find the directions that a
         shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
         Returns what was fitted (run.json), or None with ``init: random``."""
@@ -533,16 +545,36 @@ class TrustMix(nn.Module):
             fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"], starts))
         if not any(f[1] for f in fits.values()):                 # nothing fitted: nothing to choose between
             starts = starts[:1]
-        ce = []
-        for i in range(len(starts) if len(starts) > 1 else 0):
-            self._apply_start(fits, y_all, i)
-            ce.append(self._training_ce(batch))
-        kept = int(np.argmin(ce)) if ce else 0
+        kept, record = self._choose_start(fits, y_all, starts, batch, val_batch) if len(starts) > 1 else (0, None)
         info = self._apply_start(fits, y_all, kept)
-        if len(starts) > 1:                  # EM from two starts of the themes: the one that fits the training labels
-            info["theme_start"] = {"chosen": starts[kept],
-                                   "training_cross_entropy": {s: round(c, 4) for s, c in zip(starts, ce)}}
+        if record is not None:
+            info["theme_start"] = record
         return info
+
+    def _choose_start(self, fits: dict, y_all: np.ndarray, starts: tuple, batch: dict,
+                      val_batch: dict | None) -> tuple[int, dict]:
+        """Which of EM's starts of the themes to keep (``theme_start: best``): the one whose start alone classifies
+        the validation posts best (accuracy, then cross-entropy; the first start on a full tie), since the trained
+        model stays close to its start (docs/design.md, "EM's themes from a second start"). Without validation
+        posts, the lower training cross-entropy. Returns the index and the record for run.json."""
+        scores = []
+        for i in range(len(starts)):
+            self._apply_start(fits, y_all, i)
+            train_ce = self._cross_entropy(batch)[0]
+            val = self._cross_entropy(val_batch) if val_batch is not None and len(val_batch["label"]) else None
+            scores.append((train_ce, val))
+        if scores[0][1] is None:
+            kept = int(np.argmin([t for t, _ in scores]))
+            rule = "lower training cross-entropy (no validation posts)"
+        else:
+            kept = min(range(len(starts)), key=lambda i: (-scores[i][1][1], scores[i][1][0], i))
+            rule = "higher validation accuracy, then lower validation cross-entropy"
+        record = {"chosen": starts[kept], "rule": rule,
+                  "training_cross_entropy": {s: round(t, 4) for s, (t, _) in zip(starts, scores)}}
+        if scores[0][1] is not None:
+            record["validation_accuracy"] = {s: round(100 * v[1], 2) for s, (_, v) in zip(starts, scores)}
+            record["validation_cross_entropy"] = {s: round(v[0], 4) for s, (_, v) in zip(starts, scores)}
+        return kept, record
 
     def _apply_start(self, fits: dict, y_all: np.ndarray, i: int) -> dict:
         """Write start ``i`` of each modality's fits (:func:`_lda_start`) into the evidence networks, b_y = log p(y),
@@ -565,13 +597,14 @@ class TrustMix(nn.Module):
             info["joint_states"] = self._state_start(y_all, states["text"], states["image"])
         return info
 
-    def _training_ce(self, batch: dict) -> float:
-        """The start's cross-entropy on the training posts (eq T2, no dropout): the objective training goes on with."""
+    def _cross_entropy(self, batch: dict) -> tuple[float, float]:
+        """The model's cross-entropy (eq T2, no dropout) and accuracy on ``batch``'s posts."""
         was = self.training
         self.eval()
         out = self(batch["text"], batch["image"], batch.get("text_mask"), batch.get("image_mask"))
         self.train(was)
-        return float(F.cross_entropy(out.logits, batch["label"]))
+        y = batch["label"]
+        return float(F.cross_entropy(out.logits, y)), float((out.logits.argmax(-1) == y).float().mean())
 
     @torch.no_grad()
     def _state_start(self, y: np.ndarray, st_t: np.ndarray, st_v: np.ndarray) -> list:

@@ -384,8 +384,10 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     lit = LitClassifier(model_cfg, train_cfg)
     norm_info = fit_input_norm(lit.model, fs, tr)         # training split only; buffers of the model
     init_info = None                                      # a data-dependent start (TrustMix init: lda)
+    va_sel = validation_rows(va, train_cfg)[0]              # calibration_holdout: the rest fits the calibration
     if getattr(lit.model, "wants_data_init", False) and not resume:   # resume: weights come from last.ckpt
-        init_info = lit.model.init_from_data(_rows_batch(fs, tr), seed=train_cfg.seed)
+        init_info = lit.model.init_from_data(_rows_batch(fs, tr), seed=train_cfg.seed,
+                                             val_batch=_rows_batch(fs, va_sel) if len(va_sel) else None)
     preloaded = {}
     if resume and _rank_zero_process():
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp, legacy)
@@ -398,7 +400,6 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     full = lim == 1.0 or (isinstance(lim, int) and lim >= -(-len(tr) // train_cfg.batch_size))
     train_loader = make_loader(fs, tr, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
                                num_workers=train_cfg.num_workers, full_epochs=full)
-    va_sel = validation_rows(va, train_cfg)[0]              # calibration_holdout: the rest fits the calibration
     val_loader = (make_loader(fs, va_sel, max(train_cfg.batch_size, 256), shuffle=False,
                               num_workers=train_cfg.num_workers) if len(va_sel) else None)
     recorder = RunRecorder(run_dir, has_val=val_loader is not None, fingerprint=fp,
