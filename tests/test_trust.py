@@ -450,33 +450,40 @@ def test_em_themes_started_on_the_unexplained_posts_find_the_generic_ones():
     sit where most posts are, on the places, and classification EM stays there: it finds a generic share
     under 10 % where the truth is 30 %. Started on the posts whose nearest look is another place's, it
     finds more of them, and the start is right more often where one modality is generic. ``best`` runs
-    both and keeps the one with the lower training cross-entropy, here the second, and says so."""
+    both and keeps the one that classifies the validation posts better, here the second, and says so;
+    without validation posts it runs EM once, from the first start."""
     fit, _ = _themes_batch(seed=0)
     held, kinds = _themes_batch(seed=1)
+    val, _ = _themes_batch(seed=2)
     one = torch.as_tensor(((kinds["text"] == 0) & (kinds["image"] == 1)) | ((kinds["text"] == 1) & (kinds["image"] == 0)))
     res = {}
     for ts in ("all", "unexplained", "best"):
         m = build_model(dataclasses.replace(_cfg(init="em", looks=1, input_dropout=0.0, gate=False, theme_start=ts),
                                             dim=64))
-        info = m.init_from_data(fit, seed=0)
+        info = m.init_from_data(fit, seed=0, val_batch=val if ts == "best" else None)
         with torch.no_grad():
             pred = m.eval()(held["text"], held["image"]).logits.argmax(1)
         res[ts] = info, float((pred == held["label"])[one].float().mean()), m.ev_t.linear.weight.detach().clone()
-    (all_info, all_acc, _), (un_info, un_acc, un_w) = res["all"], res["unexplained"]
+    (all_info, all_acc, all_w), (un_info, un_acc, un_w) = res["all"], res["unexplained"]
     assert all_info["text"]["state_shares"][1] < 0.1 < un_info["text"]["state_shares"][1], (all_info, un_info)
     assert un_acc > all_acc + 0.03, (all_acc, un_acc)
     best_info, best_acc, best_w = res["best"]
-    ce = best_info["theme_start"]["training_cross_entropy"]
-    assert best_info["theme_start"]["chosen"] == "unexplained" and ce["unexplained"] < ce["all"], best_info
-    assert "validation_accuracy" not in best_info["theme_start"]       # no validation posts: training CE decides
+    acc = best_info["theme_start"]["validation_accuracy"]
+    assert best_info["theme_start"]["chosen"] == "unexplained" and acc["unexplained"] > acc["all"], best_info
     assert best_acc == un_acc
     torch.testing.assert_close(best_w, un_w)
+    m = build_model(dataclasses.replace(_cfg(init="em", looks=1, input_dropout=0.0, gate=False, theme_start="best"),
+                                        dim=64))
+    rec = m.init_from_data(fit, seed=0)["theme_start"]                  # no validation posts: the first start
+    assert rec["chosen"] == "all" and rec["rule"].startswith("too few validation posts"), rec
+    torch.testing.assert_close(m.ev_t.linear.weight, all_w)
 
 
 def test_best_theme_start_follows_the_validation_posts_over_the_training_fit():
     """With validation posts, ``best`` keeps the start that classifies them better, even where the other start
     fits the training posts better: here the validation labels are what the first start (``all``) predicts, so
-    it scores 100 % there, while the second (``unexplained``) has the lower training cross-entropy."""
+    it scores 100 % there, while the second (``unexplained``) has the lower training cross-entropy. Its weights,
+    state prior and conflict tables are then the first start's, not the last start fitted."""
     fit, _ = _themes_batch(seed=0)
     val, _ = _themes_batch(seed=2)
     first = build_model(dataclasses.replace(_cfg(init="em", looks=1, input_dropout=0.0, gate=False), dim=64))
@@ -520,15 +527,29 @@ def test_second_theme_start_is_not_refitted_when_the_places_explain_almost_every
         torch.testing.assert_close(models["best"].state_dict()[name], a, msg=name)
 
 
-def test_best_theme_start_keeps_the_first_start_when_it_fits_better():
-    """With three themes that k-means of all posts finds, the first start (``all``) fits the training labels
-    better; ``best`` then restores its weights, state prior and conflict tables, not the last start fitted."""
-    fit, _ = _states_batch(seed=0)
-    models = {}
-    for ts in ("all", "best"):
-        models[ts] = m = build_model(dataclasses.replace(
-            _cfg(init="em", looks=1, input_dropout=0.0, gate=False, generic=3, theme_start=ts), dim=128))
-        info = m.init_from_data(fit, seed=0)
-    assert info["theme_start"]["chosen"] == "all", info["theme_start"]
-    for name, a in models["all"].state_dict().items():
-        torch.testing.assert_close(models["best"].state_dict()[name], a, msg=name)
+@pytest.mark.parametrize("threshold, chooses", [(10**6, False), (1, True)])
+def test_training_hands_the_start_its_validation_posts_only_when_there_are_enough(hetero_store, tmp_path,
+                                                                                  monkeypatch, threshold, chooses):
+    """train/fit.py gives EM's start the validation split to choose its themes on (``theme_start: best``) only
+    with at least ``CV_BELOW_VAL_POSTS`` of them (500: the size below which ``auto`` cross-validates instead);
+    with fewer, ``best`` keeps the first start and runs EM once, and run.json says why."""
+    import json
+
+    import sgmft.train.fit as fit_mod
+    from sgmft.train import train
+
+    seen = []
+    real = TrustMix.init_from_data
+
+    def spy(self, batch, seed=0, val_batch=None):
+        seen.append(None if val_batch is None else len(val_batch["label"]))
+        return real(self, batch, seed=seed, val_batch=val_batch)
+
+    monkeypatch.setattr(TrustMix, "init_from_data", spy)
+    monkeypatch.setattr(fit_mod, "CV_BELOW_VAL_POSTS", threshold)
+    p = load_preset("trust_lda")
+    p.train = dataclasses.replace(p.train, epochs=1, min_steps=0, progress=False)
+    res = train(hetero_store[0], tmp_path / "run", p)
+    rec = json.loads((res.run_dir / "run.json").read_text())["init"]["theme_start"]
+    assert len(seen) == 1 and (seen[0] is not None and seen[0] > 0) == chooses, seen
+    assert rec["rule"].startswith("higher validation accuracy" if chooses else "too few validation posts"), rec

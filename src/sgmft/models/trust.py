@@ -403,7 +403,7 @@ class TrustMix(nn.Module):
             "all", "with `init: em`, where EM's generic themes start (eq T6'): `all`, k-means centres of all the "
             "modality's posts; `unexplained`, of the posts whose nearest look belongs to another place than their "
             "label; `best`, EM from both, keeping the start that classifies the validation posts better (the higher "
-            "accuracy, then the lower cross-entropy; without a validation split, the lower training cross-entropy)")
+            "accuracy, then the lower cross-entropy); with fewer than 500 validation posts, `all`")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
@@ -523,8 +523,9 @@ class TrustMix(nn.Module):
         in the whitened space by mixture discriminant analysis, :func:`_mda_looks`), the generic
         themes the k-means centres of all the modality's posts (with ``init: em``, the looks, themes,
         covariance, state prior and conflict tables fitted by :func:`_em_fit`, its themes started as ``theme_start``
-        says; ``best``: from both starts, keeping the one that classifies ``val_batch`` better, :meth:`_choose_start`),
-        and b_y = log p(y). Gradient steps
+        says; ``best``: from both starts, keeping the one that classifies ``val_batch`` better, :meth:`_choose_start`;
+        without ``val_batch``, which training passes only with at least 500 validation posts, the first), and
+        b_y = log p(y). Gradient steps
         start from there. A discriminative linear layer needs many posts to find the directions that a
         shared-covariance Gaussian model estimates in closed form (docs/design.md, "The default model").
         Returns what was fitted (run.json), or None with ``init: random``."""
@@ -532,8 +533,13 @@ class TrustMix(nn.Module):
             return None
         y_all = batch["label"].numpy()
         em = self.opt["init"] == "em" and self.n_states == 3
-        starts = ("all", "unexplained") if self.opt["theme_start"] == "best" else (self.opt["theme_start"],)
-        starts = starts if em else ("all",)          # without EM the themes are eq T6's k-means of all posts
+        best = self.opt["theme_start"] == "best"
+        if not em:
+            starts = ("all",)                        # without EM the themes are eq T6's k-means of all posts
+        elif best:                                   # too few validation posts to choose on: the first start only
+            starts = ("all", "unexplained") if val_batch is not None else ("all",)
+        else:
+            starts = (self.opt["theme_start"],)
         fits = {}                                    # modality -> (rows with it, one fit per start of the themes)
         for key, inp, ev in (("text", self.text_in, self.ev_t), ("image", self.image_in, self.ev_v)):
             mask = batch.get(f"{key}_mask")
@@ -549,32 +555,24 @@ class TrustMix(nn.Module):
         info = self._apply_start(fits, y_all, kept)
         if record is not None:
             info["theme_start"] = record
+        elif best and em:
+            info["theme_start"] = {"chosen": "all", "rule": "too few validation posts to choose on: the first start"}
         return info
 
     def _choose_start(self, fits: dict, y_all: np.ndarray, starts: tuple, batch: dict,
-                      val_batch: dict | None) -> tuple[int, dict]:
-        """Which of EM's starts of the themes to keep (``theme_start: best``): the one whose start alone classifies
-        the validation posts best (accuracy, then cross-entropy; the first start on a full tie), since the trained
-        model stays close to its start (docs/design.md, "EM's themes from a second start"). Without validation
-        posts, the lower training cross-entropy. Returns the index and the record for run.json."""
+                      val_batch: dict) -> tuple[int, dict]:
+        """Which of EM's starts of the themes to keep (``theme_start: best``, docs/design.md item 16): the one whose
+        start alone classifies the validation posts best (accuracy, then cross-entropy; the first start on a full
+        tie), since the trained model stays close to its start. Returns the index and the record for run.json."""
         scores = []
         for i in range(len(starts)):
             self._apply_start(fits, y_all, i)
-            train_ce = self._cross_entropy(batch)[0]
-            val = self._cross_entropy(val_batch) if val_batch is not None and len(val_batch["label"]) else None
-            scores.append((train_ce, val))
-        if scores[0][1] is None:
-            kept = int(np.argmin([t for t, _ in scores]))
-            rule = "lower training cross-entropy (no validation posts)"
-        else:
-            kept = min(range(len(starts)), key=lambda i: (-scores[i][1][1], scores[i][1][0], i))
-            rule = "higher validation accuracy, then lower validation cross-entropy"
-        record = {"chosen": starts[kept], "rule": rule,
-                  "training_cross_entropy": {s: round(t, 4) for s, (t, _) in zip(starts, scores)}}
-        if scores[0][1] is not None:
-            record["validation_accuracy"] = {s: round(100 * v[1], 2) for s, (_, v) in zip(starts, scores)}
-            record["validation_cross_entropy"] = {s: round(v[0], 4) for s, (_, v) in zip(starts, scores)}
-        return kept, record
+            scores.append((self._cross_entropy(batch)[0], *self._cross_entropy(val_batch)))
+        kept = min(range(len(starts)), key=lambda i: (-scores[i][2], scores[i][1], i))
+        return kept, {"chosen": starts[kept], "rule": "higher validation accuracy, then lower validation cross-entropy",
+                      "validation_accuracy": {s: round(100 * v[2], 2) for s, v in zip(starts, scores)},
+                      "validation_cross_entropy": {s: round(v[1], 4) for s, v in zip(starts, scores)},
+                      "training_cross_entropy": {s: round(v[0], 4) for s, v in zip(starts, scores)}}
 
     def _apply_start(self, fits: dict, y_all: np.ndarray, i: int) -> dict:
         """Write start ``i`` of each modality's fits (:func:`_lda_start`) into the evidence networks, b_y = log p(y),

@@ -47,7 +47,7 @@ from sgmft.runs import (RunDir, RunError, RunLock, cleanup_on_failure, describe_
 from sgmft.train.calibrate import fit_calibration, validation_rows
 from sgmft.train.data import FeatureDataset, make_loader
 from sgmft.train.module import EpochLines, LitClassifier
-from sgmft.train.select import train_selected
+from sgmft.train.select import CV_BELOW_VAL_POSTS, train_selected
 from sgmft.train.result import TrainResult
 from sgmft.train.resume import (NonFiniteError, ResumeCheckpointError, RunRecorder, SafeCheckpointIO,
                                 _finite_module, load_state, load_weights, write_metrics_csv)
@@ -386,8 +386,9 @@ def _fit(fs, run_dir: RunDir, p, model_cfg, train_cfg, split, tr, va, fp, inputs
     init_info = None                                      # a data-dependent start (TrustMix init: lda)
     va_sel = validation_rows(va, train_cfg)[0]              # calibration_holdout: the rest fits the calibration
     if getattr(lit.model, "wants_data_init", False) and not resume:   # resume: weights come from last.ckpt
+        enough = len(va_sel) >= CV_BELOW_VAL_POSTS     # fewer: too few to choose EM's start on (theme_start best)
         init_info = lit.model.init_from_data(_rows_batch(fs, tr), seed=train_cfg.seed,
-                                             val_batch=_rows_batch(fs, va_sel) if len(va_sel) else None)
+                                             val_batch=_rows_batch(fs, va_sel) if enough else None)
     preloaded = {}
     if resume and _rank_zero_process():
         state = _check_resume_state(run_dir.last_checkpoint, lit, fp, legacy)
