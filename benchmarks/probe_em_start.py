@@ -7,7 +7,7 @@ gradient step* on the training, validation and test splits: accuracy (%) and cro
 shares per modality (shows the place, generic, another place) and, on a SimFeat store, the test accuracy
 per regime. It does this once per value of ``theme_start`` (``all``, ``unexplained``) and says which one
 ``best`` keeps (the higher validation accuracy, then the lower validation cross-entropy) and which one has
-the lower training cross-entropy (``best``'s rule without validation posts). One JSON line on stdout.
+the lower training cross-entropy (item 15's rule, which item 16 replaced). One JSON line on stdout.
 
     sgmft simulate STORE --profile wide768
     python benchmarks/probe_em_start.py STORE trust_mda

@@ -54,7 +54,8 @@ modality's posts are split by classification EM into those that show their place
 another place, so that generic and contradicting posts neither widen the within-place covariance nor
 leave the themes where the places are, and the state prior (eq T3) and the conflict tables (eq T1')
 start from the fitted counts (``theme_start`` says where EM's themes start: among all posts, the default, or
-among those no look of their own place explains, or both with the lower training cross-entropy kept). With ``start_shrinkage: cv`` (presets ``trust_lda``, ``trust_mda``) the shared covariance of the start
+among those no look of their own place explains, or both with the start kept that classifies the validation
+posts better, given at least 500 of them). With ``start_shrinkage: cv`` (presets ``trust_lda``, ``trust_mda``) the shared covariance of the start
 is shrunk towards a multiple of the identity by the intensity that cross-validation on the training posts
 chooses for the discriminant (eq T6'', :func:`_cv_shrinkage`, regularised discriminant analysis): Ledoit-Wolf's
 intensity, which suits the covariance itself, can be far too weak for its inverse when the width is not
