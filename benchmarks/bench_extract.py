@@ -52,9 +52,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--precisions", default=None,
                     help="comma list (fp32,bf16,int8): compare precisions against the first one instead")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (--precisions)")
-    ap.add_argument("--variants", action="store_true",
+    ap.add_argument("--variants", nargs="?", const="all", default=None, metavar="NAMES",
                     help="(--precisions) also time the other ways to compute bf16 / int8 that sgmft does not "
-                         "use (bf16 autocast over fp32 weights, oneDNN bf16 fast-math, other quantized engines)")
+                         "use (bf16 autocast over fp32 weights, oneDNN bf16 fast-math, plain unpacked bf16 "
+                         "Linears, other quantized engines); NAMES: a comma list of variant names to keep "
+                         "(e.g. bf16:plain-linear), default all")
     ap.add_argument("--compile", default="",
                     help="(--precisions) comma list of precisions to ALSO time under torch.compile "
                          "(e.g. fp32,int8); reports compile time (first pass) and steady-state speed")
@@ -183,18 +185,21 @@ class _Variant:
 
 
 def _variants(spec, args, load_backbone):
-    """The alternatives to sgmft's bf16 / int8 recipes, for ``--variants``."""
+    """The alternatives to sgmft's bf16 / int8 recipes, for ``--variants`` (those named, or all)."""
     import contextlib
     import warnings
 
     import torch
 
-    from sgmft.features.backbones.base import int8_engine
+    from sgmft.features.backbones.base import int8_engine, unpack_linears
 
-    out = {}
-    bb = load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size)
-    bb.precision = "bfloat16"  # fp32 weights, bf16 autocast (sgmft's bf16 before this change)
-    out["bf16:autocast-fp32-weights"] = bb
+    def load(dtype):
+        return load_backbone(spec, device=args.device, dtype=dtype, batch_size=args.batch_size)
+
+    def autocast_fp32_weights():
+        bb = load("fp32")
+        bb.precision = "bfloat16"  # fp32 weights, bf16 autocast (sgmft's bf16 before bf16 weights)
+        return bb
 
     @contextlib.contextmanager
     def fast_math():
@@ -204,20 +209,37 @@ def _variants(spec, args, load_backbone):
             yield
         finally:
             torch.backends.mkldnn.fp32_precision = prev
-    out["bf16:onednn-fastmath-fp32-model"] = _Variant(
-        load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size), fast_math)
-    qc = torch.ao.quantization
-    engines = [e for e in ("onednn", "x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
-    for eng, scheme in ([(int8_engine(), "per-tensor")] +
-                        [(e, "per-channel") for e in engines if e != int8_engine()]):
-        bb = load_backbone(spec, device=args.device, dtype="fp32", batch_size=args.batch_size)
+
+    def plain_linear():  # bf16 Linears with plain weights: oneDNN reorders each weight on every call
+        bb = load("bf16")  # (sgmft's bf16 before PackedLinear)
+        unpack_linears(bb.model)
+        return bb
+
+    def quantized(eng, scheme):
+        bb = load("fp32")
         prev, torch.backends.quantized.engine = torch.backends.quantized.engine, eng
+        qc = torch.ao.quantization
         cfg = qc.per_channel_dynamic_qconfig if scheme == "per-channel" else qc.default_dynamic_qconfig
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bb.model = qc.quantize_dynamic(bb.model, {torch.nn.Linear: cfg}, dtype=torch.qint8, inplace=True)
         torch.backends.quantized.engine = prev
-        out[f"int8:{scheme}-{eng}"] = bb
+        return bb
+
+    makers = {"bf16:autocast-fp32-weights": autocast_fp32_weights,
+              "bf16:onednn-fastmath-fp32-model": lambda: _Variant(load("fp32"), fast_math),
+              "bf16:plain-linear": plain_linear}
+    engines = [e for e in ("onednn", "x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
+    for eng, scheme in ([(int8_engine(), "per-tensor")] +
+                        [(e, "per-channel") for e in engines if e != int8_engine()]):
+        makers[f"int8:{scheme}-{eng}"] = lambda eng=eng, scheme=scheme: quantized(eng, scheme)
+    want = list(makers) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in want if v not in makers]
+    if unknown:
+        raise SystemExit(f"bench_extract.py: unknown --variants {unknown}; choose from {list(makers)}")
+    out = {}
+    for name in want:
+        out[name] = makers[name]()
         _release_memory()
     return out
 

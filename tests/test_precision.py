@@ -174,6 +174,37 @@ def test_bf16_runs_bf16_weights_and_returns_float32(env):
     assert ib.dtype == np.float32 and (ia * ib).sum(1).min() > 0.999
 
 
+def test_bf16_linears_are_packed_once_and_give_the_plain_linears_features_bit_for_bit(env):
+    """On CPU, bf16 keeps each Linear's weight in oneDNN's blocked layout (PackedLinear) instead of
+    letting oneDNN reorder it on every call; the sums are the same, so the features are identical
+    and so is the fingerprint; unpack_linears gives the plain Linears (and weights) back."""
+    from sgmft.features.backbones.base import PackedLinear, can_pack_bf16, unpack_linears
+
+    packed, plain = load_backbone(env["spec"], dtype="bf16"), load_backbone(env["spec"], dtype="bf16")
+    n_linear = sum(type(m) is torch.nn.Linear for m in load_backbone(env["spec"], dtype="fp32").model.modules())
+    if not can_pack_bf16(packed.model):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: bf16 keeps plain Linears")
+    assert sum(type(m) is PackedLinear for m in packed.model.modules()) == n_linear > 0
+    unpack_linears(plain.model)
+    assert not any(type(m) is PackedLinear for m in plain.model.modules())
+    assert sum(type(m) is torch.nn.Linear for m in plain.model.modules()) == n_linear
+    texts = ["今天在电影院看电影", "去公园跑步", "学校 上课", "健身"] * 3
+    ims = [Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (50, 40), (10, 120, 240))]
+    for k in (1, 5, 12):   # row counts other than the packing hint
+        assert np.array_equal(packed.encode_text(texts[:k]), plain.encode_text(texts[:k]))
+    assert np.array_equal(packed.encode_images(ims), plain.encode_images(ims))
+    assert packed.fingerprint() == plain.fingerprint()
+    w_packed = next(m for m in packed.model.modules() if type(m) is PackedLinear).to_linear().weight
+    w_plain = next(m for m in plain.model.modules() if type(m) is torch.nn.Linear).weight
+    assert w_packed.dtype == torch.bfloat16 and torch.equal(w_packed, w_plain)
+    torch.manual_seed(0)   # the tiny model's biases are zero: one Linear with a bias, 2-d and 3-d inputs
+    lin = torch.nn.Linear(48, 40).to(torch.bfloat16).requires_grad_(False)
+    torch.nn.init.normal_(lin.bias)
+    for shape in ((7, 48), (3, 5, 48)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        assert torch.equal(PackedLinear(lin)(x), lin(x))
+
+
 def test_precision_recipe_in_fingerprint(env, monkeypatch):
     """How bf16/int8 are computed is part of the fingerprint (fp32's has no recipe, so fp32
     fingerprints did not change); int8 weights are packed for the preferred quantized engine,

@@ -117,11 +117,12 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
       The packed weights carry their engine, so the forward does not depend on the global
       ``torch.backends.quantized.engine``, which is restored afterwards.
     * ``bfloat16``: parameters and buffers cast to bfloat16 (halves the weights' memory);
-      the forward also runs under bf16 autocast (:meth:`Backbone._autocast`).
+      the forward also runs under bf16 autocast (:meth:`Backbone._autocast`). On CPU each
+      ``nn.Linear`` then keeps its weight in oneDNN's blocked layout (:class:`PackedLinear`).
     * others: ``model`` unchanged (fp16 autocasts in :meth:`Backbone._autocast`).
     """
     if precision == "bfloat16":
-        return model.to(torch.bfloat16)
+        return pack_linears(model.to(torch.bfloat16))
     if precision != "int8":
         return model
     import warnings
@@ -156,6 +157,66 @@ class PerPostLinear(DynamicQuantizedLinear):
         if x.dim() < 2 or x.shape[0] == 1:
             return one(x)
         return torch.cat([one(row) for row in x.split(1)])
+
+
+# the row count oneDNN blocks a packed weight for (a hint: any row count runs, with the same results)
+PACK_ROWS_HINT = 2048
+
+
+class PackedLinear(torch.nn.Module):
+    """A bf16 ``nn.Linear`` on CPU whose weight oneDNN reordered once, at load, into the blocked
+    layout its AMX / AVX-512 GEMM kernels read (``mkldnn._reorder_linear_weight``, what Inductor's
+    freezing does for a compiled model), instead of on every call as ``F.linear`` on a plain weight
+    does. The same kernel computes the same sums: features are bit for bit those of the plain
+    Linear (``tests/test_precision.py``), so it is not part of the fingerprint, like the thread
+    count; the speed-up is measured in ``benchmarks/bench_extract.py --variants bf16:plain-linear``
+    (docs/scale.md). The weight is kept only packed (no second copy); :meth:`to_linear` gives the
+    plain Linear back (``Backbone.compile_forward`` does, since Inductor packs by itself)."""
+
+    def __init__(self, linear: torch.nn.Linear, rows_hint: int = PACK_ROWS_HINT):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+
+    def to_linear(self) -> torch.nn.Linear:
+        lin = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              dtype=torch.bfloat16, device="meta")
+        lin.weight = torch.nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = torch.nn.Parameter(self.bias, requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack_bf16(model: torch.nn.Module) -> bool:
+    """Whether :class:`PackedLinear` runs here: a CPU model and a oneDNN build with bf16 kernels."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return (dev.type == "cpu" and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def _swap_linears(model: torch.nn.Module, kind: type, make) -> torch.nn.Module:
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is kind:
+                setattr(mod, name, make(child))
+    return model
+
+
+def pack_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Every bf16 ``nn.Linear`` of ``model`` as a :class:`PackedLinear` (in place), where it can run."""
+    return _swap_linears(model, torch.nn.Linear, PackedLinear) if can_pack_bf16(model) else model
+
+
+def unpack_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of :func:`pack_linears` (in place): plain Linears with the same weights."""
+    return _swap_linears(model, PackedLinear, PackedLinear.to_linear)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -277,6 +338,8 @@ class Backbone(abc.ABC):
         pays on long extractions only; rows are independent in these models, so padding rows
         change nothing but the last bits (as a torch thread count does)."""
         if not self.compiled:
+            if isinstance(getattr(self, "model", None), torch.nn.Module):
+                unpack_linears(self.model)   # Inductor's freezing packs the plain weights itself
             opts = {"freezing": True}
             self._text_embed = torch.compile(self._text_embed, dynamic=False, options=opts)
             self._image_embed = torch.compile(self._image_embed, dynamic=False, options=opts)
