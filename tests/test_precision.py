@@ -203,6 +203,12 @@ def test_bf16_linears_are_packed_once_and_give_the_plain_linears_features_bit_fo
     for shape in ((7, 48), (3, 5, 48)):
         x = torch.randn(shape).to(torch.bfloat16)
         assert torch.equal(PackedLinear(lin)(x), lin(x))
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(PackedLinear(lin))), copy.deepcopy(PackedLinear(lin))):
+        assert clone.packed.is_mkldnn and torch.equal(clone(x), lin(x))   # re-packed, same sums
+    assert np.array_equal(pickle.loads(pickle.dumps(packed)).encode_text(texts), packed.encode_text(texts))
 
 
 def test_precision_recipe_in_fingerprint(env, monkeypatch):

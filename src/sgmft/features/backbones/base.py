@@ -182,6 +182,15 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
 
+    def __getstate__(self) -> dict:   # oneDNN's opaque tensor has no storage to pickle: the plain weight
+        state = super().__getstate__().copy()
+        state["packed"] = self.packed.to_dense()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.packed, PACK_ROWS_HINT)
+
     def to_linear(self) -> torch.nn.Linear:
         lin = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                               dtype=torch.bfloat16, device="meta")
