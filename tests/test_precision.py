@@ -176,8 +176,9 @@ def test_bf16_runs_bf16_weights_and_returns_float32(env):
 
 def test_bf16_linears_are_packed_once_and_give_the_plain_linears_features_bit_for_bit(env):
     """On CPU, bf16 keeps each Linear's weight in oneDNN's blocked layout (PackedLinear) instead of
-    letting oneDNN reorder it on every call; the sums are the same, so the features are identical
-    and so is the fingerprint; unpack_linears gives the plain Linears (and weights) back."""
+    letting oneDNN reorder it on every call; the sums are the same, so with one thread (this
+    module's) the features are identical and so is the fingerprint; unpack_linears gives the plain
+    Linears (and weights) back, and a packed backbone pickles."""
     from sgmft.features.backbones.base import PackedLinear, can_pack_bf16, unpack_linears
 
     packed, plain = load_backbone(env["spec"], dtype="bf16"), load_backbone(env["spec"], dtype="bf16")

@@ -167,10 +167,11 @@ class PackedLinear(torch.nn.Module):
     """A bf16 ``nn.Linear`` on CPU whose weight oneDNN reordered once, at load, into the blocked
     layout its AMX / AVX-512 GEMM kernels read (``mkldnn._reorder_linear_weight``, what Inductor's
     freezing does for a compiled model), instead of on every call as ``F.linear`` on a plain weight
-    does. The same kernel computes the same sums: features are bit for bit those of the plain
-    Linear (``tests/test_precision.py``), so it is not part of the fingerprint, like the thread
-    count; the speed-up is measured in ``benchmarks/bench_extract.py --variants bf16:plain-linear``
-    (docs/scale.md). The weight is kept only packed (no second copy); :meth:`to_linear` gives the
+    does. The same kernel computes the same sums: with one thread the features are bit for bit
+    those of the plain Linear (``tests/test_precision.py``); with more, oneDNN may split a GEMM
+    between the threads otherwise and the last bit of some outputs can differ (as the thread count
+    itself makes it), so it is not part of the fingerprint. The speed-up is measured in
+    ``benchmarks/bench_extract.py --variants bf16:plain-linear`` (docs/scale.md). The weight is kept only packed (no second copy); :meth:`to_linear` gives the
     plain Linear back (``Backbone.compile_forward`` does, since Inductor packs by itself)."""
 
     def __init__(self, linear: torch.nn.Linear, rows_hint: int = PACK_ROWS_HINT):
