@@ -171,13 +171,14 @@ class PackedLinear(torch.nn.Module):
     those of the plain Linear (``tests/test_precision.py``); with more, oneDNN may split a GEMM
     between the threads otherwise and the last bit of some outputs can differ (as the thread count
     itself makes it), so it is not part of the fingerprint. The speed-up is measured in
-    ``benchmarks/bench_extract.py --variants bf16:plain-linear`` (docs/scale.md). The weight is kept only packed (no second copy); :meth:`to_linear` gives the
-    plain Linear back (``Backbone.compile_forward`` does, since Inductor packs by itself)."""
+    ``benchmarks/bench_extract.py --variants bf16:plain-linear`` (docs/scale.md). The weight is kept
+    only packed (no second copy); :meth:`to_linear` gives the plain Linear back
+    (``Backbone.compile_forward`` does, since Inductor packs by itself)."""
 
-    def __init__(self, linear: torch.nn.Linear, rows_hint: int = PACK_ROWS_HINT):
+    def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
