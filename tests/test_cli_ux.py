@@ -222,6 +222,19 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"sgmft {__version__}"
 
 
+def test_python_dash_m_sgmft_is_the_command_line():
+    import subprocess
+    import sys
+
+    from sgmft import __version__
+
+    r = subprocess.run([sys.executable, "-m", "sgmft", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"sgmft {__version__}"
+    r = subprocess.run([sys.executable, "-m", "sgmft", "no-such-verb"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no-such-verb" in r.stderr
+
+
 def test_devices_accepts_lists_ints_and_auto():
     ap = build_parser()
     base = ["train", "s", "--out", "o"]
