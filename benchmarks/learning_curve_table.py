@@ -2,6 +2,14 @@
 mean ± sd over seeds per size and model, and the default's (``auto``) margin over the best other model.
 
     python benchmarks/learning_curve_table.py reports/lc/learning_curve.csv
+
+``--plot OUT.png CSV [CSV ...]`` draws several curves side by side instead, one panel per CSV:
+accuracy / oracle against posts (log axis), mean over seeds with min..max bars. The ratio to the
+oracle, not the accuracy, because the sizes of one CSV may come from runs with different test sets
+(issue 17's curves: 500, 1,000-5,000, 34,000 and 68,000 posts each have their own):
+
+    python benchmarks/learning_curve_table.py --plot docs/img/learning_curves_issue17.png \
+        benchmarks/results-learning_curve-*-issue17.csv
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
 def table(path: str, default: str = "auto") -> str:
@@ -38,5 +47,51 @@ def table(path: str, default: str = "auto") -> str:
     return "\n".join(lines)
 
 
+def _ratios(path: str) -> dict[str, dict[int, list[float]]]:
+    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in csv.DictReader(open(path, encoding="utf-8")):
+        out[row["model"]][int(row["size"])].append(float(row["accuracy_over_oracle"]))
+    return out
+
+
+def plot(out: str, paths: list[str], default: str = "auto") -> str:
+    """One panel per CSV (titled by its profile): accuracy / oracle against posts, every model."""
+    import math
+    import re
+
+    from sgmft.eval.plots import _new_figure, _palette, _save_png
+
+    curves = [(re.sub(r"^results-learning_curve-|-issue17$", "", Path(p).stem), _ratios(p)) for p in paths]
+    models = list(dict.fromkeys(m for _, c in curves for m in sorted(c, key=lambda m: m != default)))
+    colours = dict(zip(models, _palette(len(models))))
+    cols = min(4, len(curves))
+    rows = math.ceil(len(curves) / cols)
+    fig = _new_figure((4.2 * cols, 3.4 * rows))
+    for i, (name, c) in enumerate(curves):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for m in models:
+            if m not in c:
+                continue
+            sizes = sorted(c[m])
+            mean = [statistics.fmean(c[m][s]) for s in sizes]
+            err = [[mu - min(c[m][s]) for s, mu in zip(sizes, mean)], [max(c[m][s]) - mu for s, mu in zip(sizes, mean)]]
+            ax.errorbar(sizes, mean, yerr=err, marker="o", ms=3, capsize=2, color=colours[m],
+                        lw=2.2 if m == default else 1.0, label=m, zorder=3 if m == default else 2)
+        ax.axhline(1.0, color="black", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(top=1.02)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("posts (80 % training + validation)", fontsize=8)
+        ax.set_ylabel("accuracy / oracle", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return str(_save_png(fig, out))
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    if sys.argv[1] == "--plot":
+        print(plot(sys.argv[2], sys.argv[3:]))
+    else:
+        print(table(sys.argv[1]))
