@@ -351,13 +351,14 @@ def precision_main(args) -> dict:
         ct, ci = _cosines(feats[name][0], feats[ref_name][0]), _cosines(feats[name][1], feats[ref_name][1])
         allc = np.concatenate([ct, ci])
         tot = sum(secs[name])
+        per_round = [a / b for a, b in zip(secs[ref_name], secs[name])]
         res[name] = {
             "items_per_s": round(n_items * args.rounds / tot, 3),
             "posts_per_s": round(len(posts) * args.rounds / tot, 3),
             "seconds_per_round": [round(x, 2) for x in secs[name]],
             "speedup_vs_" + ref_name: round(sum(secs[ref_name]) / tot, 3),
-            "speedup_per_round": [round(a / b, 3) for a, b in zip(secs[ref_name], secs[name])],
-            "speedup_median_round": round(float(np.median([a / b for a, b in zip(secs[ref_name], secs[name])])), 3),
+            "speedup_per_round": [round(x, 3) for x in per_round],
+            "speedup_median_round": round(float(np.median(per_round)), 3),
             "cosine_mean": round(float(allc.mean()), 6), "cosine_min": round(float(allc.min()), 6),
             "cosine_text_mean": round(float(ct.mean()), 6), "cosine_text_min": round(float(ct.min()), 6),
             "cosine_image_mean": round(float(ci.mean()), 6), "cosine_image_min": round(float(ci.min()), 6),

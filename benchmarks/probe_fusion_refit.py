@@ -93,7 +93,11 @@ def main(argv=None) -> dict:
             for s in ("train", "val", "test") for i in [np.flatnonzero(split == s)]}
     out = {"run": str(args.run), "store": str(args.store), "as_trained": _scores(model, data, fs.regime_names),
            "command": "python benchmarks/probe_fusion_refit.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
+    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"probe_fusion_refit.py: unknown --settings {unknown}; choose from {list(SETTINGS)}")
+    for name in names:
         fit_on, params = SETTINGS[name]
         out[name] = {"fit_on": fit_on, "parameters": list(params),
                      "trace": refit(model, data, fit_on, params, args.epochs, args.report, fs.regime_names,
