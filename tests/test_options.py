@@ -31,7 +31,8 @@ OLD_DEFAULTS = {
               "init": "random",                         # added later (eq T6); these are the model as it was
               "start_shrinkage": "ledoit_wolf",         # added with eq T6''; the start as it was
               "theme_start": "all",                     # added later (EM's themes); the start as it was
-              "evidence_lr": 1.0},
+              "evidence_lr": 1.0,
+              "label_noise": 0.0},                      # added with eq T7; 0 is the cross-entropy as it was
     "qmf": {"hidden": 512, "temperature": 10.0, "uni_weight": 1.0, "rank_weight": 1.0},
     "pdf": {"hidden": 512, "uni_weight": 1.0, "tcp_weight": 1.0, "confid_weight_decay": 1.0,
             "relative_calibration": True},

@@ -108,6 +108,42 @@ def test_aux_loss_uses_the_unimodal_marginals():
     assert float(build_model(_cfg(aux_weight=0.0)).aux_loss_fn(out, y)) == 0.0
 
 
+def test_eq_t7_the_likelihood_of_a_label_that_is_wrong_with_probability_epsilon():
+    """eq T7: -log[(1 - eps) softmax(z)_y + eps / K] for the fused logits and both marginals (eq T5), the
+    training loss uses it, and eps = 0 is the cross-entropy."""
+    from sgmft.models.registry import training_loss
+
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    plain, noisy = build_model(_cfg()).eval(), build_model(_cfg(label_noise=0.1)).eval()
+    noisy.load_state_dict(plain.state_dict())
+    out = noisy(_x(), _x(seed=1))
+
+    def direct(z):
+        p = torch.softmax(z.double(), -1)[torch.arange(6), y]
+        return -torch.log(0.9 * p + 0.1 / 5).mean().float()
+
+    torch.testing.assert_close(noisy.loss_fn(out, y), direct(out.logits))
+    torch.testing.assert_close(noisy.aux_loss_fn(out, y),
+                               0.5 * (direct(out.extras["logits_text"]) + direct(out.extras["logits_image"])))
+    torch.testing.assert_close(training_loss(noisy, out, y),
+                               direct(out.logits) + noisy.aux_loss_fn(out, y))
+    torch.testing.assert_close(plain.loss_fn(out, y), torch.nn.functional.cross_entropy(out.logits, y))
+
+
+def test_eq_t7_bounds_what_a_mislabelled_post_can_pull():
+    """A post whose label the model finds impossible costs at most -log(eps / K) under eq T7, and its
+    gradient vanishes, where the cross-entropy keeps pulling: a mislabelled post need not be explained as
+    a contradiction (docs/design.md, item 17)."""
+    z = torch.tensor([[12.0, 0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([3])
+    noisy = build_model(_cfg(label_noise=0.05))
+    loss = noisy.nll(z, y)
+    assert float(loss) <= -math.log(0.05 / 5) + 1e-4
+    (g,) = torch.autograd.grad(loss, z)
+    (g_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), z)
+    assert float(g.abs().max()) < 1e-3 < float(g_ce.abs().max())
+
+
 def test_default_preset_is_a_known_preset_and_used_by_train_cli(monkeypatch, tmp_path):
     assert DEFAULT_PRESET in list_presets()
     import sgmft.cli as cli

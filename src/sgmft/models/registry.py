@@ -188,7 +188,8 @@ def training_loss(model, out, y, index=None):
     history). Needs no Lightning: the training module and the model matrix test call it."""
     import torch.nn.functional as F
 
-    loss = F.cross_entropy(out.logits, y)
+    loss_fn = getattr(model, "loss_fn", None)          # a model's own likelihood of the label (TrustMix eq T7)
+    loss = loss_fn(out, y) if loss_fn is not None else F.cross_entropy(out.logits, y)
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     aux_fn = getattr(model, "aux_loss_fn", None)

@@ -68,6 +68,16 @@ modality's marginal (eq T5, the mixture with the other modality summed out) as a
 cross-entropy term, so that each evidence network is also trained on its own. Missing
 modalities (mask False) contribute no evidence: a_m^s(y) = 0 for every state.
 
+With ``label_noise`` = eps > 0 the training loss is the likelihood of a label that is wrong with
+probability eps (eq T7), for the fused logits and for both marginals of eq T5:
+
+    -log[(1 - eps) p(y | x) + eps / K]
+
+so a mislabelled post (both modalities show one place, the label names another) is not explained as
+a contradiction in both modalities, which flattens the conflict tables and moves the state prior.
+Prediction is unchanged (the noise term is uniform over places). Off in every preset (docs/design.md,
+"The default model", item 17).
+
 ``fused`` (M_fuse, used for t-SNE) is [l_t, g_t, l_v, g_v, posterior over the joint states].
 """
 
@@ -408,6 +418,10 @@ class TrustMix(nn.Module):
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
+        label_noise: float = option(
+            0.0, "epsilon of eq T7: training maximises log[(1 - epsilon) p(y | x) + epsilon / K], a label that is "
+            "wrong with probability epsilon, so mislabelled posts are not explained as contradictions; 0 = plain "
+            "cross-entropy", ge=0, lt=1)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -622,9 +636,23 @@ class TrustMix(nn.Module):
             table.copy_(torch.from_numpy(np.log(q) / self.table_scale).float())
         return np.round(joint / joint.sum(), 4).tolist()
 
+    # -- eq T7: a label that is wrong with probability epsilon -------------------------------
+    def nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean -log[(1 - eps) softmax(logits)_y + eps / K] (eq T7); plain cross-entropy when eps = 0."""
+        eps = float(self.opt["label_noise"])
+        if eps <= 0:
+            return F.cross_entropy(logits, labels)
+        clean = math.log1p(-eps) - F.cross_entropy(logits, labels, reduction="none")
+        noise = torch.full_like(clean, math.log(eps / logits.shape[-1]))
+        return -torch.logaddexp(clean, noise).mean()
+
+    def loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The fused term of the training loss: eq T7's likelihood of the observed label."""
+        return self.nll(out.logits, labels)
+
     def aux_loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         w = float(self.opt["aux_weight"])
         if w <= 0:
             return out.logits.new_zeros(())
         e = out.extras
-        return w * (F.cross_entropy(e["logits_text"], labels) + F.cross_entropy(e["logits_image"], labels))
+        return w * (self.nll(e["logits_text"], labels) + self.nll(e["logits_image"], labels))
