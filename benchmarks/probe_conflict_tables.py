@@ -72,21 +72,22 @@ def _evidence(m, text, image):
     return (lt, gt, lv, gv), log_pi.numpy()
 
 
-def _state_evidence(l, g, log_q: np.ndarray) -> np.ndarray:
-    """(n, 3, K) a_m^s(y) of eq T1' with the table ``log_q`` (K, K), rows y."""
+def _state_evidence(m, l, g, log_q: np.ndarray) -> np.ndarray:
+    """(n, 3, K) a_m^s(y) of eq T1' (the run's own ``state_evidence``) with the table ``log_q`` (K, K), rows y:
+    given as conflict logits log_q / table_scale, whose masked log-softmax is log_q again (its rows sum to 1)."""
     import torch
 
     with torch.inference_mode():
-        oth = (l.unsqueeze(1) + torch.as_tensor(np.maximum(log_q, -30.0)).float()).logsumexp(-1)
-        return torch.stack([l, g.logsumexp(-1, keepdim=True).expand_as(l), oth], 1).numpy()
+        logits = torch.as_tensor(np.maximum(log_q, -30.0)).float() / m.table_scale
+        return m.state_evidence(l, g, logits).numpy()
 
 
-def _fuse(ev, tables: tuple, log_pi: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def _fuse(m, ev, tables: tuple, log_pi: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Eq T2's logits from the evidence, the tables (text, image), a log pi ((3, 3) or (n, 3, 3)) and a bias."""
     from scipy.special import logsumexp
 
     lt, gt, lv, gv = ev
-    at, av = _state_evidence(lt, gt, tables[0]), _state_evidence(lv, gv, tables[1])
+    at, av = _state_evidence(m, lt, gt, tables[0]), _state_evidence(m, lv, gv, tables[1])
     log_pi = np.broadcast_to(log_pi, (len(at), 3, 3))
     joint = log_pi[..., None] + at[:, :, None, :] + av[:, None, :, :]
     return logsumexp(joint.reshape(len(at), 9, -1), 1) + bias
@@ -170,7 +171,7 @@ def probe(run: Path, store: Path, alphas=(0.1, 0.5)) -> dict:
                                       for f, t in fusions.items() if f.startswith("counted")}},
         "state_prior": {"run_mean": np.round(np.exp(log_pi).mean(0).astype(float), 3).tolist(),
                         "generator": np.round(np.exp(gen_pi), 3).tolist(), "order": "inf, gen, oth"},
-        "fused": {f: _by_regime(_fuse(ev, *t).argmax(1), y, nt) for f, t in fusions.items()},
+        "fused": {f: _by_regime(_fuse(m, ev, *t).argmax(1), y, nt) for f, t in fusions.items()},
     }
 
 

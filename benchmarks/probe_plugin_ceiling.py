@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_estimation_ceiling import fit_mda  # noqa: E402
+from probe_conflict_tables import _counted, _world  # noqa: E402
 
 COARSE = {"both": 0, "image_other_place": 1, "image_generic": 1, "text_other_place": 2, "text_generic": 2,
           "neither": 3}                       # the generator's regimes: both / text only / image only / neither
@@ -60,15 +61,6 @@ def _modality(x, comp, train, k: int, looks: int, seed: int) -> dict:
             "comp": np.vstack([place_means, themes]), "shrinkage": delta, "themes": len(themes)}
 
 
-def _counts(comp, y, train, k: int, fine: np.ndarray, regime: str) -> np.ndarray:
-    keep = train[(fine[train] == regime) & (comp[train] < k) & (comp[train] != y[train])]
-    q = np.full((k, k), 0.5)
-    np.add.at(q, (y[keep], comp[keep]), 1.0)
-    np.fill_diagonal(q, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(q / q.sum(1, keepdims=True))
-
-
 def _estimate(cfg, fits: dict, comps: dict, y, fine, train):
     """(cfg with the estimated distractor chances and unit noise, the _Estimated model)."""
     k = cfg.num_classes
@@ -84,7 +76,7 @@ def _estimate(cfg, fits: dict, comps: dict, y, fine, train):
     est.log_look_w = {m: fits[m]["log_w"] for m in fits}
     dim = fits["text"]["z"].shape[1]
     est.precision = {m: np.eye(dim) for m in fits}
-    est.log_conflict = {m: _counts(comps[m], y, train, k, fine, f"{m}_other_place") for m in fits}
+    est.log_conflict = {m: _counted(y[train], comps[m][train], fine[train], f"{m}_other_place", k, 0.5) for m in fits}
     g = {m: fits[m]["themes"] for m in fits}
     with np.errstate(divide="ignore"):
         est.log_uninf_text = np.log(np.r_[np.full(k, q["text"] / (k - 1)), np.full(g["text"], (1 - q["text"]) / g["text"])])
@@ -102,11 +94,9 @@ def probe(store: Path, seed: int = 0) -> dict:
     from sgmft.features import FeatureStore
 
     meta = json.loads((store / "meta.json").read_text())["extra"]["simfeat"]
-    cfg = S.SimFeatConfig(**meta["config"])
-    if not cfg.fine_regimes or cfg.conflict_concentration <= 0 or cfg.num_generic <= 0:
-        raise SystemExit(f"{store}: this probe needs a SimFeat profile with fine regimes, conflict tables and themes")
-    r_model, r_posts = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)[:2])
-    *_, comp_t, comp_i = S._draw_posts(cfg, S._Model(cfg, r_model), cfg.num_posts, r_posts, components=True)
+    cfg, _, comp_t, comp_i = _world(store)           # the generator drawn again: what each modality shows
+    if cfg.num_generic <= 0:
+        raise SystemExit(f"{store}: this probe needs a SimFeat profile with generic themes")
     fs = FeatureStore.open(store)
     fine = np.asarray(fs.regime_names)[np.asarray(fs.regime)]
     y, split = np.asarray(fs.labels), np.asarray(fs.split).astype(str)

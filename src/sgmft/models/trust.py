@@ -643,8 +643,7 @@ class TrustMix(nn.Module):
         if eps <= 0:
             return F.cross_entropy(logits, labels)
         clean = math.log1p(-eps) - F.cross_entropy(logits, labels, reduction="none")
-        noise = torch.full_like(clean, math.log(eps / logits.shape[-1]))
-        return -torch.logaddexp(clean, noise).mean()
+        return -torch.logaddexp(clean, clean.new_tensor(math.log(eps / logits.shape[-1]))).mean()
 
     def loss_fn(self, out: HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         """The fused term of the training loss: eq T7's likelihood of the observed label."""
