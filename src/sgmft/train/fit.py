@@ -146,10 +146,10 @@ def _run_record(fs, p, model_cfg, train_cfg, fp, inputs, **extra) -> dict:
             "model": model_view(model_cfg), "train": asdict(train_cfg), **extra}
 
 
-def _legacy_fingerprint(info: dict, inputs: dict) -> str | None:
-    """The recorded fingerprint of a run written before fingerprints were taken from the model's view
-    (issue 19: every flat ModelConfig field, read or not), when it is this run: its recorded inputs
-    with the model reduced to its view equal ``inputs``. None otherwise."""
+def _migrated_inputs(info: dict) -> dict | None:
+    """A run's recorded fingerprint inputs with its model read again as today's view (issue 19: runs
+    written before it list every flat ModelConfig field; options added since take their defaults), when
+    the record is genuine (its inputs give its fingerprint). None otherwise."""
     old = info.get("fingerprint_inputs")
     if not isinstance(old, dict) or not isinstance(old.get("model"), dict) or not info.get("fingerprint"):
         return None
@@ -159,9 +159,22 @@ def _legacy_fingerprint(info: dict, inputs: dict) -> str | None:
         view = model_view(model_config_from_dict(old["model"], "run.json: model"))
     except ValueError:
         return None
-    migrated = {**old, "model": json.loads(json.dumps(view, sort_keys=True))}
-    same = migrated == inputs and fingerprint(old) == info["fingerprint"]
-    return info["fingerprint"] if same else None
+    if fingerprint(old) != info["fingerprint"]:
+        return None
+    return {**old, "model": json.loads(json.dumps(view, sort_keys=True))}
+
+
+def _legacy_fingerprint(info: dict, inputs: dict) -> str | None:
+    """The recorded fingerprint of a run written under an older model view, when it is this run: its
+    migrated inputs (:func:`_migrated_inputs`) equal ``inputs``. None otherwise."""
+    migrated = _migrated_inputs(info)
+    return info["fingerprint"] if migrated is not None and migrated == inputs else None
+
+
+def _refusal_differences(info: dict, inputs: dict) -> list[str]:
+    """What differs between a recorded run and this one, as a refusal names it: against the record's
+    migrated inputs where it has them, so that an option added since (at its default) is not named."""
+    return describe_differences(_migrated_inputs(info) or info.get("fingerprint_inputs"), inputs)
 
 
 def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
@@ -186,7 +199,7 @@ def _decide(run_dir: RunDir, fp: str, inputs: dict, epochs: int) -> str:
         raise RunError(f"{run_dir.run_json}: has no fingerprint (written by an older sgmft), so resuming it "
                        "could mix two configurations; use --overwrite to train it again, or a new --out")
     if info["fingerprint"] != fp and _legacy_fingerprint(info, inputs) is None:
-        diffs = describe_differences(info.get("fingerprint_inputs"), inputs)
+        diffs = _refusal_differences(info, inputs)
         raise RunError(f"{root}: was started with a different configuration, store or seed "
                        f"({'; '.join(diffs) or 'fingerprint ' + info['fingerprint'] + ' -> ' + fp}); "
                        "use --overwrite to replace it, or a new --out")
