@@ -2,6 +2,7 @@
 mean ± sd over seeds per size and model, and the default's (``auto``) margin over the best other model.
 
     python benchmarks/learning_curve_table.py reports/lc/learning_curve.csv
+    python benchmarks/learning_curve_table.py benchmarks/results-learning_curve-gate_off.csv   # per profile
 
 ``--plot OUT.png CSV [CSV ...]`` draws several curves side by side instead, one panel per CSV:
 accuracy / oracle against posts (log axis), mean over seeds with min..max bars. The ratio to the
@@ -22,9 +23,20 @@ from pathlib import Path
 
 
 def table(path: str, default: str = "auto") -> str:
+    """One table, or one per profile (headed by its name) when the CSV has a ``profile`` column
+    (e.g. ``results-learning_curve-gate_off.csv``, several profiles' cells in one file)."""
+    groups: dict[str | None, list[dict]] = defaultdict(list)
+    for row in csv.DictReader(open(path, encoding="utf-8")):
+        groups[row.get("profile")].append(row)
+    if list(groups) == [None]:
+        return _table(groups[None], default)
+    return "\n\n".join(f"`{name}`\n\n{_table(rows, default)}" for name, rows in groups.items())
+
+
+def _table(rows: list[dict], default: str) -> str:
     cells: dict[tuple[int, str], list[float]] = defaultdict(list)
     models: list[str] = []
-    for row in csv.DictReader(open(path, encoding="utf-8")):
+    for row in rows:
         cells[int(row["size"]), row["model"]].append(100 * float(row["accuracy"]))
         if row["model"] not in models:
             models.append(row["model"])
@@ -41,8 +53,8 @@ def table(path: str, default: str = "auto") -> str:
                 return "-"
             sd = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
             return f"{mean[m]:.2f}{sd}"
-        best = max((mean[m] for m in others if m in mean), default=float("nan"))
-        margin = f"{mean[default] - best:+.2f}" if default in mean else "-"
+        best = max((mean[m] for m in others if m in mean), default=None)
+        margin = f"{mean[default] - best:+.2f}" if default in mean and best is not None else "-"
         lines.append(f"| {size:,} | " + " | ".join(fmt(m) for m in models) + f" | {margin} |")
     return "\n".join(lines)
 

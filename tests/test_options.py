@@ -143,17 +143,16 @@ def test_a_refusal_names_what_differs_not_an_option_added_since():
     from sgmft.runs import fingerprint, fingerprint_inputs
     from sgmft.train.fit import _refusal_differences
 
-    cfg = resolve_model(dataclasses.replace(load_preset("trust").model, dim=16, num_classes=4))
+    view = model_view(resolve_model(dataclasses.replace(load_preset("trust").model, dim=16, num_classes=4)))
     train = dataclasses.asdict(load_preset("trust").train)
-    before = {k: v for k, v in model_view(cfg).items() if k != "extra"}
-    before["extra"] = {k: v for k, v in model_view(cfg)["extra"].items() if k != "label_noise"}
+    before = {**view, "extra": {k: v for k, v in view["extra"].items() if k != "label_noise"}}
     old_inputs = fingerprint_inputs(before, train, None, digest="d")
     info = {"fingerprint": fingerprint(old_inputs), "fingerprint_inputs": old_inputs}
-    diffs = _refusal_differences(info, fingerprint_inputs(model_view(cfg), train, None, digest="e"))
+    now = fingerprint_inputs(view, train, None, digest="e")
+    diffs = _refusal_differences(info, now)
     assert len(diffs) == 1 and diffs[0].startswith("store contents"), diffs
     unchecked = {**info, "fingerprint": "0" * 16}           # a record whose inputs are not genuine: as written
-    assert any("label_noise" in d for d in _refusal_differences(unchecked, fingerprint_inputs(
-        model_view(cfg), train, None, digest="e")))
+    assert any("label_noise" in d for d in _refusal_differences(unchecked, now))
 
 
 def test_cross_field_checks_apply_only_to_fields_the_arch_reads():

@@ -167,8 +167,7 @@ def _migrated_inputs(info: dict) -> dict | None:
 def _legacy_fingerprint(info: dict, inputs: dict) -> str | None:
     """The recorded fingerprint of a run written under an older model view, when it is this run: its
     migrated inputs (:func:`_migrated_inputs`) equal ``inputs``. None otherwise."""
-    migrated = _migrated_inputs(info)
-    return info["fingerprint"] if migrated is not None and migrated == inputs else None
+    return info["fingerprint"] if _migrated_inputs(info) == inputs else None
 
 
 def _refusal_differences(info: dict, inputs: dict) -> list[str]:
