@@ -226,7 +226,17 @@ def _variants(spec, args, load_backbone):
         torch.backends.quantized.engine = prev
         return bb
 
+    def per_post_int8():  # sgmft's int8 on CPUs without VNNI (and everywhere before per-token int8)
+        from sgmft.features.backbones import base
+
+        keep, base.int8_scheme = base.int8_scheme, lambda flags=None: "per-post"
+        try:
+            return load("int8")
+        finally:
+            base.int8_scheme = keep
+
     makers = {"bf16:autocast-fp32-weights": autocast_fp32_weights,
+              "int8:per-post": per_post_int8,
               "bf16:onednn-fastmath-fp32-model": lambda: _Variant(load("fp32"), fast_math),
               "bf16:plain-linear": plain_linear}
     engines = [e for e in ("onednn", "x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
@@ -333,9 +343,9 @@ def precision_main(args) -> dict:
     for name, bb in bbs.items():
         if name.endswith("+compile"):  # compiles for every batch shape: a whole first pass, timed
             first_pass[name] = run(bb)[0]
-        else:  # warm-up: one small batch (kernels, allocator, oneDNN caches)
-            bb.forward_text({k: v[:2] for k, v in toks[0].items()})
-            bb.forward_images(pix[0][:2])
+        else:  # warm-up: one full batch of each tower (kernels for these shapes, allocator, oneDNN caches)
+            bb.forward_text(toks[0])
+            bb.forward_images(pix[0])
     secs = {p: [] for p in bbs}
     feats = {}
     names = list(bbs)

@@ -6,8 +6,12 @@ shapes a batch sends through it, in every recipe, interleaved, best of R rounds.
 Entries (y = x W^T + b, W with one int8 scale per output channel where int8):
 
 * ``fp32``, ``bf16``: ``F.linear`` on fp32 / bf16 tensors (bf16 is what ``--precision bf16`` runs);
-* ``int8_one_scale_per_post``: sgmft's int8 (``PerPostLinear``: dynamic quantisation, one activation
-  scale per post, so a post's features do not depend on its batch-mates), one call per post;
+* ``int8_one_scale_per_token``: sgmft's int8 on CPUs with VNNI or AMX-int8 (``TokenInt8Linear``:
+  one activation scale per token, u8 x s8 on oneDNN's prepacked kernel, one call per batch; the
+  activation quantiser eager, as for models under 50 M parameters); absent where it cannot run exactly;
+* ``int8_one_scale_per_post``: sgmft's int8 on AVX2-only CPUs (``PerPostLinear``: dynamic
+  quantisation, one activation scale per post, so a post's features do not depend on its
+  batch-mates), one call per post;
 * ``int8_one_scale_per_batch``: the same quantised Linear called once on the whole batch (one
   scale for all posts: faster, but a post's features then depend on its batch-mates);
 * ``int8_gemm_only``: ``torch._int_mm`` on int8 inputs already quantised, int32 out: the int8 GEMM
@@ -29,7 +33,8 @@ SHAPES = {"ViT-B/16": dict(posts=32, tokens=197, d_in=768, d_out=3072),
 
 
 def _entries(shape, torch):
-    from sgmft.features.backbones.base import PerPostLinear
+    from sgmft.features.backbones.base import PerPostLinear, int8_scheme
+    from sgmft.features.backbones.int8_linear import TokenInt8Linear
     from sgmft.features.backbones.precision import int8_engine
 
     g = torch.Generator().manual_seed(0)
@@ -50,11 +55,15 @@ def _entries(shape, torch):
     one = super(PerPostLinear, q[0]).forward   # the dynamic Linear itself, one call
     xi = torch.randint(-127, 128, (p * t, k), dtype=torch.int8, generator=g)
     wi = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
-    return {"fp32": lambda: torch.nn.functional.linear(x, lin.weight, lin.bias),
-            "bf16": lambda: torch.nn.functional.linear(xb, wb, bb),
-            "int8_one_scale_per_post": lambda: q[0](x),
-            "int8_one_scale_per_batch": lambda: one(x),
-            "int8_gemm_only": lambda: torch._int_mm(xi, wi)}
+    out = {"fp32": lambda: torch.nn.functional.linear(x, lin.weight, lin.bias),
+           "bf16": lambda: torch.nn.functional.linear(xb, wb, bb),
+           "int8_one_scale_per_post": lambda: q[0](x),
+           "int8_one_scale_per_batch": lambda: one(x),
+           "int8_gemm_only": lambda: torch._int_mm(xi, wi)}
+    if int8_scheme() == "per-token":
+        tok = TokenInt8Linear(lin)
+        out["int8_one_scale_per_token"] = lambda: tok(x)
+    return out
 
 
 def main(argv=None) -> dict:

@@ -17,7 +17,7 @@ from sgmft.cli import main
 from sgmft.data.simposts import SimPostsConfig, generate_simposts
 from sgmft.features import FeatureStore
 from sgmft.features.backbones import load_backbone
-from sgmft.features.backbones.base import canonical_precision, resolve_precision
+from sgmft.features.backbones.base import canonical_precision, int8_scheme, resolve_precision
 from sgmft.features.backbones.tiny import build_tiny_chinese_clip
 from sgmft.predict import PostPredictor, PrecisionMismatchError, Predictor
 
@@ -65,16 +65,29 @@ def test_precision_names():
         resolve_precision("int8", torch.device("cuda"))
 
 
-def test_int8_quantises_linears_and_stays_close(env):
+VNNI = int8_scheme() == "per-token"   # this CPU's oneDNN has exact u8 x s8 dot products (VNNI / AMX-int8)
+needs_vnni = pytest.mark.skipif(not VNNI, reason="int8 per token needs VNNI or AMX-int8 (oneDNN saturates "
+                                                 "u8 x s8 pairs at int16 without them)")
+
+
+@pytest.mark.parametrize("scheme", ["per-post", pytest.param("per-token", marks=needs_vnni)])
+def test_int8_quantises_linears_and_stays_close(env, scheme, monkeypatch):
+    from sgmft.features.backbones import base
+
+    monkeypatch.setattr(base, "int8_scheme", lambda flags=None: scheme)
     fp32 = load_backbone(env["spec"], dtype="fp32")
     int8 = load_backbone(env["spec"], dtype="int8")
     bf16 = load_backbone(env["spec"], dtype="bf16")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-    assert sum(isinstance(m, DynamicQuantizedLinear) for m in int8.model.modules()) > 10
+    from sgmft.features.backbones.int8_linear import TokenInt8Linear
+
+    kind = DynamicQuantizedLinear if scheme == "per-post" else TokenInt8Linear
+    assert sum(isinstance(m, kind) for m in int8.model.modules()) > 10
     assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())
-    assert {m.weight().qscheme() for m in int8.model.modules() if isinstance(m, DynamicQuantizedLinear)} == \
-        {torch.per_channel_affine}  # one scale per output channel
+    if scheme == "per-post":
+        assert {m.weight().qscheme() for m in int8.model.modules() if isinstance(m, DynamicQuantizedLinear)} == \
+            {torch.per_channel_affine}  # one scale per output channel
     assert any(type(m) is torch.nn.Linear for m in fp32.model.modules())  # fp32 untouched
     texts = ["今天在电影院看电影", "去公园跑步", "图书馆里很安静"]
     a, b, c = fp32.encode_text(texts), int8.encode_text(texts), bf16.encode_text(texts)
@@ -220,6 +233,7 @@ def test_precision_recipe_in_fingerprint(env, monkeypatch):
 
     assert base.precision_recipe("float32") is None and base.precision_recipe("float16") is None
     assert base.precision_recipe("bfloat16") == "bf16-weights+autocast"
+    monkeypatch.setattr(base, "int8_scheme", lambda flags=None: "per-post")
     assert base.precision_recipe("int8") == f"dynamic-int8-linear-per-channel-per-post:{base.int8_engine()}"
     supported = torch.backends.quantized.supported_engines
     assert base.int8_engine() == next(e for e in base.INT8_ENGINE_PREFERENCE if e in supported)
@@ -436,3 +450,82 @@ def test_compiled_bf16_forward_matches_eager(tiny_spec):
         t = (texts * 2)[:n]
         a, b = eager.encode_text(t), comp.encode_text(t)
         assert a.shape == b.shape == (n, eager.dim) and (a * b).sum(1).min() > 0.999
+
+
+@pytest.mark.slow
+@needs_vnni
+def test_compiled_int8_per_token_forward_matches_eager(tiny_spec):
+    """compile_forward of a per-token int8 backbone (TokenInt8Linear.for_compile: torch._int_mm on the
+    plain weight, which Inductor can trace) gives the eager int8 features; the eager quantiser and
+    its compiled copy give the same features bit for bit."""
+    eager = load_backbone(tiny_spec, dtype="int8", batch_size=8)
+    quant = load_backbone(tiny_spec, dtype="int8", batch_size=8)
+    for m in quant.model.modules():
+        if hasattr(m, "compiled_quantizer"):
+            m.compiled_quantizer = True
+    texts = ["学校 上课", "电影 很好看", "健身房", "旅行 去 海边", "吃饭"]
+    a = eager.encode_text(texts)
+    np.testing.assert_array_equal(quant.encode_text(texts), a)
+    comp = quant.compile_forward()
+    assert not any(getattr(m, "packed", 0) is not None for m in comp.model.modules() if hasattr(m, "for_compile"))
+    assert (comp.encode_text(texts) * a).sum(1).min() > 0.9999
+
+
+@pytest.mark.parametrize("flags, want", [({"avx2"}, "per-post"), ({"avx2", "avx512f"}, "per-post"),
+                                         ({"avx2", "avx512_vnni"}, "per-token"), ({"avx_vnni"}, "per-token"),
+                                         ({"amx_int8", "amx_tile"}, "per-token")])
+def test_int8_scheme_follows_the_flags(flags, want, monkeypatch):
+    """Per token only where oneDNN's u8 x s8 dot product is exact (VNNI, AMX-int8); its recipe has
+    its own name, so an int8 store of one scheme is never reused for the other."""
+    from sgmft.features.backbones import base
+
+    assert int8_scheme(flags) == want
+    monkeypatch.setattr(base, "int8_scheme", lambda flags=None: want)
+    other = "per-post" if want == "per-token" else "per-token"
+    recipe = base.precision_recipe("int8")
+    monkeypatch.setattr(base, "int8_scheme", lambda flags=None: other)
+    assert base.precision_recipe("int8") != recipe and want in recipe
+
+
+@needs_vnni
+def test_token_int8_linear_is_the_exact_integer_product_row_by_row():
+    """TokenInt8Linear = (q - 128) @ w_int8^T in exact integers, times the weight and token scales,
+    plus the bias; a row's output does not depend on the other rows; it pickles."""
+    import pickle
+
+    from sgmft.features.backbones.int8_linear import TokenInt8Linear, quantize_per_token
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 7, 96) * torch.tensor([1.0, 30.0, 1e-3])[:, None, None]
+    x[0, 2] = 0.0   # an all-zero token
+    mod = TokenInt8Linear(lin)
+    y = mod(x)
+    q, s = quantize_per_token(x.reshape(-1, 96))
+    assert q.dtype == torch.uint8 and int(q.min()) >= 1 and int(q.max()) <= 255
+    assert torch.equal(q[2], torch.full((96,), 128, dtype=torch.uint8))
+    w8 = mod.int8_weight()
+    assert w8.dtype == torch.int8 and w8.shape == (40, 96)
+    acc = (q.long() - 128) @ w8.long().t()
+    ref = (acc.double() * mod.w_scale.double() * s.double() + lin.bias.detach().double()).view(3, 7, 40)
+    np.testing.assert_allclose(y.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.cat([mod(x[i:i + 1]) for i in range(3)]), y)   # row by row == batched
+    assert torch.equal(mod(x[:, 3:5]), y[:, 3:5])
+    cos = torch.nn.functional.cosine_similarity(y.reshape(-1, 40), lin(x).detach().reshape(-1, 40))
+    assert cos[torch.arange(21) != 2].min() > 0.999
+    back = pickle.loads(pickle.dumps(mod))
+    assert torch.equal(back(x), y) and torch.equal(back.int8_weight(), w8)
+
+
+@pytest.mark.slow
+def test_compiled_quantizer_gives_the_eager_bytes():
+    """The compiled activation quantiser (big models) is a speed-up only: same q, same scales."""
+    from sgmft.features.backbones.int8_linear import _quantizer, quantize_per_token
+
+    comp = _quantizer(True)
+    for k, scale in ((96, 1.0), (257, 1e4), (1280, 1e-5)):
+        x = torch.randn(37, k) * scale
+        x[1] = 0.0
+        x[2, :4] = torch.tensor([127.0, -63.5, 0.5, 1.5]) * scale   # ties after scaling
+        for a, b in zip(comp(x), quantize_per_token(x)):
+            assert torch.equal(a, b)

@@ -102,13 +102,31 @@ def precision_recipe(precision: str) -> str | None:
     if precision == "bfloat16":
         return "bf16-weights+autocast"
     if precision == "int8":
+        if int8_scheme() == "per-token":
+            return "int8-linear-per-channel-per-token-u8s8:onednn"
         return f"dynamic-int8-linear-per-channel-per-post:{int8_engine()}"
     return None
+
+
+def int8_scheme(flags=None) -> str:
+    """How ``int8`` quantises activations on this CPU (``flags``: default, this CPU's usable ones):
+    ``"per-token"`` (:class:`~sgmft.features.backbones.int8_linear.TokenInt8Linear`) where oneDNN's
+    u8 x s8 int8 matmul is exact (VNNI or AMX-int8) and the build has oneDNN's quantized ops,
+    ``"per-post"`` (:class:`PerPostLinear`, dynamic quantisation) elsewhere."""
+    from sgmft.features.backbones.int8_linear import EXACT_INT8_FLAGS
+    from sgmft.features.backbones.precision import usable_cpu_flags
+
+    flags = usable_cpu_flags() if flags is None else frozenset(flags)
+    has_ops = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
+    return "per-token" if flags & EXACT_INT8_FLAGS and has_ops else "per-post"
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """The model to run at ``precision`` (modified in place; pass a model nobody else uses).
 
+    * ``int8`` on a CPU with VNNI or AMX-int8 (:func:`int8_scheme`): every ``nn.Linear`` becomes a
+      :class:`~sgmft.features.backbones.int8_linear.TokenInt8Linear` (one activation scale per
+      token, oneDNN's prepacked u8 x s8 kernel). Elsewhere (AVX2 only):
     * ``int8``: every ``nn.Linear`` becomes a dynamically quantised one (int8 weights, one
       scale per output channel; ``torch.ao.quantization.quantize_dynamic`` with
       ``per_channel_dynamic_qconfig``), packed for :func:`int8_engine`, and run one post at a
@@ -125,6 +143,11 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
         return pack_linears(model.to(torch.bfloat16))
     if precision != "int8":
         return model
+    if int8_scheme() == "per-token":
+        from sgmft.features.backbones.int8_linear import COMPILE_QUANTIZER_MIN_PARAMS, TokenInt8Linear
+
+        big = sum(p.numel() for p in model.parameters()) >= COMPILE_QUANTIZER_MIN_PARAMS
+        return _swap_linears(model, torch.nn.Linear, lambda lin: TokenInt8Linear(lin, compiled_quantizer=big))
     import warnings
 
     eng, prev = int8_engine(), torch.backends.quantized.engine
@@ -351,6 +374,9 @@ class Backbone(abc.ABC):
         if not self.compiled:
             if isinstance(getattr(self, "model", None), torch.nn.Module):
                 unpack_linears(self.model)   # Inductor's freezing packs the plain weights itself
+                for m in self.model.modules():   # int8 per token: torch._int_mm on the plain weight
+                    if hasattr(m, "for_compile"):
+                        m.for_compile()
             opts = {"freezing": True}
             self._text_embed = torch.compile(self._text_embed, dynamic=False, options=opts)
             self._image_embed = torch.compile(self._image_embed, dynamic=False, options=opts)

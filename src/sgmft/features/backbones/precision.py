@@ -7,9 +7,10 @@ fastest precision whose features stay within the cosine bar of fp32 (mean cosine
 * **bf16** where the CPU has AMX tiles (``amx_bf16`` + ``amx_tile``): oneDNN runs bf16
   GEMMs on the tiles (``brg_matmul:..._amx``), several times the fp32 GEMM rate; bf16 features
   are at mean cosine 0.9999 to fp32 on ViT-B/16 and ViT-H/14 shapes (docs/scale.md).
-* **int8** (dynamic int8 Linears, oneDNN) where the CPU has VNNI (``avx512_vnni`` or
-  ``avx_vnni``) but no AMX: bf16 is slower than fp32 there (no bf16 tiles), int8 is the only
-  gain (1.9x on ViT-B/16, 2.6x on ViT-H/14), at mean cosine 0.9994 / 0.9992.
+* **int8** (int8 Linears with one activation scale per token on oneDNN's u8 x s8 kernels) where
+  the CPU has VNNI (``avx512_vnni`` or ``avx_vnni``) but no AMX: bf16 is slower than fp32 there
+  (no bf16 tiles), int8 is the only gain (2.5x on ViT-B/16, 2.6x on ViT-H/14 on a 2-core
+  VNNI-only Xeon), at mean cosine 0.9998 / 0.9996.
 * **fp32** otherwise.
 
 The choice is made once per process, printed once as a ``note:`` with its reason, and
@@ -30,8 +31,10 @@ from functools import lru_cache
 COSINE_BAR = 0.999  # the mean cosine to fp32 a reduced precision must keep (issue 11 / 22)
 # mean cosine to fp32 measured with benchmarks/bench_extract.py --precisions (random
 # Chinese-CLIP weights; docs/scale.md): the evidence behind each automatic choice
+# int8 on VNNI / AMX-int8 CPUs: one activation scale per token (int8_linear.TokenInt8Linear;
+# benchmarks/results-bench_extract-precision-{base,huge}-vnni.json)
 MEASURED_COSINE = {"bfloat16": {"ViT-B/16": 0.99994, "ViT-H/14": 0.99990},
-                   "int8": {"ViT-B/16": 0.99942, "ViT-H/14": 0.99916}}
+                   "int8": {"ViT-B/16": 0.99976, "ViT-H/14": 0.99956}}
 # whole-extraction int8 / fp32 on an AVX2-only CPU (AMD EPYC Zen 3, 2 threads; docs/scale.md,
 # benchmarks/results-bench_extract-precision-{base,huge}-avx2.json, int8 one post at a time):
 # the evidence for int8 without VNNI
