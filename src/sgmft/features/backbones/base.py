@@ -113,8 +113,7 @@ def int8_scheme(flags=None) -> str:
     ``"per-token"`` (:class:`~sgmft.features.backbones.int8_linear.TokenInt8Linear`) where oneDNN's
     u8 x s8 int8 matmul is exact (VNNI or AMX-int8) and the build has oneDNN's quantized ops,
     ``"per-post"`` (:class:`PerPostLinear`, dynamic quantisation) elsewhere."""
-    from sgmft.features.backbones.int8_linear import EXACT_INT8_FLAGS
-    from sgmft.features.backbones.precision import usable_cpu_flags
+    from sgmft.features.backbones.precision import EXACT_INT8_FLAGS, usable_cpu_flags
 
     flags = usable_cpu_flags() if flags is None else frozenset(flags)
     has_ops = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()

@@ -25,8 +25,6 @@ import warnings
 
 import torch
 
-# CPU flags under which oneDNN's u8 x s8 int8 matmul is exact (no int16 saturation)
-EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # the rounding offset: 128 (u8 zero point) + 0.5 (round half up, then truncate toward zero)
 _SHIFT = 128.5
 _ZERO_POINT = 128
@@ -62,7 +60,7 @@ def _quantizer(compiled: bool):
 class TokenInt8Linear(torch.nn.Module):
     """An ``nn.Linear`` as int8 weights (per output channel) x int8 activations (per token) on
     oneDNN's prepacked u8 x s8 kernel (module docstring). Build it only where
-    :data:`EXACT_INT8_FLAGS` hold (``base.int8_scheme``)."""
+    ``precision.EXACT_INT8_FLAGS`` hold (``base.int8_scheme``)."""
 
     def __init__(self, linear: torch.nn.Linear, compiled_quantizer: bool = False):
         super().__init__()

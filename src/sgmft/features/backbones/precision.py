@@ -60,6 +60,8 @@ def cpu_flags() -> frozenset:
 
 _AMX_FLAGS = frozenset({"amx_bf16", "amx_tile", "amx_int8", "amx_fp16"})
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+# CPU flags under which oneDNN's u8 x s8 int8 matmul is exact (no int16 saturation): int8 per token
+EXACT_INT8_FLAGS = _VNNI_FLAGS | {"amx_int8"}
 
 
 def onednn_isa_cap() -> str | None:
