@@ -36,6 +36,15 @@ def test_preset_builds_the_registered_model():
     torch.testing.assert_close(post.sum(-1), torch.ones(6))
 
 
+def test_generative_starts_have_no_gate_and_the_random_start_keeps_it():
+    """Item 19 (docs/design.md): trust_lda and trust_mda train a constant state prior (no gate, no
+    similarity projections); trust keeps its per-post gate (eq T4)."""
+    for name, gated in (("trust", True), ("trust_lda", False), ("trust_mda", False)):
+        cfg = dataclasses.replace(load_preset(name).model, dim=32, num_classes=5)
+        m = build_model(cfg)
+        assert (m.gate is not None) == gated and hasattr(m, "proj_t") == gated, name
+
+
 def test_unknown_options_are_errors():
     with pytest.raises(ValueError, match="does not know extra"):
         build_model(_cfg(bogus=1))
