@@ -5,7 +5,11 @@ Variants (``--variants``, comma list; the first is the reference for speed-up an
 torch.compile (Inductor, freezing; what ``Backbone.compile_forward`` does); ``bf16ma`` =
 the same with mode="max-autotune"; ``fp32c``; ``int8s`` = static int8 through PT2E
 (torchao's X86InductorQuantizer, calibrated on the timed batch itself, bf16 autocast for
-the non-quantised ops) + compile; ``int8s32`` = the same without bf16 autocast.
+the non-quantised ops) + compile; ``int8s32`` = the same without bf16 autocast; on a CPU where
+sgmft's int8 is per token (VNNI or AMX-int8): ``int8mlp`` = that int8 with each vision MLP run on
+``--mlp-rows`` tokens at a time (fc1, GELU, quantiser and fc2 on a block that stays in cache; same
+bytes), ``int8zp0`` = that int8 with oneDNN told zero point 0 and the u8 offset's 128 x sum(w)
+subtracted afterwards, in one compiled epilogue (oneDNN skips its zero-point compensation).
 Inputs: one batch of ``--bs`` random 52-token texts (ragged attention masks) and ``--bs``
 random 224 px images, on a RANDOM Chinese-CLIP of ``--size`` shapes (built once under
 ``--model-dir``). Prints JSON: seconds per round, speed-up (total and per round), cosine
@@ -22,6 +26,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--size", default="base"); ap.add_argument("--bs", type=int, default=16)
 ap.add_argument("--rounds", type=int, default=3); ap.add_argument("--variants", default="fp32,bf16,int8dyn,bf16c,int8s")
 ap.add_argument("--threads", type=int, default=2); ap.add_argument("--tlen", type=int, default=52)
+ap.add_argument("--mlp-rows", type=int, default=256, help="tokens per block for int8mlp")
 ap.add_argument("--model-dir", default=None, help="where the random model is built (default: a temp dir)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
@@ -86,7 +91,40 @@ def int8_static(mixed_bf16=True):
         return F.normalize(x.float(), dim=-1).numpy(), F.normalize(y.float(), dim=-1).numpy()
     return run
 
-mk = {"fp32": lambda: eager("fp32"), "bf16": lambda: eager("bf16"), "int8dyn": lambda: eager("int8"),
+class RowBlocks(torch.nn.Module):
+    """A per-token module run on ``rows`` tokens at a time (int8mlp)."""
+    def __init__(s, m, rows): super().__init__(); s.m, s.rows = m, rows
+    def forward(s, x):
+        x2 = x.reshape(-1, x.shape[-1]); out = torch.empty_like(x2)
+        for i in range(0, x2.shape[0], s.rows):
+            out[i:i + s.rows] = s.m(x2[i:i + s.rows])
+        return out.view(x.shape)
+
+def int8_row_blocks(rows):
+    bb = load_backbone(spec, dtype="int8", batch_size=B)
+    for layer in bb.model.vision_model.encoder.layers:
+        layer.mlp = RowBlocks(layer.mlp, rows)
+    return lambda: (bb.forward_text(toks), bb.forward_images(pix))
+
+def int8_zero_point_0():
+    import types
+    from sgmft.features.backbones import int8_linear as il
+    epi = torch.compile(lambda y, c, scale, bias: (y - c) * scale + bias, dynamic=True)
+    def fwd(self, x):
+        x2 = x.reshape(-1, self.in_features).float()
+        q, scale = il._quantizer(self.compiled_quantizer)(x2)
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed, self.w_scale, self._w_zp,
+                                               None, 1.0, 0, torch.float32, "none", [], "")
+        return epi(y, self._c, scale, self._b).view(*x.shape[:-1], self.out_features)
+    bb = load_backbone(spec, dtype="int8", batch_size=B)
+    for m in bb.model.modules():
+        if isinstance(m, il.TokenInt8Linear):
+            m._c = 128.0 * m.w_scale * m.int8_weight().float().sum(1)
+            m._b = m.bias if m.bias is not None else torch.zeros(())
+            m.forward = types.MethodType(fwd, m)
+    return lambda: (bb.forward_text(toks), bb.forward_images(pix))
+
+mk = {"fp32": lambda: eager("fp32"), "int8mlp": lambda: int8_row_blocks(a.mlp_rows), "int8zp0": int8_zero_point_0, "bf16": lambda: eager("bf16"), "int8dyn": lambda: eager("int8"),
       "bf16c": lambda: compiled("bf16"), "bf16ma": lambda: compiled("bf16", "max-autotune"),
       "fp32c": lambda: compiled("fp32"), "int8s": lambda: int8_static(True), "int8s32": lambda: int8_static(False)}
 names = a.variants.split(",")

@@ -8,6 +8,9 @@ generator's own per-post regimes).  Prints one JSON document (and writes it with
     python benchmarks/bench_hetero.py --profiles hetero default --seeds 0 1 2 \
         --presets trust concat sgmft text_only image_only --out benchmarks/results-bench_hetero.json
 
+A preset may carry model overrides after ``@`` (``--presets trust_mda@label_noise=0.05``, several
+joined by ``,``); the result is keyed by the whole spec. An ``auto`` run records the candidate it chose
+(``chosen_preset``, from its run.json).
 ``--set key=value`` overrides SimFeatConfig fields (held-out variants of a profile);
 ``--train key=value`` overrides TrainConfig fields of every preset (e.g. epochs=3).
 ``--render RESULT.json`` prints the markdown tables of docs/design.md from a saved result;
@@ -48,7 +51,7 @@ def _mean_sd(xs: list[float]) -> dict:
 
 def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Path, sets: dict,
                 train_sets: list[str], log, reuse: bool = False) -> dict:
-    from sgmft.config import apply_overrides, load_preset
+    from sgmft.config import apply_overrides
     from sgmft.data.simfeat import generate_simfeat, profile_config, write_simfeat
     from sgmft.features import FeatureStore
     from sgmft.predict import Predictor
@@ -76,9 +79,9 @@ def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Pat
     for preset in presets:
         runs = []
         for seed in seeds:
-            p = load_preset(preset)
+            p = _load_spec(preset)
             p.train = apply_overrides(p.train, [f"seed={seed}", "progress=false", *train_sets])
-            run_dir = workdir / f"run-{profile}-{preset}-{seed}"
+            run_dir = workdir / f"run-{profile}-{preset.replace('@', '_').replace(',', '_')}-{seed}"
             if not reuse:                                 # --reuse: train() keeps a finished run of this
                 shutil.rmtree(run_dir, ignore_errors=True)   # store and config (its fingerprint), refuses others
             t1 = time.time()
@@ -87,14 +90,28 @@ def run_profile(profile: str, presets: list[str], seeds: list[int], workdir: Pat
             pred = Predictor.load(run_dir / "model").predict_store(fs, test).top
             hit = pred == y
             by = {r: (float(hit[reg == r].mean()) if np.any(reg == r) else None) for r in names}
+            chosen = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("chosen_preset")
             runs.append({"seed": seed, "accuracy": float(hit.mean()), "by_regime": by,
-                         "train_seconds": round(secs, 1)})
-            log(f"[{profile}] {preset} seed {seed}: {hit.mean():.4f} "
+                         "train_seconds": round(secs, 1), **({"chosen_preset": chosen} if chosen else {})})
+            log(f"[{profile}] {preset} seed {seed}{f' (chose {chosen})' if chosen else ''}: {hit.mean():.4f} "
                 f"({hit.mean() / oracle['test_accuracy']:.3f} of oracle) {secs:.0f} s  "
                 + " ".join(f"{r}={v:.3f}" for r, v in by.items() if v is not None))
         out["runs"][preset] = runs
         out["summary"][preset] = summarise(runs, names, oracle["test_accuracy"])
     return out
+
+
+def _load_spec(spec: str):
+    """``name`` or ``name@key=value,key=value``: the preset with those model overrides (checked as
+    ``sgmft train --set model.key=value`` checks them)."""
+    from sgmft.config import load_preset
+    from sgmft.models.registry import apply_model_overrides
+
+    name, _, sets = spec.partition("@")
+    p = load_preset(name)
+    if sets:
+        p.model = apply_model_overrides(p.model, [s.strip() for s in sets.split(",") if s.strip()])
+    return p
 
 
 def summarise(runs: list[dict], names, oracle_accuracy: float) -> dict:
