@@ -45,7 +45,9 @@ OLD_DEFAULTS = {
                  "pool": "mean"},    # filled in when auto assembles one
 }
 FLAT = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
-TRUST_KEYS = ("dim", "num_classes", "input_scale", "input_norm") + tuple(OLD_DEFAULTS["trust"])
+# the `trust` preset starts at random (init: random): the start's two options are unread, so not shown
+TRUST_KEYS = ("dim", "num_classes", "input_scale", "input_norm") + tuple(
+    k for k in OLD_DEFAULTS["trust"] if k not in ("start_shrinkage", "theme_start"))
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -73,6 +75,43 @@ def test_the_view_shows_only_what_trust_reads():
     for unread in ("fusion", "heads", "classifier_hidden", "dropout", "n_tokens"):
         assert unread not in view
     assert view["extra"]["looks"] == 3 and view["extra"]["input_dropout"] == 0.3      # the preset's values
+
+
+@pytest.mark.parametrize("preset, hidden, shown", [
+    ("trust", {"start_shrinkage", "theme_start"}, {"proj_dim", "gate", "conflict"}),
+    ("trust_mda", {"proj_dim"}, {"start_shrinkage", "theme_start", "gate", "conflict"}),
+])
+def test_options_that_the_other_options_leave_unread_are_not_shown(preset, hidden, shown):
+    view = model_view(load_preset(preset).model)
+    assert not hidden & set(view["extra"]) and shown <= set(view["extra"])
+    assert model_view(model_config_from_dict(json.loads(json.dumps(view)))) == view      # and it loads back
+    two = apply_model_overrides(load_preset("trust").model, ["states=two"])
+    assert "conflict" not in model_view(two)["extra"] and "theme_start" not in model_view(two)["extra"]
+    # the preset's conflict: learnt, now unread, goes back to its default, so a strict check accepts the result
+    assert two.extra["conflict"] == "uniform" and resolve_model(two) == two
+    rand = apply_model_overrides(load_preset("trust_mda").model, ["init=random"])
+    assert rand.extra["start_shrinkage"] == "ledoit_wolf" and rand.extra["theme_start"] == "all"
+    assert resolve_model(rand) == rand
+
+
+@pytest.mark.parametrize("preset, items, says", [
+    ("trust_mda", ["proj_dim=32"], r"proj_dim is read only when gate is true"),
+    ("trust_mda", ["proj_dim=64"], r"proj_dim is read only when gate is true"),        # set explicitly, even at its default
+    ("trust", ["theme_start=best"], r"theme_start is read only when init is em and states is three"),
+    ("trust", ["start_shrinkage=cv"], r"start_shrinkage is read only when init is lda or em"),
+    ("trust_mda", ["states=two", "conflict=uniform"], r"conflict is read only when states is three"),
+])
+def test_setting_an_option_the_other_options_leave_unread_is_refused(preset, items, says):
+    with pytest.raises(ValueError, match=says):
+        apply_model_overrides(load_preset(preset).model, items)
+
+
+def test_an_unread_option_becomes_settable_with_what_it_depends_on():
+    cfg = apply_model_overrides(load_preset("trust_mda").model, ["gate=true", "proj_dim=32"])
+    assert model_view(cfg)["extra"]["proj_dim"] == 32
+    with pytest.raises(ValueError, match="proj_dim is read only when gate is true"):       # a Python config too
+        resolve_model(dataclasses.replace(load_preset("trust_mda").model,
+                                          extra={**resolve_model(load_preset("trust_mda").model).extra, "proj_dim": 32}))
 
 
 def test_overrides_set_options_by_name_or_alias_and_merge():

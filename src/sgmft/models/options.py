@@ -60,6 +60,12 @@ class ArchOptions(BaseModel):
         """Every option's default, as plain JSON types."""
         return cls().model_dump(mode="json")
 
+    def unread(self) -> dict[str, str]:
+        """The options these values leave unread, each with the condition under which it is read
+        (``{"proj_dim": "gate is true"}``): the model view leaves them out and a config that sets one
+        is refused (:func:`sgmft.models.registry.resolve_model`). None by default."""
+        return {}
+
 
 class NoOptions(ArchOptions):
     """The options of an architecture that has none of its own (``extra`` must stay empty)."""

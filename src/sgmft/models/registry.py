@@ -87,9 +87,33 @@ def resolve_model(cfg: ModelConfig, *, strict: bool = True, given=(), where: str
     opts = arch_options(cfg.arch)
     if opts is not None:
         cfg = dataclasses.replace(cfg, extra=validate_options(cfg.arch, opts, cfg.extra, where))
+        if strict:
+            cfg = _refuse_unread_options(cfg, opts, given, where)
     if cross_checks:
         _cross_checks(cfg, reads, where)
     return cfg
+
+
+def _unread_options(cfg: ModelConfig, opts) -> dict[str, str]:
+    """The options of ``cfg`` (``extra`` resolved) that its other options leave unread, with when each is read."""
+    return opts(**cfg.extra).unread()
+
+
+def _refuse_unread_options(cfg: ModelConfig, opts, given, where: str) -> ModelConfig:
+    """As for flat fields, an option that the other options leave unread must not be set: one the user set
+    (in ``given``) is refused, and so, in a config without overrides (``given`` empty: a file, a Python
+    object), is one away from its default. With overrides, an option that only the preset set and the
+    overrides made unread (``init=random`` on ``trust_mda``: its ``start_shrinkage``) goes back to its
+    default, so the config reads the same as one written without it."""
+    defaults = opts.defaults()
+    unread = _unread_options(cfg, opts)
+    stray = {k: when for k, when in unread.items()
+             if f"extra.{k}" in given or k in given or (not given and cfg.extra[k] != defaults[k])}
+    if stray:
+        what = "; ".join(f"{k} is read only when {when}" for k, when in stray.items())
+        raise ConfigError(f"{where}: arch {cfg.arch!r}: {what}, so setting {'it' if len(stray) == 1 else 'them'} "
+                          "here would change nothing; leave it out or change what it depends on")
+    return dataclasses.replace(cfg, extra={**cfg.extra, **{k: defaults[k] for k in unread}})
 
 
 def _cross_checks(cfg: ModelConfig, reads: tuple[str, ...], where: str) -> None:
@@ -116,7 +140,8 @@ def model_view(cfg: ModelConfig) -> dict[str, Any]:
     view = {k: full[k] for k in _FLAT if k in reads}           # in ModelConfig's order
     opts = arch_options(cfg.arch)
     if (opts.model_fields if opts is not None else cfg.extra):
-        view["extra"] = full["extra"]
+        unread = _unread_options(cfg, opts) if opts is not None else {}
+        view["extra"] = {k: v for k, v in full["extra"].items() if k not in unread}
     return view
 
 

@@ -423,6 +423,20 @@ class TrustMix(nn.Module):
             "wrong with probability epsilon, so mislabelled posts are not explained as contradictions; 0 = plain "
             "cross-entropy", ge=0, lt=1)
 
+        def unread(self) -> dict[str, str]:
+            """Options that these values make dead: the gate's projections without the gate, the start's
+            settings without a fitted start, the conflict tables and EM's themes without three states."""
+            out = {}
+            if not self.gate:
+                out["proj_dim"] = "gate is true"
+            if self.init == "random":
+                out["start_shrinkage"] = "init is lda or em"
+            if self.init != "em" or self.states != "three":
+                out["theme_start"] = "init is em and states is three"
+            if self.states != "three":
+                out["conflict"] = "states is three"
+            return out
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
