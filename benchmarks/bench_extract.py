@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="?", const="all", default=None, metavar="NAMES",
                     help="(--precisions) also time the other ways to compute bf16 / int8 that sgmft does not "
                          "use (bf16 autocast over fp32 weights, oneDNN bf16 fast-math, plain unpacked bf16 "
-                         "Linears, other quantized engines); NAMES: a comma list of variant names to keep "
+                         "Linears, other quantized engines, int8 with bf16 attention); NAMES: a comma list of variant names to keep "
                          "(e.g. bf16:plain-linear), default all")
     ap.add_argument("--compile", default="",
                     help="(--precisions) comma list of precisions to ALSO time under torch.compile "
@@ -235,8 +235,14 @@ def _variants(spec, args, load_backbone):
         finally:
             base.int8_scheme = keep
 
+    def int8_bf16_attention():  # sgmft's int8 with attention (and the patch conv) under bf16 autocast:
+        bb = load("int8")         # on AMX, bf16 SDPA runs on tiles while the int8 path keeps it in fp32
+        bb._autocast = lambda: torch.autocast(device_type=bb.device.type, dtype=torch.bfloat16)
+        return bb
+
     makers = {"bf16:autocast-fp32-weights": autocast_fp32_weights,
               "int8:per-post": per_post_int8,
+              "int8:bf16-attention": int8_bf16_attention,
               "bf16:onednn-fastmath-fp32-model": lambda: _Variant(load("fp32"), fast_math),
               "bf16:plain-linear": plain_linear}
     engines = [e for e in ("onednn", "x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
