@@ -1,18 +1,12 @@
 """benchmarks/bench_hetero.py: preset specs with model overrides (``name@key=value,...``)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_hetero", ROOT / "benchmarks" / "bench_hetero.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_hetero")
 
 
 def test_a_spec_applies_its_model_overrides_and_leaves_the_rest_of_the_preset():

@@ -1,21 +1,16 @@
 """benchmarks/paper_schedule.py: per-epoch curve, resumable, summary and plot (tiny store)."""
 
 import csv
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("paper_schedule", ROOT / "benchmarks" / "paper_schedule.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("paper_schedule")
 
 
 @pytest.fixture(scope="module")
