@@ -12,7 +12,7 @@ bytes), ``int8zp0`` = that int8 with oneDNN told zero point 0 and the u8 offset'
 subtracted afterwards, in one compiled epilogue (oneDNN skips its zero-point compensation).
 Inputs: one batch of ``--bs`` random 52-token texts (ragged attention masks) and ``--bs``
 random 224 px images, on a RANDOM Chinese-CLIP of ``--size`` shapes (built once under
-``--model-dir``). Prints JSON: seconds per round, speed-up (total and per round), cosine
+``--model-dir``). Rounds in turn (round r starts with the r-th variant). Prints JSON: seconds per round, speed-up (total and per round), cosine
 to the reference (mean/min), set-up seconds (load + compile + first pass) and the model
 FLOP rate of the best round (FLOPs counted by torch's FlopCounterMode on fp32).
 
@@ -139,8 +139,8 @@ for n in names:
     t = time.perf_counter(); runs[n] = mk[n](); runs[n](); first[n] = time.perf_counter() - t
     print(n, "ready", round(first[n], 1), file=sys.stderr, flush=True)
 secs = {n: [] for n in names}; feats = {}
-for r in range(a.rounds):
-    for n in names:
+for r in range(a.rounds):                 # round r starts with the r-th variant: none always follows the same one
+    for n in names[r % len(names):] + names[:r % len(names)]:
         t = time.perf_counter(); f = runs[n](); secs[n].append(time.perf_counter() - t); feats[n] = f
 ref = feats[names[0]]
 def cos(x, y): return (x * y).sum(-1)
