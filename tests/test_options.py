@@ -85,6 +85,9 @@ def test_options_that_the_other_options_leave_unread_are_not_shown(preset, hidde
     view = model_view(load_preset(preset).model)
     assert not hidden & set(view["extra"]) and shown <= set(view["extra"])
     assert model_view(model_config_from_dict(json.loads(json.dumps(view)))) == view      # and it loads back
+
+
+def test_an_option_an_override_makes_unread_goes_back_to_its_default():
     two = apply_model_overrides(load_preset("trust").model, ["states=two"])
     assert "conflict" not in model_view(two)["extra"] and "theme_start" not in model_view(two)["extra"]
     # the preset's conflict: learnt, now unread, goes back to its default, so a strict check accepts the result
@@ -97,6 +100,7 @@ def test_options_that_the_other_options_leave_unread_are_not_shown(preset, hidde
 @pytest.mark.parametrize("preset, items, says", [
     ("trust_mda", ["proj_dim=32"], r"proj_dim is read only when gate is true"),
     ("trust_mda", ["proj_dim=64"], r"proj_dim is read only when gate is true"),        # set explicitly, even at its default
+    ("trust_mda", ["extra={proj_dim: 32}"], r"proj_dim is read only when gate is true"),  # in a dict override too
     ("trust", ["theme_start=best"], r"theme_start is read only when init is em and states is three"),
     ("trust", ["start_shrinkage=cv"], r"start_shrinkage is read only when init is lda or em"),
     ("trust_mda", ["states=two", "conflict=uniform"], r"conflict is read only when states is three"),

@@ -88,7 +88,7 @@ def resolve_model(cfg: ModelConfig, *, strict: bool = True, given=(), where: str
     if opts is not None:
         cfg = dataclasses.replace(cfg, extra=validate_options(cfg.arch, opts, cfg.extra, where))
         if strict:
-            cfg = _refuse_unread_options(cfg, opts, given, where)
+            cfg = _settle_unread_options(cfg, opts, given, where)
     if cross_checks:
         _cross_checks(cfg, reads, where)
     return cfg
@@ -99,7 +99,7 @@ def _unread_options(cfg: ModelConfig, opts) -> dict[str, str]:
     return opts(**cfg.extra).unread()
 
 
-def _refuse_unread_options(cfg: ModelConfig, opts, given, where: str) -> ModelConfig:
+def _settle_unread_options(cfg: ModelConfig, opts, given, where: str) -> ModelConfig:
     """As for flat fields, an option that the other options leave unread must not be set: one the user set
     (in ``given``) is refused, and so, in a config without overrides (``given`` empty: a file, a Python
     object), is one away from its default. With overrides, an option that only the preset set and the
@@ -172,9 +172,22 @@ def apply_model_overrides(cfg: ModelConfig, overrides: list[str] | None, section
         elif key not in _FLAT and key != "extra" and not key.startswith("extra."):
             raise ConfigError(f"override {section}.{item}: unknown option {key!r}; {describe_arch(cfg.arch)}")
         given.add(key)
+        given.update(_extra_keys(item) if key == "extra" else ())
         rest.append(item)
     cfg = apply_overrides(cfg, rest, section)
     return resolve_model(cfg, given=given, where=f"{section} config", cross_checks=False)
+
+
+def _extra_keys(item: str) -> list[str]:
+    """``extra={a: 1, b: 2}`` -> ``["extra.a", "extra.b"]``: the options a dict override sets (for the
+    unread-option check; a value that is not a mapping is left to ``apply_overrides`` to report)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(item.split("=", 1)[1])
+    except yaml.YAMLError:
+        return []
+    return [f"extra.{k}" for k in value] if isinstance(value, dict) else []
 
 
 def build_model(cfg):
