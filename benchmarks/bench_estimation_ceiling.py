@@ -6,20 +6,22 @@ modality, with every advantage a real model lacks: it is told which training pos
 place in that modality (the generator's regime labels), and it has the generator's structure
 (each place a mixture of looks with one shared covariance).
 
-For each training size it fits, on the image features of the posts whose image shows their place:
+For each training size it fits, on one modality's features (``--modality``, the image by default) of the
+posts in which it shows their place:
 
 * ``lda``: scikit-learn's shrinkage LDA (one Gaussian per place, shared covariance);
 * ``mda``: mixture discriminant analysis (Hastie & Tibshirani 1996) with the generator's number of
-  image looks per place: Ledoit-Wolf within-look covariance, k-means looks in its whitened space,
+  the modality's looks per place: Ledoit-Wolf within-look covariance, k-means looks in its whitened space,
   three alternations;
 * ``lda_cv``, ``mda_cv``: the same two with the shrinkage intensity that TrustMix's start chooses by
   cross-validation on the same training posts (``sgmft.models.trust._cv_shrinkage``, eq T6'';
   regularised discriminant analysis) instead of Ledoit-Wolf's;
 
-and scores them on the test posts whose text is generic (only the image shows the place), against the
-oracle on the same posts. Prints one JSON document.
+and scores them on the test posts whose other modality is generic (only this one shows the place), against
+the oracle on the same posts. Prints one JSON document.
 
     python benchmarks/bench_estimation_ceiling.py --profile wide768 --sizes 13600,68000
+    python benchmarks/bench_estimation_ceiling.py --profile wide768 --sizes 13600 --modality text
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="wide768")
     ap.add_argument("--sizes", default="13600,68000", help="training posts, comma-separated")
     ap.add_argument("--test-size", type=int, default=17000)
+    ap.add_argument("--modality", choices=("image", "text"), default="image",
+                    help="fit this modality; score the test posts whose other modality is generic")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     base = profile_config(args.profile)
@@ -91,14 +95,16 @@ def main(argv=None) -> int:
     d = generate_simfeat(cfg)
     regime = np.asarray(d.regime).astype(str)
     train, test = np.flatnonzero(d.split != "test"), d.split == "test"
-    informative = ("both", "text_generic", "text_other_place")       # the image shows the post's place
-    ev = test & (regime == "text_generic")
-    x = np.asarray(d.image, dtype=np.float64)
+    other = "text" if args.modality == "image" else "image"
+    informative = ("both", f"{other}_generic", f"{other}_other_place")   # this modality shows the post's place
+    ev = test & (regime == f"{other}_generic")
+    x = np.asarray(getattr(d, args.modality), dtype=np.float64)
     x = (x - x[train].mean(0)) / x[train].std(0)
-    k, looks = cfg.num_classes, cfg.image_looks
+    k, looks = cfg.num_classes, getattr(cfg, f"{args.modality}_looks")
     out = {"command": "python benchmarks/bench_estimation_ceiling.py " + " ".join(argv or sys.argv[1:]),
-           "profile": args.profile, "image_looks": looks, "test_posts_scored": int(ev.sum()),
-           "oracle_on_them": d.oracle["test_accuracy_by_regime"]["text_generic"], "sizes": {}}
+           "profile": args.profile, "modality": args.modality, f"{args.modality}_looks": looks,
+           "test_posts_scored": int(ev.sum()),
+           "oracle_on_them": d.oracle["test_accuracy_by_regime"][f"{other}_generic"], "sizes": {}}
     for n in sizes:
         rows = train[:n]
         rows = rows[np.isin(regime[rows], informative)]

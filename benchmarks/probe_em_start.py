@@ -7,7 +7,10 @@ gradient step* on the training, validation and test splits: accuracy (%) and cro
 shares per modality (shows the place, generic, another place) and, on a SimFeat store, the test accuracy
 per regime. It does this once per value of ``theme_start`` (``all``, ``unexplained``) and says which one
 ``best`` keeps (the higher validation accuracy, then the lower validation cross-entropy) and which one has
-the lower training cross-entropy (item 15's rule, which item 16 replaced). One JSON line on stdout.
+the lower training cross-entropy (item 15's rule, which item 16 replaced). On a SimFeat store with conflict
+tables and fine regimes it also says how often each modality's strongest place evidence is the place that
+modality shows on the test posts, for the start and for the exact likelihood (``identification``, as
+``probe_conflict_tables.py`` reports it for a trained run). One JSON line on stdout.
 
     sgmft simulate STORE --profile wide768
     python benchmarks/probe_em_start.py STORE trust_mda
@@ -61,6 +64,7 @@ def probe(store: str, preset: str, seed: int, extra: dict | None = None) -> dict
                           test_fraction=p.train.test_fraction, val_fraction=p.train.val_fraction, seed=seed)
     rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     names = np.asarray(fs.regime_names) if fs.regime is not None and fs.regime_names is not None else None
+    world = _world_or_none(fs)
     doc = {"store": store, "preset": preset, "seed": seed, **({"extra": extra} if extra else {})}
     for start in ("all", "unexplained"):
         cfg = dataclasses.replace(p.model, dim=fs.dim, num_classes=len(fs.label_names))
@@ -75,7 +79,30 @@ def probe(store: str, preset: str, seed: int, extra: dict | None = None) -> dict
         doc[start] = {"start_seconds": round(time.time() - t0, 1),
                       "state_shares": {m: info[m].get("state_shares") for m in ("text", "image")},
                       **{s: _score(model, fs, r, names if s == "test" else None) for s, r in rows.items()}}
+        if world is not None:
+            doc[start]["identification"] = _identify(model, fs, rows["test"], world)
     return _keeps(doc)
+
+
+def _world_or_none(fs):
+    """The generator drawn again (``probe_conflict_tables._world``) for a SimFeat store with conflict tables and
+    fine regimes, else None."""
+    from probe_conflict_tables import _world
+
+    sim = fs.meta.get("extra", {}).get("simfeat", {}).get("config", {})
+    if not sim.get("conflict_concentration") or not sim.get("fine_regimes"):
+        return None
+    return _world(fs.path)
+
+
+def _identify(model, fs, test, world) -> dict:
+    """``probe_conflict_tables._identification`` of the start on the test posts."""
+    from probe_conflict_tables import _evidence, _identification
+
+    cfg, gen, comp_t, comp_i = world
+    text, image = np.asarray(fs.text)[test], np.asarray(fs.image)[test]
+    ev, _ = _evidence(model, text, image)
+    return _identification(cfg, gen, ev, text, image, comp_t[test], comp_i[test])
 
 
 def _keeps(doc: dict) -> dict:

@@ -31,7 +31,9 @@ OLD_DEFAULTS = {
               "init": "random",                         # added later (eq T6); these are the model as it was
               "start_shrinkage": "ledoit_wolf",         # added with eq T6''; the start as it was
               "theme_start": "all",                     # added later (EM's themes); the start as it was
+              "start_inits": 1,                         # added later; one seeded k-means start as it was
               "evidence_lr": 1.0,
+              "table_lr": 1.0,                         # added later; 1.0 is the step as it was
               "label_noise": 0.0},                      # added with eq T7; 0 is the cross-entropy as it was
     "qmf": {"hidden": 512, "temperature": 10.0, "uni_weight": 1.0, "rank_weight": 1.0},
     "pdf": {"hidden": 512, "uni_weight": 1.0, "tcp_weight": 1.0, "confid_weight_decay": 1.0,
@@ -47,7 +49,7 @@ OLD_DEFAULTS = {
 FLAT = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
 # the `trust` preset starts at random (init: random): the start's two options are unread, so not shown
 TRUST_KEYS = ("dim", "num_classes", "input_scale", "input_norm") + tuple(
-    k for k in OLD_DEFAULTS["trust"] if k not in ("start_shrinkage", "theme_start"))
+    k for k in OLD_DEFAULTS["trust"] if k not in ("start_shrinkage", "start_inits", "theme_start"))
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -78,8 +80,8 @@ def test_the_view_shows_only_what_trust_reads():
 
 
 @pytest.mark.parametrize("preset, hidden, shown", [
-    ("trust", {"start_shrinkage", "theme_start"}, {"proj_dim", "gate", "conflict"}),
-    ("trust_mda", {"proj_dim"}, {"start_shrinkage", "theme_start", "gate", "conflict"}),
+    ("trust", {"start_shrinkage", "start_inits", "theme_start"}, {"proj_dim", "gate", "conflict"}),
+    ("trust_mda", {"proj_dim"}, {"start_shrinkage", "start_inits", "theme_start", "gate", "conflict"}),
 ])
 def test_options_that_the_other_options_leave_unread_are_not_shown(preset, hidden, shown):
     view = model_view(load_preset(preset).model)
@@ -103,6 +105,7 @@ def test_an_option_an_override_makes_unread_goes_back_to_its_default():
     ("trust_mda", ["extra={proj_dim: 32}"], r"proj_dim is read only when gate is true"),  # in a dict override too
     ("trust", ["theme_start=best"], r"theme_start is read only when init is em and states is three"),
     ("trust", ["start_shrinkage=cv"], r"start_shrinkage is read only when init is lda or em"),
+    ("trust", ["start_inits=4"], r"start_inits is read only when init is lda or em"),
     ("trust_mda", ["states=two", "conflict=uniform"], r"conflict is read only when states is three"),
 ])
 def test_setting_an_option_the_other_options_leave_unread_is_refused(preset, items, says):

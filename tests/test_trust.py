@@ -426,6 +426,59 @@ def test_evidence_lr_scales_only_the_evidence_networks():
     assert [g.get("lr") for g in tenth] == [None, pytest.approx(1e-3)]
 
 
+def test_table_lr_zero_keeps_the_em_state_prior_and_tables():
+    """param_groups: table_lr 0 leaves the state prior (eq T3) and conflict tables (eq T1') at EM's counts while
+    the evidence still learns; at 1 they are in the first group as before, at another value in their own."""
+    torch.manual_seed(3)
+    b, _ = _states_batch(n=600)
+    m = build_model(dataclasses.replace(_cfg(init="em", looks=1, gate=False, table_lr=0.0), dim=128))
+    m.init_from_data(b)
+    fusion = (m.log_prior, m.conflict_t, m.conflict_v)
+    starts = [p.detach().clone() for p in fusion]
+    assert not np.allclose(starts[1].numpy(), 0)                    # EM's counts, not the zero start
+    groups = m.param_groups(1e-2)
+    ev0 = m.ev_t.linear.weight.detach().clone()
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(b["text"], b["image"]).logits, b["label"]).backward()
+        opt.step()
+    for p, p0 in zip(fusion, starts):
+        torch.testing.assert_close(p, p0)
+    assert not torch.equal(m.ev_t.linear.weight, ev0)
+    plain = build_model(_cfg())
+    default = plain.param_groups(1e-2)
+    fusion_ids = {id(plain.log_prior), id(plain.conflict_t), id(plain.conflict_v)}
+    assert len(default) == 2 and fusion_ids <= {id(p) for p in default[0]["params"]}
+    half = build_model(_cfg(table_lr=0.5))
+    groups = half.param_groups(1e-2)
+    assert [g.get("lr") for g in groups] == [None, pytest.approx(1e-2), pytest.approx(5e-3)]
+    assert {id(p) for p in groups[2]["params"]} == {id(half.log_prior), id(half.conflict_t), id(half.conflict_v)}
+
+
+def test_start_inits_keeps_the_lowest_inertia_of_several_kmeans_starts():
+    """start_inits (looks and themes of the generative start): k-means from several starts keeps the one with the
+    lowest inertia, never a worse one, and escapes where one seeded start is stuck (seeds 2 and 3 here: two
+    of five clusters merged); the option reaches the start and is recorded."""
+    from sgmft.models.trust import _centres
+
+    def inertia(x, c):
+        return float((((x[:, None] - c[None]) ** 2).sum(-1)).min(1).sum())
+
+    worse = 0
+    for seed in range(6):
+        g = np.random.default_rng(seed)
+        x = np.concatenate([g.normal(m, 1.0, (n, 8)) for m, n in zip((0, 3, 6, 9, 12), (40, 300, 40, 300, 40))])
+        one, several = inertia(x, _centres(x, 5, seed)[0]), inertia(x, _centres(x, 5, seed, 10)[0])
+        assert several <= one + 1e-6
+        worse += one > 1.2 * several
+    assert worse >= 2
+    b, _ = _states_batch(n=600)
+    m = build_model(dataclasses.replace(_cfg(init="em", looks=2, gate=False, start_inits=4), dim=128))
+    info = m.init_from_data(b)
+    assert info["text"]["kmeans_starts"] == 4 and info["image"]["kmeans_starts"] == 4
+
+
 def test_lda_start_skips_a_modality_too_few_posts_have():
     """A modality absent from (almost) every training post keeps its random start and says so."""
     b = _aniso_batch(n=200)

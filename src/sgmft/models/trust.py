@@ -133,15 +133,16 @@ class _Evidence(nn.Module):
 KMEANS_ROWS = 4000
 
 
-def _centres(x: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` k-means centres of ``x`` and the share of rows nearest each (repeats if too few rows)."""
+def _centres(x: np.ndarray, n: int, seed: int, inits: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` k-means centres of ``x`` and the share of rows nearest each (repeats if too few rows); with
+    ``inits`` > 1, the lowest-inertia of that many k-means++ starts."""
     from sklearn.cluster import KMeans
 
     if n == 1 or len(x) < 2 * n:                 # x has rows: absent places never get here
         return np.repeat(x.mean(0, keepdims=True), n, 0), np.full(n, 1.0 / n)
     if len(x) > KMEANS_ROWS:
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), KMEANS_ROWS, replace=False))]
-    km = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(x)
+    km = KMeans(n_clusters=n, n_init=inits, random_state=seed).fit(x)
     share = np.bincount(km.labels_, minlength=n) + 1.0
     return km.cluster_centers_, share / share.sum()
 
@@ -216,7 +217,7 @@ def _whitener(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarray, looks: int,
-               seed: int, delta: float | None = None) -> tuple[dict, np.ndarray, float]:
+               seed: int, delta: float | None = None, inits: int = 1) -> tuple[dict, np.ndarray, float]:
     """Eq T6 with L > 1 looks: mixture discriminant analysis (Hastie & Tibshirani 1996, "Discriminant
     analysis by Gaussian mixtures"). The looks of a place are k-means centres found in the space
     whitened by the within-look covariance, which is then re-estimated from the residuals about those
@@ -232,7 +233,7 @@ def _mda_looks(x: np.ndarray, y: np.ndarray, present: list[int], means: np.ndarr
         for c in present:
             rows = np.flatnonzero(y == c)
             z = x[rows] @ w
-            cz, share = _centres(z, looks, seed)
+            cz, share = _centres(z, looks, seed, inits)
             near = ((cz ** 2).sum(1)[None] - 2 * z @ cz.T).argmin(1)     # nearest centre
             mu = cz @ w_inv                              # back to input coordinates
             resid[rows] = x[rows] - mu[near]
@@ -256,7 +257,7 @@ def _unexplained(z: np.ndarray, cz: np.ndarray, owner: np.ndarray, alive: np.nda
 
 
 def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: dict, cov: np.ndarray,
-            seed: int, cv: bool = False, theme_start: str = "all", skip_fallback: bool = False
+            seed: int, cv: bool = False, theme_start: str = "all", skip_fallback: bool = False, inits: int = 1
             ) -> tuple[dict, tuple, np.ndarray, float, np.ndarray, dict | None] | None:
     """Eq T6' (eq T6 with the states of eq T1): classification EM of each modality's generative model. A post's
     modality shows its place (a look of it), a generic theme, or another place's look; looks, themes,
@@ -285,7 +286,7 @@ def _em_fit(x: np.ndarray, y: np.ndarray, k: int, looks: int, j: int, fitted: di
             pool = z[rows]
         elif skip_fallback:                                         # too few: the same start as ``all``
             return None
-    tz, tcnt = _centres(pool, j, seed)
+    tz, tcnt = _centres(pool, j, seed, inits)
     theme = tz @ w_inv
     state_cnt = np.array([0.6, 0.2, 0.2])                          # shares of inf, gen, oth: a first guess
     delta, chosen = None, None
@@ -339,7 +340,7 @@ def _lda_weights(fitted: dict, themes: tuple, cov: np.ndarray, means: np.ndarray
 
 
 def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool = False,
-               shrinkage: str = "ledoit_wolf", theme_starts: tuple[str, ...] = ("all",)) -> list[tuple]:
+               shrinkage: str = "ledoit_wolf", theme_starts: tuple[str, ...] = ("all",), inits: int = 1) -> list[tuple]:
     """Eq T6 for one modality: the LDA form of each look and theme for ``ev.linear`` (with several looks,
     their mixture-discriminant form: :func:`_mda_looks`; with ``em``, the states of eq T1 fitted as well,
     once per start of the themes in ``theme_starts``: :func:`_em_fit`; with ``shrinkage`` ``cv``, the
@@ -353,18 +354,19 @@ def _lda_start(ev: _Evidence, x: np.ndarray, y: np.ndarray, seed: int, em: bool 
     means[present] = [x[y == c].mean(0) for c in present]
     delta, chosen = _cv_shrinkage(x, y, seed) if shrinkage == "cv" and (looks > 1 or not em) else (None, None)
     if looks > 1:
-        fitted, cov, shrink = _mda_looks(x, y, present, means, looks, seed, delta)
+        fitted, cov, shrink = _mda_looks(x, y, present, means, looks, seed, delta, inits)
     else:
         cov, shrink = _shrunk_cov(x - means[y], delta)
         fitted = {c: (means[c:c + 1], np.ones(1)) for c in present}
-    base = {"posts": int(len(x)), "looks": looks, "themes": j, **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {})}
+    base = {"posts": int(len(x)), "looks": looks, "themes": j, **({"mda_rounds": MDA_ROUNDS} if looks > 1 else {}),
+            **({"kmeans_starts": inits} if inits > 1 else {})}
     if not em:
         info = {"shrinkage": round(float(shrink), 4), **({"shrinkage_cv": chosen} if chosen else {}), **base}
-        return [(info, None, *_lda_weights(fitted, _centres(x, j, seed), cov, means, k, looks, seed))]
+        return [(info, None, *_lda_weights(fitted, _centres(x, j, seed, inits), cov, means, k, looks, seed))]
     fits = []
     for start in theme_starts:
         res = _em_fit(x, y, k, looks, j, fitted, cov, seed, shrinkage == "cv", start,
-                      skip_fallback=bool(fits) and theme_starts[0] == "all")
+                      skip_fallback=bool(fits) and theme_starts[0] == "all", inits=inits)
         if res is None:                          # the places explain almost every post: the first start again
             fits.append(fits[0])
             continue
@@ -415,9 +417,15 @@ class TrustMix(nn.Module):
             "modality's posts; `unexplained`, of the posts whose nearest look belongs to another place than their "
             "label; `best`, EM from both, keeping the start that classifies the validation posts better (the higher "
             "accuracy, then the lower cross-entropy); with fewer than 500 validation posts, `all`")
+        start_inits: PositiveInt = option(
+            1, "with `init: lda` or `em`, k-means starts for each place's looks and for the generic themes; the "
+            "lowest-inertia one is kept (1: one start, seeded)")
         evidence_lr: float = option(
             1.0, "the evidence networks' learning rate, as a multiple of train.lr (0: they stay as initialised)",
             ge=0)
+        table_lr: float = option(
+            1.0, "the state prior's (eq T3) and the conflict tables' (eq T1') learning rate, as a multiple of train.lr "
+            "(0: they stay as initialised; with `init: em`, EM's counts)", ge=0)
         label_noise: float = option(
             0.0, "epsilon of eq T7: training maximises log[(1 - epsilon) p(y | x) + epsilon / K], a label that is "
             "wrong with probability epsilon, so mislabelled posts are not explained as contradictions; 0 = plain "
@@ -430,7 +438,7 @@ class TrustMix(nn.Module):
             if not self.gate:
                 out["proj_dim"] = "gate is true"
             if self.init == "random":
-                out["start_shrinkage"] = "init is lda or em"
+                out["start_shrinkage"] = out["start_inits"] = "init is lda or em"
             if self.init != "em" or self.states != "three":
                 out["theme_start"] = "init is em and states is three"
             if self.states != "three":
@@ -527,12 +535,19 @@ class TrustMix(nn.Module):
         return HeadOutput(logits=logits, fused=fused, extras=extras)
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Adam parameter groups: the evidence networks at ``evidence_lr`` x lr, the rest at lr."""
+        """Adam parameter groups: the evidence networks at ``evidence_lr`` x lr, the state prior and conflict
+        tables at ``table_lr`` x lr, the rest at lr. A group at 0 is left out, so its parameters keep their start."""
         ev = [p for p in (*self.ev_t.parameters(), *self.ev_v.parameters()) if p.requires_grad]
-        ids = {id(p) for p in ev}
+        tables = [p for p in (self.log_prior, self.conflict_t, self.conflict_v) if p is not None and p.requires_grad]
+        if float(self.opt["table_lr"]) == 1:                   # at lr: with the rest, in the same order as before
+            tables = []
+        ids = {id(p) for p in (*ev, *tables)}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        scale = float(self.opt["evidence_lr"])
-        return [{"params": rest}] + ([{"params": ev, "lr": lr * scale}] if scale > 0 else [])
+        groups = [{"params": rest}]
+        for params, scale in ((ev, float(self.opt["evidence_lr"])), (tables, float(self.opt["table_lr"]))):
+            if scale > 0 and params:
+                groups.append({"params": params, "lr": lr * scale})
+        return groups
 
     # -- eq T6: a generative start ------------------------------------------------------
     @property
@@ -577,7 +592,8 @@ class TrustMix(nn.Module):
             if places < 2 or len(x) <= places:
                 fits[key] = ({"posts": int(len(x)), "fitted": False}, None)   # too few posts with this modality
                 continue
-            fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"], starts))
+            fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"], starts,
+                                          int(self.opt["start_inits"])))
         if not any(f[1] for f in fits.values()):                 # nothing fitted: nothing to choose between
             starts = starts[:1]
         kept, record = self._choose_start(fits, y_all, starts, batch, val_batch) if len(starts) > 1 else (0, None)
