@@ -19,7 +19,7 @@ import dataclasses
 import json
 from typing import Any
 
-from sgmft.config import ConfigError, ModelConfig, apply_overrides
+from sgmft.config import ConfigError, ModelConfig, apply_overrides, parse_value
 from sgmft.models.options import SHARED_FIELDS, ArchOptions, validate_options
 from sgmft.registry import Registry
 
@@ -181,12 +181,7 @@ def apply_model_overrides(cfg: ModelConfig, overrides: list[str] | None, section
 def _extra_keys(item: str) -> list[str]:
     """``extra={a: 1, b: 2}`` -> ``["extra.a", "extra.b"]``: the options a dict override sets (for the
     unread-option check; a value that is not a mapping is left to ``apply_overrides`` to report)."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(item.split("=", 1)[1])
-    except yaml.YAMLError:
-        return []
+    value = parse_value(item.split("=", 1)[1])
     return [f"extra.{k}" for k in value] if isinstance(value, dict) else []
 
 
