@@ -20,7 +20,10 @@ stored features can beat it in expectation. ``oracle_stored`` is the exact poste
 keeps, the unit-length direction of each vector (the projected-normal density of every component, a
 one-dimensional integral per post): normalisation drops the norm, which tells the places' noise
 scales apart, so this is the bar a model on the stored features can reach. Variants C0-C3 change the world seed and the spectrum
-(``VARIANTS``); C4-C7 were drawn after the default's last change, as a second check. For each
+(``VARIANTS``); C4-C7 were drawn after the default's last change, as a second check. Variants D0-D3
+("family D", ``generate``'s last five knobs) add what neither SimFeat nor C0-C7 has: uneven place
+frequencies (Zipf), heavy-tailed (Student-t) noise, 5 or 20 places, one modality far noisier than
+the other, D = 1024. For each
 variant and size the script writes the store, trains each preset with ``sgmft.train.train`` (its
 own validation split, seed 0) and prints one JSON document: test accuracy, ECE, validation
 accuracy and, for ``auto``, the chosen candidate.
@@ -34,6 +37,11 @@ accuracy and, for ``auto``, the chosen candidate.
         --presets auto --out new.json             # the default alone, after a change to it
     python benchmarks/family_c.py --merge new.json --base benchmarks/results-family_c-cv.json \\
         benchmarks/results-family_c-c4c7-cv.json --out benchmarks/results-family_c-committee.json
+    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 2500 17000 \
+        --out benchmarks/results-family_d.json                  # family D, the variants' own seeds
+    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 --data-seeds 20 30 \
+        --out benchmarks/results-family_d-seeds.json
+    python benchmarks/family_c.py --table benchmarks/results-family_d.json benchmarks/results-family_d-seeds.json
 """
 
 from __future__ import annotations
@@ -57,12 +65,23 @@ VARIANTS = {
     "C5": {"seed": 5, "seed_world": 33, "alpha": 0.9, "noise": 1.3},
     "C6": {"seed": 6, "seed_world": 45, "alpha": 1.4, "noise": 0.8, "q_other": 0.6},
     "C7": {"seed": 7, "seed_world": 57, "alpha": 1.2, "noise": 1.1, "p": (0.4, 0.25, 0.25, 0.1)},
+    # family D: phenomena neither SimFeat nor C0-C7 has (uneven place frequencies, heavy-tailed noise,
+    # 5 or 20 places, one modality much noisier, D = 1024); drawn once after the default's last change,
+    # constants set by the oracle's accuracy alone (0.81-0.84 at 3,000 posts) before any model ran
+    "D0": {"seed": 10, "seed_world": 71, "prior_zipf": 1.0, "tail_df": 4},
+    "D1": {"seed": 11, "seed_world": 83, "places": 20, "noise_text": 1.4},
+    "D2": {"seed": 12, "seed_world": 97, "D": 1024, "prior_zipf": 1.3, "tail_df": 3, "noise_image": 1.3},
+    "D3": {"seed": 13, "seed_world": 109, "places": 5, "prior_zipf": 0.8, "noise_image": 1.5, "q_other": 0.6},
+    # D0 taken apart (which of its phenomena costs what): without the heavy tails, and without the uneven
+    # place frequencies as well (then a world like C0-C7's)
+    "D0g": {"seed": 10, "seed_world": 71, "prior_zipf": 1.0},
+    "D0c": {"seed": 10, "seed_world": 71},
 }
 K, GENERIC, REGIMES = 10, 10, ("both", "text", "image", "neither")
 NAMES = ["home", "work", "school", "restaurant", "cinema", "gym", "shopping", "travel", "hospital", "park"]
 
 
-def _world(rw, D, alpha, sig, noise, gap, common, sgn) -> dict:
+def _world(rw, D, alpha, sig, noise, gap, common, sgn, K=K, tail_df=None) -> dict:
     lam = np.arange(1, D + 1) ** -alpha
     lam = lam / lam.sum() * D
     R, _ = np.linalg.qr(rw.standard_normal((D, D)))
@@ -81,21 +100,31 @@ def _world(rw, D, alpha, sig, noise, gap, common, sgn) -> dict:
     conf[np.arange(K), np.arange(K)] = 0
     conf /= conf.sum(1, keepdims=True)
     return dict(R=R, sd=sd * noise, protos=protos, w=weights, themes=themes, scale=scale, conf=conf,
-                off=common + sgn * gap / 2)
+                off=common + sgn * gap / 2, df=tail_df)
 
 
 def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.0,
-             p=(0.5, 0.2, 0.2, 0.1), q_other=0.5, label_noise=0.03, gap=3.0) -> dict:
-    """Posts of one variant: latent features, labels, regimes, users, split and the exact oracle."""
+             p=(0.5, 0.2, 0.2, 0.1), q_other=0.5, label_noise=0.03, gap=3.0, places=K, prior_zipf=0.0,
+             tail_df=None, noise_text=1.0, noise_image=1.0) -> dict:
+    """Posts of one variant: latent features, labels, regimes, users, split and the exact oracle.
+    Family D's knobs (all off for C0-C7, which they leave byte-identical): ``places`` places,
+    place frequencies proportional to rank^-``prior_zipf`` (the oracle then adds the log of the
+    places' marginal frequency, the users' mean mix), multivariate Student-t noise with ``tail_df``
+    degrees of freedom (a Gaussian scaled per post by sqrt(df / chi2_df); the stored-feature oracle
+    then integrates the t kernel, :func:`_log_radial_t`) and a noise multiplier per modality."""
     rw = np.random.default_rng(seed_world)
     g = rw.standard_normal(D)
     g /= np.linalg.norm(g)
     common = rw.standard_normal(D)
     common *= 2.0 / np.linalg.norm(common)
-    worlds = {m: _world(rw, D, alpha, sig, noise, gap * g, common, s) for m, s in (("t", 1), ("v", -1))}
+    worlds = {m: _world(rw, D, alpha, sig, noise * f, gap * g, common, s, places, tail_df)
+              for m, s, f in (("t", 1, noise_text), ("v", -1, noise_image))}
     r = np.random.default_rng(seed)
     users = r.integers(0, 100, size=n)
-    mix = np.stack([r.dirichlet(np.ones(K)) for _ in range(100)])
+    K = places
+    prior = np.arange(1, K + 1) ** -float(prior_zipf)
+    prior /= prior.sum()
+    mix = np.stack([r.dirichlet(np.ones(K) if not prior_zipf else K * prior) for _ in range(100)])
     y = np.array([r.choice(K, p=mix[u]) for u in users])
     reg = r.choice(4, size=n, p=p)
     feats = {m: _draw(r, worlds[m], y, (reg == 0) | (reg == (1 if m == "t" else 2)), q_other)
@@ -103,15 +132,16 @@ def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.
     y_obs = y.copy()
     flip = r.random(n) < label_noise
     y_obs[flip] = r.integers(0, K, flip.sum())
-    post = _oracle(worlds, feats, p, q_other, label_noise)
-    stored = _oracle(worlds, feats, p, q_other, label_noise, unit=True)
+    log_prior = np.log(mix.mean(0)) if prior_zipf else 0.0
+    post = _oracle(worlds, feats, p, q_other, label_noise, log_prior=log_prior)
+    stored = _oracle(worlds, feats, p, q_other, label_noise, unit=True, log_prior=log_prior)
     split = np.where(np.random.default_rng(seed + 1000).random(n) < 0.2, "test", "train")
     return dict(text=feats["t"], image=feats["v"], labels=y_obs, regime=np.array(REGIMES)[reg],
                 users=users, split=split, oracle=post, oracle_stored=stored)
 
 
 def _draw(r, W, y, informative, q_other) -> np.ndarray:
-    n, D = len(y), W["R"].shape[0]
+    n, D, K = len(y), W["R"].shape[0], len(W["protos"])
     X, sc = np.empty((n, D)), np.ones(n)
     for i in range(n):
         c = y[i] if informative[i] else (r.choice(K, p=W["conf"][y[i]]) if r.random() < q_other else -1)
@@ -120,6 +150,8 @@ def _draw(r, W, y, informative, q_other) -> np.ndarray:
             continue
         sc[i] = W["scale"][c]
         X[i] = W["protos"][c][r.choice(len(W["protos"][c]), p=W["w"][c])]
+    if W.get("df"):   # multivariate Student-t: one chi-square draw per post scales its Gaussian noise
+        sc = sc * np.sqrt(W["df"] / r.chisquare(W["df"], size=n))
     return X + (r.standard_normal((n, D)) * W["sd"] * sc[:, None]) @ W["R"].T + W["off"]
 
 
@@ -132,13 +164,41 @@ def _log_radial(beta: np.ndarray, D: int, half: float = 12.0, n: int = 241) -> n
     return logsumexp((D - 1) * np.log(t) - 0.5 * (t - beta[:, None]) ** 2, axis=1) + np.log(grid[1] - grid[0])
 
 
+def _log_radial_t(beta: np.ndarray, kappa: np.ndarray, D: int, nu: float, n: int = 401) -> np.ndarray:
+    """log of the integral over t > 0 of t^(D-1) (1 + ((t - beta)^2 + kappa) / nu)^(-(nu + D) / 2), per
+    element: the direction's density under a multivariate t with nu degrees of freedom, the t-kernel
+    analogue of :func:`_log_radial` (kappa: the squared part of the whitened mean orthogonal to the
+    direction, over the scale squared). Trapezoids in u = log t on a fine grid of +-12 widths around the
+    integrand's peak (the positive root of its derivative's quadratic; the width from the curvature there)
+    joined with a coarse one over +-12 (the kernel's tail decays like t^-nu in u)."""
+    c = beta ** 2 + nu + kappa
+    b = beta * (nu + 2 - D)
+    peak = (b + np.sqrt(b ** 2 + 4 * (nu + 1) * (D - 1) * c)) / (2 * (nu + 1))
+    g = nu + (peak - beta) ** 2 + kappa
+    g1, g2 = 2 * (peak - beta) * peak, 2 * peak * (2 * peak - beta)
+    width = 1.0 / np.sqrt(np.maximum(0.5 * (nu + D) * (g2 / g - (g1 / g) ** 2), 1e-12))
+    unit = np.linspace(-1.0, 1.0, n)
+    out = np.empty(len(beta))
+    for i in range(0, len(beta), 1024):       # chunks of rows; each row its own sorted grid
+        sl = slice(i, i + 1024)
+        u = np.log(peak[sl, None]) + np.sort(np.concatenate(
+            [12 * width[sl, None] * unit[None], np.broadcast_to(12 * unit, (len(peak[sl]), n))], axis=1), axis=1)
+        w = np.empty_like(u)
+        w[:, 1:-1], w[:, 0], w[:, -1] = (u[:, 2:] - u[:, :-2]) / 2, (u[:, 1] - u[:, 0]) / 2, (u[:, -1] - u[:, -2]) / 2
+        f = D * u - 0.5 * (nu + D) * np.log1p(((np.exp(u) - beta[sl, None]) ** 2 + kappa[sl, None]) / nu)
+        out[sl] = logsumexp(f + np.log(np.maximum(w, 1e-300)), axis=1)     # t^D: dt = t du
+    return out
+
+
 def _evidence(W, x, q_other, unit: bool = False):
     """Per post: log p(x | place c) (n, K) and log p(x | uninformative, post's place y) (n, K). With
     ``unit``, the same for the direction x / |x| alone, which is all the stored features keep: with
     a = W u (u the direction, W the noise whitener), m = W (offset + mean) and s the component's noise
     scale, log p(u) = beta^2 / 2 - |m|^2 / (2 s^2) + log of the radial integral at beta = a.m / (s |a|),
-    up to terms shared by every component (the projected normal density)."""
-    D = x.shape[1]
+    up to terms shared by every component (the projected normal density). With Student-t noise
+    (``W["df"]``) the latent density is the multivariate t's and the direction's is
+    :func:`_log_radial_t` at the same beta and kappa = |m|^2 / s^2 - beta^2."""
+    D, K = x.shape[1], len(W["protos"])
     if unit:
         a = ((x / np.linalg.norm(x, axis=1, keepdims=True)) @ W["R"]) / W["sd"]
         na = np.linalg.norm(a, axis=1)
@@ -146,7 +206,15 @@ def _evidence(W, x, q_other, unit: bool = False):
         def comp(mu, s):
             m = ((W["off"] + mu) @ W["R"]) / W["sd"]
             beta = (a @ m) / (s * na)
+            if W.get("df"):     # Student-t: the radial integral of the t kernel (_log_radial_t)
+                return _log_radial_t(beta, np.maximum((m @ m) / s ** 2 - beta ** 2, 0.0), D, W["df"])
             return 0.5 * beta ** 2 - (m @ m) / (2 * s ** 2) + _log_radial(beta, D)
+    elif W.get("df"):    # multivariate t (the normalising terms shared by every component dropped)
+        xw, nu = ((x - W["off"]) @ W["R"]) / W["sd"], W["df"]
+
+        def comp(mu, s):
+            d2 = ((xw - (mu @ W["R"]) / W["sd"]) ** 2).sum(1) / s ** 2
+            return -0.5 * (nu + D) * np.log1p(d2 / nu) - D * np.log(s)
     else:
         xw = ((x - W["off"]) @ W["R"]) / W["sd"]
 
@@ -160,12 +228,16 @@ def _evidence(W, x, q_other, unit: bool = False):
     return lc, np.logaddexp(np.log(q_other) + lo, np.log(1 - q_other) + lg[:, None])
 
 
-def _oracle(worlds, feats, p, q_other, label_noise, unit: bool = False) -> np.ndarray:
+def _oracle(worlds, feats, p, q_other, label_noise, unit: bool = False, log_prior=0.0) -> np.ndarray:
     (lt, ut), (lv, uv) = (_evidence(worlds[m], feats[m], q_other, unit) for m in ("t", "v"))
     terms = [np.log(p[0]) + lt + lv, np.log(p[1]) + lt + uv, np.log(p[2]) + ut + lv, np.log(p[3]) + ut + uv]
-    post = logsumexp(np.stack(terms), axis=0)
+    post = logsumexp(np.stack(terms), axis=0) + log_prior
     pr = np.exp(post - logsumexp(post, axis=1, keepdims=True))
-    return (1 - label_noise) * pr + label_noise / K
+    return (1 - label_noise) * pr + label_noise / pr.shape[1]
+
+
+def _names(k: int) -> list[str]:
+    return (NAMES + [f"place{i}" for i in range(len(NAMES), k)])[:k]
 
 
 def write_store(path: Path, d: dict) -> float:
@@ -176,7 +248,7 @@ def write_store(path: Path, d: dict) -> float:
     acc = float((d["oracle"].argmax(1)[te] == d["labels"][te]).mean())
     unit = {m: d[m] / np.linalg.norm(d[m], axis=1, keepdims=True) for m in ("text", "image")}
     write_feature_store(path, ids=[f"p{i}" for i in range(len(d["labels"]))], text=unit["text"].astype(np.float32),
-                        image=unit["image"].astype(np.float32), label_names=NAMES, labels=d["labels"],
+                        image=unit["image"].astype(np.float32), label_names=_names(d["oracle"].shape[1]), labels=d["labels"],
                         users=[f"u{u}" for u in d["users"]], split=d["split"], regime=d["regime"],
                         backbone="family_c", overwrite=True, extra={"family_c": {"oracle_test_accuracy": acc}})
     return acc
@@ -186,18 +258,25 @@ def _score(run_dir: Path, store: Path) -> dict:
     from sgmft.eval.run import evaluate
 
     m = evaluate(run_dir, store, run_dir / "eval", tsne_max_points=0)
-    return {"accuracy": round(m["accuracy"], 4), "ece": round(m["ece"], 4)}
+    return {"accuracy": round(m["accuracy"], 4), "ece": round(m["ece"], 4),
+            "mean_confidence": round(m["mean_confidence"], 4)}
 
 
-def run(variant: str, n: int, presets: list[str], work: Path) -> dict:
+def run(variant: str, n: int, presets: list[str], work: Path, data_seed: int | None = None) -> dict:
+    """Train ``presets`` on a store of ``n`` posts of ``variant`` (its own posts drawn with ``data_seed``
+    when given: the same world, other posts and another test split; the row's variant is then
+    ``variant@seed``)."""
     from sgmft.train import train
 
-    d = generate(n, **VARIANTS[variant])
+    if data_seed is not None:
+        variant = f"{variant}@{data_seed}"
+    d = generate(n, **{**VARIANTS[variant.split("@")[0]], **({} if data_seed is None else {"seed": data_seed})})
     store = work / f"{variant}-{n}" / "store"
     te = d["split"] == "test"
     row = {"variant": variant, "posts": n, "oracle": round(write_store(store, d), 4),
-           "oracle_stored": round(float((d["oracle_stored"].argmax(1)[te] == d["labels"][te]).mean()), 4),
            "presets": {}}
+    if d["oracle_stored"] is not None:    # none for Student-t noise (family D)
+        row["oracle_stored"] = round(float((d["oracle_stored"].argmax(1)[te] == d["labels"][te]).mean()), 4)
     for name in presets:
         out = store.parent / name
         res = train(store, out, name)
@@ -246,6 +325,45 @@ def table(result: dict) -> str:
     return "\n".join(out)
 
 
+def plain_table(result: dict) -> str:
+    """Markdown for results without ``auto`` (``--presets trust_lda trust_mda``, say): test accuracy (%) per
+    preset and the best of them over the stored-feature oracle."""
+    names = sorted({n for r in result["rows"] for n in r["presets"]})
+    out = [f"| store | posts | oracle | oracle, stored features | {' | '.join(f'`{n}`' for n in names)} | best / "
+           "stored-feature oracle |", "|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for r in result["rows"]:
+        acc = {n: 100 * r["presets"][n]["accuracy"] for n in names if n in r["presets"]}
+        o2 = r.get("oracle_stored")
+        out.append(f"| {r['variant']} | {r['posts']:,} | {100 * r['oracle']:.2f} | {f'{100 * o2:.2f}' if o2 else '-'} | "
+                   + " | ".join(f"{acc[n]:.2f}" if n in acc else "-" for n in names)
+                   + (f" | {max(acc.values()) / (100 * o2):.3f} |" if o2 else " | - |"))
+    return "\n".join(out)
+
+
+def seed_means(result: dict) -> str:
+    """Markdown: where a variant and size has several rows (``--data-seeds``: variant ``X@seed``, beside the
+    variant's own seed ``X``; ``--table`` joins the rows of several results), per variant and size the mean ±
+    sd over the seeds of each preset's test accuracy (%), and the default's mean minus the best mean of
+    the textbook baselines and peers (the issue's bar compares 3-seed means)."""
+    bar = ("lda", "logreg", "concat", "qmf", "pdf")
+    groups: dict = {}
+    for r in result["rows"]:             # a variant's own seed (no "@") joins the seeds drawn beside it
+        groups.setdefault((r["variant"].split("@")[0], r["posts"]), []).append(r)
+    groups = {k: rows for k, rows in groups.items() if len(rows) > 1}
+    if not groups:
+        return ""
+    names = ["auto", *bar]
+    out = [f"| variant | posts | seeds | oracle | {' | '.join(f'`{n}`' for n in names)} | default - best other |",
+           "|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for (v, n), rows in groups.items():
+        acc = {k: np.array([100 * r["presets"][k]["accuracy"] for r in rows if k in r["presets"]]) for k in names}
+        cells = [f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0:.2f}" if len(a) else "-" for a in acc.values()]
+        best = max(a.mean() for k, a in acc.items() if k in bar and len(a))
+        oracle = 100 * np.mean([r["oracle"] for r in rows])
+        out.append(f"| {v} | {n:,} | {len(rows)} | {oracle:.2f} | {' | '.join(cells)} | {acc['auto'].mean() - best:+.2f} |")
+    return "\n".join(out)
+
+
 def merge(bases: list[dict], news: list[dict]) -> dict:
     """The rows of ``bases`` with ``auto`` and its candidates taken from ``news`` where those ran the same
     store (variant and size; the oracle must agree) and the base's ``auto`` kept as ``auto_before``: a
@@ -273,15 +391,22 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[2500, 17000])
     ap.add_argument("--presets", nargs="+", default=["auto", "pdf", "qmf", "concat", "logreg"],
                     help="presets to train (auto's candidates are scored from its own runs)")
+    ap.add_argument("--data-seeds", nargs="+", type=int, help="draw each variant's posts with each of these "
+                    "seeds (the same world; default: the variant's own seed); --table then adds their means")
     ap.add_argument("--workdir", help="keep stores and runs here (default: a temporary folder)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
-    ap.add_argument("--table", metavar="JSON", help="print the markdown table of an earlier result and exit")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of earlier results (their "
+                    "rows joined) and exit")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="with --base: put the `auto` of these results into "
                     "the base's rows (the base's own `auto` kept as `auto_before`), write --out and exit")
     ap.add_argument("--base", nargs="+", metavar="JSON", help="earlier results with every preset (see --merge)")
     a = ap.parse_args(argv)
     if a.table:
-        print(table(json.loads(Path(a.table).read_text())))
+        result = {"rows": [r for f in a.table for r in json.loads(Path(f).read_text())["rows"]]}
+        print(table(result) if all("auto" in r["presets"] for r in result["rows"]) else plain_table(result))
+        means = seed_means(result) if all("auto" in r["presets"] for r in result["rows"]) else ""
+        if means:
+            print("\nMeans over the data seeds:\n\n" + means)
         return 0
     if a.merge:
         text = json.dumps(merge([json.loads(Path(f).read_text()) for f in a.base],
@@ -294,7 +419,7 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
-        rows = [run(v, n, a.presets, work) for n in a.sizes for v in a.variants]
+        rows = [run(v, n, a.presets, work, s) for n in a.sizes for v in a.variants for s in (a.data_seeds or [None])]
     text = json.dumps({"benchmark": "family_c", "rows": rows}, indent=1)
     if a.out:
         from sgmft import atomic

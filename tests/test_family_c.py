@@ -57,3 +57,80 @@ def test_merge_takes_the_default_and_its_retrained_candidates_and_keeps_the_rest
     assert got[1]["presets"] == {"auto": {"accuracy": 0.1}}
     with pytest.raises(SystemExit, match="stores differ"):
         fc.merge([base], [{"rows": [row(0.9, auto=0.6)]}])
+
+
+def test_student_t_evidence_is_the_multivariate_t_density(fc):
+    """Family D's heavy-tailed noise: the evidence of each one-look place equals scipy's multivariate t
+    log density up to a term shared by every place (the row's constant)."""
+    from scipy.stats import multivariate_t
+
+    rw = np.random.default_rng(3)
+    D = 12
+    W = fc._world(rw, D, 1.0, 1.0, 1.0, np.zeros(D), rw.standard_normal(D), 1, K=4, tail_df=3)
+    W["protos"] = [p[:1] for p in W["protos"]]
+    W["w"] = [np.ones(1) for _ in W["protos"]]
+    r = np.random.default_rng(4)
+    x = fc._draw(r, W, r.integers(0, 4, 50), np.ones(50, bool), 0.5)
+    got = fc._evidence(W, x, 0.5)[0]
+    cov = (W["R"] * W["sd"] ** 2) @ W["R"].T
+    ref = np.stack([multivariate_t(W["off"] + W["protos"][c][0], cov * W["scale"][c] ** 2, df=3).logpdf(x)
+                    for c in range(4)], 1)
+    np.testing.assert_allclose(got - got[:, :1], ref - ref[:, :1], atol=1e-8)
+
+
+def test_family_d_knobs_draw_what_they_say(fc):
+    """``places`` sets the number of places (names included), ``prior_zipf`` makes place frequencies fall
+    with rank, and both oracles (latent, stored features under ``tail_df``) cover every place."""
+    d = fc.generate(1500, seed=1, seed_world=2, D=32, places=13, prior_zipf=1.2, tail_df=4)
+    freq = np.bincount(d["labels"], minlength=13) / 1500
+    assert d["oracle"].shape == (1500, 13) and len(fc._names(13)) == 13 and fc._names(13)[-1] == "place12"
+    assert freq[0] > 2 * freq[6] and d["oracle_stored"].shape == (1500, 13)
+    assert (d["oracle"].argmax(1) == d["labels"]).mean() > 0.5
+
+
+def test_seed_means_averages_each_variant_and_size_over_its_seeds(fc):
+    """A variant's own seed and the seeds drawn beside it (``X@s``) form one group; the bar compares the
+    default's mean with the best mean of the textbook baselines and peers; single rows print nothing."""
+    def row(v, n, auto, lda, pdf):
+        return {"variant": v, "posts": n, "oracle": 0.8,
+                "presets": {"auto": {"accuracy": auto}, "lda": {"accuracy": lda}, "pdf": {"accuracy": pdf}}}
+
+    res = {"rows": [row("D0", 1000, 0.50, 0.52, 0.40), row("D0@20", 1000, 0.56, 0.50, 0.46),
+                    row("D0@30", 1000, 0.53, 0.51, 0.43), row("D1", 1000, 0.3, 0.2, 0.1)]}
+    got = fc.seed_means(res)
+    line = [ln for ln in got.splitlines() if ln.startswith("| D0 ")][0]
+    assert "| 3 |" in line and "53.00 ± 3.00" in line and line.endswith("| +2.00 |")
+    assert "| D1 " not in got and fc.seed_means({"rows": res["rows"][3:]}) == ""
+
+
+@pytest.mark.parametrize("D,nu", [(16, 3.0), (128, 4.0), (512, 4.0), (1024, 3.0)])
+def test_log_radial_t_is_the_integral(fc, D, nu):
+    """The t-kernel radial integral (the stored-feature oracle of family D) against a brute-force sum over
+    two million points of log t from e^-20 to e^25, narrow peaks (large beta) and wide ones included."""
+    from scipy.special import logsumexp
+
+    lt = np.linspace(-20, 25, 2_000_001)
+    for b, k in [(-3.0, 5.0), (0.0, 0.0), (0.7, 40.0), (5.0, 300.0), (40.0, 10.0), (200.0, 3000.0)]:
+        got = fc._log_radial_t(np.array([b]), np.array([k]), D, nu)[0]
+        f = D * lt - 0.5 * (nu + D) * np.log1p(((np.exp(lt) - b) ** 2 + k) / nu)
+        assert got == pytest.approx(logsumexp(f) + np.log(lt[1] - lt[0]), abs=1e-4)
+
+
+def test_the_stored_feature_oracle_under_student_t_reads_only_the_direction(fc):
+    rw = np.random.default_rng(5)
+    W = fc._world(rw, 48, 1.0, 1.0, 1.0, np.zeros(48), rw.standard_normal(48), 1, tail_df=4)
+    r = np.random.default_rng(6)
+    y = r.integers(0, fc.K, 300)
+    x = fc._draw(r, W, y, np.ones(300, bool), 0.5)
+    unit = [fc._evidence(W, x * c, 0.5, unit=True)[0] for c in (1.0, 2.5)]
+    np.testing.assert_allclose(unit[0], unit[1], rtol=1e-9, atol=1e-6)
+    assert (unit[0].argmax(1) == y).mean() > 0.8
+
+
+def test_plain_table_shows_presets_without_the_default(fc):
+    res = {"rows": [{"variant": "D0c", "posts": 17000, "oracle": 0.8, "oracle_stored": 0.8,
+                     "presets": {"trust_lda": {"accuracy": 0.72}, "trust_mda": {"accuracy": 0.76}}},
+                    {"variant": "D0", "posts": 17000, "oracle": 0.8, "presets": {"trust_lda": {"accuracy": 0.7}}}]}
+    lines = fc.plain_table(res).splitlines()
+    assert lines[2] == "| D0c | 17,000 | 80.00 | 80.00 | 72.00 | 76.00 | 0.950 |"
+    assert lines[3] == "| D0 | 17,000 | 80.00 | - | 70.00 | - | - |"
