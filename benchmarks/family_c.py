@@ -209,17 +209,13 @@ def _evidence(W, x, q_other, unit: bool = False):
             if W.get("df"):     # Student-t: the radial integral of the t kernel (_log_radial_t)
                 return _log_radial_t(beta, np.maximum((m @ m) / s ** 2 - beta ** 2, 0.0), D, W["df"])
             return 0.5 * beta ** 2 - (m @ m) / (2 * s ** 2) + _log_radial(beta, D)
-    elif W.get("df"):    # multivariate t (the normalising terms shared by every component dropped)
-        xw, nu = ((x - W["off"]) @ W["R"]) / W["sd"], W["df"]
+    else:
+        xw, nu = ((x - W["off"]) @ W["R"]) / W["sd"], W.get("df")
 
         def comp(mu, s):
             d2 = ((xw - (mu @ W["R"]) / W["sd"]) ** 2).sum(1) / s ** 2
-            return -0.5 * (nu + D) * np.log1p(d2 / nu) - D * np.log(s)
-    else:
-        xw = ((x - W["off"]) @ W["R"]) / W["sd"]
-
-        def comp(mu, s):
-            return -0.5 * ((xw - (mu @ W["R"]) / W["sd"]) ** 2).sum(1) / s ** 2 - D * np.log(s)
+            # Gaussian, or multivariate t (the normalising terms shared by every component dropped)
+            return (-0.5 * d2 if not nu else -0.5 * (nu + D) * np.log1p(d2 / nu)) - D * np.log(s)
 
     lc = np.stack([logsumexp([np.log(W["w"][c][l]) + comp(W["protos"][c][l], W["scale"][c])
                               for l in range(len(W["protos"][c]))], axis=0) for c in range(K)], 1)
@@ -268,15 +264,14 @@ def run(variant: str, n: int, presets: list[str], work: Path, data_seed: int | N
     ``variant@seed``)."""
     from sgmft.train import train
 
+    d = generate(n, **{**VARIANTS[variant], **({} if data_seed is None else {"seed": data_seed})})
     if data_seed is not None:
         variant = f"{variant}@{data_seed}"
-    d = generate(n, **{**VARIANTS[variant.split("@")[0]], **({} if data_seed is None else {"seed": data_seed})})
     store = work / f"{variant}-{n}" / "store"
     te = d["split"] == "test"
     row = {"variant": variant, "posts": n, "oracle": round(write_store(store, d), 4),
+           "oracle_stored": round(float((d["oracle_stored"].argmax(1)[te] == d["labels"][te]).mean()), 4),
            "presets": {}}
-    if d["oracle_stored"] is not None:    # none for Student-t noise (family D)
-        row["oracle_stored"] = round(float((d["oracle_stored"].argmax(1)[te] == d["labels"][te]).mean()), 4)
     for name in presets:
         out = store.parent / name
         res = train(store, out, name)
@@ -403,8 +398,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.table:
         result = {"rows": [r for f in a.table for r in json.loads(Path(f).read_text())["rows"]]}
-        print(table(result) if all("auto" in r["presets"] for r in result["rows"]) else plain_table(result))
-        means = seed_means(result) if all("auto" in r["presets"] for r in result["rows"]) else ""
+        with_default = all("auto" in r["presets"] for r in result["rows"])
+        print(table(result) if with_default else plain_table(result))
+        means = seed_means(result) if with_default else ""
         if means:
             print("\nMeans over the data seeds:\n\n" + means)
         return 0
