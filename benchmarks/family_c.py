@@ -255,7 +255,7 @@ def _score(run_dir: Path, store: Path) -> dict:
 
     m = evaluate(run_dir, store, run_dir / "eval", tsne_max_points=0)
     return {"accuracy": round(m["accuracy"], 4), "ece": round(m["ece"], 4),
-            "mean_confidence": round(m["mean_confidence"], 4)}
+            "mean_confidence": round(m["mean_confidence"], 4), "nll": round(m["nll"], 4)}
 
 
 def run(variant: str, n: int, presets: list[str], work: Path, data_seed: int | None = None) -> dict:

@@ -13,7 +13,7 @@ from sgmft.features import FeatureStore
 from sgmft.predict import Predictor
 from sgmft.train import train
 
-from conftest import make_store
+from conftest import load_benchmark, make_store
 
 
 def run_init(run_dir):
@@ -200,9 +200,21 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
             assert (r / "cv" / f"fold-{i}" / c / "model" / "model.safetensors").is_file()
         held.append(np.flatnonzero(fold == "test"))
     assert np.array_equal(np.sort(np.concatenate(held)), pooled)
+    # the chosen candidate again on a second partition (CV_REPEATS): only it, every pooled post held out once,
+    # other folds than the first partition's; an LDA alone keeps no fold models and needs none
+    second = r / "cv" / "repeat-1"
+    assert second.is_dir() == (s["chosen"] != "lda") and s["final"].get("partitions") == (1 if forced == "lda" else 2)
+    if s["chosen"] != "lda":
+        assert {d.name for d in (second / "fold-0").iterdir()} == set(s["chosen"].split("+"))
+        again = [np.flatnonzero(np.load(second / f"fold-{i}" / s["chosen"].split("+")[0] / "split.npy") == "test")
+                 for i in range(5)]
+        assert np.array_equal(np.sort(np.concatenate(again)), pooled)
+        assert not any(np.array_equal(a, h) for a in again for h in held)
     card = (r / "model" / "README.md").read_text()
     assert "cross-validated accuracy on 192" in card and ("fold committee" in card) == (forced != "lda")
-    # the kept model is the chosen candidate's committee (eq E1): its five fold models, or one LDA refitted
+    assert ("2 partitions of them into folds" in card and "fitted to committees of 1 and 2 fold models" in card
+            and "extrapolated to 10 (eq E2)" in card) == (forced != "lda")
+    # the kept model is the chosen candidate's committee (eq E1): its ten fold models, or one LDA refitted
     # on all 192 pooled posts; each calibrated on its candidate's 192 out-of-fold predictions, not on 19
     # validation posts; the two halves of an ensemble weigh one half each
     cfg = json.loads((r / "model" / "config.json").read_text())
@@ -210,9 +222,10 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     fs = FeatureStore.open(store)
     test = np.flatnonzero(main_split == "test")
     parts = []
-    for m in s["chosen"].split("+"):
-        assert s["final"]["member_calibration"][m]["num_posts"] == 192
-        dirs = ([r / "cv" / "all" / m] if m == "lda" else [r / "cv" / f"fold-{i}" / m for i in range(5)])
+    for m in s["chosen"].split("+"):                       # each map: on the out-of-fold logits of both partitions
+        assert s["final"]["member_calibration"][m]["num_posts"] == (192 if forced == "lda" else 384)
+        dirs = ([r / "cv" / "all" / m] if m == "lda" else
+                [r / "cv" / f"fold-{i}" / m for i in range(5)] + [second / f"fold-{i}" / m for i in range(5)])
         parts.append([_probs_with(Predictor.from_pretrained(d / "model"), s["final"]["member_calibration"][m], fs,
                                   test) for d in dirs])
     if "lda" in s["chosen"].split("+"):
@@ -220,20 +233,43 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         assert np.array_equal(np.flatnonzero(refit == "train"), pooled) and "val" not in set(refit)
     want = np.mean([np.mean(part, 0) for part in parts], 0)
     assert s["final"]["calibration"]["temperature"] == cfg["calibration"]["temperature"]   # run.json says it
-    if forced != "lda":                                    # the committee's own temperature, from the 192 posts
-        outer = cfg["calibration"]
+    if forced != "lda":                                    # the committee's own temperature, from the 192 posts:
+        outer = cfg["calibration"]                         # eq E2 from committees of 1 and 2 fold models
         assert outer["method"] == "temperature" and outer["num_posts"] == 192 and "cross-fitted" in outer["fitted_on"]
+        by = s["final"]["calibration"]["temperature_by_members"]
+        assert set(by) == {"1", "2", "10"} and by["10"] == outer["temperature"]
+        assert outer["temperature"] == pytest.approx(sel.extrapolated_temperature(by["1"], by["2"], 2, 10))
         want = _softmax(np.log(want) / outer["temperature"])
     if forced == "lda":                                    # LDA alone: its refit on all 192, calibrated out of fold
         assert s["final"]["members"] == ["lda@all"] and cfg["calibration"]["num_posts"] == 192
         assert "`lda` refitted on all 192 training and validation posts" in card
         assert "one model refitted after cross-validation" in card and "committee of 1" not in card
-    if forced == "trust_lda+lda":                          # 5 fold models of trust_lda and one LDA, half and half
-        assert cfg["model"]["extra"]["weights"] == [0.1] * 5 + [0.5] and cfg["model"]["extra"]["pool"] == "mean"
-        assert cfg["model"]["extra"]["names"] == [f"trust_lda@fold-{i}" for i in range(5)] + ["lda@all"]
+    if forced == "trust_lda+lda":                          # 10 fold models of trust_lda and one LDA, half and half
+        assert cfg["model"]["extra"]["weights"] == [0.05] * 10 + [0.5] and cfg["model"]["extra"]["pool"] == "mean"
+        assert cfg["model"]["extra"]["names"] == ([f"trust_lda@fold-{i}" for i in range(5)]
+                                                  + [f"trust_lda@repeat-1-fold-{i}" for i in range(5)] + ["lda@all"])
     got = Predictor.from_pretrained(r / "model").predict_features(fs.text[test], fs.image[test]).probs
     np.testing.assert_allclose(got, want, atol=1e-5)
+    if forced != "lda":                                    # bench_committee_temperature.py rebuilds this model
+        bench = load_benchmark("bench_committee_temperature")
+        row = bench.measure(r, str(store))                 # (it asserts the rebuild equals the saved model)
+        assert row["two partitions, eq E2"]["temperature"] == pytest.approx(outer["temperature"], abs=1e-4)
+        assert row["two partitions, eq E2"]["accuracy"] == pytest.approx(float(np.mean(got.argmax(1) == np.asarray(fs.labels)[test])))
+        assert row["one partition, T(1)"]["temperature"] == pytest.approx(by["1"], abs=1e-4)
+        assert bench.ece_floor(np.eye(4)[fs.labels[test]]) == 0.0            # sure and right: no sampling noise
     assert train(store, r, _fast_auto()).status == "complete"          # nothing re-runs
+
+
+def test_eq_e2_the_inverse_temperature_is_linear_in_one_over_the_committee_size():
+    from sgmft.train.select import extrapolated_temperature as e2
+
+    b_inf, c = 1.3, -0.45                                   # beta(m) = b_inf + c / m, beta = 1 / T
+    t = {m: 1.0 / (b_inf + c / m) for m in (1, 2, 3, 10)}
+    assert e2(t[1], t[2], 2, 10) == pytest.approx(t[10])
+    assert e2(t[1], t[3], 3, 10) == pytest.approx(t[10])
+    assert e2(t[1], t[2], 2, 1) == pytest.approx(t[1]) and e2(t[1], t[2], 2, 2) == pytest.approx(t[2])
+    assert e2(0.9, 0.9, 2, 10) == pytest.approx(0.9)        # size changes nothing: nothing to extrapolate
+    assert e2(0.5, 5.0, 2, 10) == 5.0                        # beta(10) would be negative: keep the fitted one
 
 
 def test_cross_fitted_calibration_never_reads_the_label_of_the_post_it_calibrates():

@@ -113,13 +113,20 @@ def _committee_line(final: dict, posts: int) -> str:
                 f"calibrated on its out-of-fold predictions ({cals})")
     refit = [m for m in final["members"] if m.endswith("@all")]
     weights = final.get("weights") or []
+    parts = final.get("partitions", 1)
+    by = (final.get("calibration") or {}).get("temperature_by_members")
+    outer = ("one temperature for the committee, fitted on the same posts" if not by else
+             "one temperature for the committee, T = " + f"{by[max(by, key=int)]:.3g}: fitted to committees of "
+             + " and ".join(k for k in sorted(by, key=int)[:-1]) + " fold models that never saw the post "
+             f"(T = {', '.join(f'{by[k]:.3g}' for k in sorted(by, key=int)[:-1])}) and extrapolated to "
+             f"{max(by, key=int)} (eq E2)")
     return (f"* the model is the fold committee of `{final['of']}`: the mean of the calibrated probabilities of "
             f"{len(final['members'])} models, the cross-validation fold models (each trained on four fifths of "
-            f"the {posts} training and validation posts)"
+            f"the {posts} training and validation posts"
+            + (f"; {parts} partitions of them into folds" if parts > 1 else "") + ")"
             + (f" and {', '.join(f'`{m}`' for m in refit)} (refitted on all of them)" if refit else "")
             + (f", weights {weights}" if len(set(weights)) > 1 else "")
-            + f"; each calibrated on the out-of-fold predictions of its candidate ({cals}), then one temperature "
-            "for the committee, fitted on the same posts")
+            + f"; each calibrated on the out-of-fold predictions of its candidate ({cals}), then {outer}")
 
 
 def _data_and_config(info: dict, runj: dict, store_name: str, backbone: str, preset: str) -> list[str]:

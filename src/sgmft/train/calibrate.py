@@ -34,7 +34,7 @@ from sgmft.models import forward_batch
 ECE_BINS = 15          # as sgmft.eval.metrics.ECE_BINS (reported beside every ECE)
 MIN_VAL_POSTS = 50     # fewer labelled validation posts: no calibration (two parameters would overfit them)
 
-__all__ = ["calibration_record", "fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows",
+__all__ = ["calibration_record", "clip_temperature", "fit_calibration", "fit_temperature", "fit_temperature_uniform", "collect_logits", "holdout_rows",
            "validation_rows"]
 
 
@@ -88,6 +88,11 @@ def fit_temperature(logits, labels, *, max_iter: int = 100) -> float:
 
 def _clip_t(log_t: float) -> float:
     t = math.exp(log_t) if math.isfinite(log_t) else 1.0     # degenerate data: leave it alone
+    return clip_temperature(t)
+
+
+def clip_temperature(t: float) -> float:
+    """``t`` clipped to the temperatures a fit may return, [0.01, 100]."""
     return min(max(t, 1e-2), 1e2)
 
 

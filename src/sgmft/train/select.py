@@ -16,9 +16,11 @@ from a 50 % one. Below :data:`CV_BELOW_VAL_POSTS` labelled validation posts the 
 trains every candidate on the other folds, under ``cv/fold-<i>/<preset>/``; the test split is never
 touched), as ESL 7.10 states the rule. An ensemble's members are then calibrated by cross-fitting
 (each fold's posts under a map fitted on the other folds' posts). The model kept is the chosen
-candidate's *fold committee*: eq E1 over its five fold models, each calibrated on its candidate's
-out-of-fold predictions, so every training and validation post trains the model and five fits
-average out each one's noise (docs/design.md, "The default model", item 11).
+candidate's *fold committee*: eq E1 over its fold models of two partitions of the pooled posts (the
+chosen candidate is cross-validated once more), each calibrated on its candidate's out-of-fold predictions,
+so every training and validation post trains the model and ten fits average out each one's noise
+(docs/design.md, "The default model", item 11); its own temperature is extrapolated to ten members from
+committees of one and two fold models that never saw the post (eq E2, item 22).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ CV_BELOW_VAL_POSTS = 500
 # Cross-validation scores ``a+b`` by eq E1, and its fold committee is the mean of the fold models (bagging).
 CANDIDATE_POOL = "log_mean"
 CV_FOLDS = 5
+# After cross-validation the chosen candidate is cross-validated again on this many partitions of the pooled
+# posts in all (the first, seed ``seed``, is the one that chose; partition r cuts with seed ``seed + r``). Each
+# pooled post is then held out by one fold model of every partition, so the mean of those is a committee of
+# CV_REPEATS members that never saw the post: with the single fold models it tells how the committee's
+# temperature changes with its size, and eq E2 extrapolates that to the whole committee (docs/design.md,
+# "The default model", item 22). The committee keeps the fold models of every partition.
+CV_REPEATS = 2
 # Below this many training posts per place, TrustMix candidates get one look per place (eq T0): each
 # look is a mean to estimate, and on 1,000 posts of 10 places three looks lost 3-5 points to one
 # (docs/design.md, "The default model", item 7).
@@ -166,32 +175,39 @@ class CrossValidation(NamedTuple):
     crossfit_logp: dict     # candidate -> log of its cross-fitted calibrated out-of-fold probabilities
 
 
+def _fold_dir(out: Path, repeat: int, i: int) -> Path:
+    """Where fold ``i`` of partition ``repeat`` trains (the first partition: ``cv/fold-<i>``)."""
+    return out / "cv" / (f"fold-{i}" if repeat == 0 else f"repeat-{repeat}" / Path(f"fold-{i}"))
+
+
 def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], split, train_fn,
-                    overwrite: bool) -> "CrossValidation":
+                    overwrite: bool, repeat: int = 0) -> "CrossValidation":
     """Per candidate, its logits on each pooled post from the fold model that did not train on it; the
     pooled posts' labels; and per trained candidate, its calibration fitted on all its out-of-fold
-    logits (:func:`_oof_calibration`; the fold committee's members use it), and every candidate's
-    cross-fitted log-probabilities (what fits the committee's own temperature). An ensemble ``a+b`` gets eq
+    logits (:func:`_oof_calibration`), and every candidate's cross-fitted log-probabilities (what fits
+    the committee's own temperature). An ensemble ``a+b`` gets eq
     E1 over its members' fold probabilities, each calibrated by a map fitted on the other folds' posts
     (cross-fitting: no post calibrates its own prediction, and a fold's small carved validation split,
-    often too small to calibrate on, calibrates nothing)."""
+    often too small to calibrate on, calibrates nothing). ``repeat`` r > 0 cuts another partition (seed
+    ``seed + r``, folder ``cv/repeat-<r>/``; :data:`CV_REPEATS`)."""
     from sgmft.checkpoint import load_checkpoint
     from sgmft.models.ensemble import pooled_logits
     from sgmft.train.calibrate import collect_logits
 
     t = presets[0].train
-    folds = cv_folds(split, fs.labels, fs.users, t.split, t.seed)
+    folds = cv_folds(split, fs.labels, fs.users, t.split, t.seed + repeat)
     pool = np.sort(np.concatenate(folds))
     raw = {p.name: np.zeros((len(pool), len(fs.label_names))) for p in presets}
     fold_of = np.zeros(len(pool), dtype=np.int64)
+    what = "cross-validation" if repeat == 0 else f"cross-validation of {order[-1]!r} on partition {repeat + 1}"
     for i, rows in enumerate(folds):
         view = _split_view(fs, pool, rows)     # the same store, with the fold as its (unused) test split
-        warnings.warn(f"{out}: cross-validation fold {i + 1}/{len(folds)} ({len(rows)} held-out posts): training "
+        warnings.warn(f"{out}: {what}, fold {i + 1}/{len(folds)} ({len(rows)} held-out posts): training "
                       + ", ".join(p.name for p in presets), SgmftNote, stacklevel=4)
         at = np.searchsorted(pool, rows)
         fold_of[at] = i
         for p in presets:
-            res = train_fn(view, out / "cv" / f"fold-{i}" / p.name, p, overwrite=overwrite)
+            res = train_fn(view, _fold_dir(out, repeat, i) / p.name, p, overwrite=overwrite)
             raw[p.name][at] = collect_logits(load_checkpoint(res.checkpoint)[0], fs, rows)[0]
     y = np.asarray(fs.labels)[pool]
     where = f"out-of-fold predictions of {CV_FOLDS}-fold cross-validation on the training and validation posts"
@@ -298,11 +314,12 @@ def _refits_on_all(p: Preset) -> bool:
 
 
 def _committee_members(fs, out: Path, p: Preset, split, train_fn, overwrite: bool) -> list[tuple[str, Path]]:
-    """``(name, checkpoint)`` of candidate ``p``'s part of the fold committee: its CV_FOLDS fold models, or
-    for a fit that reads no validation split, one refit on all the training and validation posts (under
-    ``cv/all/<preset>/``, no validation split carved)."""
+    """``(name, checkpoint)`` of candidate ``p``'s part of the fold committee: its fold models of every
+    partition (:data:`CV_REPEATS`), or for a fit that reads no validation split, one refit on all the training
+    and validation posts (under ``cv/all/<preset>/``, no validation split carved)."""
     if not _refits_on_all(p):
-        return [(f"{p.name}@fold-{i}", out / "cv" / f"fold-{i}" / p.name / "model") for i in range(CV_FOLDS)]
+        return [(f"{p.name}@fold-{i}" if r == 0 else f"{p.name}@repeat-{r}-fold-{i}", _fold_dir(out, r, i) / p.name
+                 / "model") for r in range(CV_REPEATS) for i in range(CV_FOLDS)]
     split = np.asarray(split)
     pooled = np.flatnonzero(np.isin(split, ["train", "val"]) & (np.asarray(fs.labels) >= 0))
     view = _split_view(fs, pooled, np.flatnonzero(split == "test"))
@@ -312,33 +329,84 @@ def _committee_members(fs, out: Path, p: Preset, split, train_fn, overwrite: boo
     return [(f"{p.name}@all", Path(res.checkpoint))]
 
 
-def _committee_calibration(oof_logp: np.ndarray, labels: np.ndarray, train: TrainConfig) -> dict:
-    """The committee's own temperature, on top of its members' maps: fitted on the chosen candidate's
-    cross-fitted out-of-fold log-probabilities. A mean of calibrated members is less confident than it
-    is right (the members disagree where each is unsure), and on family C at 1,000 posts this took
-    the committee's ECE from 0.24 to 0.17 and 0.17 to 0.10 (docs/design.md, "The default model", item 11)."""
-    from sgmft.train.calibrate import MIN_VAL_POSTS, calibration_record
+def extrapolated_temperature(t_one: float, t_r: float, r: int, members: int) -> float:
+    """Eq E2: the committee temperature for ``members`` fold models, from the temperatures fitted to
+    committees of 1 (``t_one``) and ``r`` (``t_r``) fold models that never saw the post, with the inverse
+    temperature linear in 1 / m (a mean of m bagged members differs from their limit by a variance term of
+    order 1 / m):
 
-    if train.calibration == "none" or len(labels) < MIN_VAL_POSTS:
+        beta(m) = beta_inf + c / m,   beta = 1 / T,   so   beta(M) = beta(1) - (beta(1) - beta(r)) (1 - 1/M) / (1 - 1/r)
+
+    A non-positive extrapolation (never seen) keeps ``t_r``."""
+    from sgmft.train.calibrate import clip_temperature
+
+    b1, br = 1.0 / t_one, 1.0 / t_r
+    beta = b1 - (b1 - br) * (1.0 - 1.0 / members) / (1.0 - 1.0 / r)
+    return clip_temperature(1.0 / beta) if beta > 0 else t_r
+
+
+def _committee_calibration(xvs: list, chosen: str, members: int, train: TrainConfig) -> dict:
+    """The committee's own temperature, on top of its members' maps (eq E2, docs/design.md, "The default
+    model", item 22). Each partition's cross-fitted out-of-fold probabilities of the chosen candidate are a
+    committee of one fold model per post, their mean over the partitions one of ``len(xvs)``; the mean of
+    calibrated members is less confident than it is right, the more so the more members (on the 16 small family
+    D stores the five-model committee under a temperature fitted to one model was 7.0 points more accurate than
+    confident on average; 1.7 with eq E2). A temperature is fitted to each and eq E2 extrapolates to ``members``."""
+    from sgmft.train.calibrate import MIN_VAL_POSTS, calibration_record, fit_temperature
+
+    y, r = xvs[0].labels, len(xvs)
+    if train.calibration == "none" or len(y) < MIN_VAL_POSTS:
         return {"method": "none", "temperature": 1.0, "reason": "the members' own calibrations only"}
-    return calibration_record(oof_logp, labels, "temperature", "cross-fitted out-of-fold predictions of the "
-                              "chosen candidate (each member calibrated on the other folds)")
+    one = [xv.crossfit_logp[chosen] for xv in xvs]
+    where = "cross-fitted out-of-fold predictions of the chosen candidate (each member calibrated on the other folds)"
+    if r == 1:
+        return calibration_record(one[0], y, "temperature", where)
+    pooled = np.log(np.mean([np.exp(lp) for lp in one], 0))                              # eq E1, r members
+    rec = calibration_record(pooled, y, "temperature", f"{where}, of {r} partitions; their mean: a committee of {r}")
+    t_one = fit_temperature(np.concatenate(one), np.tile(y, r))
+    t = extrapolated_temperature(t_one, rec["temperature"], r, members)                  # eq E2
+    return {**rec, "temperature": t, "temperature_by_members": {"1": t_one, str(r): rec["temperature"], str(members): t},
+            "law": "eq E2: the inverse temperature linear in 1 / (number of members)"}
+
+
+def _cross_validations(fs, out: Path, chosen: str, xv: CrossValidation, presets: list[Preset], split, train_fn,
+                       overwrite: bool) -> list[CrossValidation]:
+    """``xv`` and, when the chosen candidate keeps fold models, its cross-validation on the other partitions
+    (:data:`CV_REPEATS`)."""
+    by_name = {p.name: p for p in presets}
+    parts = [by_name[n] for n in chosen.split("+")]
+    if all(_refits_on_all(p) for p in parts):
+        return [xv]
+    order = list(dict.fromkeys([p.name for p in parts] + [chosen]))
+    return [xv] + [_cross_validate(fs, out, parts, order, split, train_fn, overwrite, repeat=r)
+                   for r in range(1, CV_REPEATS)]
+
+
+def _member_calibration(xvs: list[CrossValidation], name: str, train: TrainConfig) -> dict:
+    """Candidate ``name``'s map for its committee members: fitted on its out-of-fold logits of every partition."""
+    if len(xvs) == 1:
+        return xvs[0].calibrations[name]
+    return _oof_calibration(np.concatenate([xv.logits[name] for xv in xvs]), np.tile(xvs[0].labels, len(xvs)),
+                            train.calibration, f"out-of-fold predictions of {len(xvs)} partitions of {CV_FOLDS}-fold "
+                            "cross-validation on the training and validation posts")
 
 
 def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidation, presets: list[Preset],
                      split, train_fn, overwrite: bool) -> dict:
-    """``run.model`` after cross-validation: the committee of the chosen candidate, eq E1 over its
-    CV_FOLDS fold models (a shrinkage LDA: one refit on all the pooled posts, :func:`_refits_on_all`),
-    each with its candidate's calibration fitted on all the out-of-fold predictions
-    (:func:`_cross_validate`); an ensemble ``a+b`` gives each of a and b half the weight. Every labelled
+    """``run.model`` after cross-validation: the committee of the chosen candidate, eq E1 over its fold models
+    of every partition (:data:`CV_REPEATS`; a shrinkage LDA: one refit on all the pooled posts,
+    :func:`_refits_on_all`), each with its candidate's calibration fitted on all its out-of-fold predictions,
+    and one temperature on top (eq E2); an ensemble ``a+b`` gives each of a and b half the weight. Every labelled
     training and validation post trains the model, and the mean of models that each saw another part
-    of the data varies less than one model (bagging; docs/design.md, "The default model", item 11).
+    of the data varies less than one model (bagging; docs/design.md, "The default model", items 11 and 22).
     Returns run.json's ``selection.final``."""
     from sgmft.checkpoint import load_checkpoint, save_checkpoint
     from sgmft.models import build_model
     from sgmft.models.ensemble import ensemble_config
 
-    by_name = {p.name: p for p in presets}
+    by_name, t = {p.name: p for p in presets}, presets[0].train
+    xvs = _cross_validations(fs, out, chosen, xv, presets, split, train_fn, overwrite)
+    member_cal = {n: _member_calibration(xvs, n, t) for n in chosen.split("+")}
     parts = [_committee_members(fs, out, by_name[n], split, train_fn, overwrite) for n in chosen.split("+")]
     names, models, cfgs, cal, weights = [], [], [], [], []
     for n, part in zip(chosen.split("+"), parts):
@@ -347,12 +415,11 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
             names.append(name)
             models.append(model)
             cfgs.append(info["model_cfg"])
-            cal.append(xv.calibrations[n])
+            cal.append(member_cal[n])
             weights.append(1.0 / (len(parts) * len(part)))
     if len(models) == 1:                # LDA alone: its refit, calibrated on the out-of-fold predictions
         own = cal[0]
-        save_checkpoint(run.model, models[0], cfgs[0], fs.label_names, fs.meta, presets[0].train, preset=chosen,
-                        calibration=own)
+        save_checkpoint(run.model, models[0], cfgs[0], fs.label_names, fs.meta, t, preset=chosen, calibration=own)
     else:
         cfg = ensemble_config(fs.dim, len(fs.label_names), names, cfgs, cal,
                               weights if len(set(weights)) > 1 else None)
@@ -360,13 +427,13 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
         for member, trained in zip(committee.members, models):
             member.load_state_dict(trained.state_dict())
         committee.eval()
-        own = _committee_calibration(xv.crossfit_logp[chosen], xv.labels, presets[0].train)
-        save_checkpoint(run.model, committee, cfg, fs.label_names, fs.meta, presets[0].train, preset=chosen,
-                        calibration=own)
-    return {"kind": "fold committee", "of": chosen, "members": names, "weights": [round(w, 6) for w in weights],
-            "calibration": {k: own.get(k) for k in ("method", "temperature", "num_posts", "fitted_on")},
-            "member_calibration": {m: {k: xv.calibrations[m].get(k) for k in ("method", "temperature", "uniform_weight",
-                                                                  "num_posts")} for m in chosen.split("+")}}
+        own = _committee_calibration(xvs, chosen, max(len(part) for part in parts), t)
+        save_checkpoint(run.model, committee, cfg, fs.label_names, fs.meta, t, preset=chosen, calibration=own)
+    keys = ("method", "temperature", "num_posts", "fitted_on", "temperature_by_members", "law")
+    return {"kind": "fold committee", "of": chosen, "partitions": len(xvs), "members": names,
+            "weights": [round(w, 6) for w in weights], "calibration": {k: own[k] for k in keys if k in own},
+            "member_calibration": {m: {k: c.get(k) for k in ("method", "temperature", "uniform_weight", "num_posts")}
+                                   for m, c in member_cal.items()}}
 
 
 def _assemble(fs, out: Path, name: str, results: dict, train: TrainConfig) -> TrainResult:
@@ -462,9 +529,9 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
                                  + [{"name": n, "ensemble": n.split("+"), "pool": CANDIDATE_POOL}
                                     for n in order if "+" in n],
                                  "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS,
-                                               "cv_final": "fold_committee_lda_refit",
+                                               "cv_final": "fold_committee_lda_refit", "cv_repeats": CV_REPEATS,
                                                "cv_calibration": "cross_fitted",
-                                               "committee_temperature": "cross_fitted"}},
+                                               "committee_temperature": "extrapolated_e2"}},
                                 asdict(preset.train), fs.path)
     fp = fingerprint(inputs)
     out.mkdir(parents=True, exist_ok=True)
