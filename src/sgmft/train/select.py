@@ -366,7 +366,8 @@ def _committee_calibration(xvs: list, chosen: str, members: int, train: TrainCon
     t_one = fit_temperature(np.concatenate(one), np.tile(y, r))
     t = extrapolated_temperature(t_one, rec["temperature"], r, members)                  # eq E2
     return {**rec, "temperature": t, "temperature_by_members": {"1": t_one, str(r): rec["temperature"], str(members): t},
-            "law": "eq E2: the inverse temperature linear in 1 / (number of members)"}
+            "law": "eq E2: the inverse temperature linear in 1 / (number of members)",
+            "val_stats_of": f"the committees of {r} fold models per post, before and at T({r})"}
 
 
 def _cross_validations(fs, out: Path, chosen: str, xv: CrossValidation, presets: list[Preset], split, train_fn,
