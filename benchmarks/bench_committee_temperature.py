@@ -41,6 +41,9 @@ from sgmft.models.ensemble import pooled_logits
 from sgmft.models.output import calibrated_probs
 from sgmft.train.calibrate import fit_temperature
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_calibration_noise import _draw_labels  # noqa: E402  (labels drawn from the model's own probabilities)
+
 FIELDS = ("accuracy", "mean_confidence", "nll", "brier", "ece")
 
 
@@ -70,12 +73,7 @@ def ece_floor(probs: np.ndarray, draws: int = 50, seed: int = 0) -> float:
     """The mean ECE that a perfectly calibrated model with these probabilities would measure on as many posts:
     labels drawn from ``probs`` themselves (the sampling floor of the ECE; bench_calibration_noise.py)."""
     rng = np.random.default_rng(seed)
-    cum = probs.cumsum(1)
-    eces = []
-    for _ in range(draws):
-        y = np.minimum((rng.random((len(probs), 1)) > cum).sum(1), probs.shape[1] - 1)
-        eces.append(calibration_metrics(y, probs)["ece"])
-    return float(np.mean(eces))
+    return float(np.mean([calibration_metrics(_draw_labels(probs, rng), probs)["ece"] for _ in range(draws)]))
 
 
 def measure(run: Path, store: str | None) -> dict | None:

@@ -352,6 +352,7 @@ def _committee_calibration(xvs: list, chosen: str, members: int, train: TrainCon
     calibrated members is less confident than it is right, the more so the more members (on the 16 small family
     D stores the five-model committee under a temperature fitted to one model was 7.0 points more accurate than
     confident on average; 1.7 with eq E2). A temperature is fitted to each and eq E2 extrapolates to ``members``."""
+    from sgmft.models.ensemble import pooled_logits
     from sgmft.train.calibrate import MIN_VAL_POSTS, calibration_record, fit_temperature
 
     y, r = xvs[0].labels, len(xvs)
@@ -361,7 +362,7 @@ def _committee_calibration(xvs: list, chosen: str, members: int, train: TrainCon
     where = "cross-fitted out-of-fold predictions of the chosen candidate (each member calibrated on the other folds)"
     if r == 1:
         return calibration_record(one[0], y, "temperature", where)
-    pooled = np.log(np.mean([np.exp(lp) for lp in one], 0))                              # eq E1, r members
+    pooled = pooled_logits([torch.from_numpy(np.exp(lp)) for lp in one]).numpy()         # eq E1, r members
     rec = calibration_record(pooled, y, "temperature", f"{where}, of {r} partitions; their mean: a committee of {r}")
     t_one = fit_temperature(np.concatenate(one), np.tile(y, r))
     t = extrapolated_temperature(t_one, rec["temperature"], r, members)                  # eq E2
