@@ -86,6 +86,10 @@ def test_family_d_knobs_draw_what_they_say(fc):
     assert d["oracle"].shape == (1500, 13) and len(fc._names(13)) == 13 and fc._names(13)[-1] == "place12"
     assert freq[0] > 2 * freq[6] and d["oracle_stored"].shape == (1500, 13)
     assert (d["oracle"].argmax(1) == d["labels"]).mean() > 0.5
+    # the true parameters in a Gaussian decision: another posterior, drawn only where the noise is Student-t
+    gauss = d["oracle_stored_gaussian_form"]
+    assert gauss.shape == (1500, 13) and np.abs(gauss - d["oracle_stored"]).max() > 0.05
+    assert "oracle_stored_gaussian_form" not in fc.generate(200, seed=1, seed_world=2, D=32, places=13)
 
 
 def test_seed_means_averages_each_variant_and_size_over_its_seeds(fc):
