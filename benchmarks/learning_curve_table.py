@@ -102,8 +102,24 @@ def plot(out: str, paths: list[str], default: str = "auto") -> str:
     return str(_save_png(fig, out))
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--plot":
-        print(plot(sys.argv[2], sys.argv[3:]))
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("csv", nargs="+", help="learning_curve.csv files (one table each; one panel each with --plot)")
+    ap.add_argument("--plot", metavar="OUT.png", help="draw the curves side by side into this PNG instead")
+    ap.add_argument("--default", default="auto", help="the model whose margin the table gives (default: auto)")
+    args = ap.parse_args(argv)
+    missing = [c for c in args.csv if not Path(c).is_file()]
+    if missing:
+        ap.error(f"no such CSV: {', '.join(missing)}")
+    if args.plot:
+        print(plot(args.plot, args.csv, args.default))
     else:
-        print(table(sys.argv[1]))
+        print("\n\n".join(table(c, args.default) for c in args.csv))
+
+
+if __name__ == "__main__":
+    main()

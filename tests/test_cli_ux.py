@@ -56,6 +56,24 @@ def test_simulate_num_posts_alone_keeps_the_20_percent_test_part(tmp_path, capsy
     assert "test_size=600" in err and "num_posts=600" in err
 
 
+def test_simulate_takes_its_folder_as_out_too_as_every_other_verb_does(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "s"), "--num-posts", "200", "--dim", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["store"] == str(tmp_path / "s")
+    assert (tmp_path / "s" / "meta.json").is_file()
+    assert main(["simulate", "--num-posts", "200"]) == 2                   # neither spelling
+    assert "sgmft simulate OUT (or --out OUT)" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
+    assert "two output folders" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_an_unknown_option_is_refused_by_the_verb_with_its_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "run", "store", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: sgmft evaluate")
+    assert "sgmft evaluate: error: unrecognized arguments: --bogus" in err and "sgmft evaluate --help" in err
+
+
 # -- train ---------------------------------------------------------------------------------------
 def _failing_train(monkeypatch, checkpoint: bool = False):
     import sgmft.train.fit as fit

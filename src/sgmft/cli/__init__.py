@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from sgmft import __version__
@@ -144,9 +145,20 @@ def _simfeat_config(args):
     return profile_config(args.profile, **overrides)
 
 
+def _simulate_out(args) -> str:
+    """The output folder, given as ``OUT`` or as ``--out OUT`` (every other verb's spelling)."""
+    given = [o for o in (args.out, args.out_option) if o is not None]
+    if not given:
+        raise UserError("give the output feature-store folder: sgmft simulate OUT (or --out OUT)")
+    if len(given) == 2 and Path(given[0]) != Path(given[1]):
+        raise UserError(f"two output folders: {given[0]} and --out {given[1]}; give one")
+    return given[0]
+
+
 def cmd_simulate(args) -> int:
     from sgmft.data.simfeat import write_simfeat
 
+    args.out = _simulate_out(args)
     path = write_simfeat(args.out, _simfeat_config(args), overwrite=args.overwrite)
     from sgmft.features import FeatureStore
 
@@ -254,7 +266,8 @@ def _simfeat_args(s: argparse.ArgumentParser) -> None:
 
 
 def _simulate_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("out", help="output feature-store directory")
+    s.add_argument("out", nargs="?", help="output feature-store directory (or --out OUT, as the other verbs take it)")
+    s.add_argument("--out", dest="out_option", metavar="OUT", help=argparse.SUPPRESS)
     s.add_argument("--num-posts", type=int, dest="num_posts",
                    help="posts in total (profile default: 17000); the test part keeps the profile's "
                         "fraction (20 %%) unless --set test_size=N")
@@ -428,11 +441,22 @@ def _show_warnings(verb: str):
     warnings.showwarning = show
 
 
+def _parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``ap.parse_args``, except that arguments the verb does not know are refused by the verb's own
+    parser (``sgmft train: error: unrecognized arguments: ...`` and its usage), not by ``sgmft``'s."""
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)} "
+                                     f"(`sgmft {args.verb} --help` lists its options)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb. An error the user can fix (:data:`sgmft.errors.USER_ERRORS`: an
     :class:`~sgmft.errors.SgmftError` or the OS's file errors) prints one line and returns 2;
     anything else is a bug and propagates with its traceback (exit status 1)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _show_warnings(args.verb)
     try:
         return int(args.func(args) or 0)
