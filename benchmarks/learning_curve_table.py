@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
