@@ -44,3 +44,11 @@ def test_the_command_line_prints_one_table_per_csv(tmp_path, capsys):
     bench.main([a, b])
     out = capsys.readouterr().out
     assert "| 500 | 75.00 | 70.00 | +5.00 |" in out and "| 500 | 60.00 | 65.00 | -5.00 |" in out
+
+
+def test_default_names_the_model_whose_margin_the_table_gives(tmp_path, capsys):
+    bench = load_benchmark("learning_curve_table")
+    a = _write(tmp_path / "a.csv", [(500, "auto", 0, 0.75), (500, "lda", 0, 0.70)])
+    bench.main([a, "--default", "lda"])
+    out = capsys.readouterr().out
+    assert "| posts | **lda** | auto |" in out and "| 500 | 70.00 | 75.00 | -5.00 |" in out
