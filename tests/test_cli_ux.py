@@ -287,3 +287,24 @@ def test_predicting_a_post_with_a_simfeat_run_says_why_and_what_to_do(run, capsy
     assert main(["predict", str(run), "--text", "看电影"]) == 2
     err = capsys.readouterr().err
     assert "'simfeat'" in err and "not a raw-post backbone" in err and "predict RUN --store STORE" in err
+
+
+def test_a_repeated_warning_or_note_is_printed_once(monkeypatch, capsys):
+    """A run's candidates and cross-validation folds raise the same warning (a rare class, a constant modality)
+    once each; the command prints each distinct line once."""
+    import warnings
+
+    from sgmft.cli import _show_warnings
+    from sgmft.errors import SgmftWarning, note
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)   # restored after the test
+    _show_warnings("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            warnings.warn("class(es) 6 have one post", SgmftWarning)
+            note("chose 'lda'")
+        warnings.warn("class(es) 7 have one post", SgmftWarning)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["sgmft train: warning: class(es) 6 have one post", "sgmft train: note: chose 'lda'",
+                   "sgmft train: warning: class(es) 7 have one post"], err

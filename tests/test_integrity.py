@@ -148,6 +148,29 @@ def test_absent_modalities_warn_or_refuse(tmp_path, capsys):
         train(nothing, tmp_path / "r2", tiny_preset(epochs=1))
 
 
+def test_a_constant_modality_warns_and_two_refuse(tmp_path):
+    """One placeholder image on every post (or an empty caption everywhere) tells the places nothing."""
+    n, y = 60, np.arange(60) % 3
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    same = np.repeat(x[:1], n, 0)
+    ids, names = [f"p{i}" for i in range(n)], ["c0", "c1", "c2"]
+    const_image = write_feature_store(tmp_path / "ci", ids=ids, text=x, image=same, labels=y, label_names=names)
+    with pytest.warns(SgmftWarning, match=r"image.npy: the image features are the same on every training post"):
+        train(const_image, tmp_path / "r1", tiny_preset(epochs=1))
+    # a post without an image (mask False) does not count: the image differs there, and is still constant
+    odd = same.copy()
+    odd[5] = x[5]
+    masked = write_feature_store(tmp_path / "cm", ids=ids, text=x, image=odd, labels=y, label_names=names,
+                                 text_mask=np.ones(n, bool), image_mask=np.arange(n) != 5)
+    with pytest.warns(SgmftWarning, match=r"the image features are the same on every training post"):
+        train(masked, tmp_path / "r2", tiny_preset(epochs=1))
+    both = write_feature_store(tmp_path / "cb", ids=ids, text=same, image=same, labels=y, label_names=names)
+    with pytest.raises(ValueError, match=r"text.npy and image.npy each hold the same features on every training"):
+        train(both, tmp_path / "r3", tiny_preset(epochs=1))
+    assert not (tmp_path / "r3").exists()
+
+
 # -- a model folder that does not hold together --------------------------------------------------
 def test_truncated_or_corrupt_weights_name_the_file(trained, tmp_path, capsys):
     store, _ = trained

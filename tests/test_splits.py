@@ -108,9 +108,10 @@ def test_errors():
         make_split(y, test_fraction=1.2)
     with pytest.raises(ValueError, match="val_fraction"):
         make_split(y, val_fraction=-0.1)
-    tiny = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2 has one post
-    with pytest.raises(ValueError, match="fewer than 2 posts"):
-        make_split(tiny, test_fraction=0.5)
+    with pytest.raises(ValueError, match="cannot carve the test split: each of the 3 posts is the only one"):
+        make_split(np.array([0, 1, 2]), test_fraction=0.3)
+    with pytest.raises(ValueError, match="cannot stratify the test split"):   # nothing left to train on
+        make_split(np.array([0, 0, 0, 1, 1]), test_fraction=0.9)
     with pytest.raises(ValueError, match="no labelled posts"):
         make_split(np.full(10, -1))
     u = _users(y).astype(object)
@@ -164,3 +165,32 @@ def test_resolve_split_errors():
         resolve_split(np.full(100, "train"), y, None, "stratified", 0.2, 0.1, 0)
     with pytest.raises(ValueError, match="unknown value"):
         resolve_split(np.full(100, "holdout"), y, None, "stratified", 0.2, 0.1, 0)
+
+
+def test_a_class_with_one_post_stays_in_training():
+    """A place with a single post cannot be stratified: it is kept for training (a warning names it), never lost."""
+    from sgmft.errors import SgmftWarning
+
+    y = np.array([0] * 20 + [1] * 20 + [2])                  # class 2 has one post
+    with pytest.warns(SgmftWarning, match=r"class\(es\) 2 have one post among those the test split is carved"):
+        split = make_split(y, test_fraction=0.25, val_fraction=0.2)
+    assert split[40] == "train"
+    assert (split != "").all() and {(split == s).sum() for s in ("train", "val", "test")} == {25, 6, 10}
+    for c in (0, 1):                                         # the others are still stratified
+        assert (split[y == c] == "test").sum() == 5
+    # two posts: one may go to the test split, and the one left then stays in training for the val split
+    y2 = np.array([0] * 20 + [1] * 20 + [2, 2])
+    with pytest.warns(SgmftWarning):
+        s2 = make_split(y2, test_fraction=0.5, val_fraction=0.5, seed=3)
+    assert sorted(s2[40:]) == ["test", "train"]
+
+
+def test_a_small_split_takes_one_post_per_class():
+    """10 % of 50 posts is 5, too few to hold each of 8 classes once: the split takes 8 (a note says so)."""
+    from sgmft.errors import SgmftNote
+
+    y = np.arange(60) % 8
+    with pytest.warns(SgmftNote, match=r"the val split takes 8 posts, one per class, instead of 5 \(10% of 48\)"):
+        split = make_split(y, test_fraction=0.2, val_fraction=0.1)
+    assert (split == "val").sum() == 8 and len(np.unique(y[split == "val"])) == 8
+    assert (split == "test").sum() == 12

@@ -651,3 +651,29 @@ def test_training_hands_the_start_its_validation_posts_only_when_there_are_enoug
     rec = json.loads((res.run_dir / "run.json").read_text())["init"]["theme_start"]
     assert len(seen) == 1 and (seen[0] is not None and seen[0] > 0) == chooses, seen
     assert rec["rule"].startswith("higher validation accuracy" if chooses else "too few validation posts"), rec
+
+
+def test_a_constant_modality_is_not_fitted_and_training_stays_finite(tmp_path):
+    """A modality with the same features on every post (one placeholder image) has a zero covariance: the start
+    skips it (run.json says why) instead of whitening by 1/0, and the run's losses stay finite."""
+    import json
+    import warnings
+
+    from conftest import make_store
+    from sgmft.features import FeatureStore, write_feature_store
+    from sgmft.train import train
+
+    fs = FeatureStore.open(make_store(tmp_path / "s", n=240, dim=16, k=3))
+    image = np.repeat(np.asarray(fs.image)[:1], len(fs), 0)
+    store = write_feature_store(tmp_path / "c", ids=np.asarray(fs.ids), text=np.asarray(fs.text), image=image,
+                                labels=np.asarray(fs.labels), label_names=fs.label_names)
+    p = load_preset("trust_lda")
+    p.train = dataclasses.replace(p.train, epochs=2, min_steps=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = train(store, tmp_path / "run", p)
+    info = json.loads((res.run_dir / "run.json").read_text())
+    assert info["init"]["image"] == {"posts": info["init"]["text"]["posts"], "fitted": False,
+                                     "why": "the same features on every post"}, info["init"]["image"]
+    assert info["init"]["text"]["em_rounds"] > 0
+    assert info["best_val_acc"] > 0.6, info["best_val_acc"]          # the text alone tells the 3 places apart

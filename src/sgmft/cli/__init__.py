@@ -430,11 +430,14 @@ def _show_warnings(verb: str):
     from sgmft.errors import SgmftNote, SgmftWarning
 
     default = warnings.showwarning
+    shown: set[tuple[str, str]] = set()         # one line per distinct message: a run's candidates and folds repeat them
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, SgmftWarning):
             kind = "note" if issubclass(category, SgmftNote) else "warning"
-            print(f"sgmft {verb}: {kind}: {message}", file=sys.stderr, flush=True)
+            if (kind, str(message)) not in shown:
+                shown.add((kind, str(message)))
+                print(f"sgmft {verb}: {kind}: {message}", file=sys.stderr, flush=True)
         else:
             default(message, category, filename, lineno, file, line)
 

@@ -147,7 +147,8 @@ class SimFeatConfig:
             if self.num_generic < 1 and self.distractor_prob(m) < 1:
                 raise InputError("num_generic must be >= 1 unless every distractor probability is 1")
         if self.content_dim < 1 or self.content_dim + 2 >= self.dim:
-            raise InputError("need 1 <= content_dim and content_dim + 2 < dim")
+            raise InputError(f"need 1 <= content_dim and content_dim + 2 < dim, got content_dim={self.content_dim}, "
+                             f"dim={self.dim} (raise dim above {self.content_dim + 2}, or set content_dim)")
         if not 0 < self.test_size < self.num_posts:
             raise InputError(f"SimFeat: need 0 < test_size < num_posts, got test_size={self.test_size}, "
                              f"num_posts={self.num_posts} (set test_size, e.g. 20 % of num_posts)")

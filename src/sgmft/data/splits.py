@@ -14,8 +14,9 @@ Rows whose label is negative (``-1`` = unlabelled) belong to no split: their ent
 
 from __future__ import annotations
 
-from sgmft.errors import InputError  # noqa: E402,I001  (user errors: SgmftError and ValueError)
+from sgmft.errors import InputError, SgmftWarning, note  # noqa: E402,I001  (user errors: SgmftError and ValueError)
 
+import math
 import warnings
 
 import numpy as np
@@ -82,14 +83,28 @@ def _group_ids(users, n: int, labelled: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- carving helpers
 def _stratified_carve(idx: np.ndarray, y: np.ndarray, fraction: float, seed: int,
                       what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (rest, carved) with ``fraction`` carved, stratified by ``y``."""
+    """Split ``idx`` into (rest, carved) with ``fraction`` carved, stratified by ``y``. A class with one post in
+    ``idx`` cannot be stratified: it stays in ``rest`` (a warning names it), so no post is lost."""
     classes, counts = np.unique(y[idx], return_counts=True)
-    if len(classes) and counts.min() < 2:
-        bad = {int(c): int(k) for c, k in zip(classes, counts, strict=True) if k < 2}
-        raise InputError(f"cannot stratify the {what} split: class(es) {bad} have fewer than "
-                         f"2 posts (class -> count); add data, merge classes or use another split")
+    rare = classes[counts < 2]
+    if len(rare):
+        warnings.warn(f"class(es) {', '.join(str(int(c)) for c in rare)} have one post among those the "
+                      f"{what} split is carved from: {'it stays' if len(rare) == 1 else 'they stay'} in training "
+                      f"and the {what} split has none of {'it' if len(rare) == 1 else 'them'}", SgmftWarning,
+                      stacklevel=4)
+        keep = np.isin(y[idx], rare)
+        if not (~keep).any():
+            raise InputError(f"cannot carve the {what} split: each of the {len(idx)} posts is the only one of its "
+                             "class; add data or merge classes")
+        rest, carved = _stratified_carve(idx[~keep], y, fraction, seed, what)
+        return np.sort(np.concatenate([rest, idx[keep]])), carved
+    size: float | int = fraction
+    if 0 < math.ceil(fraction * len(idx)) < len(classes) <= len(idx) - len(classes):
+        size = len(classes)                  # stratifying needs one post of each class on each side
+        note(f"the {what} split takes {size} posts, one per class, instead of {math.ceil(fraction * len(idx))} "
+             f"({fraction:.0%} of {len(idx)})", stacklevel=3)
     try:
-        rest, carved = train_test_split(idx, test_size=fraction, stratify=y[idx],
+        rest, carved = train_test_split(idx, test_size=size, stratify=y[idx],
                                         random_state=seed, shuffle=True)
     except ValueError as exc:
         raise InputError(f"cannot stratify the {what} split ({len(idx)} posts, "

@@ -44,7 +44,7 @@ def _whiten(x: np.ndarray) -> dict[str, torch.Tensor]:
     mu = x.mean(0)
     cov, _ = ledoit_wolf(x - mu, assume_centered=True)
     vals, vecs = np.linalg.eigh(cov)
-    vals = np.maximum(vals, vals.max() * 1e-9)
+    vals = np.maximum(vals, max(vals.max() * 1e-9, 1e-30))   # 1e-30: a zero covariance (constant rows)
     w = (vecs / np.sqrt(vals)) @ vecs.T                     # Sigma^{-1/2}, symmetric
     return {"norm_mean": torch.from_numpy(mu).float(), "norm_matrix": torch.from_numpy(w).float()}
 

@@ -16,6 +16,7 @@ export like every model. Training is a closed-form / convex fit with scikit-lear
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal, Union
 
 import numpy as np
@@ -92,7 +93,9 @@ class ShrinkageLDA(LinearHead):
 
         shrink = self.opt["shrinkage"]
         lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrink if shrink == "auto" else float(shrink))
-        lda.fit(x, y)
+        with warnings.catch_warnings():          # a place with one training post adds no within-class scatter
+            warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
+            lda.fit(x, y)
         self._set_linear(lda.coef_, lda.intercept_, lda.classes_)
         return {"solver": "lsqr", "shrinkage": shrink}
 
@@ -109,8 +112,6 @@ class LogisticHead(LinearHead):
         max_iter: PositiveInt = option(300, "lbfgs iterations per fit")
 
     def _fit(self, x, y, val, seed) -> dict:
-        import warnings
-
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 

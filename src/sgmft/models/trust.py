@@ -212,7 +212,7 @@ def _whitener(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """W with W^T cov W = I (symmetric inverse square root; tiny eigenvalues floored) and its inverse,
     from one eigendecomposition."""
     vals, vecs = np.linalg.eigh(cov)
-    root = np.sqrt(np.maximum(vals, vals.max() * 1e-9))
+    root = np.sqrt(np.maximum(vals, max(vals.max() * 1e-9, 1e-30)))    # 1e-30: a zero covariance (constant rows)
     return (vecs / root) @ vecs.T, (vecs * root) @ vecs.T
 
 
@@ -591,6 +591,9 @@ class TrustMix(nn.Module):
             x, places = inp(batch[key], None).double().numpy()[keep], len(np.unique(y_all[keep]))
             if places < 2 or len(x) <= places:
                 fits[key] = ({"posts": int(len(x)), "fitted": False}, None)   # too few posts with this modality
+                continue
+            if not np.ptp(x, 0).any():               # the same features on every post: nothing to fit
+                fits[key] = ({"posts": int(len(x)), "fitted": False, "why": "the same features on every post"}, None)
                 continue
             fits[key] = (keep, _lda_start(ev, x, y_all[keep], seed, em, self.opt["start_shrinkage"], starts,
                                           int(self.opt["start_inits"])))

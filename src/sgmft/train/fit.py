@@ -111,6 +111,32 @@ def _check_training_rows(fs: FeatureStore, tr: np.ndarray) -> None:
     if neither and (tm.any() and im.any()):
         warnings.warn(f"{fs.path}: {neither} of {len(tr)} training posts have neither text nor image (both "
                       "masks False); they teach only how common each label is", SgmftWarning, stacklevel=4)
+    _check_constant_modalities(fs, tr[tm], tr[im])
+
+
+def _constant(x, rows: np.ndarray, chunk: int = 8192) -> bool:
+    """Whether every row of ``x`` in ``rows`` (sorted) equals the first, read in chunks (the store may be mapped;
+    real features differ within the first chunk, so this reads one)."""
+    if len(rows) < 2:
+        return False
+    first = np.asarray(x[rows[0]])
+    return all(np.array_equal(np.broadcast_to(first, (len(r), first.size)), np.asarray(x[r]))
+               for r in np.array_split(rows, -(-len(rows) // chunk)))
+
+
+def _check_constant_modalities(fs: FeatureStore, text_rows: np.ndarray, image_rows: np.ndarray) -> None:
+    """A modality whose features are the same on every training post that has it (one placeholder image, an
+    empty caption everywhere) tells the places nothing: a warning, or an error when both are."""
+    same = [name for name, x, rows in (("text", fs.text, text_rows), ("image", fs.image, image_rows))
+            if _constant(x, np.sort(rows))]
+    if len(same) == 2:
+        raise InputError(f"{fs.path}: text.npy and image.npy each hold the same features on every training post "
+                         f"({len(text_rows)} and {len(image_rows)} rows): there is nothing to tell places apart")
+    for name in same:
+        warnings.warn(f"{fs.path / (name + '.npy')}: the {name} features are the same on every training post "
+                      f"(e.g. one placeholder {'image' if name == 'image' else 'caption'}): the {name} says nothing "
+                      "about the place, and the model learns from the other modality alone", SgmftWarning,
+                      stacklevel=5)
 
 
 def resolve_budget(train_cfg: TrainConfig, num_train: int) -> TrainConfig:
