@@ -106,6 +106,12 @@ def arm(kill: str) -> None:
 if __name__ == "__main__":
     kill, store, out = sys.argv[1:4]
     epochs = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+    import sgmft.train.resume as R
+
+    if kill.startswith("sparse/"):      # the default: last.ckpt after the first and the last epoch only (tiny epochs)
+        kill = kill.removeprefix("sparse/")
+    else:                               # last.ckpt after every epoch, so each kill point has its checkpoint
+        R.CHECKPOINT_EVERY_S = 0.0
     arm(kill)
     from sgmft.train import train
 

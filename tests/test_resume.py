@@ -194,24 +194,30 @@ def test_users_files_are_never_deleted_and_unknown_run_states_refused(store, tmp
         train(store, legacy, tiny_preset(epochs=1))
 
 
-def test_metrics_history_survives_a_resume(store, tmp_path):
-    """Kill (simulated by an exception) after epoch 1; the resumed run keeps epochs 0-1's rows."""
+def _crash_after_epoch(monkeypatch, epoch: int) -> None:
     from sgmft.train.resume import RunRecorder
 
-    out = tmp_path / "run"
     orig = RunRecorder.on_train_epoch_end
 
     def crash(self, trainer, module):
         orig(self, trainer, module)
-        if trainer.current_epoch == 1:
+        if trainer.current_epoch == epoch:
             raise KeyError("simulated crash")
 
-    RunRecorder.on_train_epoch_end = crash
-    try:
+    monkeypatch.setattr(RunRecorder, "on_train_epoch_end", crash)
+
+
+def test_metrics_history_survives_a_resume(store, tmp_path, monkeypatch):
+    """Kill (simulated by an exception) after epoch 1, with last.ckpt after every epoch; the resumed run keeps
+    epochs 0-1's rows."""
+    import sgmft.train.resume as R
+
+    monkeypatch.setattr(R, "CHECKPOINT_EVERY_S", 0.0)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after_epoch(m, 1)
         with pytest.raises(KeyError):
             train(store, out, tiny_preset(epochs=3))
-    finally:
-        RunRecorder.on_train_epoch_end = orig
     rows = (out / "lightning" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
     with pytest.warns(SgmftNote, match=r"resuming after 2 finished epoch\(s\) of 3"):
@@ -223,6 +229,32 @@ def test_metrics_history_survives_a_resume(store, tmp_path):
     assert (ref.run_dir / "lightning" / "metrics.csv").read_bytes() == (out / "lightning" / "metrics.csv").read_bytes()
     assert ((ref.checkpoint / "model.safetensors").read_bytes()
             == (res.checkpoint / "model.safetensors").read_bytes())
+
+
+def test_checkpoints_are_spaced_in_time_and_a_resume_redoes_the_epochs_since(store, tmp_path, monkeypatch):
+    """By default last.ckpt is written after the first epoch, the last, and when CHECKPOINT_EVERY_S have passed
+    (tiny epochs: first and last only). A crash after epoch 2 of 4 resumes from epoch 0's checkpoint, redoes
+    epochs 1-2, and ends with the bytes of a run never stopped."""
+    import sgmft.train.resume as R
+
+    monkeypatch.setattr(R, "CHECKPOINT_EVERY_S", 3600.0)
+    saved = []
+    orig_save = R.RunRecorder._checkpoint_due
+    monkeypatch.setattr(R.RunRecorder, "_checkpoint_due",
+                        lambda self, trainer, epoch: saved.append((epoch, orig_save(self, trainer, epoch))) or saved[-1][1])
+    ref = train(store, tmp_path / "ref", tiny_preset(epochs=4))
+    assert saved == [(0, True), (1, False), (2, False), (3, True)], saved
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after_epoch(m, 2)
+        with pytest.raises(KeyError):
+            train(store, out, tiny_preset(epochs=4))
+    assert [r.split(",")[0] for r in (out / "lightning" / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1", "2"]
+    with pytest.warns(SgmftNote, match=r"resuming after 1 finished epoch\(s\) of 4"):
+        res = train(store, out, tiny_preset(epochs=4))
+    assert res.status == "resumed"
+    for f in ("model/model.safetensors", "lightning/metrics.csv", "lightning/checkpoints/best.safetensors"):
+        assert (ref.run_dir / f).read_bytes() == (out / f).read_bytes(), f
 
 
 # -- the writer's lock ---------------------------------------------------------------------------
@@ -262,13 +294,13 @@ def _kill_then_resume(store, out: Path, kill: str, epochs: int = 4) -> None:
 def test_sigkill_at_several_points_then_resume_is_bit_identical(store, tmp_path):
     """6 batches per epoch, 4 epochs. Kill mid-epoch (step 9 = epoch 1, batch 3), between
     epochs (after epoch 1's checkpoint), while writing epoch 2's last.ckpt, while exporting
-    model/, and once at a random moment; each resume must end with the same bytes."""
+    model/, after epoch 2 with the default spacing of checkpoints (the last from epoch 0), and once at a random moment; each resume must end with the same bytes."""
     ref = train(store, tmp_path / "ref", tiny_preset(4))
     want = {f: (ref.run_dir / f).read_bytes() for f in
             ("model/model.safetensors", "lightning/metrics.csv", "lightning/checkpoints/best.safetensors",
              "split.npy", "model/labels.json", "model/config.json")}
-    for kill in ("step:9", "epoch:1", "ckpt-write:2", "export"):
-        out = tmp_path / kill.replace(":", "-")
+    for kill in ("step:9", "epoch:1", "ckpt-write:2", "export", "sparse/epoch:2"):
+        out = tmp_path / kill.replace(":", "-").replace("/", "-")
         _kill_then_resume(store, out, kill)
         got = {f: (out / f).read_bytes() for f in want}
         assert got == want, (kill, [f for f in want if got[f] != want[f]])
