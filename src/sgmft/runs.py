@@ -7,10 +7,11 @@
     run.json          store, preset, configs, split sizes, best validation accuracy, timings
     split.npy         the train/val/test assignment used (evaluate reuses it)
     run.lock          present while ``sgmft train`` writes the run (holds the writer's pid)
-    lightning/        checkpoints/last.ckpt: the resume state of the last finished epoch
+    lightning/        checkpoints/last.ckpt: the resume state of a finished epoch, at most about 10 s old
                       (safetensors + JSON, never a pickle: :mod:`sgmft.train.resume`),
                       checkpoints/best.safetensors: the weights of the best epoch so far,
-                      metrics.csv: one row per finished epoch, kept across resumes
+                      metrics.csv: one row per finished epoch (while training, up to last.ckpt's),
+                      kept across resumes
     eval-<split>/     reports of ``sgmft evaluate`` (metrics.json, predictions.csv, figures)
 
 Reading a run needs neither Lightning nor the training code. This module also holds what

@@ -229,9 +229,9 @@ CHECKPOINT_EVERY_S = 10.0
 
 
 class RunRecorder(Callback):
-    """Once per finished epoch, after validation: history row, best weights, ``last.ckpt`` (after the first and
-    the last epoch, and when :data:`CHECKPOINT_EVERY_S` have passed since the last one), ``metrics.csv`` (in that
-    order; each write is atomic, and a kill between two of them, or after epochs since the last checkpoint, is
+    """Once per finished epoch, after validation: history row, best weights, then ``last.ckpt`` and
+    ``metrics.csv`` (after the first and the last epoch, and when :data:`CHECKPOINT_EVERY_S` have passed since the
+    last save) (in that order; each write is atomic, and a kill between two of them, or after epochs since the last checkpoint, is
     repaired by redoing those epochs from ``last.ckpt``, which rewrites the same bytes)."""
 
     STATE_KEY = "sgmft.RunRecorder"
@@ -285,11 +285,13 @@ class RunRecorder(Callback):
             self.best_score, self.best_epoch = row.get("val_acc"), epoch
             if trainer.is_global_zero:
                 save_weights(pl_module.model, self.run.best_weights)
+        # metrics.csv with last.ckpt, not every epoch (rewriting every row each epoch is quadratic in the
+        # epochs); training writes the whole history again when it ends
         if self._checkpoint_due(trainer, epoch):
             trainer.save_checkpoint(str(self.run.last_checkpoint))
             self._saved_at = time.monotonic()
-        if trainer.is_global_zero:
-            write_metrics_csv(self.run.metrics_csv, self.history)
+            if trainer.is_global_zero:
+                write_metrics_csv(self.run.metrics_csv, self.history)
 
 
     def _better(self, row: dict) -> bool:
