@@ -386,3 +386,31 @@ def test_train_flags_reach_the_candidates_and_model_options_are_refused(tmp_path
     assert main(["train", str(store), "--out", str(tmp_path / "r"), "--set", "model.hidden=3"]) == 2
     err = capsys.readouterr().err
     assert "chooses between the presets trust, trust_lda, trust_mda, lda" in err and "--preset trust" in err
+
+
+def test_fold_models_do_not_repeat_data_warnings_about_their_subset(tmp_path, monkeypatch):
+    """A fold's data warnings (a place whose only post is held out, 'did not learn' on a dozen validation posts)
+    describe a subset of the store; only the candidates' own runs on the store's split warn, and notes still pass."""
+    import warnings
+
+    import sgmft.train.fit as fit_mod
+    from sgmft.errors import SgmftWarning, note
+
+    real = fit_mod._check_training_rows
+
+    def spy(fs, tr):
+        warnings.warn(f"training rows: {len(tr)}", SgmftWarning)
+        note(f"note rows: {len(tr)}")
+        return real(fs, tr)
+
+    monkeypatch.setattr(fit_mod, "_check_training_rows", spy)
+    _quick_candidates(monkeypatch)
+    store = make_store(tmp_path / "s", n=240, dim=16, k=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(store, tmp_path / "r", _fast_auto())
+    rows = {str(w.message) for w in seen if not issubclass(w.category, fit_mod.SgmftNote)
+            and str(w.message).startswith("training rows")}
+    notes = {str(w.message) for w in seen if str(w.message).startswith("note rows")}
+    assert rows == {"training rows: 172"}, rows                     # the store's training split only
+    assert len(notes) > 1, notes                                    # the folds' notes still reach the user

@@ -39,7 +39,7 @@ import torch
 
 from sgmft.atomic import atomic_dir
 from sgmft.config import Preset, TrainConfig, load_preset
-from sgmft.errors import SgmftNote
+from sgmft.errors import SgmftNote, SgmftWarning
 from sgmft.models.registry import MODELS, model_view, resolve_model
 from sgmft.runs import RunDir, RunLock, fingerprint, fingerprint_inputs
 from sgmft.train.result import TrainResult
@@ -207,7 +207,10 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
         at = np.searchsorted(pool, rows)
         fold_of[at] = i
         for p in presets:
-            res = train_fn(view, _fold_dir(out, repeat, i) / p.name, p, overwrite=overwrite)
+            with warnings.catch_warnings():    # a fold's data warnings are about its subset (the place whose one
+                warnings.simplefilter("ignore", SgmftWarning)   # post is held out, a dozen validation posts);
+                warnings.simplefilter("default", SgmftNote)     # the candidates' own runs warn about the store
+                res = train_fn(view, _fold_dir(out, repeat, i) / p.name, p, overwrite=overwrite)
             raw[p.name][at] = collect_logits(load_checkpoint(res.checkpoint)[0], fs, rows)[0]
     y = np.asarray(fs.labels)[pool]
     where = f"out-of-fold predictions of {CV_FOLDS}-fold cross-validation on the training and validation posts"
