@@ -35,17 +35,18 @@ import numpy as np
 from sgmft.features import FeatureStore, write_feature_store
 
 
-def _variants(fs: FeatureStore) -> dict[str, tuple[np.ndarray, dict]]:
-    """name -> (rows kept, columns replaced)."""
+def _variants(cols: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, dict]]:
+    """name -> (rows kept, columns replaced), from the base store's columns."""
     rng = np.random.default_rng(0)
-    n = len(fs)
-    lab, split = np.asarray(fs.labels), np.asarray(fs.split)
-    text, image = np.asarray(fs.text, np.float32), np.asarray(fs.image, np.float32)
+    lab, split, text, image = cols["labels"], cols["split"], cols["text"], cols["image"]
+    n = len(lab)
     every = np.ones(n, bool)
     basis = rng.standard_normal((text.shape[1], 8)).astype(np.float32)
     tiny = np.zeros(n, bool)
     tiny[rng.choice(n, 60, replace=False)] = True
     rare = (lab == 0) | (rng.random(n) < 0.04)
+    six = np.flatnonzero(rare & (lab == 6) & (split == "train"))[:1]      # place 6 keeps one training post
+    rare &= (lab != 6) | np.isin(np.arange(n), six)
     return {
         "scale": (every, {"text": text * 1000, "image": image + 5}),
         "lowrank": (every, {"text": (text @ basis) @ basis.T / 100}),
@@ -62,13 +63,11 @@ def _variants(fs: FeatureStore) -> dict[str, tuple[np.ndarray, dict]]:
 
 def write_variants(base: Path, workdir: Path) -> list[Path]:
     fs = FeatureStore.open(base)
-    cols = {"ids": np.asarray(fs.ids), "text": np.asarray(fs.text), "image": np.asarray(fs.image),
-            "labels": np.asarray(fs.labels), "users": np.asarray(fs.users), "split": np.asarray(fs.split)}
+    cols = {"ids": np.asarray(fs.ids), "text": np.asarray(fs.text, np.float32),
+            "image": np.asarray(fs.image, np.float32), "labels": np.asarray(fs.labels),
+            "users": np.asarray(fs.users), "split": np.asarray(fs.split)}
     out = []
-    for name, (keep, over) in _variants(fs).items():
-        if name == "rare_place":        # one post of place 6 in the training split, the rest of it dropped
-            six = np.flatnonzero(keep & (cols["labels"] == 6) & (cols["split"] == "train"))
-            keep = keep & ~((cols["labels"] == 6) & ~np.isin(np.arange(len(keep)), six[:1]))
+    for name, (keep, over) in _variants(cols).items():
         data = {k: v[keep] for k, v in {**cols, **over}.items()}
         write_feature_store(workdir / name, label_names=fs.label_names, overwrite=True, **data)
         out.append(workdir / name)

@@ -120,8 +120,7 @@ def _constant(x, rows: np.ndarray, chunk: int = 8192) -> bool:
     if len(rows) < 2:
         return False
     first = np.asarray(x[rows[0]])
-    return all(np.array_equal(np.broadcast_to(first, (len(r), first.size)), np.asarray(x[r]))
-               for r in np.array_split(rows, -(-len(rows) // chunk)))
+    return all((np.asarray(x[r]) == first).all() for r in np.array_split(rows, -(-len(rows) // chunk)))
 
 
 def _check_constant_modalities(fs: FeatureStore, text_rows: np.ndarray, image_rows: np.ndarray) -> None:

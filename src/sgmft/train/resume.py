@@ -229,10 +229,10 @@ CHECKPOINT_EVERY_S = 10.0
 
 
 class RunRecorder(Callback):
-    """Once per finished epoch, after validation: history row, best weights, then ``last.ckpt`` and
-    ``metrics.csv`` (after the first and the last epoch, and when :data:`CHECKPOINT_EVERY_S` have passed since the
-    last save) (in that order; each write is atomic, and a kill between two of them, or after epochs since the last checkpoint, is
-    repaired by redoing those epochs from ``last.ckpt``, which rewrites the same bytes)."""
+    """Once per finished epoch, after validation: the history row, the best weights, then ``last.ckpt`` and
+    ``metrics.csv`` when a save is due (:data:`CHECKPOINT_EVERY_S`). Each write is atomic; a kill between two of
+    them, or epochs after the last save, is repaired by redoing those epochs from ``last.ckpt``, which rewrites
+    the same bytes."""
 
     STATE_KEY = "sgmft.RunRecorder"
 

@@ -207,9 +207,11 @@ def _cross_validate(fs, out: Path, presets: list[Preset], order: list[str], spli
         at = np.searchsorted(pool, rows)
         fold_of[at] = i
         for p in presets:
-            with warnings.catch_warnings():    # a fold's data warnings are about its subset (the place whose one
-                warnings.simplefilter("ignore", SgmftWarning)   # post is held out, a dozen validation posts);
-                warnings.simplefilter("default", SgmftNote)     # the candidates' own runs warn about the store
+            # a fold's data warnings describe its subset (the place whose one post is held out, a dozen
+            # validation posts); the candidates' own runs warn about the store. Notes still pass.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SgmftWarning)
+                warnings.simplefilter("default", SgmftNote)
                 res = train_fn(view, _fold_dir(out, repeat, i) / p.name, p, overwrite=overwrite)
             raw[p.name][at] = collect_logits(load_checkpoint(res.checkpoint)[0], fs, rows)[0]
     y = np.asarray(fs.labels)[pool]
