@@ -63,3 +63,68 @@ def test_linear_runs_go_through_the_cli_and_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert json.loads(out)["accuracy"] > 0.6
     assert main(["export", str(tmp_path / "r"), "--format", "torch-export", "--out", str(tmp_path / "m.pt2")]) == 0
+
+
+def _sklearn_evidence(x, y):
+    """One modality's eq L1 evidence from scikit-learn's shrinkage LDA: x -> mu_c^T P x - mu_c^T P mu_c / 2."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
+    return lambda z: lda.decision_function(z) - np.log(lda.priors_)
+
+
+def test_lda_product_sums_each_modalitys_sklearn_lda_and_an_absent_modality_adds_nothing(tmp_path):
+    store = make_store(tmp_path / "s", n=400, dim=16, k=4, masks=True)
+    res = train(store, tmp_path / "run", load_preset("lda_product"))
+    fs = FeatureStore.open(store)
+    split = _split(tmp_path / "run")
+    tr, te = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    y, tm, im = np.asarray(fs.labels), np.asarray(fs.text_mask), np.asarray(fs.image_mask)
+    t, v = np.asarray(fs.text, dtype=np.float64), np.asarray(fs.image, dtype=np.float64)
+    ev_t = _sklearn_evidence(t[tr][tm[tr]], y[tr][tm[tr]])        # each fitted on the posts that have it
+    ev_v = _sklearn_evidence(v[tr][im[tr]], y[tr][im[tr]])
+    prior = np.log(np.bincount(y[tr], minlength=4) / len(tr))
+    expect = prior + ev_t(t[te]) * tm[te, None] + ev_v(v[te]) * im[te, None]
+    model, _ = load_checkpoint(res.checkpoint)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(t[te]).float(), torch.from_numpy(v[te]).float(),
+                       torch.from_numpy(tm[te]), torch.from_numpy(im[te])).logits.numpy()
+    np.testing.assert_allclose(logits, expect, rtol=1e-4, atol=2e-3)
+    assert (~tm[te]).any() and (~im[te]).any()                  # both kinds of absent post were checked
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["fit"]["modalities"]["text"]["posts"] == int(tm[tr].sum()) and res.best_val_acc > 0.6
+
+
+def test_lda_product_gives_a_place_without_posts_of_one_modality_the_mean_evidence(tmp_path):
+    from sgmft.config import ModelConfig
+    from sgmft.models import build_model
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = torch.from_numpy(rng.normal(size=(120, 4)) + np.eye(3, 4)[y] * 3).float()
+    text_mask = torch.from_numpy(y != 2)                           # place 2 is never shown in text
+    model = build_model(ModelConfig(arch="lda_product", dim=4, num_classes=3, input_scale=1.0))
+    info = model.fit_closed_form({"text": x, "image": x, "label": torch.from_numpy(y), "text_mask": text_mask,
+                                  "image_mask": torch.ones(120, dtype=torch.bool)}, None)
+    w = model.linear.weight[:, :4]
+    assert info["modalities"]["text"] == {"posts": 80, "places": 2}
+    torch.testing.assert_close(w[2], w[:2].mean(0))
+    assert (model(x, x, text_mask, torch.ones(120, dtype=torch.bool)).logits.argmax(1).numpy() == y).mean() > 0.9
+
+
+def test_lda_product_runs_through_the_cli_and_exports_with_absent_modalities(tmp_path, capsys):
+    import io
+
+    store = make_store(tmp_path / "s", n=200, dim=16, k=4, masks=True)
+    assert main(["train", str(store), "--out", str(tmp_path / "r"), "--preset", "lda_product", "--no-progress"]) == 0
+    assert main(["export", str(tmp_path / "r"), "--format", "torch-export", "--out", str(tmp_path / "m.pt2")]) == 0
+    capsys.readouterr()
+    fs = FeatureStore.open(store)
+    rows = np.flatnonzero(~np.asarray(fs.text_mask) | ~np.asarray(fs.image_mask))[:6]
+    args = [torch.from_numpy(np.asarray(a)[rows]) for a in (fs.text, fs.image, fs.text_mask, fs.image_mask)]
+    model, _ = load_checkpoint(tmp_path / "r" / "model")
+    prog = torch.export.load(io.BytesIO((tmp_path / "m.pt2").read_bytes()))
+    with torch.inference_mode():
+        want, got = model(*args).logits, prog.module()(*args)
+    assert len(rows) == 6
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -41,7 +41,7 @@ OLD_DEFAULTS = {
     "unis_mmc": {"hidden": 512, "proj_dim": 128, "temperature": 0.1, "uni_weight": 1.0, "con_weight": 0.5},
     "balance_mla": {"hidden": 512, "weighting": "learned", "temperature": 1.0, "uni_weight": 1.0},
     "mplug": {"layers": 1}, "bridgetower": {"layers": 2}, "feature_fusion": {"hidden": 512},
-    "mm_gate": {"hidden": 512}, "lda": {"shrinkage": "auto"}, "logreg": {"c_grid": [0.01, 0.1, 1.0], "max_iter": 300},
+    "mm_gate": {"hidden": 512}, "lda": {"shrinkage": "auto"}, "lda_product": {"shrinkage": "auto"}, "logreg": {"c_grid": [0.01, 0.1, 1.0], "max_iter": 300},
     "zeroshot": {"text_weight": 0.5, "logit_scale": 10.0},
     "ensemble": {"members": [], "names": [], "calibrations": [], "weights": [],
                  "pool": "mean"},    # filled in when auto assembles one

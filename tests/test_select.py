@@ -26,7 +26,7 @@ def _fast_auto():
     return p
 
 
-AUTO = ["trust", "trust_lda", "trust_mda", "lda", "trust_lda+lda", "trust+trust_mda"]
+AUTO = ["trust", "trust_lda", "trust_mda", "lda", "lda_product", "trust_lda+lda", "trust_lda+lda_product", "trust+trust_mda"]
 
 
 def test_auto_is_the_default_and_lists_plain_candidates_and_an_ensemble_of_two():
@@ -226,8 +226,8 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         assert s["final"]["member_calibration"][m]["num_posts"] == (192 if forced == "lda" else 384)
         dirs = ([r / "cv" / "all" / m] if m == "lda" else
                 [r / "cv" / f"fold-{i}" / m for i in range(5)] + [second / f"fold-{i}" / m for i in range(5)])
-        parts.append([_probs_with(Predictor.from_pretrained(d / "model"), s["final"]["member_calibration"][m], fs,
-                                  test) for d in dirs])
+        own = cfg["calibration"] if forced == "lda" else s["final"]["member_calibration"][m]      # eq E3 / the map
+        parts.append([_probs_with(Predictor.from_pretrained(d / "model"), own, fs, test) for d in dirs])
     if "lda" in s["chosen"].split("+"):
         refit = np.load(r / "cv" / "all" / "lda" / "split.npy")
         assert np.array_equal(np.flatnonzero(refit == "train"), pooled) and "val" not in set(refit)
@@ -243,6 +243,15 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
     if forced == "lda":                                    # LDA alone: its refit on all 192, calibrated out of fold
         assert s["final"]["members"] == ["lda@all"] and cfg["calibration"]["num_posts"] == 192
         assert "`lda` refitted on all 192 training and validation posts" in card
+        # eq E3: the out-of-fold map's temperature scaled to the refit's size, from fits on halves and fifths
+        by = {int(k): v for k, v in s["final"]["calibration"]["temperature_by_training_posts"].items()}
+        n2, n5, n = sorted(by)
+        assert n == 192 and 80 <= n2 < n5 < n and (r / "cv" / "halves" / "fold-1" / "lda" / "model").is_dir()
+        b5, b2 = 1 / by[n5], 1 / by[n2]
+        assert 1 / by[n] == pytest.approx(b5 + (b5 - b2) * (1 / n - 1 / n5) / (1 / n5 - 1 / n2), rel=0.02)
+        oof = s["final"]["member_calibration"]["lda"]["temperature"]
+        assert cfg["calibration"]["temperature"] == pytest.approx(oof * by[n] / by[n5], rel=1e-6)
+        assert "extrapolated to the refit's size (eq E3)" in card
         assert "one model refitted after cross-validation" in card and "committee of 1" not in card
     if forced == "trust_lda+lda":                          # 10 fold models of trust_lda and one LDA, half and half
         assert cfg["model"]["extra"]["weights"] == [0.05] * 10 + [0.5] and cfg["model"]["extra"]["pool"] == "mean"

@@ -376,6 +376,50 @@ def _committee_calibration(xvs: list, chosen: str, members: int, train: TrainCon
             "val_stats_of": f"the committees of {r} fold models per post, before and at T({r})"}
 
 
+def _refit_calibration(fs, out: Path, p: Preset, xv: "CrossValidation", oof: dict, split, train_fn,
+                       overwrite: bool) -> dict:
+    """A refit's calibration (eq E3, docs/design.md, "The default model", item 23). The out-of-fold map was fitted
+    to fold models that saw four fifths of the pooled posts; the refit saw all of them, is more accurate and its
+    logits are less inflated by estimation noise, so under that map it is less confident than it is right (by 7-10
+    points on three 1,000-post stores). A closed-form fit is cheap, so the candidate is also fitted on each half
+    of the pooled posts (``cv/halves/``), a temperature is fitted at both sizes, and the inverse temperature,
+    linear in 1 / (training posts), is extrapolated to all of them:
+
+        beta(n) = beta_inf + c / n,   so   beta(N) = beta(n_5) + (beta(n_5) - beta(n_2)) (1/N - 1/n_5) / (1/n_5 - 1/n_2)   (eq E3)
+
+    with n_5 and n_2 the mean training posts of a fold model of the five folds and of the halves (a fold run
+    carves its validation split; the refit does not). The out-of-fold map's temperature is scaled by T(N) / T(n_5)
+    and its uniform weight kept. Without a fitted map (too few posts) the map is kept."""
+    from sgmft.checkpoint import load_checkpoint
+    from sgmft.train.calibrate import clip_temperature, collect_logits, fit_temperature
+
+    if oof.get("method", "none") == "none":
+        return oof
+    t = p.train
+    halves = cv_folds(split, fs.labels, fs.users, t.split, t.seed, k=2)
+    pool = np.sort(np.concatenate(halves))
+    logits, n_2 = np.zeros((len(pool), len(fs.label_names))), []
+    for i, rows in enumerate(halves):
+        res = train_fn(_split_view(fs, pool, rows), out / "cv" / "halves" / f"fold-{i}" / p.name, p, overwrite=overwrite)
+        logits[np.searchsorted(pool, rows)] = collect_logits(load_checkpoint(res.checkpoint)[0], fs, rows)[0]
+        n_2.append(_training_rows(res.run_dir))
+    n_5 = np.mean([_training_rows(_fold_dir(out, 0, i) / p.name) for i in range(CV_FOLDS)])
+    n, n_2 = float(len(pool)), float(np.mean(n_2))
+    t_5, t_2 = fit_temperature(xv.logits[p.name], xv.labels), fit_temperature(logits, np.asarray(fs.labels)[pool])
+    b5, b2 = 1.0 / t_5, 1.0 / t_2
+    beta = b5 + (b5 - b2) * (1 / n - 1 / n_5) / (1 / n_5 - 1 / n_2) if n_2 < n_5 < n else b5          # eq E3
+    scale = clip_temperature(1.0 / beta) / t_5 if beta > 0 else 1.0
+    return {**oof, "temperature": clip_temperature(oof["temperature"] * scale),
+            "temperature_by_training_posts": {str(round(n_2)): t_2, str(round(n_5)): t_5, str(round(n)): t_5 * scale},
+            "law": "eq E3: the inverse temperature linear in 1 / (training posts)",
+            "val_stats_of": "the out-of-fold predictions of the fold models, before and under the out-of-fold map"}
+
+
+def _training_rows(run_dir) -> int:
+    """How many posts a finished run trained on (its split's training rows)."""
+    return int(np.count_nonzero(np.load(RunDir(Path(run_dir)).split, allow_pickle=True).astype(str) == "train"))
+
+
 def _cross_validations(fs, out: Path, chosen: str, xv: CrossValidation, presets: list[Preset], split, train_fn,
                        overwrite: bool) -> list[CrossValidation]:
     """``xv`` and, when the chosen candidate keeps fold models, its cross-validation on the other partitions
@@ -424,8 +468,8 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
             cfgs.append(info["model_cfg"])
             cal.append(member_cal[n])
             weights.append(1.0 / (len(parts) * len(part)))
-    if len(models) == 1:                # LDA alone: its refit, calibrated on the out-of-fold predictions
-        own = cal[0]
+    if len(models) == 1:                # LDA alone: its refit, its temperature extrapolated to its size (eq E3)
+        own = _refit_calibration(fs, out, by_name[chosen], xv, cal[0], split, train_fn, overwrite)
         save_checkpoint(run.model, models[0], cfgs[0], fs.label_names, fs.meta, t, preset=chosen, calibration=own)
     else:
         cfg = ensemble_config(fs.dim, len(fs.label_names), names, cfgs, cal,
@@ -436,7 +480,8 @@ def _write_committee(run: RunDir, fs, out: Path, chosen: str, xv: CrossValidatio
         committee.eval()
         own = _committee_calibration(xvs, chosen, max(len(part) for part in parts), t)
         save_checkpoint(run.model, committee, cfg, fs.label_names, fs.meta, t, preset=chosen, calibration=own)
-    keys = ("method", "temperature", "num_posts", "fitted_on", "temperature_by_members", "law")
+    keys = ("method", "temperature", "num_posts", "fitted_on", "temperature_by_members", "temperature_by_training_posts",
+            "law")
     return {"kind": "fold committee", "of": chosen, "partitions": len(xvs), "members": names,
             "weights": [round(w, 6) for w in weights], "calibration": {k: own[k] for k in keys if k in own},
             "member_calibration": {m: {k: c.get(k) for k in ("method", "temperature", "uniform_weight", "num_posts")}
@@ -538,7 +583,8 @@ def train_selected(store, out_dir, preset: Preset, *, overwrite: bool = False, t
                                  "selection": {"cv_folds": CV_FOLDS, "cv_below_val_posts": CV_BELOW_VAL_POSTS,
                                                "cv_final": "fold_committee_lda_refit", "cv_repeats": CV_REPEATS,
                                                "cv_calibration": "cross_fitted",
-                                               "committee_temperature": "extrapolated_e2"}},
+                                               "committee_temperature": "extrapolated_e2",
+                                               "refit_temperature": "extrapolated_e3"}},
                                 asdict(preset.train), fs.path)
     fp = fingerprint(inputs)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""The default with and without some of its candidates, on small stores scored on a large test split.
+
+A small store's own test split (120-500 posts) has a binomial standard error of 2-4 points, larger than
+most differences a change to the default makes. This benchmark draws ``--pooled`` training and validation
+posts (what a store of pooled / 0.8 posts holds) and ``--test-posts`` test posts from the same world, trains
+``auto`` without the candidates named by ``--without`` ("before") and as it is ("after") in one run folder
+(the candidates and folds they share train once), and scores both on the large test split, with every
+trained candidate's run on the split beside them. Worlds: family C and D variants (``benchmarks/family_c.py``)
+and SimFeat profiles (``sgmft simulate``). One JSON line per store:
+
+    python benchmarks/bench_candidates.py --workdir W --without lda_product trust_lda+lda_product \\
+        --family D0 D1 D2 D3 C0 C1 C2 C3 C4 C5 C6 C7 --simfeat wide768 hetero conflict default \\
+        --out benchmarks/results-bench_candidates-lda_product.jsonl
+    python benchmarks/bench_candidates.py --table benchmarks/results-bench_candidates-lda_product.jsonl
+
+Re-running with the same workdir reuses every finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _family_store(variant: str, pooled: int, test: int, path: Path) -> None:
+    from family_c import VARIANTS, generate, write_store
+
+    if path.exists():
+        return
+    d = generate(pooled + test, **VARIANTS[variant])
+    d["split"] = np.array(["train"] * pooled + ["test"] * test)
+    write_store(path, d)
+
+
+def _simfeat_store(profile: str, pooled: int, test: int, path: Path) -> None:
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "sgmft", "simulate", str(path), "--profile", profile, "--num-posts",
+                        str(pooled + test), "--set", f"test_size={test}"], check=True, capture_output=True)
+
+
+def _auto(store: Path, out: Path, without: list[str]) -> dict:
+    from family_c import _score
+    from sgmft.config import load_preset
+    from sgmft.train import train
+
+    p = load_preset("auto")
+    p.candidates = [c for c in p.candidates if c not in without]
+    train(store, out, p)
+    sel = json.loads((out / "run.json").read_text())["selection"]
+    return {**_score(out, store), "chosen": sel["chosen"], "candidates": p.candidates,
+            "cv": sel.get("cross_validation", {}).get("accuracy")}
+
+
+def run(name: str, store: Path, without: list[str]) -> dict:
+    from family_c import _score
+
+    out = store.parent / "auto"
+    row = {"store": name, "before": _auto(store, out, without), "after": _auto(store, out, [])}
+    row["candidate_runs"] = {c.name: _score(c, store)["accuracy"] for c in sorted((out / "candidates").iterdir())
+                             if (c / "model").is_dir()}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| store | before (chose) | after (chose) | after − before | ECE before / after | confidence − accuracy "
+             "before / after | " + " | ".join(rows[0]["candidate_runs"]) + " |",
+             "|---" * (6 + len(rows[0]["candidate_runs"])) + "|"]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        lines.append(f"| {r['store']} | {100 * b['accuracy']:.2f} ({b['chosen']}) | {100 * a['accuracy']:.2f} "
+                     f"({a['chosen']}) | {100 * (a['accuracy'] - b['accuracy']):+.2f} | {b['ece']:.3f} / {a['ece']:.3f} | "
+                     f"{100 * (b['mean_confidence'] - b['accuracy']):+.1f} / {100 * (a['mean_confidence'] - a['accuracy']):+.1f} | "
+                     + " | ".join(f"{100 * v:.2f}" for v in r["candidate_runs"].values()) + " |")
+    d = [r["after"]["accuracy"] - r["before"]["accuracy"] for r in rows]
+    lines.append(f"\nmean after − before over {len(rows)} stores: {100 * np.mean(d):+.2f} points; "
+                 f"{sum(x > 0 for x in d)} up, {sum(x < 0 for x in d)} down, {sum(x == 0 for x in d)} the same")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--without", nargs="+", default=[], help="candidates of auto left out for 'before'")
+    ap.add_argument("--family", nargs="*", default=[], help="family C/D variants (benchmarks/family_c.py)")
+    ap.add_argument("--simfeat", nargs="*", default=[], help="SimFeat profiles")
+    ap.add_argument("--pooled", type=int, default=800, help="training and validation posts (a store of 1,000)")
+    ap.add_argument("--test-posts", type=int, default=5200)
+    ap.add_argument("--out", type=Path, help="append one JSON line per store here")
+    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(table([json.loads(line) for line in a.table.read_text().splitlines() if line.strip()]))
+        return 0
+    if a.workdir is None:
+        ap.error("--workdir is required unless --table is given")
+    warnings.filterwarnings("ignore")
+    stores = ([(v, lambda v, p: _family_store(v, a.pooled, a.test_posts, p)) for v in a.family]
+              + [(s, lambda s, p: _simfeat_store(s, a.pooled, a.test_posts, p)) for s in a.simfeat])
+    for name, make in stores:
+        store = a.workdir / name / "store"
+        make(name, store)
+        row = {**run(name, store, a.without), "pooled": a.pooled, "test_posts": a.test_posts}
+        print(json.dumps(row), flush=True)
+        if a.out:
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
