@@ -251,7 +251,7 @@ def test_a_small_validation_split_chooses_by_cross_validation(tmp_path, monkeypa
         assert 1 / by[n] == pytest.approx(b5 + (b5 - b2) * (1 / n - 1 / n5) / (1 / n5 - 1 / n2), rel=0.02)
         oof = s["final"]["member_calibration"]["lda"]["temperature"]
         assert cfg["calibration"]["temperature"] == pytest.approx(oof * by[n] / by[n5], rel=1e-6)
-        assert "extrapolated to the refit's size (eq E3)" in card
+        assert "scaled to the refit's size (eq E3)" in card
         assert "one model refitted after cross-validation" in card and "committee of 1" not in card
     if forced == "trust_lda+lda":                          # 10 fold models of trust_lda and one LDA, half and half
         assert cfg["model"]["extra"]["weights"] == [0.05] * 10 + [0.5] and cfg["model"]["extra"]["pool"] == "mean"

@@ -109,10 +109,12 @@ def _committee_line(final: dict, posts: int) -> str:
     cals = "; ".join(f"`{n}` T = {c.get('temperature', 1.0):.3g}, uniform weight {c.get('uniform_weight', 0.0):.3g}"
                      for n, c in final["member_calibration"].items())
     if len(final["members"]) == 1:
-        size = (final.get("calibration") or {}).get("temperature_by_training_posts")
-        grown = ("" if not size else "; its temperature extrapolated to the refit's size (eq E3) from fits at "
-                 + " and ".join(f"{k} training posts (T = {size[k]:.3g})" for k in list(size)[:-1])
-                 + f": T = {size[list(size)[-1]]:.3g}")
+        cal = final.get("calibration") or {}
+        size = cal.get("temperature_by_training_posts")
+        (n2, n5, n) = list(size) if size else (None, None, None)
+        grown = ("" if not size else f"; its temperature scaled to the refit's size (eq E3) by T({n}) / T({n5}) = "
+                 f"{size[n]:.3g} / {size[n5]:.3g}, plain temperatures fitted at {n2} and {n5} training posts "
+                 f"(T = {size[n2]:.3g}, {size[n5]:.3g}) and extrapolated to {n}: T = {cal.get('temperature', 1.0):.3g}")
         return (f"* the model is `{final['of']}` refitted on all {posts} training and validation posts, "
                 f"calibrated on its out-of-fold predictions ({cals}){grown}")
     refit = [m for m in final["members"] if m.endswith("@all")]
