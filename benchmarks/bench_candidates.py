@@ -70,15 +70,16 @@ def run(name: str, store: Path, without: list[str]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    cols = sorted({c for r in rows for c in r["candidate_runs"]})       # a candidate not trained on a store: -
     lines = ["| store | before (chose) | after (chose) | after − before | ECE before / after | confidence − accuracy "
-             "before / after | " + " | ".join(rows[0]["candidate_runs"]) + " |",
-             "|---" * (6 + len(rows[0]["candidate_runs"])) + "|"]
+             "before / after | " + " | ".join(cols) + " |", "|---" * (6 + len(cols)) + "|"]
     for r in rows:
         b, a = r["before"], r["after"]
         lines.append(f"| {r['store']} | {100 * b['accuracy']:.2f} ({b['chosen']}) | {100 * a['accuracy']:.2f} "
                      f"({a['chosen']}) | {100 * (a['accuracy'] - b['accuracy']):+.2f} | {b['ece']:.3f} / {a['ece']:.3f} | "
                      f"{100 * (b['mean_confidence'] - b['accuracy']):+.1f} / {100 * (a['mean_confidence'] - a['accuracy']):+.1f} | "
-                     + " | ".join(f"{100 * v:.2f}" for v in r["candidate_runs"].values()) + " |")
+                     + " | ".join("-" if r["candidate_runs"].get(c) is None else f"{100 * r['candidate_runs'][c]:.2f}"
+                                  for c in cols) + " |")
     d = [r["after"]["accuracy"] - r["before"]["accuracy"] for r in rows]
     lines.append(f"\nmean after − before over {len(rows)} stores: {100 * np.mean(d):+.2f} points; "
                  f"{sum(x > 0 for x in d)} up, {sum(x < 0 for x in d)} down, {sum(x == 0 for x in d)} the same")

@@ -1,0 +1,20 @@
+"""benchmarks/bench_candidates.py: the table lines each candidate's figure up under its own column, also when
+stores trained different candidates (trust_mda only where a place has 150 training posts)."""
+
+from conftest import load_benchmark
+
+
+def _row(store, before, after, runs):
+    res = lambda acc, chosen: {"accuracy": acc, "chosen": chosen, "ece": 0.05, "mean_confidence": acc}   # noqa: E731
+    return {"store": store, "before": res(*before), "after": res(*after), "candidate_runs": runs}
+
+
+def test_table_aligns_candidates_and_counts_changes():
+    bench = load_benchmark("bench_candidates")
+    rows = [_row("small", (0.50, "trust_lda"), (0.52, "lda_product"), {"lda": 0.40, "trust": 0.30}),
+            _row("large", (0.70, "trust"), (0.70, "trust"), {"lda": 0.60, "trust": 0.65, "trust_mda": 0.66})]
+    out = bench.table(rows).splitlines()
+    assert out[0].endswith("| lda | trust | trust_mda |")
+    assert out[2].endswith("| +2.00 | 0.050 / 0.050 | +0.0 / +0.0 | 40.00 | 30.00 | - |")
+    assert out[3].endswith("| 60.00 | 65.00 | 66.00 |")
+    assert out[-1] == "mean after − before over 2 stores: +1.00 points; 1 up, 0 down, 1 the same"
