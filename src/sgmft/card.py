@@ -109,12 +109,13 @@ def _committee_line(final: dict, posts: int) -> str:
     cals = "; ".join(f"`{n}` T = {c.get('temperature', 1.0):.3g}, uniform weight {c.get('uniform_weight', 0.0):.3g}"
                      for n, c in final["member_calibration"].items())
     if len(final["members"]) == 1:
-        cal = final.get("calibration") or {}
-        size = cal.get("temperature_by_training_posts")
-        (n2, n5, n) = list(size) if size else (None, None, None)
-        grown = ("" if not size else f"; its temperature scaled to the refit's size (eq E3) by T({n}) / T({n5}) = "
-                 f"{size[n]:.3g} / {size[n5]:.3g}, plain temperatures fitted at {n2} and {n5} training posts "
-                 f"(T = {size[n2]:.3g}, {size[n5]:.3g}) and extrapolated to {n}: T = {cal.get('temperature', 1.0):.3g}")
+        cal, grown = final.get("calibration") or {}, ""
+        size = cal.get("temperature_by_training_posts")          # eq E3: {n_2: T, n_5: T, N: T}, in that order
+        if size:
+            n2, n5, n = size
+            grown = (f"; its temperature scaled to the refit's size (eq E3) by T({n}) / T({n5}) = {size[n]:.3g} / "
+                     f"{size[n5]:.3g}, plain temperatures fitted at {n2} and {n5} training posts (T = {size[n2]:.3g}, "
+                     f"{size[n5]:.3g}) and extrapolated to {n}: T = {cal.get('temperature', 1.0):.3g}")
         return (f"* the model is `{final['of']}` refitted on all {posts} training and validation posts, "
                 f"calibrated on its out-of-fold predictions ({cals}){grown}")
     refit = [m for m in final["members"] if m.endswith("@all")]

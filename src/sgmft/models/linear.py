@@ -84,6 +84,16 @@ class LinearHead(_Head):
         return self._fit(x, y, None if val is None else (self.design(val), val["label"].numpy()), seed)
 
 
+def _shrinkage_lda(x: np.ndarray, y: np.ndarray, shrink):
+    """scikit-learn's ``LinearDiscriminantAnalysis(solver="lsqr")`` with ``shrink`` ("auto": Ledoit-Wolf), fitted."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrink if shrink == "auto" else float(shrink))
+    with warnings.catch_warnings():          # a place with one training post adds no within-class scatter
+        warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
+        return lda.fit(x, y)
+
+
 @MODELS.register("lda")
 class ShrinkageLDA(LinearHead):
     """Linear discriminant analysis with Ledoit-Wolf shrinkage (scikit-learn, lsqr solver)."""
@@ -93,15 +103,9 @@ class ShrinkageLDA(LinearHead):
             "auto", "`auto` (Ledoit-Wolf) or a shrinkage in [0, 1]")
 
     def _fit(self, x, y, val, seed) -> dict:
-        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-        shrink = self.opt["shrinkage"]
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrink if shrink == "auto" else float(shrink))
-        with warnings.catch_warnings():          # a place with one training post adds no within-class scatter
-            warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
-            lda.fit(x, y)
+        lda = _shrinkage_lda(x, y, self.opt["shrinkage"])
         self._set_linear(lda.coef_, lda.intercept_, lda.classes_)
-        return {"solver": "lsqr", "shrinkage": shrink}
+        return {"solver": "lsqr", "shrinkage": self.opt["shrinkage"]}
 
 
 @MODELS.register("lda_product")
@@ -157,16 +161,10 @@ class ProductLDA(LinearHead):
     def _modality_lda(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One modality's Gaussian evidence: (coef (K', D), bias (K',), classes) with coef = mu_c^T P and
         bias = -mu_c^T P mu_c / 2, from scikit-learn's shrinkage LDA (its means and covariance)."""
-        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
         classes = np.unique(y)
         if len(classes) < 2:                      # nothing to discriminate: no evidence from this modality
             return np.zeros((len(classes), x.shape[1])), np.zeros(len(classes)), classes
-        shrink = self.opt["shrinkage"]
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrink if shrink == "auto" else float(shrink))
-        with warnings.catch_warnings():          # a place with one post adds no within-class scatter
-            warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
-            lda.fit(x, y)
+        lda = _shrinkage_lda(x, y, self.opt["shrinkage"])
         coef = np.linalg.lstsq(lda.covariance_, lda.means_.T, rcond=None)[0].T      # as sklearn's lsqr solver
         return coef, -0.5 * np.einsum("kd,kd->k", lda.means_, coef), lda.classes_
 

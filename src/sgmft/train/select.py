@@ -408,9 +408,9 @@ def _refit_calibration(fs, out: Path, p: Preset, xv: "CrossValidation", oof: dic
     t_5, t_2 = fit_temperature(xv.logits[p.name], xv.labels), fit_temperature(logits, np.asarray(fs.labels)[pool])
     b5, b2 = 1.0 / t_5, 1.0 / t_2
     beta = b5 + (b5 - b2) * (1 / n - 1 / n_5) / (1 / n_5 - 1 / n_2) if n_2 < n_5 < n else b5          # eq E3
-    scale = clip_temperature(1.0 / beta) / t_5 if beta > 0 else 1.0
-    return {**oof, "temperature": clip_temperature(oof["temperature"] * scale),
-            "temperature_by_training_posts": {str(round(n_2)): t_2, str(round(n_5)): t_5, str(round(n)): t_5 * scale},
+    t_n = clip_temperature(1.0 / beta) if beta > 0 else t_5
+    return {**oof, "temperature": clip_temperature(oof["temperature"] * t_n / t_5),
+            "temperature_by_training_posts": {str(round(n_2)): t_2, str(round(n_5)): t_5, str(round(n)): t_n},
             "law": "eq E3: the inverse temperature linear in 1 / (training posts)",
             "val_stats_of": "the out-of-fold predictions of the fold models, before and under the out-of-fold map"}
 
