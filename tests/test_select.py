@@ -423,3 +423,31 @@ def test_fold_models_do_not_repeat_data_warnings_about_their_subset(tmp_path, mo
     notes = {str(w.message) for w in seen if str(w.message).startswith("note rows")}
     assert rows == {"training rows: 172"}, rows                     # the store's training split only
     assert len(notes) > 1, notes                                    # the folds' notes still reach the user
+
+
+def test_eq_e3_scales_a_lone_refits_temperature_to_its_training_size(tmp_path):
+    """On overlapping places (the separable test stores fit T = 1 at every size, where any law passes), the
+    temperatures fitted on halves and fifths differ and the refit's follows eq E3 from them."""
+    from sgmft.features import write_feature_store
+
+    rng = np.random.default_rng(3)
+    n, k, dim = 400, 4, 16
+    y = np.arange(n) % k
+    feats = {m: rng.normal(size=(k, dim))[y] * 0.35 + rng.normal(size=(n, dim)) for m in ("text", "image")}
+    store = write_feature_store(tmp_path / "s", ids=[f"p{i}" for i in range(n)], labels=y,
+                                label_names=[f"c{i}" for i in range(k)], backbone="test",
+                                **{m: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+                                   for m, x in feats.items()})
+    sel = tmp_path / "sel.yaml"
+    sel.write_text("candidates: [lda, lda_product]\ntrain:\n  progress: false\n")
+    train(store, tmp_path / "r", load_preset(sel))
+    s = json.loads((tmp_path / "r" / "run.json").read_text())["selection"]
+    assert s["split"] == "cross-validation" and s["final"]["members"] == [f"{s['chosen']}@all"]
+    by = {int(k): v for k, v in s["final"]["calibration"]["temperature_by_training_posts"].items()}
+    n2, n5, n_all = sorted(by)
+    assert n_all == 320 and abs(by[n2] - by[n5]) > 0.05                    # the law has something to act on
+    b5, b2 = 1 / by[n5], 1 / by[n2]
+    assert 1 / by[n_all] == pytest.approx(b5 + (b5 - b2) * (1 / n_all - 1 / n5) / (1 / n5 - 1 / n2), rel=1e-3)
+    oof = s["final"]["member_calibration"][s["chosen"]]["temperature"]
+    cfg = json.loads((tmp_path / "r" / "model" / "config.json").read_text())
+    assert cfg["calibration"]["temperature"] == pytest.approx(oof * by[n_all] / by[n5], rel=1e-6)
