@@ -128,3 +128,23 @@ def test_lda_product_runs_through_the_cli_and_exports_with_absent_modalities(tmp
         want, got = model(*args).logits, prog.module()(*args)
     assert len(rows) == 6
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_lda_product_reads_its_shrinkage_option():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from sgmft.config import ModelConfig
+    from sgmft.models import build_model
+
+    rng = np.random.default_rng(1)
+    y = np.arange(90) % 3
+    t, v = rng.normal(size=(90, 6)) + np.eye(3, 6)[y], rng.normal(size=(90, 6)) + np.eye(3, 6)[y]
+    batch = {"text": torch.from_numpy(t).float(), "image": torch.from_numpy(v).float(), "label": torch.from_numpy(y)}
+    model = build_model(ModelConfig(arch="lda_product", dim=6, num_classes=3, input_scale=1.0,
+                                    extra={"shrinkage": 0.9}))
+    model.fit_closed_form(batch, None)
+    ref = [LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.9).fit(x, y) for x in (t, v)]
+    expect = ref[0].decision_function(t) + ref[1].decision_function(v) - np.log(ref[0].priors_)
+    with torch.no_grad():
+        got = model(batch["text"], batch["image"]).logits.numpy()
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-3)
