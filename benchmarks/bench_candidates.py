@@ -5,13 +5,21 @@ most differences a change to the default makes. This benchmark draws ``--pooled`
 posts (what a store of pooled / 0.8 posts holds) and ``--test-posts`` test posts from the same world, trains
 ``auto`` without the candidates named by ``--without`` ("before") and as it is ("after") in one run folder
 (the candidates and folds they share train once), and scores both on the large test split, with every
-trained candidate's run on the split beside them. Worlds: family C and D variants (``benchmarks/family_c.py``)
-and SimFeat profiles (``sgmft simulate``). One JSON line per store:
+trained candidate's run on the split beside them. ``--peers`` also trains the named presets (textbook baselines
+and peers: ``lda logreg concat qmf pdf``) on the same pooled posts, each carving its own validation split, and
+scores them on the same test posts. Worlds: family C, D and E variants (``benchmarks/family_c.py``) and SimFeat
+profiles (``sgmft simulate``). One JSON line per store:
 
     python benchmarks/bench_candidates.py --workdir W --without lda_product trust_lda+lda_product \\
         --family D0 D1 D2 D3 C0 C1 C2 C3 C4 C5 C6 C7 --simfeat wide768 hetero conflict default \\
         --out benchmarks/results-bench_candidates-lda_product.jsonl
     python benchmarks/bench_candidates.py --table benchmarks/results-bench_candidates-lda_product.jsonl
+
+Family E (phenomena the default was not built on: a topic shown in both modalities, looks shared by every
+place, a per-user offset), drawn once after the default's last change, against its baselines and peers:
+
+    python benchmarks/bench_candidates.py --workdir W --family E0 E1 E2 E3 --peers lda logreg concat qmf pdf \
+        --out benchmarks/results-bench_candidates-family_e.jsonl
 
 Re-running with the same workdir reuses every finished run.
 """
@@ -59,14 +67,39 @@ def _auto(store: Path, out: Path, without: list[str]) -> dict:
             "cv": sel.get("cross_validation", {}).get("accuracy")}
 
 
-def run(name: str, store: Path, without: list[str]) -> dict:
+def _peer(store: Path, out: Path, preset: str) -> dict:
+    from family_c import _score
+    from sgmft.train import train
+
+    if not (out / "model").is_dir():
+        train(store, out, preset)
+    return _score(out, store)
+
+
+def run(name: str, store: Path, without: list[str], peers: list[str] = ()) -> dict:
     from family_c import _score
 
     out = store.parent / "auto"
-    row = {"store": name, "before": _auto(store, out, without), "after": _auto(store, out, [])}
+    before = _auto(store, out, without)
+    row = {"store": name, "before": before, "after": _auto(store, out, []) if without else before}
     row["candidate_runs"] = {c.name: _score(c, store)["accuracy"] for c in sorted((out / "candidates").iterdir())
                              if (c / "model").is_dir()}
+    if peers:
+        row["peers"] = {p: _peer(store, store.parent / "peers" / p, p) for p in peers}
     return row
+
+
+def peer_table(rows: list[dict]) -> str:
+    """Markdown: the default (after) against every peer a row trained, and its margin over the best of them."""
+    cols = sorted({p for r in rows for p in r.get("peers", {})})
+    lines = ["| store | default (chose) | " + " | ".join(f"`{c}`" for c in cols) + " | default − best other |",
+             "|---" * (3 + len(cols)) + "|"]
+    for r in (r for r in rows if r.get("peers")):
+        a, peers = r["after"], {c: 100 * v["accuracy"] for c, v in r["peers"].items()}
+        lines.append(f"| {r['store']} | {100 * a['accuracy']:.2f} ({a['chosen']}) | "
+                     + " | ".join(f"{peers[c]:.2f}" if c in peers else "-" for c in cols)
+                     + f" | {100 * a['accuracy'] - max(peers.values()):+.2f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -90,15 +123,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--without", nargs="+", default=[], help="candidates of auto left out for 'before'")
-    ap.add_argument("--family", nargs="*", default=[], help="family C/D variants (benchmarks/family_c.py)")
+    ap.add_argument("--family", nargs="*", default=[], help="family C/D/E variants (benchmarks/family_c.py)")
     ap.add_argument("--simfeat", nargs="*", default=[], help="SimFeat profiles")
     ap.add_argument("--pooled", type=int, default=800, help="training and validation posts (a store of 1,000)")
     ap.add_argument("--test-posts", type=int, default=5200)
+    ap.add_argument("--peers", nargs="*", default=[], help="presets trained beside it on the same posts "
+                    "(lda logreg concat qmf pdf)")
     ap.add_argument("--out", type=Path, help="append one JSON line per store here")
     ap.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
     a = ap.parse_args(argv)
     if a.table:
-        print(table([json.loads(line) for line in a.table.read_text().splitlines() if line.strip()]))
+        rows = [json.loads(line) for line in a.table.read_text().splitlines() if line.strip()]
+        if any(r["before"]["candidates"] != r["after"]["candidates"] for r in rows):     # --without
+            print(table(rows) + "\n")
+        if any(r.get("peers") for r in rows):
+            print(peer_table(rows))
         return 0
     if a.workdir is None:
         ap.error("--workdir is required unless --table is given")
@@ -108,7 +147,7 @@ def main(argv=None) -> int:
     for name, make in stores:
         store = a.workdir / name / "store"
         make(name, store)
-        row = {**run(name, store, a.without), "pooled": a.pooled, "test_posts": a.test_posts}
+        row = {**run(name, store, a.without, a.peers), "pooled": a.pooled, "test_posts": a.test_posts}
         print(json.dumps(row), flush=True)
         if a.out:
             with a.out.open("a") as f:

@@ -23,7 +23,10 @@ scales apart, so this is the bar a model on the stored features can reach. Varia
 (``VARIANTS``); C4-C7 were drawn after the default's last change, as a second check. Variants D0-D3
 ("family D", ``generate``'s last five knobs) add what neither SimFeat nor C0-C7 has: uneven place
 frequencies (Zipf), heavy-tailed (Student-t) noise, 5 or 20 places, one modality far noisier than
-the other, D = 1024. For each
+the other, D = 1024. Variants E0-E3 ("family E", :func:`_family_e`) break two assumptions the default's
+candidates share: a post's topic (food, people, night) shows in both modalities, so text and image are
+dependent given the place; looks are shared by every place at its own rates; and each user adds an offset.
+Family E has no oracle. For each
 variant and size the script writes the store, trains each preset with ``sgmft.train.train`` (its
 own validation split, seed 0) and prints one JSON document: test accuracy, ECE, validation
 accuracy and, for ``auto``, the chosen candidate.
@@ -37,13 +40,15 @@ accuracy and, for ``auto``, the chosen candidate.
         --presets auto --out new.json             # the default alone, after a change to it
     python benchmarks/family_c.py --merge new.json --base benchmarks/results-family_c-cv.json \\
         benchmarks/results-family_c-c4c7-cv.json --out benchmarks/results-family_c-committee.json
-    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 2500 17000 \
+    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 2500 17000 \\
         --out benchmarks/results-family_d.json                  # family D, the variants' own seeds
-    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 --data-seeds 20 30 \
+    python benchmarks/family_c.py --variants D0 D1 D2 D3 --sizes 1000 --data-seeds 20 30 \\
         --out benchmarks/results-family_d-seeds.json
     python benchmarks/family_c.py --table benchmarks/results-family_d.json benchmarks/results-family_d-seeds.json
-    python benchmarks/family_c.py --variants D0 D2 --sizes 17000 --presets \
+    python benchmarks/family_c.py --variants D0 D2 --sizes 17000 --presets \\
         --out benchmarks/results-family_d-form.json        # the oracles alone (no preset trained)
+    python benchmarks/family_c.py --variants E0 E1 E2 E3 --sizes 17000 --presets auto lda logreg concat qmf pdf \\
+        --out benchmarks/results-family_e.json     # family E at paper scale (small stores: bench_candidates.py)
 
 Under Student-t noise a row also has ``oracle_stored_gaussian_form``: the stored-feature oracle with the
 true parameters but the Gaussian kernel, i.e. what the t likelihood's form of the decision is worth.
@@ -81,6 +86,20 @@ VARIANTS = {
     # place frequencies as well (then a world like C0-C7's)
     "D0g": {"seed": 10, "seed_world": 71, "prior_zipf": 1.0},
     "D0c": {"seed": 10, "seed_world": 71},
+    # family E: phenomena that break the product of per-modality evidences and the one-Gaussian-per-look form
+    # (a topic shown in both modalities, looks every place shares, a per-user offset; :func:`_family_e`); drawn
+    # once after lda_product (item 23), constants fixed before any sgmft model ran; no oracle
+    "E0": {"seed": 20, "seed_world": 131, "shared_nuisance": 1.5},
+    "E1": {"seed": 21, "seed_world": 143, "shared_looks": 8},
+    "E2": {"seed": 22, "seed_world": 157, "shared_nuisance": 1.0, "user_offset": 0.5, "label_noise": 0.08},
+    "E3": {"seed": 23, "seed_world": 169, "D": 768, "prior_zipf": 0.7, "shared_looks": 6, "shared_nuisance": 1.0,
+           "user_offset": 0.4},
+    # a second draw of family E, its constants fixed after E0-E3 had run, before any model ran on these
+    "E4": {"seed": 24, "seed_world": 181, "shared_nuisance": 2.0, "alpha": 1.3},
+    "E5": {"seed": 25, "seed_world": 193, "shared_looks": 12, "places": 20, "noise": 0.9},
+    "E6": {"seed": 26, "seed_world": 207, "user_offset": 1.0, "q_other": 0.7},
+    "E7": {"seed": 27, "seed_world": 219, "D": 1024, "shared_nuisance": 1.2, "shared_looks": 4, "tail_df": 5,
+           "prior_zipf": 1.0},
 }
 K, GENERIC, REGIMES = 10, 10, ("both", "text", "image", "neither")
 NAMES = ["home", "work", "school", "restaurant", "cinema", "gym", "shopping", "travel", "hospital", "park"]
@@ -110,13 +129,16 @@ def _world(rw, D, alpha, sig, noise, gap, common, sgn, K=K, tail_df=None) -> dic
 
 def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.0,
              p=(0.5, 0.2, 0.2, 0.1), q_other=0.5, label_noise=0.03, gap=3.0, places=K, prior_zipf=0.0,
-             tail_df=None, noise_text=1.0, noise_image=1.0) -> dict:
+             tail_df=None, noise_text=1.0, noise_image=1.0, shared_nuisance=0.0, shared_looks=0,
+             user_offset=0.0) -> dict:
     """Posts of one variant: latent features, labels, regimes, users, split and the exact oracle.
     Family D's knobs (all off for C0-C7, which they leave byte-identical): ``places`` places,
     place frequencies proportional to rank^-``prior_zipf`` (the oracle then adds the log of the
     places' marginal frequency, the users' mean mix), multivariate Student-t noise with ``tail_df``
     degrees of freedom (a Gaussian scaled per post by sqrt(df / chi2_df); the stored-feature oracle
-    then integrates the t kernel, :func:`_log_radial_t`) and a noise multiplier per modality."""
+    then integrates the t kernel, :func:`_log_radial_t`) and a noise multiplier per modality. Family E's
+    knobs (:func:`_family_e`) break what the oracle assumes (text and image independent given the place and
+    regime, one Gaussian per look), so with any of them on there is no oracle (``oracle`` None)."""
     rw = np.random.default_rng(seed_world)
     g = rw.standard_normal(D)
     g /= np.linalg.norm(g)
@@ -132,17 +154,23 @@ def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.
     mix = np.stack([r.dirichlet(np.ones(K) if not prior_zipf else K * prior) for _ in range(100)])
     y = np.array([r.choice(K, p=mix[u]) for u in users])
     reg = r.choice(4, size=n, p=p)
-    feats = {m: _draw(r, worlds[m], y, (reg == 0) | (reg == (1 if m == "t" else 2)), q_other)
+    drawn = {m: _draw(r, worlds[m], y, (reg == 0) | (reg == (1 if m == "t" else 2)), q_other, shown=True)
              for m in ("t", "v")}
+    feats = {m: x for m, (x, _) in drawn.items()}
     y_obs = y.copy()
     flip = r.random(n) < label_noise
     y_obs[flip] = r.integers(0, K, flip.sum())
+    split = np.where(np.random.default_rng(seed + 1000).random(n) < 0.2, "test", "train")
+    if shared_nuisance or shared_looks or user_offset:
+        _family_e(feats, {m: c for m, (_, c) in drawn.items()}, users, seed, seed_world, D, K, shared_nuisance,
+                  shared_looks, user_offset)
+        return dict(text=feats["t"], image=feats["v"], labels=y_obs, regime=np.array(REGIMES)[reg], users=users,
+                    split=split, oracle=None, oracle_stored=None, places=K)
     log_prior = np.log(mix.mean(0)) if prior_zipf else 0.0
     post = _oracle(worlds, feats, p, q_other, label_noise, log_prior=log_prior)
     stored = _oracle(worlds, feats, p, q_other, label_noise, unit=True, log_prior=log_prior)
-    split = np.where(np.random.default_rng(seed + 1000).random(n) < 0.2, "test", "train")
     out = dict(text=feats["t"], image=feats["v"], labels=y_obs, regime=np.array(REGIMES)[reg],
-               users=users, split=split, oracle=post, oracle_stored=stored)
+               users=users, split=split, oracle=post, oracle_stored=stored, places=K)
     if tail_df:       # the true parameters in a Gaussian decision: what the t likelihood's form is worth
         gauss = {m: {**w, "df": None} for m, w in worlds.items()}
         out["oracle_stored_gaussian_form"] = _oracle(gauss, feats, p, q_other, label_noise, unit=True,
@@ -150,19 +178,48 @@ def generate(n: int, seed=0, seed_world=123, D=512, alpha=1.0, sig=1.0, noise=1.
     return out
 
 
-def _draw(r, W, y, informative, q_other) -> np.ndarray:
+def _draw(r, W, y, informative, q_other, shown: bool = False):
+    """A modality's latent vectors (n, D); with ``shown``, also the place each post shows (-1: a theme)."""
     n, D, K = len(y), W["R"].shape[0], len(W["protos"])
-    X, sc = np.empty((n, D)), np.ones(n)
+    X, sc, place = np.empty((n, D)), np.ones(n), np.full(n, -1)
     for i in range(n):
         c = y[i] if informative[i] else (r.choice(K, p=W["conf"][y[i]]) if r.random() < q_other else -1)
         if c < 0:
             X[i] = W["themes"][r.integers(GENERIC)]
             continue
-        sc[i] = W["scale"][c]
+        sc[i], place[i] = W["scale"][c], c
         X[i] = W["protos"][c][r.choice(len(W["protos"][c]), p=W["w"][c])]
     if W.get("df"):   # multivariate Student-t: one chi-square draw per post scales its Gaussian noise
         sc = sc * np.sqrt(W["df"] / r.chisquare(W["df"], size=n))
-    return X + (r.standard_normal((n, D)) * W["sd"] * sc[:, None]) @ W["R"].T + W["off"]
+    X = X + (r.standard_normal((n, D)) * W["sd"] * sc[:, None]) @ W["R"].T + W["off"]
+    return (X, place) if shown else X
+
+
+def _family_e(feats: dict, shown: dict, users, seed: int, seed_world: int, D: int, places: int,
+              shared_nuisance: float, shared_looks: int, user_offset: float) -> None:
+    """Family E's phenomena, added in place to the latent vectors (from generators of their own, so C0-D3 are
+    unchanged): ``shared_nuisance``, a post's topic beside its place (food, people, night) that shows in both
+    modalities, 8 latent factors per post drawn once and written into each modality along its own directions
+    (text and image dependent given the place); ``shared_looks``, a pool of that many looks per modality that
+    every place shares with its own frequencies (Dirichlet(0.3)), added to the vector of a post that shows a
+    place (a restaurant and a home both show food, at different rates); ``user_offset``, a vector per user
+    and modality (the phone's camera, the writing style), norm 3 x the knob."""
+    rw, r = np.random.default_rng(seed_world + 5000), np.random.default_rng(seed + 5000)
+    n, rank = len(users), 8
+    z = r.standard_normal((n, rank))
+    for m in ("t", "v"):
+        if shared_nuisance:
+            B, _ = np.linalg.qr(rw.standard_normal((D, rank)))
+            feats[m] += shared_nuisance * 3.0 / np.sqrt(rank) * z @ B.T
+        if shared_looks:
+            pool = rw.standard_normal((shared_looks, D))
+            pool *= 3.0 / np.linalg.norm(pool, axis=1, keepdims=True)
+            freq = np.stack([rw.dirichlet(np.full(shared_looks, 0.3)) for _ in range(places)])
+            for i in np.flatnonzero(shown[m] >= 0):
+                feats[m][i] += pool[r.choice(shared_looks, p=freq[shown[m][i]])]
+        if user_offset:
+            off = rw.standard_normal((100, D))
+            feats[m] += (user_offset * 3.0 / np.linalg.norm(off, axis=1, keepdims=True) * off)[users]
 
 
 def _log_radial(beta: np.ndarray, D: int, half: float = 12.0, n: int = 241) -> np.ndarray:
@@ -247,14 +304,14 @@ def _names(k: int) -> list[str]:
 
 
 def write_store(path: Path, d: dict) -> float:
-    """Write the store; returns the oracle's test accuracy."""
+    """Write the store; returns the oracle's test accuracy (None for family E, which has no oracle)."""
     from sgmft.features import write_feature_store
 
     te = d["split"] == "test"
-    acc = float((d["oracle"].argmax(1)[te] == d["labels"][te]).mean())
+    acc = None if d["oracle"] is None else float((d["oracle"].argmax(1)[te] == d["labels"][te]).mean())
     unit = {m: d[m] / np.linalg.norm(d[m], axis=1, keepdims=True) for m in ("text", "image")}
     write_feature_store(path, ids=[f"p{i}" for i in range(len(d["labels"]))], text=unit["text"].astype(np.float32),
-                        image=unit["image"].astype(np.float32), label_names=_names(d["oracle"].shape[1]), labels=d["labels"],
+                        image=unit["image"].astype(np.float32), label_names=_names(d["places"]), labels=d["labels"],
                         users=[f"u{u}" for u in d["users"]], split=d["split"], regime=d["regime"],
                         backbone="family_c", overwrite=True, extra={"family_c": {"oracle_test_accuracy": acc}})
     return acc
@@ -279,9 +336,10 @@ def run(variant: str, n: int, presets: list[str], work: Path, data_seed: int | N
         variant = f"{variant}@{data_seed}"
     store = work / f"{variant}-{n}" / "store"
     te = d["split"] == "test"
-    row = {"variant": variant, "posts": n, "oracle": round(write_store(store, d), 4),
+    oracle = write_store(store, d)
+    row = {"variant": variant, "posts": n, "oracle": None if oracle is None else round(oracle, 4),
            **{k: round(float((d[k].argmax(1)[te] == d["labels"][te]).mean()), 4)
-              for k in ("oracle_stored", "oracle_stored_gaussian_form") if k in d},
+              for k in ("oracle_stored", "oracle_stored_gaussian_form") if d.get(k) is not None},
            "presets": {}}
     for name in presets:
         out = store.parent / name
@@ -302,8 +360,8 @@ def table(result: dict) -> str:
     chose by cross-validation), its ECE, / oracle, and its margin over the best textbook baseline or peer
     (`lda`, `logreg`, `concat`, `qmf`, `pdf`) and over the best of its own candidates' runs. A merged
     result may carry ``auto_before`` (an earlier `auto` on the same stores), shown beside it."""
-    names = ["auto", "auto_before", "trust", "trust_lda", "trust_mda", "lda", "trust_lda+lda", "logreg", "concat", "qmf",
-             "pdf"]
+    names = ["auto", "auto_before", "trust", "trust_lda", "trust_mda", "lda", "lda_product", "trust_lda+lda",
+             "trust_lda+lda_product", "logreg", "concat", "qmf", "pdf"]
     bar = ("lda", "logreg", "concat", "qmf", "pdf")
     rows = result["rows"]
     shown = [n for n in names if any(n in r["presets"] for r in rows)]
@@ -324,8 +382,9 @@ def table(result: dict) -> str:
         o2 = r.get("oracle_stored")
         stored = [f"{100 * o2:.2f}" if o2 else "-"] if st else []
         per_stored = [f"{acc['auto'] / (100 * o2):.3f}" if o2 else "-"] if st else []
-        row = [r["variant"], f"{r['posts']:,}", f"{100 * r['oracle']:.2f}", *stored, *cells,
-               f"{p['auto']['ece']:.3f}", f"{acc['auto'] / (100 * r['oracle']):.3f}", *per_stored,
+        o = r["oracle"]          # None: family E (no oracle)
+        row = [r["variant"], f"{r['posts']:,}", f"{100 * o:.2f}" if o else "-", *stored, *cells,
+               f"{p['auto']['ece']:.3f}", f"{acc['auto'] / (100 * o):.3f}" if o else "-", *per_stored,
                f"{acc['auto'] - peer:+.2f}", f"{acc['auto'] - cand:+.2f}"]
         out.append("| " + " | ".join(row) + " |")
     return "\n".join(out)

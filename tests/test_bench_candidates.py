@@ -18,3 +18,17 @@ def test_table_aligns_candidates_and_counts_changes():
     assert out[2].endswith("| +2.00 | 0.050 / 0.050 | +0.0 / +0.0 | 40.00 | 30.00 | - |")
     assert out[3].endswith("| 60.00 | 65.00 | 66.00 |")
     assert out[-1] == "mean after − before over 2 stores: +1.00 points; 1 up, 0 down, 1 the same"
+
+
+def test_peer_table_puts_the_default_against_the_best_peer():
+    """``--peers``: each peer under its own column, '-' where a store did not train it, and the default's margin
+    over the best peer of its row (a store without peers is left out)."""
+    bench = load_benchmark("bench_candidates")
+    peer = lambda acc: {"accuracy": acc}     # noqa: E731
+    rows = [{**_row("E0", (0.5, "trust"), (0.55, "lda_product"), {}), "peers": {"lda": peer(0.50), "pdf": peer(0.57)}},
+            {**_row("E1", (0.6, "trust"), (0.60, "trust"), {}), "peers": {"lda": peer(0.58)}},
+            _row("C0", (0.6, "trust"), (0.60, "trust"), {})]
+    out = bench.peer_table(rows).splitlines()
+    assert out[0] == "| store | default (chose) | `lda` | `pdf` | default − best other |"
+    assert out[2] == "| E0 | 55.00 (lda_product) | 50.00 | 57.00 | -2.00 |"
+    assert out[3] == "| E1 | 60.00 (trust) | 58.00 | - | +2.00 |" and len(out) == 4

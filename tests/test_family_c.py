@@ -138,3 +138,39 @@ def test_plain_table_shows_presets_without_the_default(fc):
     lines = fc.plain_table(res).splitlines()
     assert lines[2] == "| D0c | 17,000 | 80.00 | 80.00 | 72.00 | 76.00 | 0.950 |"
     assert lines[3] == "| D0 | 17,000 | 80.00 | - | 70.00 | - | - |"
+
+
+def test_family_e_knobs_draw_what_they_say_and_leave_c_and_d_unchanged(fc):
+    """``shared_nuisance`` makes text and image dependent given the place (their residuals from the place's
+    mean correlate, which C0-D3 never do), ``shared_looks`` spreads a place over looks every place shares (its
+    posts' spread grows), ``user_offset`` gives each user's posts a common mean; family E has no oracle, and
+    C and D variants draw the same posts as before the knobs existed (digests of C0 and D2 at 60 posts, taken
+    from the generator before family E)."""
+    kw = dict(seed=3, seed_world=4, D=24, label_noise=0.0, p=(0.94, 0.02, 0.02, 0.02))
+
+    def cross_corr(d):      # the largest |correlation| between a text and an image coordinate, within places
+        rt, ri = (np.concatenate([d[m][d["labels"] == c] - d[m][d["labels"] == c].mean(0) for c in range(fc.K)])
+                  for m in ("text", "image"))
+        return np.abs(np.corrcoef(rt.T, ri.T)[:24, 24:]).max()
+
+    plain, nuis = fc.generate(4000, **kw), fc.generate(4000, shared_nuisance=1.5, **kw)
+    assert cross_corr(plain) < 0.1 < 0.3 < cross_corr(nuis)
+    assert nuis["oracle"] is None and nuis["places"] == fc.K and plain["oracle"] is not None
+    looks = fc.generate(4000, shared_looks=8, **kw)
+    spread = lambda d: np.mean([d["text"][d["labels"] == c].std(0).sum() for c in range(fc.K)])   # noqa: E731
+    assert spread(looks) > 1.05 * spread(plain)
+    users = fc.generate(4000, user_offset=1.0, **kw)
+    mean_norm = lambda d: np.mean([np.linalg.norm(d["text"][d["users"] == u].mean(0) - d["text"].mean(0))   # noqa: E731
+                                   for u in range(100)])
+    assert mean_norm(users) > 1.5 * mean_norm(plain)
+    for variant, digest in (("C0", 703.966626), ("D2", -2336.330122)):
+        d = fc.generate(60, **fc.VARIANTS[variant])
+        assert float(d["text"].sum() + 2 * d["image"].sum()) == pytest.approx(digest, abs=1e-5)
+
+
+def test_the_tables_show_a_store_without_an_oracle(fc):
+    row = {"variant": "E0", "posts": 1000, "oracle": None,
+           "presets": {"auto": {"accuracy": 0.6, "ece": 0.05, "chosen": "trust_lda"}, "lda": {"accuracy": 0.55},
+                       "trust_lda": {"accuracy": 0.58}}}
+    line = fc.table({"rows": [row]}).splitlines()[2]
+    assert line.startswith("| E0 | 1,000 | - |") and line.endswith("| 0.050 | - | +5.00 | +2.00 |")
