@@ -18,8 +18,11 @@ profiles (``sgmft simulate``). One JSON line per store:
 Family E (phenomena the default was not built on: a topic shown in both modalities, looks shared by every
 place, a per-user offset), drawn once after the default's last change, against its baselines and peers:
 
-    python benchmarks/bench_candidates.py --workdir W --family E0 E1 E2 E3 --peers lda logreg concat qmf pdf \
-        --out benchmarks/results-bench_candidates-family_e.jsonl
+    python benchmarks/bench_candidates.py --workdir W --family E0 E1 E2 E3 E4 E5 E6 E7 \\
+        --peers lda logreg concat qmf pdf --out benchmarks/results-bench_candidates-family_e.jsonl
+    python benchmarks/bench_candidates.py --workdir W2 --pooled 2000 --family E0 E1 E2 E3 E4 E5 E6 E7 \\
+        --peers lda logreg concat qmf pdf --out benchmarks/results-bench_candidates-family_e-2500.jsonl
+    python benchmarks/bench_candidates.py --table benchmarks/results-bench_candidates-family_e.jsonl
 
 Re-running with the same workdir reuses every finished run.
 """
