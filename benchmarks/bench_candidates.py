@@ -27,11 +27,11 @@ place, a per-user offset), drawn once after the default's last change, against i
 Every family C, D and E world at 500 and 8,000 posts (docs/design.md, item 25; at 8,000 the validation split
 holds 512 posts, so the default chooses on it without cross-validation):
 
-    python benchmarks/bench_candidates.py --workdir W3 --pooled 400 --family C0 C1 C2 C3 C4 C5 C6 C7 \
-        D0 D1 D2 D3 E0 E1 E2 E3 E4 E5 E6 E7 --peers lda logreg concat qmf pdf \
+    python benchmarks/bench_candidates.py --workdir W3 --pooled 400 --family C0 C1 C2 C3 C4 C5 C6 C7 \\
+        D0 D1 D2 D3 E0 E1 E2 E3 E4 E5 E6 E7 --peers lda logreg concat qmf pdf \\
         --out benchmarks/results-bench_candidates-500.jsonl
-    python benchmarks/bench_candidates.py --workdir W4 --pooled 6400 --family C0 C1 C2 C3 C4 C5 C6 C7 \
-        D0 D1 D2 D3 E0 E1 E2 E3 E4 E5 E6 E7 --peers lda logreg concat qmf pdf \
+    python benchmarks/bench_candidates.py --workdir W4 --pooled 6400 --family C0 C1 C2 C3 C4 C5 C6 C7 \\
+        D0 D1 D2 D3 E0 E1 E2 E3 E4 E5 E6 E7 --peers lda logreg concat qmf pdf \\
         --out benchmarks/results-bench_candidates-8000.jsonl
 
 Re-running with the same workdir reuses every finished run.
@@ -84,8 +84,7 @@ def _peer(store: Path, out: Path, preset: str) -> dict:
     from family_c import _score
     from sgmft.train import train
 
-    if not (out / "model").is_dir():
-        train(store, out, preset)
+    train(store, out, preset)          # a complete run is left as it is
     return _score(out, store)
 
 
