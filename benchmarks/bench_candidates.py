@@ -96,9 +96,29 @@ def run(name: str, store: Path, without: list[str], peers: list[str] = ()) -> di
     row = {"store": name, "before": before, "after": _auto(store, out, []) if without else before}
     row["candidate_runs"] = {c.name: _score(c, store)["accuracy"] for c in sorted((out / "candidates").iterdir())
                              if (c / "model").is_dir()}
+    sel = json.loads((out / "run.json").read_text())["selection"]["candidates"]
+    row["candidate_val"] = {n: c["val_acc"] for n, c in sel.items() if c.get("val_acc") is not None}
     if peers:
         row["peers"] = {p: _peer(store, store.parent / "peers" / p, p) for p in peers}
     return row
+
+
+def selection_summary(rows: list[dict]) -> str:
+    """What the choice cost on the test split: how often the chosen candidate's run is the best candidate run,
+    the mean and largest loss against it, and (rows with ``candidate_val``) the mean test accuracy had the
+    candidate most accurate on validation been taken instead of the one-standard-error rule's."""
+    runs = [(r, r["candidate_runs"]) for r in rows if r["after"]["chosen"] in r["candidate_runs"]]
+    loss = {r["store"]: 100 * (max(c.values()) - c[r["after"]["chosen"]]) for r, c in runs}
+    worst = max(loss, key=loss.get)
+    lines = [f"the chosen candidate's run is the best candidate run on {sum(v == 0 for v in loss.values())} of "
+             f"{len(loss)} stores; loss against the best: mean {np.mean(list(loss.values())):.2f} points, "
+             f"largest {loss[worst]:.2f} ({worst})"]
+    if runs and all(r.get("candidate_val") for r, _ in runs):
+        alt = [max(r["candidate_val"], key=r["candidate_val"].get) for r, _ in runs]
+        lines.append(f"the most accurate on validation instead: {sum(a != r['after']['chosen'] for a, (r, _) in zip(alt, runs))}"
+                     f" stores change, mean {100 * np.mean([c[r['after']['chosen']] for r, c in runs]):.2f} -> "
+                     f"{100 * np.mean([c[a] for a, (_, c) in zip(alt, runs)]):.2f} %")
+    return "\n".join(lines)
 
 
 def peer_table(rows: list[dict]) -> str:
@@ -150,6 +170,7 @@ def main(argv=None) -> int:
             print(table(rows) + "\n")
         if any(r.get("peers") for r in rows):
             print(peer_table(rows))
+        print("\n" + selection_summary(rows))
         return 0
     if a.workdir is None:
         ap.error("--workdir is required unless --table is given")

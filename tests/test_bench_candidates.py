@@ -32,3 +32,19 @@ def test_peer_table_puts_the_default_against_the_best_peer():
     assert out[0] == "| store | default (chose) | `lda` | `pdf` | default − best other |"
     assert out[2] == "| E0 | 55.00 (lda_product) | 50.00 | 57.00 | -2.00 |"
     assert out[3] == "| E1 | 60.00 (trust) | 58.00 | - | +2.00 |" and len(out) == 4
+
+
+def test_selection_summary_counts_the_choice_against_the_best_run_and_the_validation_argmax():
+    """The loss is the best candidate run minus the chosen candidate's run; the alternative takes each store's
+    candidate most accurate on validation (a store where it is the chosen one does not change)."""
+    bench = load_benchmark("bench_candidates")
+    rows = [{**_row("A", (0.7, "trust_lda"), (0.7, "trust_lda"), {"trust_lda": 0.70, "trust_mda": 0.72}),
+             "candidate_val": {"trust_lda": 0.69, "trust_mda": 0.71}},
+            {**_row("B", (0.6, "trust_lda"), (0.6, "trust_lda"), {"trust_lda": 0.60, "trust_mda": 0.59}),
+             "candidate_val": {"trust_lda": 0.65, "trust_mda": 0.60}}]
+    out = bench.selection_summary(rows).splitlines()
+    assert out[0] == ("the chosen candidate's run is the best candidate run on 1 of 2 stores; loss against the best: "
+                      "mean 1.00 points, largest 2.00 (A)")
+    assert out[1] == "the most accurate on validation instead: 1 stores change, mean 65.00 -> 66.00 %"
+    assert len(bench.selection_summary([{k: v for k, v in r.items() if k != "candidate_val"} for r in rows])
+               .splitlines()) == 1
