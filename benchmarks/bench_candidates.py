@@ -113,6 +113,15 @@ def selection_summary(rows: list[dict]) -> str:
     lines = [f"the chosen candidate's run is the best candidate run on {sum(v == 0 for v in loss.values())} of "
              f"{len(loss)} stores; loss against the best: mean {np.mean(list(loss.values())):.2f} points, "
              f"largest {loss[worst]:.2f} ({worst})"]
+    gain = [100 * (r["after"]["accuracy"] - c[r["after"]["chosen"]]) for r, c in runs]
+    gap = [100 * (r["after"]["mean_confidence"] - r["after"]["accuracy"]) for r in rows]
+    lines += [f"the default against its chosen candidate's run (a committee or refit: more posts): {min(gain):+.2f} to "
+              f"{max(gain):+.2f} points, above on {sum(g > 0 for g in gain)} of {len(gain)}",
+              f"the default's ECE {min(r['after']['ece'] for r in rows):.3f}-{max(r['after']['ece'] for r in rows):.3f}, "
+              f"confidence − accuracy {min(gap):+.1f} to {max(gap):+.1f} points"]
+    if all("lda" in r.get("peers", {}) for r in rows):
+        ece = [r["peers"]["lda"]["ece"] for r in rows]
+        lines.append(f"the lda preset's ECE {min(ece):.3f}-{max(ece):.3f}")
     if runs and all(r.get("candidate_val") for r, _ in runs):
         alt = [max(r["candidate_val"], key=r["candidate_val"].get) for r, _ in runs]
         lines.append(f"the most accurate on validation instead: {sum(a != r['after']['chosen'] for a, (r, _) in zip(alt, runs))}"

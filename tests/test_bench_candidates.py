@@ -45,6 +45,8 @@ def test_selection_summary_counts_the_choice_against_the_best_run_and_the_valida
     out = bench.selection_summary(rows).splitlines()
     assert out[0] == ("the chosen candidate's run is the best candidate run on 1 of 2 stores; loss against the best: "
                       "mean 1.00 points, largest 2.00 (A)")
-    assert out[1] == "the most accurate on validation instead: 1 stores change, mean 65.00 -> 66.00 %"
+    assert out[1] == ("the default against its chosen candidate's run (a committee or refit: more posts): +0.00 to "
+                      "+0.00 points, above on 0 of 2")
+    assert out[-1] == "the most accurate on validation instead: 1 stores change, mean 65.00 -> 66.00 %"
     assert len(bench.selection_summary([{k: v for k, v in r.items() if k != "candidate_val"} for r in rows])
-               .splitlines()) == 1
+               .splitlines()) == len(out) - 1
